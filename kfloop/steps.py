@@ -1,0 +1,208 @@
+"""The training pipeline's steps as plain functions over local file paths.
+
+Each KFP component in ``kfloop.components.training`` is a thin wrapper that
+calls one function here with its artifacts' paths, so every step is tested
+without KFP, and runs the same on a laptop and in a cluster pod.
+Inputs and results are JSON-able dicts, as KFP passes them between tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kfloop import __version__
+from kfloop.bundle import MODEL_JOBLIB, MODEL_ONNX, PREPROCESSOR, REFERENCE, export_onnx, onnx_agreement
+from kfloop.data import check_class_counts, load_dataset, load_npz, save_npz
+from kfloop.errors import DataError
+from kfloop.policies import TrainingPolicy
+from kfloop.preprocessing import Preprocessor
+from kfloop.training import (
+    HIGHER_IS_BETTER,
+    Prepared,
+    beats,
+    classification_metrics,
+    cross_validate_candidate,
+    fit_final,
+    normalise_params,
+    prepare,
+    select_best,
+)
+
+
+def load_step(data_uri: str, target: str, min_rows_per_class: int, dataset_path: str) -> dict[str, Any]:
+    """Load and validate the data, write it as one ``.npz``; returns its summary."""
+    data = load_dataset(data_uri or None, target=target or None)
+    check_class_counts(data, min_rows_per_class)
+    save_npz(data, dataset_path)
+    return {
+        "source": data.source,
+        "rows": data.rows,
+        "features": len(data.feature_names),
+        "classes": len(data.classes),
+        "fingerprint": data.fingerprint(),
+        "notes": list(data.notes),
+    }
+
+
+def prepare_step(dataset_path: str, holdout_fraction: float, seed: int, prepared_path: str, preprocessor_path: str) -> dict[str, int]:
+    """Split the holdout, fit and save the preprocessor, save the prepared arrays."""
+    import joblib
+
+    prepared, preprocessor = prepare(load_npz(dataset_path), holdout_fraction=holdout_fraction, seed=seed)
+    prepared.save(prepared_path)
+    joblib.dump(preprocessor, preprocessor_path)
+    return {"train_rows": int(len(prepared.train_codes)), "holdout_rows": int(len(prepared.holdout_labels))}
+
+
+def candidate_step(prepared_path: str, params: dict[str, Any], cv_folds: int, seed: int) -> dict[str, Any]:
+    """Cross-validate one hyper-parameter set."""
+    return cross_validate_candidate(Prepared.load(prepared_path), params, cv_folds=cv_folds, seed=seed)
+
+
+def select_step(candidates: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """``{"best": candidate, "ranked": [...], "metric": metric}``."""
+    best, ranked = select_best(candidates, metric)
+    return {"best": best, "ranked": ranked, "metric": metric}
+
+
+def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dict[str, Any], seed: int, model_dir: str) -> dict[str, Any]:
+    """Refit the winner, evaluate it on the holdout, export joblib + ONNX into ``model_dir``.
+
+    The ONNX file is kept only if it predicts the same label as scikit-learn on
+    every holdout row; otherwise servers fall back to the joblib forest.
+    """
+    import joblib
+
+    prepared = Prepared.load(prepared_path)
+    preprocessor: Preprocessor = joblib.load(preprocessor_path)
+    forest = fit_final(prepared, best_params, seed=seed)
+    out = Path(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    joblib.dump(forest, out / MODEL_JOBLIB)
+    scaled_holdout = preprocessor.transform(prepared.holdout_features)
+    onnx_bytes = export_onnx(forest, preprocessor.n_features)
+    agreement = onnx_agreement(onnx_bytes, forest, scaled_holdout)
+    if agreement == 1.0:
+        (out / MODEL_ONNX).write_bytes(onnx_bytes)
+    proba = np.zeros((len(scaled_holdout), len(preprocessor.classes)))
+    proba[:, forest.classes_] = forest.predict_proba(scaled_holdout)
+    metrics = classification_metrics(prepared.holdout_labels, proba, preprocessor.classes)
+    predicted = preprocessor.decode(np.argmax(proba, axis=1))
+    return {
+        "metrics": metrics,
+        "onnx_agreement": agreement,
+        "onnx_exported": agreement == 1.0,
+        "classes": list(preprocessor.classes),
+        "confusion_matrix": _confusion(prepared.holdout_labels, predicted, preprocessor.classes),
+    }
+
+
+def _confusion(true: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -> list[list[int]]:
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(true, predicted, labels=list(classes)).tolist()
+
+
+def register_step(
+    registry_uri: str,
+    model_name: str,
+    model_dir: str,
+    preprocessor_path: str,
+    prepared_path: str,
+    data_summary: dict[str, Any],
+    selection: dict[str, Any],
+    final: dict[str, Any],
+    training: dict[str, Any],
+    run_id: str,
+) -> str:
+    """Store the winner as a new registry version (status ``candidate``); returns the version."""
+    import onnxruntime
+    import skl2onnx
+    import sklearn
+
+    from kfloop.registry import ModelRegistry
+
+    if not registry_uri:
+        raise DataError("registry_uri is empty: give the pipeline a registry location (--registry)")
+    prepared = Prepared.load(prepared_path)
+    with tempfile.TemporaryDirectory(prefix="kfloop-register-") as tmp:
+        reference_path = os.path.join(tmp, REFERENCE)
+        with open(reference_path, "wb") as handle:
+            np.savez(handle, features=prepared.reference, feature_names=np.array(prepared.feature_names, dtype=str))
+        files = {PREPROCESSOR: preprocessor_path, REFERENCE: reference_path}
+        files.update({p.name: str(p) for p in Path(model_dir).iterdir() if p.is_file()})
+        # KFP hands dict parameters over as JSON with every number a float: restore the ints.
+        ranked = [{**c, "params": normalise_params(c["params"])} for c in selection["ranked"]]
+        metadata = {
+            "params": ranked[0]["params"],
+            "cv_metrics": selection["best"]["metrics"],
+            "metrics": final["metrics"],
+            "selection_metric": selection["metric"],
+            "candidates": ranked,
+            "onnx_agreement": final["onnx_agreement"],
+            "runtime": "onnx" if final["onnx_exported"] else "joblib",
+            "classes": final["classes"],
+            "feature_names": list(prepared.feature_names),
+            "data": {**data_summary, **{k: int(data_summary[k]) for k in ("rows", "features", "classes")}},
+            "training": TrainingPolicy.model_validate(training).model_dump(mode="json", exclude_none=True),
+            "pipeline_run_id": run_id,
+            "software": {
+                "kfloop": __version__,
+                "scikit-learn": sklearn.__version__,
+                "skl2onnx": skl2onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        return ModelRegistry(registry_uri).register(model_name, files, metadata)
+
+
+def gate_step(registry_uri: str, model_name: str, version: str, prepared_path: str, metric: str, margin: float) -> dict[str, Any]:
+    """Promote ``version`` if it beats production on this run's holdout by more than ``margin``.
+
+    Both versions are scored on the same rows, each through its own
+    preprocessor, so a production model trained on other data is judged fairly.
+    """
+    from kfloop.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_uri)
+    prepared = Prepared.load(prepared_path)
+    new_metrics = registry.metadata(model_name, version)["metrics"]
+    production = registry.production_version(model_name)
+    decision: dict[str, Any] = {
+        "model": model_name,
+        "version": version,
+        "metric": metric,
+        "margin": margin,
+        "higher_is_better": HIGHER_IS_BETTER[metric],
+        "candidate_score": new_metrics[metric],
+        "production_version": production,
+        "production_score": None,
+    }
+    if production is None:
+        decision.update(promoted=True, reason="no production version yet")
+    else:
+        current = registry.load(model_name, production)
+        _, proba = current.predict(prepared.holdout_features)
+        current_score = classification_metrics(prepared.holdout_labels, proba, current.preprocessor.classes)[metric]
+        decision["production_score"] = current_score
+        promoted = beats(metric, new_metrics[metric], current_score, margin)
+        relation = "beats" if promoted else "does not beat"
+        decision.update(
+            promoted=promoted,
+            reason=f"{metric} {new_metrics[metric]:.4f} {relation} production v{production} "
+            f"{current_score:.4f} by more than {margin}",
+        )
+    if decision["promoted"]:
+        registry.promote(model_name, version, decision)
+    else:
+        registry.reject(model_name, version, decision)
+    return decision
+

@@ -1,0 +1,112 @@
+"""Send the training pipeline to a Kubeflow Pipelines API with ``kfp.Client``.
+
+The API is probed once before ``kfp.Client`` is built, so an unreachable host
+or refused credentials give one clear :class:`~kfloop.errors.ClusterError`
+instead of kfp's five retries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kfloop.components.training import DEFAULT_IMAGE
+from kfloop.errors import ClusterError
+from kfloop.pipelines.training import compile_training_pipeline, pipeline_arguments
+from kfloop.policies import Policy
+
+HEALTHZ_PATH = "/apis/v2beta1/healthz"
+
+
+@dataclass(frozen=True)
+class KfpEndpoint:
+    """Where the Kubeflow Pipelines API is and how to authenticate."""
+
+    host: str
+    token: str | None = None
+    namespace: str | None = None
+    verify_tls: bool = True
+
+
+def token_from_kube_config(context: str | None = None) -> str | None:
+    """The bearer token of the kube config's (current) context, if it has one."""
+    from kubernetes import config
+
+    try:
+        api_client = config.new_client_from_config(context=context)
+    except (config.ConfigException, OSError):
+        return None
+    value = api_client.configuration.api_key.get("authorization", "")
+    return value.split(" ", 1)[1] if value.lower().startswith("bearer ") else None
+
+
+def probe(endpoint: KfpEndpoint, timeout: float = 10.0) -> None:
+    """Raise :class:`ClusterError` unless the API answers its health check with these credentials."""
+    url = endpoint.host.rstrip("/") + HEALTHZ_PATH
+    headers = {"Authorization": f"Bearer {endpoint.token}"} if endpoint.token else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=timeout, verify=endpoint.verify_tls, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        raise ClusterError(f"cannot reach Kubeflow Pipelines at {endpoint.host}: {exc}") from None
+    if response.status_code in (401, 403):
+        raise ClusterError(
+            f"Kubeflow Pipelines at {endpoint.host} refused the credentials (HTTP {response.status_code}): "
+            "pass --token or set KFLOOP_KFP_TOKEN"
+        )
+    if response.is_redirect:
+        raise ClusterError(
+            f"Kubeflow Pipelines at {endpoint.host} redirects to {response.headers.get('location')} "
+            "(a login page?): pass a token with --token"
+        )
+    if response.status_code >= 400:
+        raise ClusterError(f"Kubeflow Pipelines at {endpoint.host} answered HTTP {response.status_code} to {HEALTHZ_PATH}")
+
+
+def submit_training(
+    policy: Policy,
+    endpoint: KfpEndpoint,
+    *,
+    registry_uri: str,
+    data_uri: str | None = None,
+    target: str | None = None,
+    model: str | None = None,
+    experiment: str = "kfloop",
+    run_name: str | None = None,
+    image: str = DEFAULT_IMAGE,
+    wait: bool = False,
+    timeout_seconds: int = 3600,
+) -> dict[str, Any]:
+    """Create a run of the training pipeline; with ``wait``, block until it ends."""
+    import kfp
+    import urllib3
+    from kfp_server_api import ApiException
+
+    probe(endpoint)
+    client = kfp.Client(host=endpoint.host, existing_token=endpoint.token, namespace=endpoint.namespace or "kubeflow")
+    arguments = pipeline_arguments(policy, data_uri=data_uri, target=target, registry_uri=registry_uri, model=model)
+    with tempfile.TemporaryDirectory(prefix="kfloop-submit-") as tmp:
+        package = compile_training_pipeline(policy, Path(tmp) / "pipeline.yaml", image=image, registry_uri=registry_uri)
+        try:
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=arguments,
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=endpoint.namespace,
+            )
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            raise ClusterError(f"Kubeflow Pipelines at {endpoint.host} refused the run: {_first_line(exc)}") from None
+    outcome: dict[str, Any] = {"run_id": result.run_id, "host": endpoint.host, "experiment": experiment}
+    if wait:
+        run = result.wait_for_run_completion(timeout=timeout_seconds)
+        outcome["state"] = str(getattr(run, "state", "unknown"))
+    return outcome
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,128 @@
+"""Run the training pipeline on this machine with ``kfp.local`` (SubprocessRunner, no venvs).
+
+kfp.local writes its progress and every task's output to stdout; the run is
+tapped so that the full log goes to a file, each task's start and end reach a
+callback (the CLI draws its progress from them), and a failed task's own
+kfloop error message is raised here instead of KFP's generic one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+import threading
+import warnings
+from contextlib import contextmanager, redirect_stdout
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from kfp import local
+
+import kfloop.errors
+from kfloop.errors import KfloopError, PipelineError
+from kfloop.pipelines.training import build_training_pipeline, pipeline_arguments
+from kfloop.policies import Policy
+
+TaskCallback = Callable[[str, str], None]  # (task name, "started" | "succeeded" | "failed")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_KFLOOP_ERROR = re.compile(r"kfloop\.errors\.(\w+): (.+)$")
+
+
+class _LogTap(io.TextIOBase):
+    """A stdout stand-in: writes to a log file and reports task starts and ends."""
+
+    def __init__(self, log: io.TextIOBase, on_task: TaskCallback | None) -> None:
+        self._log = log
+        self._on_task = on_task
+        self._pending = ""
+        self._lock = threading.Lock()
+        self.error: tuple[str, str] | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._log.write(text)
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            for line in lines:
+                self._scan(_ANSI.sub("", line))
+        return len(text)
+
+    def _scan(self, line: str) -> None:
+        if match := _KFLOOP_ERROR.search(line):
+            self.error = (match.group(1), match.group(2).strip())
+        if self._on_task is None:
+            return
+        if match := _STARTED.search(line):
+            self._on_task(match.group(1), "started")
+        elif match := _FINISHED.search(line):
+            self._on_task(match.group(1), "succeeded" if match.group(2) == "SUCCESS" else "failed")
+
+
+@contextmanager
+def _task_tmpdir(parent: Path) -> Iterator[None]:
+    """Point child processes' TMPDIR into a folder removed afterwards (kfp.local leaves one per task)."""
+    previous = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="tmp-", dir=parent) as tmp:
+        os.environ["TMPDIR"] = tmp
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous
+
+
+def run_training_locally(
+    policy: Policy,
+    *,
+    registry_uri: str,
+    workdir: Path,
+    data_uri: str | None = None,
+    target: str | None = None,
+    model: str | None = None,
+    on_task: TaskCallback | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline under kfp.local; returns the promotion gate's decision.
+
+    Artifacts of the run stay under ``workdir/runs``, its log in ``workdir/logs``.
+    """
+    workdir = Path(workdir)
+    (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "logs" / f"train-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
+    arguments = pipeline_arguments(
+        policy, data_uri=data_uri, target=target, registry_uri=str(registry_uri), model=model
+    )
+    pipeline = build_training_pipeline(policy, registry_uri=str(registry_uri))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "runs"))
+    with open(log_path, "w") as log, _task_tmpdir(workdir), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kfp.local warns about base_image and display names on every task
+        tap = _LogTap(log, on_task)
+        try:
+            with redirect_stdout(tap):
+                task = pipeline(**arguments)
+        except RuntimeError as exc:
+            raise _task_error(tap, exc, log_path) from None
+    decision = dict(task.output)
+    decision["log"] = str(log_path)
+    return decision
+
+
+def _task_error(tap: _LogTap, exc: RuntimeError, log_path: Path) -> KfloopError:
+    if tap.error is not None:
+        name, message = tap.error
+        error_type = getattr(kfloop.errors, name, PipelineError)
+        if isinstance(error_type, type) and issubclass(error_type, KfloopError):
+            return error_type(message)
+        return PipelineError(message)
+    return PipelineError(f"{_ANSI.sub('', str(exc))} (full log: {log_path})")

@@ -1,0 +1,11 @@
+"""Policies as code: what kfloop does when (the automation table), typed and validated."""
+
+from kfloop.policies.spec import (
+    DEFAULT_POLICY_PATH,
+    ForestGrid,
+    Policy,
+    TrainingPolicy,
+    load_policy,
+)
+
+__all__ = ["DEFAULT_POLICY_PATH", "ForestGrid", "Policy", "TrainingPolicy", "load_policy"]

@@ -1,0 +1,110 @@
+"""The policy file: a typed spec parsed in one pass that reports every bad field.
+
+``load_policy(path)`` reads YAML into :class:`Policy`. Any error lists each
+offending field by its dotted path together with what is allowed, and names
+the file, e.g. ``policy.yaml: training.selection_metric: Input should be
+'accuracy', 'macro_f1' or 'log_loss' (got 'f1')``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kfloop.errors import PolicyError
+
+DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
+
+SelectionMetric = Literal["accuracy", "macro_f1", "log_loss"]
+MaxFeatures = Literal["sqrt", "log2"] | Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ForestGrid(_Spec):
+    """RandomForestClassifier hyper-parameter grid; each combination is one candidate.
+
+    Leave a parameter out for scikit-learn's default (``max_depth`` unlimited).
+    """
+
+    n_estimators: list[Annotated[int, Field(ge=1, le=5000)]] = Field(default=[100, 300], min_length=1)
+    max_features: list[MaxFeatures] = Field(default=["sqrt", "log2"], min_length=1)
+    min_samples_leaf: list[Annotated[int, Field(ge=1)]] = Field(default=[1, 2], min_length=1)
+    max_depth: list[Annotated[int, Field(ge=1)]] | None = None
+    criterion: list[Literal["gini", "entropy", "log_loss"]] | None = None
+    class_weight: list[Literal["balanced", "balanced_subsample"]] | None = None
+
+    def candidates(self) -> list[dict[str, int | float | str]]:
+        """Every combination as a plain dict, the most expensive first.
+
+        Longest-first ordering lets a pool of parallel tasks finish together
+        (the cost of a forest grows with its trees and the features tried per split).
+        """
+        axes = {name: values for name, values in self.model_dump().items() if values is not None}
+        combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+        return sorted(combos, key=_relative_cost, reverse=True)
+
+
+def _relative_cost(params: dict[str, int | float | str]) -> float:
+    share = {"sqrt": 0.1, "log2": 0.05}.get(str(params.get("max_features")), None)
+    if share is None:
+        share = float(params.get("max_features", 0.1))
+    return float(params.get("n_estimators", 100)) * share / float(params.get("min_samples_leaf", 1)) ** 0.5
+
+
+class TrainingPolicy(_Spec):
+    """How candidates are searched, ranked and promoted."""
+
+    search_space: ForestGrid = ForestGrid()
+    parallelism: int = Field(default=2, ge=1, le=64)
+    cv_folds: int = Field(default=5, ge=2, le=20)
+    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
+    seed: int = 42
+    selection_metric: SelectionMetric = "accuracy"
+    promotion_margin: float = Field(default=0.0, ge=0.0)
+
+    def min_rows_per_class(self) -> int:
+        """Rows each class needs: one in the holdout and ``cv_folds`` in the training split."""
+        return max(2, self.cv_folds + 1, int(-(-self.cv_folds // (1 - self.holdout_fraction))))
+
+
+class Policy(_Spec):
+    """The whole policy file."""
+
+    model: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")] = "classifier"
+    training: TrainingPolicy = TrainingPolicy()
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Parse and validate a policy file (the shipped default when ``path`` is None)."""
+    path = Path(path) if path is not None else DEFAULT_POLICY_PATH
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError(f"{path}: " + "; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    got = error.get("input")
+    suffix = f" (got {got!r})" if error["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
+    return f"{location}: {message}{suffix}"

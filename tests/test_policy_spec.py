@@ -1,0 +1,55 @@
+"""The policy file: defaults encode the automation table; every bad field is reported with what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kfloop.errors import PolicyError
+from kfloop.policies import load_policy
+
+
+def test_default_policy_has_eight_candidates_most_expensive_first():
+    policy = load_policy()
+    candidates = policy.training.search_space.candidates()
+    assert len(candidates) == 8
+    assert candidates[0]["n_estimators"] == 300 and candidates[0]["max_features"] == "sqrt"
+    assert candidates[-1]["n_estimators"] == 100 and candidates[-1]["max_features"] == "log2"
+
+
+def test_every_bad_field_is_reported_with_its_path_and_allowed_values(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "training": {
+            "selection_metric": "f1",
+            "cv_folds": 1,
+            "search_space": {"max_features": ["all"], "n_trees": [3]},
+        },
+    }))
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ")
+    assert "training.selection_metric: Input should be 'accuracy', 'macro_f1' or 'log_loss' (got 'f1')" in message
+    assert "training.cv_folds: Input should be greater than or equal to 2 (got 1)" in message
+    assert "training.search_space.max_features.0: Input should be 'sqrt' or 'log2'" in message
+    assert "training.search_space.n_trees: unknown field" in message
+
+
+def test_unreadable_and_non_mapping_files_are_policy_errors(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        load_policy(tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(PolicyError, match="top level must be a mapping"):
+        load_policy(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [\n")
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        load_policy(broken)
+
+
+def test_rows_per_class_cover_the_holdout_and_every_fold():
+    training = load_policy().training
+    assert training.cv_folds == 5 and training.holdout_fraction == 0.2
+    assert training.min_rows_per_class() == 7
