@@ -244,6 +244,78 @@ def models_show(
     out.print_json(json.dumps({**store.metadata(model, resolved), "path": store.uri(model, resolved)}))
 
 
+HostOption = Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless told otherwise).")]
+MaxBatchOption = Annotated[int, typer.Option("--max-batch", help="Largest batch (rows) one request may carry.")]
+# KServe's controller passes these with underscores to custom containers: accept both spellings.
+HttpPortOption = Annotated[int, typer.Option("--http-port", "--http_port", help="REST port.")]
+GrpcPortOption = Annotated[int, typer.Option("--grpc-port", "--grpc_port", help="gRPC port.")]
+NoGrpcOption = Annotated[bool, typer.Option("--no-grpc", help="Serve REST only.")]
+WorkersOption = Annotated[int, typer.Option("--workers", hidden=True, help="Accepted for KServe; kfloop scales by replicas.")]
+
+
+@app.command()
+def predictor(
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="A registry version folder (KServe mounts storageUri at /mnt/models).")] = None,
+    registry: RegistryOption = None,
+    model: Annotated[Optional[str], typer.Option("--model", "--model_name", help="Model name clients use (the registry model name).")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Registry version [default: production].")] = None,
+    host: HostOption = "127.0.0.1",
+    http_port: HttpPortOption = 8080,
+    grpc_port: GrpcPortOption = 8081,
+    no_grpc: NoGrpcOption = False,
+    max_batch: MaxBatchOption = 1024,
+    workers: WorkersOption = 1,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Serve one model version: V1 and V2 REST + gRPC on scaled features (the KServe predictor)."""
+    from kfloop.registry import ModelRegistry
+    from kfloop.serving.entrypoints import ServerAddress, run_predictor
+
+    address = ServerAddress(host, http_port, grpc_port, not no_grpc)
+    if model_dir is not None:
+        run_predictor(model or model_dir.parent.name, str(model_dir), address, max_batch=max_batch)
+        return
+    if model is None:
+        raise typer.BadParameter("give --model-dir, or --model with --registry")
+    store = ModelRegistry(_registry_uri(registry, home))
+    if not store.is_local:
+        raise typer.BadParameter("--registry must be a local path here; for remote storage mount the version and use --model-dir")
+    resolved = store.resolve(model, version)
+    run_predictor(model, store.uri(model, resolved), address, max_batch=max_batch)
+
+
+@app.command()
+def transformer(
+    predictor_host: Annotated[str, typer.Option("--predictor-host", "--predictor_host", help="Predictor replica(s), host:port, comma-separated.")],
+    model: Annotated[str, typer.Option("--model", "--model_name", help="Model name (the registry model name; the predictor's name).")],
+    registry: RegistryOption = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Registry version [default: production].")] = None,
+    predictor_protocol: Annotated[str, typer.Option("--predictor-protocol", "--predictor_protocol", help="Only v2 is supported.")] = "v2",
+    logger_url: Annotated[Optional[str], typer.Option("--logger-url", help="Send payload CloudEvents here (local stand-in for KServe's logger).")] = None,
+    inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="ce-inferenceservicename of payload events [default: the model name].")] = None,
+    namespace: Annotated[str, typer.Option("--namespace", help="ce-namespace of payload events.")] = "",
+    host: HostOption = "127.0.0.1",
+    http_port: HttpPortOption = 8080,
+    grpc_port: GrpcPortOption = 8081,
+    no_grpc: NoGrpcOption = False,
+    max_batch: MaxBatchOption = 1024,
+    no_admin: Annotated[bool, typer.Option("--no-admin", help="Do not expose GET/PUT /kfloop/routes.")] = False,
+    workers: WorkersOption = 1,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Serve the transformer: validate and scale raw rows, call the predictor, name the classes."""
+    from kfloop.serving.entrypoints import ServerAddress, run_transformer
+
+    if predictor_protocol not in ("v2", "rest-v2"):
+        raise typer.BadParameter(f"predictor protocol {predictor_protocol!r} is not supported; use v2")
+    hosts = [h.strip().removeprefix("http://") for h in predictor_host.split(",") if h.strip()]
+    run_transformer(
+        model, _registry_uri(registry, home), version, hosts, ServerAddress(host, http_port, grpc_port, not no_grpc),
+        max_batch=max_batch, logger_url=logger_url, inference_service=inference_service, namespace=namespace,
+        admin=not no_admin,
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -48,6 +48,18 @@ class DataError(KfloopError, ValueError):
         self.column = column
 
 
+class InputError(KfloopError, ValueError):
+    """An inference request cannot be used: says what was wrong and what is expected."""
+
+    status = 400
+
+
+class UpstreamError(KfloopError, ConnectionError):
+    """A server this one depends on (a predictor replica, a sink) failed or disagreed."""
+
+    status = 502
+
+
 class PolicyError(KfloopError, ValueError):
     """The policy file is invalid; the message lists every bad field with what is allowed."""
 

@@ -26,8 +26,9 @@ from typing import Any, Iterator
 
 import fsspec
 
-from kfloop.bundle import METADATA, ModelBundle
+from kfloop.bundle import METADATA, PREPROCESSOR, ModelBundle
 from kfloop.errors import RegistryError
+from kfloop.preprocessing import Preprocessor
 
 PRODUCTION_POINTER = "production.json"
 CAPTURES = "captures"
@@ -122,6 +123,13 @@ class ModelRegistry:
         """Load a version (production by default) for prediction."""
         with self.local_version(model, self.resolve(model, version)) as folder:
             return ModelBundle.load(folder, **options)
+
+    def preprocessor(self, model: str, version: str) -> Preprocessor:
+        """Only the version's fitted preprocessor (what a transformer needs)."""
+        import joblib
+
+        with self.local_version(model, version) as folder:
+            return joblib.load(folder / PREPROCESSOR)
 
     # --- writing -----------------------------------------------------------------------------
 

@@ -1,0 +1,91 @@
+"""The predictor: a ``kserve.Model`` that runs one registry version's forest on scaled features.
+
+It loads a version folder (what KServe mounts from ``storageUri``), runs the
+ONNX graph with onnxruntime (the joblib forest when there is no ONNX file) and
+answers V1 ``{"instances": [[...scaled...]]}`` with ``{"predictions": [label, ...]}``
+and V2 / gRPC ``features`` FP32 ``[n, f]`` with the outputs ``label`` (BYTES),
+``class_index`` (INT64) and ``probabilities`` (FP32 ``[n, classes]``); a V2
+request may ask for a subset of them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse, Model
+
+from kfloop.bundle import ModelBundle
+from kfloop.errors import InputError
+from kfloop.serving.protocol import (
+    DEFAULT_MAX_BATCH,
+    FEATURES_INPUT,
+    INDEX_OUTPUT,
+    LABEL_OUTPUT,
+    PROBA_OUTPUT,
+    InputSchema,
+)
+
+
+class ForestPredictor(Model):
+    """Serves one model version; scaling is the transformer's job."""
+
+    def __init__(self, name: str, version_dir: str, *, max_batch: int = DEFAULT_MAX_BATCH, threads: int = 1) -> None:
+        super().__init__(name)
+        self.version_dir = version_dir
+        self.max_batch = max_batch
+        self.threads = threads
+        self.bundle: ModelBundle | None = None
+        self.schema: InputSchema | None = None
+        self.version = ""
+
+    def load(self) -> bool:
+        # The onnxruntime session is made here, not in __init__: sessions cannot be pickled.
+        self.bundle = ModelBundle.load(self.version_dir, threads=self.threads)
+        self.schema = InputSchema(self.bundle.preprocessor.feature_names, self.max_batch)
+        self.version = self.bundle.version
+        self.ready = True
+        return True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": FEATURES_INPUT, "datatype": "FP32", "shape": [-1, self.schema.n_features]}]
+
+    def get_output_types(self) -> list[dict]:
+        classes = len(self.bundle.preprocessor.classes)
+        return [
+            {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": INDEX_OUTPUT, "datatype": "INT64", "shape": [-1]},
+            {"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
+        ]
+
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        if isinstance(payload, InferRequest):
+            indices, proba = self.bundle.predict_scaled(self.schema.rows_from_v2(payload.inputs).astype(np.float32))
+            return self._v2_response(payload, indices, proba)
+        if isinstance(payload, bytes):
+            raise InputError("request body is not JSON: send Content-Type: application/json")
+        indices, _ = self.bundle.predict_scaled(self.schema.rows_from_v1(payload).astype(np.float32))
+        return {"predictions": self.bundle.preprocessor.decode(indices).tolist()}
+
+    def _v2_response(self, request: InferRequest, indices: np.ndarray, proba: np.ndarray) -> InferResponse:
+        wanted = {o.name for o in request.request_outputs} if request.request_outputs else None
+        unknown = sorted((wanted or set()) - {LABEL_OUTPUT, INDEX_OUTPUT, PROBA_OUTPUT})
+        if unknown:
+            raise InputError(f"unknown output(s) {unknown}; this model has {LABEL_OUTPUT}, {INDEX_OUTPUT}, {PROBA_OUTPUT}")
+        outputs = []
+        n = len(indices)
+        if wanted is None or LABEL_OUTPUT in wanted:
+            labels = self.bundle.preprocessor.decode(indices).tolist()
+            outputs.append(InferOutput(LABEL_OUTPUT, [n], "BYTES", labels))
+        if wanted is None or INDEX_OUTPUT in wanted:
+            outputs.append(InferOutput(INDEX_OUTPUT, [n], "INT64", indices.tolist()))
+        if wanted is None or PROBA_OUTPUT in wanted:
+            outputs.append(InferOutput(PROBA_OUTPUT, list(proba.shape), "FP32", proba.ravel().tolist()))
+        return InferResponse(
+            response_id=request.id or str(uuid.uuid4()),
+            model_name=self.name,
+            model_version=self.version,
+            infer_outputs=outputs,
+            from_grpc=request.from_grpc,
+        )

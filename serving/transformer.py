@@ -1,0 +1,338 @@
+"""The transformer: validates client rows, scales them with the version's preprocessor,
+calls a predictor replica over V2 REST and maps class indices to class names.
+
+Clients send raw features (V1 rows as lists or objects keyed by feature name;
+V2 one ``[n, features]`` tensor or one tensor per feature; gRPC too) and get
+``{"predictions": [name, ...]}`` (V1) or the outputs ``label`` (BYTES) and
+``probabilities`` (FP32) (V2).
+
+Traffic goes through a :class:`TrafficSplit` of :class:`Route` s: a route is
+one model version (its preprocessor) and the predictor replicas serving it,
+called round-robin over kept-alive connections. The local runtime swaps the
+split through ``PUT /kfloop/routes`` to add or drain replicas, switch versions
+and run canaries; in a cluster the split is the single route given on the
+command line. A predictor answering with another model version than its
+route's is refused (HTTP 502), so a transformer never mixes versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from kserve import InferOutput, InferRequest, InferResponse, Model
+
+from kfloop.errors import InputError, UpstreamError
+from kfloop.preprocessing import Preprocessor
+from kfloop.serving.events import REQUEST_EVENT, RESPONSE_EVENT, PayloadLogger
+from kfloop.serving.metrics import UPSTREAM_REQUESTS
+from kfloop.serving.protocol import (
+    DEFAULT_MAX_BATCH,
+    FEATURES_INPUT,
+    INDEX_OUTPUT,
+    LABEL_OUTPUT,
+    PROBA_OUTPUT,
+    InputSchema,
+)
+
+ADMIN_ROUTES_PATH = "/kfloop/routes"
+PreprocessorLoader = Callable[[str], Preprocessor]
+
+
+@dataclass
+class Route:
+    """One model version and the predictor replicas (``host:port``) that serve it."""
+
+    version: str
+    preprocessor: Preprocessor
+    upstreams: list[str]
+    weight: float = 100.0
+    _cycle: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise InputError(f"route for version {self.version} has no predictor replicas")
+        self._cycle = itertools.cycle(self.upstreams)
+
+    def next_upstream(self) -> str:
+        return next(self._cycle)
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "upstreams": list(self.upstreams), "weight": self.weight}
+
+
+@dataclass(frozen=True)
+class TrafficSplit:
+    """Routes with weights (percent); one route takes all traffic."""
+
+    routes: tuple[Route, ...]
+
+    def pick(self) -> Route:
+        if len(self.routes) == 1:
+            return self.routes[0]
+        point = random.uniform(0.0, sum(r.weight for r in self.routes))
+        for route in self.routes:
+            point -= route.weight
+            if point <= 0:
+                return route
+        return self.routes[-1]
+
+
+@dataclass
+class _Call:
+    """One inference request on its way through preprocess -> predict -> postprocess."""
+
+    protocol: str  # "v1" or "v2"
+    request_id: str
+    route: Route
+    scaled: np.ndarray
+    traceparent: str
+    source: Any
+    requested: set[str] | None = None
+    from_grpc: bool = False
+    indices: np.ndarray | None = None
+    proba: np.ndarray | None = None
+
+
+def new_traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def child_traceparent(parent: str | None) -> str:
+    """The W3C trace context to send on: same trace id, a new span id (a fresh trace if none came in)."""
+    parts = parent.split("-") if parent else []
+    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+        return f"{parts[0]}-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
+    return new_traceparent()
+
+
+class ForestTransformer(Model):
+    """Client-facing model: same name as the predictor's (KServe forwards by name)."""
+
+    def __init__(
+        self,
+        name: str,
+        split: TrafficSplit,
+        load_preprocessor: PreprocessorLoader,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        payload_logger: PayloadLogger | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(name)
+        self.split = split
+        self.load_preprocessor = load_preprocessor
+        self.max_batch = max_batch
+        self.payload_logger = payload_logger
+        self.timeout = timeout
+        self.in_flight: dict[str, int] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._schema = InputSchema(split.routes[0].preprocessor.feature_names, max_batch)
+
+    @property
+    def version(self) -> str:
+        """The version taking the most traffic (what metrics and metadata report)."""
+        return max(self.split.routes, key=lambda r: r.weight).version
+
+    def load(self) -> bool:
+        self.ready = True
+        return True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": FEATURES_INPUT, "datatype": "FP32", "shape": [-1, self._schema.n_features]}]
+
+    def get_output_types(self) -> list[dict]:
+        classes = len(self.split.routes[0].preprocessor.classes)
+        return [
+            {"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
+        ]
+
+    # --- routes (admin) ----------------------------------------------------------------------
+
+    def set_routes(self, specs: list[dict[str, Any]]) -> TrafficSplit:
+        """Replace the traffic split; new versions' preprocessors are loaded before the swap."""
+        if not specs:
+            raise InputError("routes must not be empty")
+        known = {r.version: r.preprocessor for r in self.split.routes}
+        routes = []
+        for spec in specs:
+            try:
+                version, upstreams, weight = str(spec["version"]), list(spec["upstreams"]), float(spec.get("weight", 100))
+            except (KeyError, TypeError, ValueError):
+                raise InputError('each route needs "version" and "upstreams" (list of host:port), optional "weight"') from None
+            preprocessor = known.get(version) or self.load_preprocessor(version)
+            if preprocessor.feature_names != self._schema.feature_names:
+                raise InputError(f"version {version} expects other features than the served model")
+            routes.append(Route(version, preprocessor, upstreams, weight))
+        self.split = TrafficSplit(tuple(routes))
+        return self.split
+
+    def install_admin_routes(self, app: FastAPI) -> None:
+        """``GET|PUT /kfloop/routes``: the runtime's control of replicas, versions and canaries."""
+
+        async def get_routes() -> dict[str, Any]:
+            return {"routes": [r.describe() for r in self.split.routes], "in_flight": dict(self.in_flight)}
+
+        async def put_routes(request: Request) -> dict[str, Any]:
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError:
+                raise InputError('body must be JSON: {"routes": [{"version": ..., "upstreams": [...]}]}') from None
+            specs = body.get("routes") if isinstance(body, dict) else None
+            split = await asyncio.get_running_loop().run_in_executor(None, self.set_routes, specs or [])
+            return {"routes": [r.describe() for r in split.routes]}
+
+        app.add_api_route(ADMIN_ROUTES_PATH, get_routes, methods=["GET"])
+        app.add_api_route(ADMIN_ROUTES_PATH, put_routes, methods=["PUT"])
+
+    # --- inference ---------------------------------------------------------------------------
+
+    def validate(self, payload: Any) -> Any:
+        return payload  # preprocess already validated the rows
+
+    def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> _Call:
+        headers = headers or {}
+        route = self.split.pick()
+        schema = self._schema
+        if isinstance(payload, InferRequest):
+            rows = schema.rows_from_v2(payload.inputs)
+            protocol = "v2"
+            requested = {o.name for o in payload.request_outputs} if payload.request_outputs else None
+            unknown = sorted((requested or set()) - {LABEL_OUTPUT, PROBA_OUTPUT})
+            if unknown:
+                raise InputError(f"unknown output(s) {unknown}; this model has {LABEL_OUTPUT} and {PROBA_OUTPUT}")
+            request_id = payload.id or headers.get("x-request-id") or str(uuid.uuid4())
+        elif isinstance(payload, dict):
+            rows = schema.rows_from_v1(payload)
+            protocol, requested = "v1", None
+            request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        else:
+            raise InputError("request body is not JSON: send Content-Type: application/json")
+        event_id = headers.get("ce-id") or request_id
+        call = _Call(
+            protocol=protocol,
+            request_id=event_id,
+            route=route,
+            scaled=route.preprocessor.transform(rows),
+            traceparent=child_traceparent(headers.get("traceparent")),
+            source=payload,
+            requested=requested,
+            from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
+        )
+        if self.payload_logger is not None:
+            self.payload_logger.log(REQUEST_EVENT, event_id, _event_body(payload), "application/json", call.traceparent)
+        return call
+
+    async def predict(self, call: _Call, headers: dict[str, str] | None = None) -> _Call:
+        body = orjson.dumps(
+            {
+                "id": call.request_id,
+                "inputs": [{"name": FEATURES_INPUT, "shape": list(call.scaled.shape), "datatype": "FP32", "data": call.scaled.ravel()}],
+                "outputs": [{"name": INDEX_OUTPUT}, {"name": PROBA_OUTPUT}],
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        route = call.route
+        attempts = len(route.upstreams)
+        for attempt in range(attempts):
+            upstream = route.next_upstream()
+            try:
+                status, content = await self._post(upstream, body, call.traceparent)
+            except aiohttp.ClientConnectorError:
+                UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
+                if attempt + 1 < attempts:
+                    continue  # never delivered: another replica may take it
+                raise UpstreamError(f"predictor {upstream} refused the connection") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
+                raise UpstreamError(f"predictor {upstream} failed: {type(exc).__name__}") from None
+            UPSTREAM_REQUESTS.labels(self.name, upstream, "ok" if status < 500 else "error").inc()
+            return self._read_answer(call, upstream, status, content)
+        raise UpstreamError(f"no predictor replica of version {route.version} answered")
+
+    async def _post(self, upstream: str, body: bytes, traceparent: str) -> tuple[int, bytes]:
+        # aiohttp: about 1 ms less per call than httpx's AsyncClient on this hop (measured on loopback).
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            )
+        self.in_flight[upstream] = self.in_flight.get(upstream, 0) + 1
+        try:
+            async with self._session.post(
+                f"http://{upstream}/v2/models/{self.name}/infer",
+                data=body,
+                headers={"content-type": "application/json", "traceparent": traceparent},
+            ) as answer:
+                return answer.status, await answer.read()
+        finally:
+            self.in_flight[upstream] -= 1
+
+    def _read_answer(self, call: _Call, upstream: str, status: int, content: bytes) -> _Call:
+        try:
+            document = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"predictor {upstream} answered HTTP {status} with a non-JSON body") from None
+        if status >= 400:
+            raise UpstreamError(f"predictor {upstream} answered HTTP {status}: {document.get('error', '')}")
+        if str(document.get("model_version")) != call.route.version:
+            raise UpstreamError(
+                f"predictor {upstream} serves version {document.get('model_version')}, "
+                f"this transformer expects version {call.route.version}"
+            )
+        outputs = {o["name"]: o for o in document["outputs"]}
+        call.indices = np.asarray(outputs[INDEX_OUTPUT]["data"], dtype=np.int64)
+        probabilities = outputs[PROBA_OUTPUT]
+        call.proba = np.asarray(probabilities["data"], dtype=np.float32).reshape(probabilities["shape"])
+        return call
+
+    def postprocess(self, call: _Call, headers: dict[str, str] | None = None) -> Any:
+        labels = call.route.preprocessor.decode(call.indices).tolist()
+        if call.protocol == "v1":
+            response: Any = {"predictions": labels}
+        else:
+            outputs = []
+            if call.requested is None or LABEL_OUTPUT in call.requested:
+                outputs.append(InferOutput(LABEL_OUTPUT, [len(labels)], "BYTES", labels))
+            if call.requested is None or PROBA_OUTPUT in call.requested:
+                outputs.append(InferOutput(PROBA_OUTPUT, list(call.proba.shape), "FP32", call.proba.ravel().tolist()))
+            response = InferResponse(
+                response_id=call.request_id,
+                model_name=self.name,
+                model_version=call.route.version,
+                infer_outputs=outputs,
+                from_grpc=call.from_grpc,
+            )
+        if self.payload_logger is not None:
+            self.payload_logger.log(RESPONSE_EVENT, call.request_id, _event_body(response), "application/json", call.traceparent)
+        return response
+
+
+def _event_body(payload: Any) -> Any:
+    """What KServe's logger would record: the V1 dict, or the V2 REST form of a request/response."""
+    if isinstance(payload, (InferRequest, InferResponse)):
+        return _V2Body(payload)
+    return payload
+
+
+class _V2Body:
+    """Defers the V2 REST conversion to the logger's worker, off the request path."""
+
+    def __init__(self, message: InferRequest | InferResponse) -> None:
+        self.message = message
+
+    def to_json(self) -> bytes:
+        body, _ = self.message.to_rest()
+        if isinstance(body, bytes):
+            return body
+        return orjson.dumps({k: v for k, v in body.items() if v is not None}, option=orjson.OPT_SERIALIZE_NUMPY)
