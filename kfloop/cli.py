@@ -316,6 +316,54 @@ def transformer(
     )
 
 
+@app.command()
+def serve(
+    registry: RegistryOption = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Registry model name [default: the policy's 'model'].")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Version to serve [default: production].")] = None,
+    http_port: Annotated[int, typer.Option("--http-port", help="Client-facing REST port (the transformer's).")] = 8080,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="Client-facing gRPC port.")] = 8081,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Predictor replicas.")] = 1,
+    logger_url: Annotated[Optional[str], typer.Option("--logger-url", help="Send payload CloudEvents here.")] = None,
+    admin_port: Annotated[int, typer.Option("--admin-port", help="Runtime admin API (GET /status, POST /replicas|/version|/traffic); 0 picks a free port.")] = 8090,
+    host: HostOption = "127.0.0.1",
+    policy: PolicyOption = None,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Serve a model locally: predictor replica(s) + transformer as supervised processes, until Ctrl-C."""
+    import signal
+    import threading
+
+    from kfloop.policies import load_policy
+    from kfloop.serving.runtime import AdminServer, ServingRuntime
+
+    name = model or load_policy(policy).model
+    runtime = ServingRuntime(
+        _registry_uri(registry, home), name, version=version, replicas=replicas, host=host,
+        http_port=http_port, grpc_port=grpc_port, logger_url=logger_url, log_dir=home / "logs",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with err.status(f"starting {replicas} predictor replica(s) and the transformer for {name}"):
+        runtime.start()
+    admin = AdminServer(runtime, admin_port)
+    admin.start()
+    try:
+        status = runtime.status()
+        table = Table(title=f"serving {name} version {status['version']}")
+        table.add_column("endpoint")
+        table.add_column("address")
+        for key, value in {**status["endpoints"], "admin": admin.url}.items():
+            table.add_row(key, value)
+        err.print(table)
+        stop.wait()
+    finally:
+        admin.stop()
+        runtime.stop()
+        err.print("stopped")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -63,7 +63,12 @@ class Route:
             raise InputError(f"route for version {self.version} has no predictor replicas")
         self._cycle = itertools.cycle(self.upstreams)
 
-    def next_upstream(self) -> str:
+    def next_upstream(self, avoid: set[str] = frozenset()) -> str:
+        """The next replica round-robin, skipping those in ``avoid`` while others remain."""
+        for _ in range(len(self.upstreams)):
+            upstream = next(self._cycle)
+            if upstream not in avoid:
+                return upstream
         return next(self._cycle)
 
     def describe(self) -> dict[str, Any]:
@@ -244,15 +249,19 @@ class ForestTransformer(Model):
         )
         route = call.route
         attempts = len(route.upstreams)
+        tried: set[str] = set()
         for attempt in range(attempts):
-            upstream = route.next_upstream()
+            upstream = route.next_upstream(avoid=tried)
+            tried.add(upstream)
             try:
                 status, content = await self._post(upstream, body, call.traceparent)
-            except aiohttp.ClientConnectorError:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                # Refused, reset or dropped (a replica died or was stopped): inference has no side
+                # effects, so another replica may answer it.
                 UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
                 if attempt + 1 < attempts:
-                    continue  # never delivered: another replica may take it
-                raise UpstreamError(f"predictor {upstream} refused the connection") from None
+                    continue
+                raise UpstreamError(f"predictor {upstream} failed: {type(exc).__name__}") from None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
                 raise UpstreamError(f"predictor {upstream} failed: {type(exc).__name__}") from None
