@@ -15,14 +15,14 @@ SHARED_DATA = SHARED / "data"
 SHARED_SPECS = SHARED / "specs"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "kaggle_leaf_train.csv").exists():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_specs() -> Path:
     if not SHARED_SPECS.exists():
         pytest.skip("../shared/specs is not present")
@@ -77,3 +77,31 @@ def small_policy(tmp_path: Path) -> Path:
         },
     }))
     return path
+
+
+def register_version(registry: Path, model: str, data_uri: str, *, n_estimators: int, work: Path, promote: bool = True) -> str:
+    """Train one forest with the pipeline's own step functions (no KFP) and register it."""
+    from kfloop.data import save_npz
+    from kfloop.registry import ModelRegistry
+    from kfloop.steps import fit_export_step, load_step, prepare_step, register_step
+
+    work.mkdir(parents=True, exist_ok=True)
+    summary = load_step(data_uri, "", 2, str(work / "dataset.npz"))
+    prepare_step(str(work / "dataset.npz"), 0.2, 42, str(work / "prepared.npz"), str(work / "prep.joblib"))
+    params = {"n_estimators": n_estimators, "max_features": "sqrt"}
+    final = fit_export_step(str(work / "prepared.npz"), str(work / "prep.joblib"), params, 42, str(work / "model"))
+    candidate = {"params": params, "metrics": final["metrics"]}
+    version = register_step(
+        str(registry), model, str(work / "model"), str(work / "prep.joblib"), str(work / "prepared.npz"),
+        summary, {"best": candidate, "ranked": [candidate], "metric": "accuracy"}, final, {}, "test",
+    )
+    if promote:
+        ModelRegistry(registry).promote(model, version, {"reason": "test"})
+    return version
+
+
+@pytest.fixture(scope="session")
+def serving_data() -> str:
+    """The leaf case study when ../shared is here, else scikit-learn's digits."""
+    leaf = SHARED_DATA / "kaggle_leaf_train.csv"
+    return str(leaf) if leaf.exists() else "builtin:digits"
