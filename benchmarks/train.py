@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--policy", default=None)
     args = parser.parse_args()
     policy = load_policy(args.policy)
-    console = Console()
+    console = Console(width=200)
     console.print(f"data {args.data}; {len(policy.training.search_space.candidates())} candidates, "
                   f"{policy.training.cv_folds}-fold CV, parallelism {policy.training.parallelism}")
     rows = {

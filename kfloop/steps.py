@@ -81,7 +81,9 @@ def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dic
 
     prepared = Prepared.load(prepared_path)
     preprocessor: Preprocessor = joblib.load(preprocessor_path)
-    forest = fit_final(prepared, best_params, seed=seed)
+    # Grown on every core, but served one request at a time: a pickled n_jobs=-1 would make
+    # every single-row predict dispatch its trees to a thread pool.
+    forest = fit_final(prepared, best_params, seed=seed).set_params(n_jobs=1)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump(forest, out / MODEL_JOBLIB)

@@ -295,7 +295,7 @@ def test_transformer_refuses_a_predictor_of_another_version(stack, tmp_path):
     base = [sys.executable, "-m", "kfloop"]
     processes = [
         subprocess.Popen(base + ["predictor", "--model-dir", registry.uri("leaf", "2"), "--model", "leaf", "--http-port", str(predictor_port), "--no-grpc"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen(base + ["transformer", "--model", "leaf", "--registry", registry.root, "--version", "1", "--predictor-host", f"127.0.0.1:{predictor_port}", "--http-port", str(transformer_port), "--no-grpc"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(base + ["transformer", "--model", "leaf", "--registry", registry.root, "--version", "1", "--predictor-host", f"127.0.0.1:{predictor_port}", "--http-port", str(transformer_port), "--no-grpc", "--logger-url", f"http://127.0.0.1:{free_port()}/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
         deadline = time.time() + 60
@@ -310,6 +310,10 @@ def test_transformer_refuses_a_predictor_of_another_version(stack, tmp_path):
             time.sleep(0.2)
         assert answer is not None and answer.status_code == 502
         assert answer.json()["error"] == f"predictor 127.0.0.1:{predictor_port} serves version 2, this transformer expects version 1"
+        # Its payload sink is down: the request event could not be delivered, and that is only counted.
+        time.sleep(1.0)
+        metrics = httpx.get(f"http://127.0.0.1:{transformer_port}/metrics").text
+        assert 'kfloop_payload_events_total{model="leaf",outcome="failed"} ' in metrics
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
