@@ -42,7 +42,7 @@ class DetectorConfig:
     """How windows are judged."""
 
     alpha: float = 0.05
-    correction: Correction = "bonferroni"
+    correction: Correction = "fdr"
     outlier_rate: float = 0.05  # share of clean rows expected above the outlier threshold
     seed: int = 0
 
@@ -200,13 +200,87 @@ class ScipyDetector(WindowDetector):
     def _fit_outliers(self, rows: np.ndarray) -> None:
         from sklearn.covariance import LedoitWolf
 
-        estimate = LedoitWolf().fit(rows)
-        self._mean = estimate.location_
-        self._precision = estimate.precision_
+        # Standardise first: Ledoit-Wolf shrinks towards a multiple of the identity, which on raw
+        # features would drown the small-variance ones (the leaf shape descriptors) in the shrinkage.
+        self._centre = rows.mean(axis=0)
+        self._scale = np.where(rows.std(axis=0) > 0, rows.std(axis=0), 1.0)
+        self._precision = LedoitWolf(assume_centered=True).fit((rows - self._centre) / self._scale).precision_
 
     def _outlier_scores(self, rows: np.ndarray) -> np.ndarray:
-        centred = rows - self._mean
-        return np.einsum("ij,jk,ik->i", centred, self._precision, centred)
+        standard = (rows - self._centre) / self._scale
+        return np.einsum("ij,jk,ik->i", standard, self._precision, standard)
+
+
+@dataclass(frozen=True)
+class WindowAlarm:
+    """A window that raised an alarm: its result and the rows' sequence numbers and arrival times."""
+
+    result: WindowResult
+    row_numbers: tuple[int, ...]
+    times: tuple[float, ...]
+
+    @property
+    def kind(self) -> str:
+        return "drift" if self.result.drift else "outlier"
+
+    @property
+    def first_drifted(self) -> int:
+        """Position in the window of the first row to blame: the window's start for drift, else the first outlier."""
+        if self.result.drift:
+            return 0
+        above = np.flatnonzero(self.result.outlier_scores > self.result.outlier_threshold)
+        return int(above[0]) if above.size else 0
+
+
+class WindowMonitor:
+    """A sliding window of the last ``window`` rows, tested every ``stride`` rows.
+
+    After an alarm the window starts afresh, so one shift raises one alarm
+    per ``window`` rows at most.
+    """
+
+    def __init__(self, detector: WindowDetector, window: int, stride: int) -> None:
+        self.detector = detector
+        self.window = window
+        self.stride = stride
+        self._rows: list[np.ndarray] = []
+        self._numbers: list[int] = []
+        self._times: list[float] = []
+        self._since_test = 0
+        self._count = 0
+        self.last_result: WindowResult | None = None
+        self.windows_tested = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def rows_seen(self) -> int:
+        return self._count
+
+    def reset(self) -> None:
+        self._rows, self._numbers, self._times = [], [], []
+        self._since_test = 0
+
+    def add(self, rows: np.ndarray, now: float) -> list[WindowAlarm]:
+        """Add rows that arrived at ``now``; returns the alarms raised on the way."""
+        alarms = []
+        for row in rows:
+            self._count += 1
+            self._rows.append(row)
+            self._numbers.append(self._count)
+            self._times.append(now)
+            if len(self._rows) > self.window:
+                del self._rows[0], self._numbers[0], self._times[0]
+            self._since_test += 1
+            if len(self._rows) == self.window and self._since_test >= self.stride:
+                self._since_test = 0
+                self.last_result = self.detector.test(np.vstack(self._rows))
+                self.windows_tested += 1
+                if self.last_result.drift or self.last_result.outlier_alarm:
+                    alarms.append(WindowAlarm(self.last_result, tuple(self._numbers), tuple(self._times)))
+                    self.reset()
+        return alarms
 
 
 def make_detector(backend: str, config: DetectorConfig) -> WindowDetector:

@@ -1,0 +1,322 @@
+"""The drift and outlier service: payload CloudEvents in, alarms (CloudEvents) out.
+
+``POST /`` takes CloudEvents in binary or structured mode as KServe's payload
+logger (or kfloop's transformer) sends them. Request events
+(``org.kubeflow.serving.inference.request``) with a V1 or V2 JSON body are
+parsed with the model's own input schema, deduplicated by ``ce-id``,
+captured for the next training and added to a sliding window; every
+``stride`` rows the last ``window`` rows are tested against the serving
+version's reference sample (:mod:`kfloop.serving.detectors`). An alarm
+(``io.kfloop.drift.detected`` / ``io.kfloop.outlier.detected``) goes to a
+durable outbox and from there to the sink; the window then starts afresh.
+
+Replies never carry a CloudEvent -- no ``ce-*`` headers, no body on success --
+so a Knative Trigger subscriber cannot loop a reply back into its Broker:
+202 accepted (a duplicate too), 204 ignored (response events, other types;
+the reason in ``x-kfloop-ignored``), 400 malformed (``{"error": reason}``).
+
+The service follows the registry's production pointer: when it moves, the
+reference and detectors switch to the new version and the window restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from cloudevents.exceptions import GenericException
+from cloudevents.http import from_http
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+
+from kfloop.bundle import REFERENCE
+from kfloop.errors import InputError
+from kfloop.registry import ModelRegistry
+from kfloop.serving.capture import PayloadCapture
+from kfloop.serving.detectors import DetectorConfig, WindowAlarm, WindowMonitor, WindowResult, make_detector
+from kfloop.serving.events import REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.serving.outbox import Outbox
+from kfloop.serving.protocol import InputSchema
+
+DRIFT_EVENT = "io.kfloop.drift.detected"
+OUTLIER_EVENT = "io.kfloop.outlier.detected"
+MAX_ROWS_PER_EVENT = 100_000
+SEEN_IDS = 100_000
+
+EVENTS = Counter("kfloop_watch_events", "CloudEvents received, by outcome.", ["model", "outcome"])
+ROWS = Counter("kfloop_watch_rows_scored", "Rows added to the drift window.", ["model"])
+WINDOWS = Counter("kfloop_watch_windows_tested", "Windows tested.", ["model"])
+MIN_P = Gauge("kfloop_watch_min_p_value", "Smallest per-feature KS p-value of the last window.", ["model", "version"])
+DRIFTED = Gauge("kfloop_watch_drifted_features", "Features drifted in the last window (0 = no drift).", ["model", "version"])
+DRIFT = Gauge("kfloop_watch_drift", "1 if the last window showed drift.", ["model", "version"])
+OUTLIERS = Gauge("kfloop_watch_outliers", "Rows above the outlier threshold in the last window.", ["model", "version"])
+OUTLIER_ALARM = Gauge("kfloop_watch_outlier_alarm", "1 if the last window had too many outliers.", ["model", "version"])
+ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "kind"])
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WatchConfig:
+    """What the service watches and where alarms go."""
+
+    registry_uri: str
+    model: str
+    sink_url: str
+    state_dir: Path
+    window: int = 100
+    stride: int | None = None  # rows between tests; default window // 4
+    backend: str = "scipy"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    capture: bool = True
+    capture_flush_rows: int = 500
+    follow_seconds: float = 5.0
+    source: str = "kfloop/watch"
+
+    def __post_init__(self) -> None:
+        if self.window < 10:
+            raise ValueError(f"window must be at least 10 rows, got {self.window}")
+        self.stride = self.stride or max(1, self.window // 4)
+
+
+@dataclass
+class _Watched:
+    """The serving version and what was fitted for it."""
+
+    version: str
+    schema: InputSchema
+    detector: Any
+
+
+class WatchService:
+    """The state of one model's watch: version, window, dedup memory, outbox."""
+
+    def __init__(self, config: WatchConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry(config.registry_uri)
+        self.outbox = Outbox(Path(config.state_dir) / "outbox", config.sink_url)
+        self._lock = threading.Lock()
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.last_alarm: dict[str, Any] | None = None
+        self.watched = self._load(self.registry.resolve(config.model))
+        self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride)
+        self.capture = (
+            PayloadCapture(config.registry_uri, config.model, self.watched.schema.feature_names, flush_rows=config.capture_flush_rows)
+            if config.capture else None
+        )
+
+    def _load(self, version: str) -> _Watched:
+        with self.registry.local_version(self.config.model, version) as folder:
+            with np.load(folder / REFERENCE, allow_pickle=False) as arrays:
+                reference, names = arrays["features"], tuple(arrays["feature_names"].tolist())
+        detector = make_detector(self.config.backend, self.config.detector).fit(reference)
+        log.info("watching %s version %s (%d reference rows, %s backend)", self.config.model, version, len(reference), self.config.backend)
+        return _Watched(version, InputSchema(names, MAX_ROWS_PER_EVENT), detector)
+
+    def follow_production(self) -> bool:
+        """Switch to the production version if it moved; returns whether it did."""
+        production = self.registry.production_version(self.config.model)
+        if production is None or production == self.watched.version:
+            return False
+        watched = self._load(production)
+        with self._lock:
+            self.watched = watched
+            self.monitor = WindowMonitor(watched.detector, self.config.window, self.config.stride)
+        return True
+
+    # --- events ------------------------------------------------------------------------------
+
+    def receive(self, headers: dict[str, str], body: bytes) -> tuple[int, str | None]:
+        """Handle one HTTP delivery: (status, reason for 204/400)."""
+        model = self.config.model
+        try:
+            event = from_http(headers, body)
+        except GenericException as exc:
+            EVENTS.labels(model, "invalid").inc()
+            return 400, f"not a CloudEvent: {exc}"
+        event_type = event["type"]
+        if event_type == RESPONSE_EVENT:
+            EVENTS.labels(model, "ignored").inc()
+            return 204, "response events carry no features"
+        if event_type != REQUEST_EVENT:
+            EVENTS.labels(model, "ignored").inc()
+            return 204, f"event type {event_type!r} is not watched (only {REQUEST_EVENT})"
+        event_id = str(event["id"])
+        with self._lock:
+            if event_id in self._seen:
+                EVENTS.labels(model, "duplicate").inc()
+                return 202, None
+        try:
+            rows = self._rows(event.get_data(), event.get("datacontenttype") or headers.get("content-type", ""))
+        except InputError as exc:
+            EVENTS.labels(model, "invalid").inc()
+            return 400, str(exc)
+        with self._lock:
+            if event_id in self._seen:  # a concurrent delivery of the same event won
+                EVENTS.labels(model, "duplicate").inc()
+                return 202, None
+            self._seen[event_id] = None
+            if len(self._seen) > SEEN_IDS:
+                self._seen.popitem(last=False)
+            EVENTS.labels(model, "accepted").inc()
+            if self.capture is not None:
+                self.capture.add([f"{event_id}:{i}" for i in range(len(rows))], rows, self.watched.version)
+            self._add(rows)
+        return 202, None
+
+    def _rows(self, data: Any, content_type: str) -> np.ndarray:
+        if isinstance(data, (bytes, bytearray)):
+            if "json" not in content_type and content_type:
+                raise InputError(f"payload of content type {content_type!r} is not supported: send JSON (V1 or V2)")
+            try:
+                data = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise InputError(f"payload is not JSON: {exc}") from None
+        schema = self.watched.schema
+        if isinstance(data, dict) and "instances" in data:
+            return schema.rows_from_v1(data)
+        if isinstance(data, dict) and "inputs" in data:
+            if not isinstance(data["inputs"], list):
+                raise InputError('"inputs" must be a list of tensors')
+            return schema.rows_from_v2(data["inputs"])
+        raise InputError('payload is neither V1 {"instances": [...]} nor V2 {"inputs": [...]}')
+
+    def _add(self, rows: np.ndarray) -> None:
+        ROWS.labels(self.config.model).inc(len(rows))
+        tested = self.monitor.windows_tested
+        alarms = self.monitor.add(rows, time.time())
+        if self.monitor.windows_tested != tested:
+            self._export(self.monitor.last_result)
+        for alarm in alarms:
+            self._raise(alarm)
+
+    def _export(self, result: WindowResult) -> None:
+        model, version = self.config.model, self.watched.version
+        WINDOWS.labels(model).inc()
+        MIN_P.labels(model, version).set(result.min_p_value)
+        DRIFTED.labels(model, version).set(len(result.drifted_features))
+        DRIFT.labels(model, version).set(int(result.drift))
+        OUTLIERS.labels(model, version).set(result.outliers)
+        OUTLIER_ALARM.labels(model, version).set(int(result.outlier_alarm))
+
+    def _raise(self, alarm: WindowAlarm) -> None:
+        result, model, version = alarm.result, self.config.model, self.watched.version
+        names = self.watched.schema.feature_names
+        first = alarm.first_drifted
+        data = {
+            "model": model,
+            "version": version,
+            "kind": alarm.kind,
+            "backend": self.config.backend,
+            "window": {"rows": result.rows, "first_row": alarm.row_numbers[0], "last_row": alarm.row_numbers[-1],
+                       "first_time": _iso(alarm.times[0]), "last_time": _iso(alarm.times[-1])},
+            "alpha": result.alpha,
+            "correction": self.config.detector.correction,
+            "drift": result.drift,
+            "drift_threshold": result.drift_threshold,
+            "min_p_value": result.min_p_value,
+            "drifted_features": len(result.drifted_features),
+            "p_values": {names[i]: float(result.p_values[i]) for i in result.drifted_features[:20]},
+            "outlier_alarm": result.outlier_alarm,
+            "outliers": result.outliers,
+            "outlier_threshold": result.outlier_threshold,
+            "outlier_p_value": result.outlier_p_value,
+            "first_drifted_row": alarm.row_numbers[first],
+            "first_drifted_row_time": _iso(alarm.times[first]),
+        }
+        event_type = DRIFT_EVENT if result.drift else OUTLIER_EVENT
+        data["alarm_id"] = self.outbox.put(event_type, f"{self.config.source}/{model}", data)
+        ALARMS.labels(model, alarm.kind).inc()
+        self.last_alarm = data
+        log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
+                    alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
+
+    def status(self) -> dict[str, Any]:
+        result = self.monitor.last_result
+        return {
+            "model": self.config.model,
+            "version": self.watched.version,
+            "backend": self.config.backend,
+            "window": self.config.window,
+            "stride": self.config.stride,
+            "rows_in_window": len(self.monitor),
+            "windows_tested": self.monitor.windows_tested,
+            "last_window": None if result is None else {
+                "min_p_value": result.min_p_value, "drifted_features": len(result.drifted_features),
+                "outliers": result.outliers, "drift": result.drift, "outlier_alarm": result.outlier_alarm,
+            },
+            "last_alarm": self.last_alarm,
+            "outbox": len(self.outbox.pending()),
+        }
+
+
+def _iso(epoch: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def create_app(service: WatchService) -> FastAPI:
+    """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``."""
+    app = FastAPI(title="kfloop watch", docs_url=None, redoc_url=None, openapi_url=None)
+    background: list[asyncio.Task] = []
+
+    @app.on_event("startup")
+    async def start_tasks() -> None:
+        background.append(asyncio.create_task(service.outbox.run()))
+        background.append(asyncio.create_task(_follow(service)))
+
+    @app.on_event("shutdown")
+    async def stop_tasks() -> None:
+        for task in background:
+            task.cancel()
+        if service.capture is not None:
+            service.capture.flush()
+
+    @app.post("/")
+    async def receive(request: Request) -> Response:
+        body = await request.body()
+        status, reason = service.receive(dict(request.headers.items()), body)
+        if status == 400:
+            return Response(orjson.dumps({"error": reason}), status_code=400, media_type="application/json")
+        headers = {"x-kfloop-ignored": reason} if status == 204 and reason else None
+        return Response(status_code=status, headers=headers)
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return service.status()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": service.watched.version}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _follow(service: WatchService) -> None:
+    while True:
+        await asyncio.sleep(service.config.follow_seconds)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, service.follow_production)
+        except Exception:  # a registry hiccup must not stop the watch; logged and retried next round
+            log.exception("could not follow the production version of %s", service.config.model)
+
+
+def run_watch(config: WatchConfig, host: str = "127.0.0.1", port: int = 8085) -> None:
+    """Serve the watch service until SIGTERM/SIGINT."""
+    import uvicorn
+
+    service = WatchService(config)
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
