@@ -30,21 +30,6 @@ from rich.table import Table
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def leaf_streams(seed: int = 42) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(reference, clean rows, their labels ('' when unknown), all labelled clean rows)."""
-    from kfloop.data import load_dataset
-    from kfloop.training import prepare
-
-    kaggle = load_dataset(str(SHARED / "kaggle_leaf_train.csv"))
-    uci = load_dataset(str(SHARED))
-    prepared, _ = prepare(kaggle, holdout_fraction=0.2, seed=seed)
-    seen = {row[:64].round(6).tobytes() for row in kaggle.features}
-    fresh = np.array([not row[:64].round(6).tobytes() in seen for row in uci.features])
-    clean = np.vstack([prepared.holdout_features, uci.features[fresh]])
-    labels = np.concatenate([prepared.holdout_labels, uci.labels[fresh]])
-    return prepared.reference, clean, labels, kaggle.features
-
-
 def shifts(clean: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict:
     from kfloop.serving import calibration
 
@@ -69,7 +54,11 @@ def main() -> None:
     parser.add_argument("--correction", default="fdr", choices=("bonferroni", "fdr"))
     args = parser.parse_args()
     stride = args.window // 4
-    reference, clean, labels, _ = leaf_streams()
+    from kfloop.data import load_dataset
+
+    reference, clean, labels = calibration.clean_streams(
+        load_dataset(str(SHARED / "kaggle_leaf_train.csv")), load_dataset(str(SHARED))
+    )
     console = Console(width=200)
     console.print(f"reference {len(reference)} rows, clean pool {len(clean)} rows, window {args.window}, "
                   f"stride {stride}, alpha {args.alpha}, correction {args.correction}")

@@ -377,6 +377,8 @@ def watch(
     correction: Annotated[str, typer.Option("--correction", help="Multiple-testing correction over features: fdr (Benjamini-Hochberg) or bonferroni.")] = "fdr",
     state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Outbox folder [default: HOME/watch/MODEL].")] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not write payload rows to the registry's capture area.")] = False,
+    capture_rows: Annotated[int, typer.Option("--capture-rows", min=1, help="Rows per capture shard (a shard is also written every 30 s).")] = 500,
+    follow_seconds: Annotated[float, typer.Option("--follow-seconds", help="How often to check the registry's production version.")] = 5.0,
     host: HostOption = "127.0.0.1",
     policy: PolicyOption = None,
     home: HomeOption = DEFAULT_HOME,
@@ -396,7 +398,7 @@ def watch(
     config = WatchConfig(
         registry_uri=_registry_uri(registry, home), model=name, sink_url=sink,
         state_dir=state_dir or home / "watch" / name, window=window, stride=stride, backend=backend,
-        detector=detector, capture=not no_capture,
+        detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
     )
     run_watch(config, host=host, port=http_port)
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from kfloop.data import LabelledData
 from kfloop.serving.detectors import WindowDetector, WindowMonitor
 
 Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -40,6 +41,27 @@ class Detection:
     @property
     def max_delay(self) -> int:
         return max(self.delays) if self.delays else -1
+
+
+def clean_streams(
+    train: LabelledData, more: LabelledData | None = None, *, holdout_fraction: float = 0.2, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference, clean rows, their labels) as a served model would see them.
+
+    The reference is the pipeline's training split of ``train`` (same split,
+    same seed); clean rows are its holdout plus the rows of ``more`` (another
+    sample of the same population) that are not in ``train``.
+    """
+    from kfloop.training import prepare
+
+    prepared, _ = prepare(train, holdout_fraction=holdout_fraction, seed=seed)
+    clean, labels = [prepared.holdout_features], [prepared.holdout_labels]
+    if more is not None:
+        seen = {row.round(6).tobytes() for row in train.features}
+        fresh = np.array([row.round(6).tobytes() not in seen for row in more.features])
+        clean.append(more.features[fresh])
+        labels.append(more.labels[fresh])
+    return prepared.reference, np.vstack(clean), np.concatenate(labels)
 
 
 def _sample(pool: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:

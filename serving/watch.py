@@ -233,9 +233,9 @@ class WatchService:
             "first_drifted_row_time": _iso(alarm.times[first]),
         }
         event_type = DRIFT_EVENT if result.drift else OUTLIER_EVENT
-        data["alarm_id"] = self.outbox.put(event_type, f"{self.config.source}/{model}", data)
+        event_id = self.outbox.put(event_type, f"{self.config.source}/{model}", data)
         ALARMS.labels(model, alarm.kind).inc()
-        self.last_alarm = data
+        self.last_alarm = {"id": event_id, "type": event_type, **data}
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
 

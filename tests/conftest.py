@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -105,3 +107,31 @@ def serving_data() -> str:
     """The leaf case study when ../shared is here, else scikit-learn's digits."""
     leaf = SHARED_DATA / "kaggle_leaf_train.csv"
     return str(leaf) if leaf.exists() else "builtin:digits"
+
+
+class EventSink:
+    """An HTTP server that keeps every CloudEvent POSTed to it (on ``port``, or a free one)."""
+
+    def __init__(self, port: int = 0) -> None:
+        from cloudevents.http import from_http
+
+        self.events: list = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                sink.events.append(from_http(dict(self.headers.items()), body))
+                self.send_response(202)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

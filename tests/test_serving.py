@@ -4,7 +4,6 @@ called with real HTTP and gRPC clients; payload CloudEvents caught by a real HTT
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import signal
 import subprocess
@@ -19,40 +18,13 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
-from cloudevents.http import from_http
 
-from conftest import SHARED_SPECS, register_version
+from conftest import EventSink, register_version
 from kfloop.registry import ModelRegistry
 from kfloop.serving.runtime import ServingRuntime, free_port
 from kfloop.training import Prepared
 
 pytestmark = pytest.mark.slow
-
-
-class EventSink:
-    """An HTTP server that keeps every CloudEvent POSTed to it."""
-
-    def __init__(self) -> None:
-        self.events: list = []
-        sink = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                sink.events.append(from_http(dict(self.headers.items()), body))
-                self.send_response(202)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
