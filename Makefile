@@ -2,7 +2,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: run test install install-test
+.PHONY: run test install install-test system-deps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
@@ -11,8 +12,12 @@ $(VENV)/bin/pip:
 install: $(VENV)/bin/pip
 	$(VENV)/bin/pip install --quiet -e .
 
-install-test: $(VENV)/bin/pip
+install-test: $(VENV)/bin/pip system-deps
 	$(VENV)/bin/pip install --quiet -e '.[test,alibi]'
+
+# Debian's Prometheus server: the autoscaling tests start one (it is never left running).
+system-deps:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus >/dev/null; }
 
 # The main job: train on the built-in data set through the kfp.local pipeline.
 run: install

@@ -264,6 +264,7 @@ def predictor(
     grpc_port: GrpcPortOption = 8081,
     no_grpc: NoGrpcOption = False,
     max_batch: MaxBatchOption = 1024,
+    fault_injection: Annotated[bool, typer.Option("--fault-injection", help="Expose PUT /kfloop/faults to make this predictor fail on purpose (drills).")] = False,
     workers: WorkersOption = 1,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
@@ -273,7 +274,7 @@ def predictor(
 
     address = ServerAddress(host, http_port, grpc_port, not no_grpc)
     if model_dir is not None:
-        run_predictor(model or model_dir.parent.name, str(model_dir), address, max_batch=max_batch)
+        run_predictor(model or model_dir.parent.name, str(model_dir), address, max_batch=max_batch, fault_injection=fault_injection)
         return
     if model is None:
         raise typer.BadParameter("give --model-dir, or --model with --registry")
@@ -281,7 +282,7 @@ def predictor(
     if not store.is_local:
         raise typer.BadParameter("--registry must be a local path here; for remote storage mount the version and use --model-dir")
     resolved = store.resolve(model, version)
-    run_predictor(model, store.uri(model, resolved), address, max_batch=max_batch)
+    run_predictor(model, store.uri(model, resolved), address, max_batch=max_batch, fault_injection=fault_injection)
 
 
 @app.command()
@@ -325,7 +326,8 @@ def serve(
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="Client-facing gRPC port.")] = 8081,
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Predictor replicas.")] = 1,
     logger_url: Annotated[Optional[str], typer.Option("--logger-url", help="Send payload CloudEvents here.")] = None,
-    admin_port: Annotated[int, typer.Option("--admin-port", help="Runtime admin API (GET /status, POST /replicas|/version|/traffic); 0 picks a free port.")] = 8090,
+    admin_port: Annotated[int, typer.Option("--admin-port", help="Runtime admin API (GET /status, /metrics, POST /replicas|/version|/traffic); 0 picks a free port.")] = 8090,
+    autoscale: Annotated[bool, typer.Option("--autoscale", help="Scale predictor replicas by the policy's scaling rules (Prometheus if the policy names one, else the servers' /metrics).")] = False,
     host: HostOption = "127.0.0.1",
     policy: PolicyOption = None,
     home: HomeOption = DEFAULT_HOME,
@@ -337,7 +339,8 @@ def serve(
     from kfloop.policies import load_policy
     from kfloop.serving.runtime import AdminServer, ServingRuntime
 
-    name = model or load_policy(policy).model
+    loaded_policy = load_policy(policy)
+    name = model or loaded_policy.model
     runtime = ServingRuntime(
         _registry_uri(registry, home), name, version=version, replicas=replicas, host=host,
         http_port=http_port, grpc_port=grpc_port, logger_url=logger_url, log_dir=home / "logs",
@@ -349,6 +352,7 @@ def serve(
         runtime.start()
     admin = AdminServer(runtime, admin_port)
     admin.start()
+    scaler = _start_autoscaler(runtime, loaded_policy.scaling, name, home) if autoscale else None
     try:
         status = runtime.status()
         table = Table(title=f"serving {name} version {status['version']}")
@@ -359,9 +363,24 @@ def serve(
         err.print(table)
         stop.wait()
     finally:
+        if scaler is not None:
+            scaler.stop()
         admin.stop()
         runtime.stop()
         err.print("stopped")
+
+
+def _start_autoscaler(runtime: Any, scaling: Any, model: str, home: Path) -> Any:
+    from kfloop.policies.autoscaler import Autoscaler
+    from kfloop.policies.sources import LocalMetricsSource, PrometheusSource
+
+    source = (
+        PrometheusSource(scaling.prometheus_url, model) if scaling.prometheus_url
+        else LocalMetricsSource(model, runtime.metrics_urls)
+    )
+    scaler = Autoscaler(model, runtime, scaling, source, decision_log=home / "logs" / f"scaling-{model}.jsonl")
+    scaler.start()
+    return scaler
 
 
 @app.command()
@@ -401,6 +420,41 @@ def watch(
         detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
     )
     run_watch(config, host=host, port=http_port)
+
+
+policy_app = typer.Typer(help="Compile the policy to cluster objects.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("compile")
+def policy_compile(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the YAML files, one per object.")],
+    namespace: Annotated[str, typer.Option("--namespace", help="Namespace of the InferenceService.")],
+    inference_service: Annotated[str, typer.Option("--inference-service", help="InferenceService whose predictor Deployment is scaled.")],
+    prometheus_url: Annotated[Optional[str], typer.Option("--prometheus-url", help="Prometheus that KEDA queries (default: the policy's scaling.prometheus_url).")] = None,
+    broker: Annotated[str, typer.Option("--broker", help="Knative Broker the Triggers listen on.")] = "default",
+    trigger_service: Annotated[str, typer.Option("--trigger-service", help="Service that receives the retraining events.")] = "kfloop-trigger",
+    drift_service: Annotated[Optional[str], typer.Option("--drift-service", help="Service that receives the payload events (default: INFERENCE_SERVICE-watch).")] = None,
+    policy: PolicyOption = None,
+) -> None:
+    """Compile the policy to a KEDA ScaledObject and Knative Triggers; print the paths of the files written."""
+    from kfloop.errors import PolicyError
+    from kfloop.policies import load_policy
+    from kfloop.policies.compile import compile_scaled_object, compile_triggers, write_objects
+
+    loaded_policy = load_policy(policy)
+    url = prometheus_url or loaded_policy.scaling.prometheus_url
+    if not url:
+        raise PolicyError("give --prometheus-url, or set scaling.prometheus_url in the policy")
+    objects = [
+        compile_scaled_object(loaded_policy, namespace=namespace, inference_service=inference_service, prometheus_url=url),
+        *compile_triggers(
+            loaded_policy, namespace=namespace, broker=broker, trigger_service=trigger_service,
+            drift_service=drift_service or f"{inference_service}-watch", inference_service=inference_service,
+        ),
+    ]
+    for path in write_objects(objects, output):
+        typer.echo(path)
 
 
 def main() -> None:

@@ -60,6 +60,12 @@ class UpstreamError(KfloopError, ConnectionError):
     status = 502
 
 
+class InjectedFailure(KfloopError):
+    """A failure a server was told to simulate (fault injection, for failure-rate drills)."""
+
+    status = 503
+
+
 class PolicyError(KfloopError, ValueError):
     """The policy file is invalid; the message lists every bad field with what is allowed."""
 

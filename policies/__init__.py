@@ -4,8 +4,24 @@ from kfloop.policies.spec import (
     DEFAULT_POLICY_PATH,
     ForestGrid,
     Policy,
+    RetrainingPolicy,
+    RolloutPolicy,
+    ScalingPolicy,
+    ScalingRule,
     TrainingPolicy,
+    duration_seconds,
     load_policy,
 )
 
-__all__ = ["DEFAULT_POLICY_PATH", "ForestGrid", "Policy", "TrainingPolicy", "load_policy"]
+__all__ = [
+    "DEFAULT_POLICY_PATH",
+    "ForestGrid",
+    "Policy",
+    "RetrainingPolicy",
+    "RolloutPolicy",
+    "ScalingPolicy",
+    "ScalingRule",
+    "TrainingPolicy",
+    "duration_seconds",
+    "load_policy",
+]

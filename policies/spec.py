@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kfloop.errors import PolicyError
 
@@ -74,11 +74,90 @@ class TrainingPolicy(_Spec):
         return max(2, self.cv_folds + 1, int(-(-self.cv_folds // (1 - self.holdout_fraction))))
 
 
+Signal = Literal["request_rate", "failure_rate"]
+Duration = Annotated[str, Field(pattern=r"^[1-9][0-9]*(s|m|h)$")]
+
+
+def duration_seconds(value: str) -> int:
+    """``"5m"`` -> 300."""
+    return int(value[:-1]) * {"s": 1, "m": 60, "h": 3600}[value[-1]]
+
+
+class ScalingRule(_Spec):
+    """One autoscaling signal of the predictor, evaluated over a window.
+
+    ``request_rate``: requests/s per replica (all statuses); the rule wants
+    ``ceil(total rate / threshold)`` replicas (KEDA/HPA ``AverageValue``).
+    ``failure_rate``: share of 5xx answers (4xx are the client's and do not
+    count); above ``threshold`` the rule wants ``ceil(replicas * rate /
+    threshold)`` replicas (HPA ``Value``), i.e. one more.
+    """
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+    signal: Signal
+    window: Duration = "5m"
+    threshold: Annotated[float, Field(gt=0)]
+
+    @property
+    def window_seconds(self) -> int:
+        return duration_seconds(self.window)
+
+
+class ScalingPolicy(_Spec):
+    """Replica bounds and the rules that move between them."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1, le=100)
+    evaluation_seconds: int = Field(default=15, ge=1, le=600)
+    cooldown_seconds: int = Field(default=300, ge=0, le=86400)
+    missing_metrics: Literal["hold"] = "hold"
+    prometheus_url: str | None = None
+    rules: list[ScalingRule] = Field(
+        default=[
+            ScalingRule(name="request-rate", signal="request_rate", window="5m", threshold=2.0),
+            ScalingRule(name="predictor-failures", signal="failure_rate", window="1m", threshold=0.9),
+        ],
+        min_length=1,
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ScalingPolicy":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        names = [rule.name for rule in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rule names must be unique, got {names}")
+        return self
+
+
+class RetrainingPolicy(_Spec):
+    """When drift or outlier alarms rerun the training pipeline, and on what data."""
+
+    events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected"]] = Field(
+        default=["io.kfloop.drift.detected", "io.kfloop.outlier.detected"], min_length=1
+    )
+    cooldown_seconds: int = Field(default=3600, ge=0)
+    max_runs_per_day: int = Field(default=4, ge=1)
+    base_data: str | None = None  # data URI of the base training set (default: the one of the serving version)
+    include_captures: bool = True  # add labelled capture shards (<registry>/<model>/captures/**/labelled*.csv)
+
+
+class RolloutPolicy(_Spec):
+    """How a newly promoted version reaches all traffic."""
+
+    canary_percent: float = Field(default=10.0, gt=0, le=100)
+    observe_seconds: int = Field(default=120, ge=0)
+    rollback_failure_rate: float = Field(default=0.05, ge=0, le=1)
+
+
 class Policy(_Spec):
     """The whole policy file."""
 
     model: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")] = "classifier"
     training: TrainingPolicy = TrainingPolicy()
+    scaling: ScalingPolicy = ScalingPolicy()
+    retraining: RetrainingPolicy = RetrainingPolicy()
+    rollout: RolloutPolicy = RolloutPolicy()
 
 
 def load_policy(path: str | Path | None = None) -> Policy:
@@ -101,7 +180,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
 
 
 def _describe(error: dict) -> str:
-    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal["))) or "(file)"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown field"

@@ -27,14 +27,16 @@ def _quiet_kserve_argv() -> None:
     sys.argv = sys.argv[:1]
 
 
-def run_predictor(name: str, version_dir: str, address: ServerAddress, *, max_batch: int) -> None:
+def run_predictor(name: str, version_dir: str, address: ServerAddress, *, max_batch: int, fault_injection: bool = False) -> None:
     """Serve one registry version folder as model ``name``."""
     _quiet_kserve_argv()
     from kfloop.serving.predictor import ForestPredictor
     from kfloop.serving.server import run_model_server
 
+    predictor = ForestPredictor(name, version_dir, max_batch=max_batch)
     run_model_server(
-        ForestPredictor(name, version_dir, max_batch=max_batch),
+        predictor,
+        configure_app=predictor.install_fault_injection if fault_injection else None,
         component="predictor",
         host=address.host,
         http_port=address.http_port,

@@ -10,14 +10,16 @@ request may ask for a subset of them.
 
 from __future__ import annotations
 
+import random
 import uuid
 from typing import Any
 
 import numpy as np
+from fastapi import Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from kfloop.bundle import ModelBundle
-from kfloop.errors import InputError
+from kfloop.errors import InjectedFailure, InputError
 from kfloop.serving.protocol import (
     DEFAULT_MAX_BATCH,
     FEATURES_INPUT,
@@ -39,6 +41,7 @@ class ForestPredictor(Model):
         self.bundle: ModelBundle | None = None
         self.schema: InputSchema | None = None
         self.version = ""
+        self.failure_rate = 0.0  # fault injection: share of requests answered with 503
 
     def load(self) -> bool:
         # The onnxruntime session is made here, not in __init__: sessions cannot be pickled.
@@ -59,7 +62,22 @@ class ForestPredictor(Model):
             {"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
         ]
 
+    def install_fault_injection(self, app: Any) -> None:
+        """``PUT /kfloop/faults {"failure_rate": 0.5}``: answer that share of requests with HTTP 503."""
+
+        async def set_faults(request: Request) -> dict[str, float]:
+            body = await request.json()
+            rate = float(body.get("failure_rate", 0.0))
+            if not 0.0 <= rate <= 1.0:
+                raise InputError(f"failure_rate must be between 0 and 1, got {rate}")
+            self.failure_rate = rate
+            return {"failure_rate": rate}
+
+        app.add_api_route("/kfloop/faults", set_faults, methods=["PUT"])
+
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        if self.failure_rate and random.random() < self.failure_rate:
+            raise InjectedFailure("injected failure: fault injection is on for this predictor")
         if isinstance(payload, InferRequest):
             indices, proba = self.bundle.predict_scaled(self.schema.rows_from_v2(payload.inputs).astype(np.float32))
             return self._v2_response(payload, indices, proba)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.errors import InputError, KfloopError, UpstreamError
 from kfloop.registry import ModelRegistry
@@ -169,6 +170,8 @@ class ServingRuntime:
         logger_url: str | None = None,
         log_dir: Path = Path(".kfloop/logs"),
         max_batch: int = 1024,
+        fault_injection: bool = False,
+        prometheus_targets: Path | None = None,
     ) -> None:
         self.registry = ModelRegistry(registry_uri)
         if not self.registry.is_local:
@@ -182,6 +185,8 @@ class ServingRuntime:
         self.logger_url = logger_url
         self.log_dir = Path(log_dir)
         self.max_batch = max_batch
+        self.fault_injection = fault_injection
+        self.prometheus_targets = prometheus_targets
         self.shares: list[TrafficShare] = []
         self.transformer: ManagedProcess | None = None
         self._lock = threading.RLock()
@@ -199,6 +204,7 @@ class ServingRuntime:
             self.transformer = self._transformer_process(version, [r.address for r in share.replicas])
             self.transformer.spawn()
             self.transformer.wait_ready()
+            self._write_prometheus_targets()
         self._supervisor = threading.Thread(target=self._supervise, name="kfloop-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -313,7 +319,7 @@ class ServingRuntime:
                 name=f"predictor {self.model} v{version} :{port}",
                 argv=self._kfloop(
                     "predictor", "--model-dir", version_dir, "--model", self.model, "--http-port", str(port),
-                    "--no-grpc", "--max-batch", str(self.max_batch),
+                    "--no-grpc", "--max-batch", str(self.max_batch), *(["--fault-injection"] if self.fault_injection else []),
                 ),
                 ready_url=f"http://127.0.0.1:{port}/v2/models/{self.model}/ready",
                 log_path=self.log_dir / f"predictor-{self.model}-v{version}-{port}.log",
@@ -347,7 +353,33 @@ class ServingRuntime:
     def _routes_url(self) -> str:
         return f"http://{self.host}:{self.http_port}/kfloop/routes"
 
+    def metrics_urls(self) -> list[str]:
+        """``/metrics`` of every predictor replica (what a Prometheus would scrape)."""
+        with self._lock:
+            return [f"http://{r.address}/metrics" for s in self.shares for r in s.replicas]
+
+    def inject_failures(self, rate: float, version: str | None = None) -> None:
+        """Make the replicas (of ``version``, default all) answer ``rate`` of requests with 503."""
+        if not self.fault_injection:
+            raise InputError("this runtime was started without fault injection")
+        with self._lock:
+            replicas = [r for s in self.shares for r in s.replicas if version is None or s.version == version]
+        for replica in replicas:
+            answer = httpx.put(f"http://{replica.address}/kfloop/faults", json={"failure_rate": rate}, timeout=5.0)
+            if answer.status_code != 200:
+                raise UpstreamError(f"replica {replica.address} refused fault injection: {answer.text}")
+
+    def _write_prometheus_targets(self) -> None:
+        """Prometheus ``file_sd`` targets of the replicas, replaced atomically."""
+        if self.prometheus_targets is None:
+            return
+        groups = [{"targets": [r.address for r in s.replicas], "labels": {"version": s.version}} for s in self.shares]
+        tmp = self.prometheus_targets.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups))
+        tmp.replace(self.prometheus_targets)
+
     def _apply_routes(self) -> None:
+        self._write_prometheus_targets()
         routes = [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas]} for s in self.shares]
         response = httpx.put(self._routes_url(), json={"routes": routes}, timeout=30.0)
         if response.status_code != 200:
@@ -396,7 +428,7 @@ class ServingRuntime:
 class AdminServer:
     """JSON admin API of a runtime on loopback.
 
-    ``GET /status``; ``POST /replicas`` ``{"replicas": n}``; ``POST /version``
+    ``GET /status``; ``GET /metrics``; ``POST /replicas`` ``{"replicas": n}``; ``POST /version``
     ``{"version": "3"}``; ``POST /traffic`` ``{"weights": {"2": 90, "3": 10}}``.
     Errors come back as ``{"error": ...}`` with the error's HTTP status.
     """
@@ -433,6 +465,13 @@ class AdminServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 if self.path == "/status":
                     self._reply(200, runtime.status())
+                elif self.path == "/metrics":  # the autoscaler's decisions and signals
+                    data = generate_latest()
+                    self.send_response(200)
+                    self.send_header("content-type", CONTENT_TYPE_LATEST)
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 else:
                     self._reply(404, {"error": f"no route {self.path}; try GET /status"})
 
