@@ -35,18 +35,18 @@ HomeOption = Annotated[
 ]
 RegistryOption = Annotated[
     Optional[str],
-    typer.Option("--registry", envvar="KFLOOP_REGISTRY", help="Registry root: a path or fsspec URI [default: HOME/registry]."),
+    typer.Option("--registry", envvar="KFLOOP_REGISTRY", help="Registry root: a path or fsspec URI (default: HOME/registry)."),
 ]
 PolicyOption = Annotated[
     Optional[Path],
-    typer.Option("--policy", help="Policy YAML file [default: the shipped policies/default.yaml]."),
+    typer.Option("--policy", help="Policy YAML file (default: the shipped policies/default.yaml)."),
 ]
 DataOption = Annotated[
     Optional[str],
-    typer.Option("--data", help="Data URI: Kaggle leaf CSV, UCI 100-plant folder/zip, CSV (with --target), folder of CSV shards, or builtin:digits|iris|wine [default: builtin:digits]."),
+    typer.Option("--data", help="Data URI: Kaggle leaf CSV, UCI 100-plant folder/zip, CSV (with --target), folder of CSV shards, or builtin:digits|iris|wine (default: builtin:digits)."),
 ]
 TargetOption = Annotated[Optional[str], typer.Option("--target", help="Label column of a generic CSV.")]
-ModelOption = Annotated[Optional[str], typer.Option("--model", help="Registry model name [default: the policy's 'model'].")]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")]
 ImageOption = Annotated[str, typer.Option("--image", help="Container image of the pipeline components (has kfloop installed).")]
 
 DEFAULT_HOME = Path.home() / ".kfloop"
@@ -184,7 +184,7 @@ def compile_pipeline(
 def submit(
     host: Annotated[str, typer.Option("--host", envvar="KFLOOP_KFP_HOST", help="Kubeflow Pipelines API URL.")],
     registry: Annotated[str, typer.Option("--registry", help="Registry URI the cluster's pods can write (e.g. s3://bucket/registry).")],
-    token: Annotated[Optional[str], typer.Option("--token", envvar="KFLOOP_KFP_TOKEN", help="Bearer token [default: from the kube config].")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="KFLOOP_KFP_TOKEN", help="Bearer token (default: from the kube config).")] = None,
     kube_context: Annotated[Optional[str], typer.Option("--kube-context", help="Kube config context for the token.")] = None,
     namespace: Annotated[Optional[str], typer.Option("--namespace", help="Kubeflow profile namespace (multi-user).")] = None,
     experiment: Annotated[str, typer.Option("--experiment", help="Experiment name.")] = "kfloop",
@@ -232,7 +232,7 @@ def models_list(registry: RegistryOption = None, home: HomeOption = DEFAULT_HOME
 @models_app.command("show")
 def models_show(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    version: Annotated[Optional[str], typer.Argument(help="Version [default: production].")] = None,
+    version: Annotated[Optional[str], typer.Argument(help="Version (default: production).")] = None,
     registry: RegistryOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
@@ -258,7 +258,7 @@ def predictor(
     model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="A registry version folder (KServe mounts storageUri at /mnt/models).")] = None,
     registry: RegistryOption = None,
     model: Annotated[Optional[str], typer.Option("--model", "--model_name", help="Model name clients use (the registry model name).")] = None,
-    version: Annotated[Optional[str], typer.Option("--version", help="Registry version [default: production].")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Registry version (default: production).")] = None,
     host: HostOption = "127.0.0.1",
     http_port: HttpPortOption = 8080,
     grpc_port: GrpcPortOption = 8081,
@@ -290,10 +290,10 @@ def transformer(
     predictor_host: Annotated[str, typer.Option("--predictor-host", "--predictor_host", help="Predictor replica(s), host:port, comma-separated.")],
     model: Annotated[str, typer.Option("--model", "--model_name", help="Model name (the registry model name; the predictor's name).")],
     registry: RegistryOption = None,
-    version: Annotated[Optional[str], typer.Option("--version", help="Registry version [default: production].")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Registry version (default: production).")] = None,
     predictor_protocol: Annotated[str, typer.Option("--predictor-protocol", "--predictor_protocol", help="Only v2 is supported.")] = "v2",
     logger_url: Annotated[Optional[str], typer.Option("--logger-url", help="Send payload CloudEvents here (local stand-in for KServe's logger).")] = None,
-    inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="ce-inferenceservicename of payload events [default: the model name].")] = None,
+    inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="ce-inferenceservicename of payload events (default: the model name).")] = None,
     namespace: Annotated[str, typer.Option("--namespace", help="ce-namespace of payload events.")] = "",
     host: HostOption = "127.0.0.1",
     http_port: HttpPortOption = 8080,
@@ -320,8 +320,8 @@ def transformer(
 @app.command()
 def serve(
     registry: RegistryOption = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Registry model name [default: the policy's 'model'].")] = None,
-    version: Annotated[Optional[str], typer.Option("--version", help="Version to serve [default: production].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Version to serve (default: production).")] = None,
     http_port: Annotated[int, typer.Option("--http-port", help="Client-facing REST port (the transformer's).")] = 8080,
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="Client-facing gRPC port.")] = 8081,
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Predictor replicas.")] = 1,
@@ -387,14 +387,14 @@ def _start_autoscaler(runtime: Any, scaling: Any, model: str, home: Path) -> Any
 def watch(
     sink: Annotated[str, typer.Option("--sink", help="Where alarms (CloudEvents) go: a Knative Broker, or the trigger service.")],
     registry: RegistryOption = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Registry model name [default: the policy's 'model'].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")] = None,
     http_port: Annotated[int, typer.Option("--http-port", help="Port for payload CloudEvents (POST /).")] = 8085,
     backend: Annotated[str, typer.Option("--backend", help="Detector backend: scipy (default) or alibi (BSL 1.1, needs kfloop[alibi]).")] = "scipy",
     window: Annotated[int, typer.Option("--window", min=10, help="Rows per tested window.")] = 100,
-    stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Rows between tests [default: window / 4].")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Rows between tests (default: window / 4).")] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="False-alarm rate per tested window (split between drift and outlier tests).")] = 0.05,
     correction: Annotated[str, typer.Option("--correction", help="Multiple-testing correction over features: fdr (Benjamini-Hochberg) or bonferroni.")] = "fdr",
-    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Outbox folder [default: HOME/watch/MODEL].")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Outbox folder (default: HOME/watch/MODEL).")] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not write payload rows to the registry's capture area.")] = False,
     capture_rows: Annotated[int, typer.Option("--capture-rows", min=1, help="Rows per capture shard (a shard is also written every 30 s).")] = 500,
     follow_seconds: Annotated[float, typer.Option("--follow-seconds", help="How often to check the registry's production version.")] = 5.0,
@@ -455,6 +455,36 @@ def policy_compile(
     ]
     for path in write_objects(objects, output):
         typer.echo(path)
+
+
+@app.command()
+def trigger(
+    registry: RegistryOption = None,
+    model: ModelOption = None,
+    policy: PolicyOption = None,
+    http_port: Annotated[int, typer.Option("--http-port", help="Port for alarm CloudEvents (POST /).")] = 8095,
+    admin_url: Annotated[Optional[str], typer.Option("--admin-url", help="Admin API of the local serving runtime (kfloop serve) for canary rollouts; without it a promoted version is only recorded.")] = None,
+    target: TargetOption = None,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="State folder (pending runs survive restarts) (default: HOME/trigger/MODEL).")] = None,
+    host: HostOption = "127.0.0.1",
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Retrain on drift/outlier alarms (cooldown, dedup, budget, one run at a time) and roll out via canary."""
+    import uvicorn
+
+    from kfloop.policies import load_policy
+    from kfloop.serving.trigger import LocalDeployer, LocalRetrainer, TriggerConfig, TriggerService, create_app
+
+    loaded = load_policy(policy)
+    name = model or loaded.model
+    registry_uri = _registry_uri(registry, home)
+    config = TriggerConfig(name, registry_uri, loaded, state_dir or home / "trigger" / name)
+    service = TriggerService(
+        config,
+        LocalRetrainer(loaded, registry_uri, home, model=name, target=target),
+        LocalDeployer(admin_url, name) if admin_url else None,
+    )
+    uvicorn.run(create_app(service), host=host, port=http_port, log_level="warning", access_log=False)
 
 
 def main() -> None:

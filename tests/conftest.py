@@ -135,3 +135,16 @@ class EventSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def digits_csv(path: Path, every: int = 1) -> str:
+    """builtin:digits as a generic CSV (label column 'digit'), keeping every ``every``-th row."""
+    from kfloop.data import load_dataset
+
+    data = load_dataset("builtin:digits")
+    lines = ["id,digit," + ",".join(data.feature_names)]
+    for index in range(0, data.rows, every):
+        values = ",".join(f"{v:g}" for v in data.features[index])
+        lines.append(f"{index},{data.labels[index]},{values}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

@@ -11,21 +11,10 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from kfloop.data import load_dataset
+from conftest import digits_csv
 from kfloop.registry import ModelRegistry
 
 pytestmark = pytest.mark.slow
-
-
-def digits_csv(path: Path, every: int = 1) -> str:
-    """builtin:digits as a generic CSV (label column 'digit'), keeping every ``every``-th row."""
-    data = load_dataset("builtin:digits")
-    lines = ["id,digit," + ",".join(data.feature_names)]
-    for index in range(0, data.rows, every):
-        values = ",".join(f"{v:g}" for v in data.features[index])
-        lines.append(f"{index},{data.labels[index]},{values}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_compiled_pipeline_is_a_pipeline_spec_with_parallel_for_and_collected(kfloop_cli, tmp_path):

@@ -1,0 +1,217 @@
+"""The trigger service as a real process: admission rules, restart survival, and retrain -> canary -> rollout
+against the real local serving runtime, with real kfp.local pipeline runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+import yaml
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+
+from conftest import digits_csv
+from kfloop.registry import ModelRegistry
+from kfloop.serving.runtime import AdminServer, ServingRuntime, free_port
+
+pytestmark = pytest.mark.slow
+DRIFT = "io.kfloop.drift.detected"
+
+
+def write_policy(path: Path, base: str, **retraining) -> Path:
+    path.write_text(yaml.safe_dump({
+        "model": "digits",
+        "training": {"search_space": {"n_estimators": [20, 40], "max_features": ["sqrt"], "min_samples_leaf": [1]},
+                     "cv_folds": 3, "holdout_fraction": 0.25, "seed": 7},
+        "retraining": {"base_data": base, "cooldown_seconds": 0, "max_runs_per_day": 10, **retraining},
+        "rollout": {"canary_percent": 30, "observe_seconds": 4, "rollback_failure_rate": 0.05},
+    }))
+    return path
+
+
+class Trigger:
+    def __init__(self, home: Path, registry: Path, policy: Path, *, admin_url: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "kfloop", "trigger", "--registry", str(registry), "--policy", str(policy),
+                "--target", "digit", "--http-port", str(self.port), "--home", str(home), "--state-dir", str(home / "trigger")]
+        if admin_url:
+            argv += ["--admin-url", admin_url]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("trigger did not start")
+
+    def alarm(self, event_id: str | None = None, event_type: str = DRIFT) -> httpx.Response:
+        attributes = {"type": event_type, "source": "kfloop/watch/digits", "id": event_id or str(uuid.uuid4())}
+        headers, body = to_binary(CloudEvent(attributes, {"model": "digits", "kind": "drift"}))
+        return httpx.post(self.url + "/", headers=headers, content=body, timeout=30)
+
+    def status(self) -> dict:
+        return httpx.get(self.url + "/status").json()
+
+    def wait_idle(self, runs: int, seconds: float = 240) -> list[dict]:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            status = self.status()
+            done = [r for r in status["runs"] if r["outcome"] not in ("running", "pending")]
+            if not status["pending"] and len(done) >= runs:
+                return status["runs"]
+            time.sleep(0.5)
+        raise AssertionError(f"runs did not finish: {self.status()}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+
+@pytest.fixture
+def registry_with_weak_v1(tmp_path, kfloop_cli, small_policy):
+    """digits v1 trained on a sixth of the data (promoted), and the full data as base for retraining."""
+    registry = tmp_path / "registry"
+    small = digits_csv(tmp_path / "digits-small.csv", every=6)
+    first = kfloop_cli("train", "--data", small, "--target", "digit", "--registry", str(registry),
+                       "--policy", str(small_policy), "--json")
+    assert first.code == 0, first.stderr
+    return registry, small, digits_csv(tmp_path / "digits-full.csv")
+
+
+def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path, registry_with_weak_v1):
+    registry, _, full = registry_with_weak_v1
+    policy = write_policy(tmp_path / "p.yaml", full, cooldown_seconds=25, max_runs_per_day=2)
+    trigger = Trigger(tmp_path / "home", registry, policy)
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(50)]
+        with ThreadPoolExecutor(16) as pool:  # 100 near-simultaneous alarms, each id twice
+            outcomes = list(pool.map(lambda i: trigger.alarm(i).headers["x-kfloop-outcome"], ids + ids))
+        assert outcomes.count("started") == 1
+        assert outcomes.count("duplicate") == 50
+        assert set(outcomes) <= {"started", "duplicate", "coalesced"}
+        runs = trigger.wait_idle(1)
+        assert len(runs) == 1 and runs[0]["outcome"] == "promoted" and runs[0]["version"] == "2"
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "cooldown"
+        time.sleep(max(0.0, runs[0]["started"] + 25 - time.time()) + 1)
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "started"
+        assert len(trigger.wait_idle(2)) == 2
+        time.sleep(26)
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "budget"
+        ignored = trigger.alarm(event_type="io.kfloop.something.else")
+        assert ignored.status_code == 204 and "does not trigger retraining" in ignored.headers["x-kfloop-ignored"]
+        assert httpx.post(trigger.url + "/", content=b"nope").status_code == 400
+    finally:
+        trigger.stop()
+
+
+def test_a_run_interrupted_by_a_restart_is_run_again(tmp_path, registry_with_weak_v1):
+    registry, _, full = registry_with_weak_v1
+    policy = write_policy(tmp_path / "p.yaml", full)
+    trigger = Trigger(tmp_path / "home", registry, policy)
+    assert trigger.alarm("first").headers["x-kfloop-outcome"] == "started"
+    deadline = time.time() + 30
+    while time.time() < deadline and not trigger.status()["runs"]:
+        time.sleep(0.1)
+    trigger.stop()  # mid-run
+    state = json.loads((tmp_path / "home" / "trigger" / "trigger-state.json").read_text())
+    assert [r["outcome"] for r in state["runs"]] == ["running"]
+    trigger = Trigger(tmp_path / "home", registry, policy, port=trigger.port)
+    try:
+        runs = trigger.wait_idle(1)
+        assert runs[0]["restarted"] is True and runs[0]["event_id"] == "first"
+        assert runs[0]["outcome"] == "promoted"
+        assert trigger.alarm("first").headers["x-kfloop-outcome"] == "duplicate"
+    finally:
+        trigger.stop()
+
+
+def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse_or_failing_versions_do_not_stay(tmp_path, registry_with_weak_v1):
+    registry, small, full = registry_with_weak_v1
+    runtime = ServingRuntime(str(registry), "digits", http_port=free_port(), grpc_port=free_port(),
+                             log_dir=tmp_path / "logs", fault_injection=True)
+    runtime.start()
+    admin = AdminServer(runtime, free_port())
+    admin.start()
+    policy = write_policy(tmp_path / "p.yaml", full)
+    trigger = Trigger(tmp_path / "home", registry, policy, admin_url=admin.url)
+    store = ModelRegistry(registry)
+    body = json.dumps({"instances": [[0.0] * 64]}).encode()
+    failures: list = []
+    answers = {"ok": 0}
+    stop = threading.Event()
+
+    async def load() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                async with session.post(runtime.endpoints["v1"], data=body, headers={"content-type": "application/json"}) as answer:
+                    if answer.status == 200:
+                        answers["ok"] += 1
+                    else:
+                        failures.append((answer.status, await answer.text()))
+                await asyncio.sleep(0.01)
+
+    loader = threading.Thread(target=asyncio.run, args=(load(),))
+    loader.start()
+    try:
+        # 1. Better data: promoted by the gate, canary, then all traffic.
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "started"
+        run = trigger.wait_idle(1)[-1]
+        assert (run["outcome"], run["version"]) == ("promoted", "2")
+        assert run["canary_answers"] > 0 and run["canary_failure_rate"] == 0.0
+        assert runtime.version == "2" and store.production_version("digits") == "2"
+        assert failures == [] and answers["ok"] > 100
+
+        # 2. Worse data: the gate rejects it; version 2 keeps serving.
+        write_policy(tmp_path / "p.yaml", small)
+        trigger.stop()
+        trigger = Trigger(tmp_path / "home", registry, policy, admin_url=admin.url)
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "started"
+        run = trigger.wait_idle(2)[-1]
+        assert (run["outcome"], run["promoted"]) == ("rejected", False)
+        assert runtime.version == "2" and store.production_version("digits") == "2"
+
+        # 3. A new version that fails in its canary is rolled back.
+        write_policy(tmp_path / "p.yaml", full, include_captures=False)
+        trigger.stop()
+        trigger = Trigger(tmp_path / "home", registry, policy, admin_url=admin.url)
+        stop.set()
+        loader.join()
+        stop.clear()
+        store.set_production("digits", "1")  # so the full-data model beats production again
+        runtime.switch_version("1")
+        loader = threading.Thread(target=asyncio.run, args=(load(),))
+        loader.start()
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "started"
+        deadline = time.time() + 240
+        injected = None
+        while time.time() < deadline and injected is None:
+            shares = runtime.status()["traffic"]
+            new = [s["version"] for s in shares if s["version"] not in ("1",)]
+            if len(shares) == 2 and new:
+                runtime.inject_failures(1.0, version=new[0])
+                injected = new[0]
+            time.sleep(0.05)
+        run = trigger.wait_idle(3)[-1]
+        assert run["outcome"] == "rolled_back" and run["version"] == injected
+        assert runtime.version == "1" and store.production_version("digits") == "1"
+        assert store.metadata("digits", injected)["status"] == "rolled_back"
+    finally:
+        stop.set()
+        loader.join()
+        trigger.stop()
+        admin.stop()
+        runtime.stop()
