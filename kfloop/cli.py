@@ -463,7 +463,13 @@ def trigger(
     model: ModelOption = None,
     policy: PolicyOption = None,
     http_port: Annotated[int, typer.Option("--http-port", help="Port for alarm CloudEvents (POST /).")] = 8095,
-    admin_url: Annotated[Optional[str], typer.Option("--admin-url", help="Admin API of the local serving runtime (kfloop serve) for canary rollouts; without it a promoted version is only recorded.")] = None,
+    admin_url: Annotated[Optional[str], typer.Option("--admin-url", help="Admin API of the local serving runtime (kfloop serve) for canary rollouts; without it (and without --inference-service) a promoted version is only recorded.")] = None,
+    kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", envvar="KFLOOP_KFP_HOST", help="Run the pipeline on this Kubeflow Pipelines API instead of kfp.local.")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="KFLOOP_KFP_TOKEN", help="Bearer token for --kfp-host.")] = None,
+    image: ImageOption = "",
+    inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="Roll out by patching this InferenceService (cluster).")] = None,
+    namespace: Annotated[str, typer.Option("--namespace", help="Namespace of --inference-service.")] = "default",
+    prometheus_url: Annotated[Optional[str], typer.Option("--prometheus-url", help="Prometheus for the canary's failure rate (cluster; default: the policy's).")] = None,
     target: TargetOption = None,
     state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="State folder (pending runs survive restarts) (default: HOME/trigger/MODEL).")] = None,
     host: HostOption = "127.0.0.1",
@@ -472,19 +478,30 @@ def trigger(
     """Retrain on drift/outlier alarms (cooldown, dedup, budget, one run at a time) and roll out via canary."""
     import uvicorn
 
+    from kfloop.components.training import DEFAULT_IMAGE
+    from kfloop.pipelines.cluster import KfpEndpoint
     from kfloop.policies import load_policy
-    from kfloop.serving.trigger import LocalDeployer, LocalRetrainer, TriggerConfig, TriggerService, create_app
+    from kfloop.serving import trigger as triggering
 
     loaded = load_policy(policy)
     name = model or loaded.model
     registry_uri = _registry_uri(registry, home)
-    config = TriggerConfig(name, registry_uri, loaded, state_dir or home / "trigger" / name)
-    service = TriggerService(
-        config,
-        LocalRetrainer(loaded, registry_uri, home, model=name, target=target),
-        LocalDeployer(admin_url, name) if admin_url else None,
-    )
-    uvicorn.run(create_app(service), host=host, port=http_port, log_level="warning", access_log=False)
+    config = triggering.TriggerConfig(name, registry_uri, loaded, state_dir or home / "trigger" / name)
+    if kfp_host:
+        retrainer: Any = triggering.ClusterRetrainer(loaded, KfpEndpoint(kfp_host, token), registry_uri, model=name,
+                                                     image=image or DEFAULT_IMAGE, target=target)
+    else:
+        retrainer = triggering.LocalRetrainer(loaded, registry_uri, home, model=name, target=target)
+    deployer: Any = None
+    if inference_service:
+        url = prometheus_url or loaded.scaling.prometheus_url
+        if not url:
+            raise typer.BadParameter("--inference-service needs --prometheus-url (or scaling.prometheus_url in the policy)")
+        deployer = triggering.KServeDeployer(namespace, inference_service, registry_uri, name, url)
+    elif admin_url:
+        deployer = triggering.LocalDeployer(admin_url, name)
+    service = triggering.TriggerService(config, retrainer, deployer)
+    uvicorn.run(triggering.create_app(service), host=host, port=http_port, log_level="warning", access_log=False)
 
 
 def main() -> None:

@@ -72,6 +72,27 @@ class LocalRetrainer(Retrainer):
                                     data_uri=data_uri, target=self.target, model=self.model)
 
 
+class ClusterRetrainer(Retrainer):
+    """The pipeline on a Kubeflow Pipelines cluster (``kfp.Client``), waited for, then read back from the registry."""
+
+    def __init__(self, policy: Policy, endpoint: Any, registry_uri: str, *, model: str, image: str, target: str | None = None) -> None:
+        self.policy, self.endpoint, self.registry_uri = policy, endpoint, registry_uri
+        self.model, self.image, self.target = model, image, target
+
+    def run(self, data_uri: str | None, run_name: str) -> dict[str, Any]:
+        from kfloop.pipelines.cluster import submit_training
+
+        registry = ModelRegistry(self.registry_uri)
+        before = set(registry.versions(self.model))
+        outcome = submit_training(self.policy, self.endpoint, registry_uri=self.registry_uri, data_uri=data_uri,
+                                  target=self.target, model=self.model, run_name=run_name, image=self.image, wait=True)
+        new = [v for v in registry.versions(self.model) if v not in before]
+        if not new:
+            raise KfloopError(f"pipeline run {outcome['run_id']} ended ({outcome.get('state')}) without registering a version")
+        gate = registry.metadata(self.model, new[-1]).get("gate", {})
+        return {**gate, "version": new[-1], "promoted": bool(gate.get("promoted")), "run_id": outcome["run_id"]}
+
+
 class Deployer:
     """Contract: where versions are served and how traffic is split between them."""
 
@@ -117,6 +138,62 @@ class LocalDeployer(Deployer):
                             total += sample.value
                             failed += sample.value if sample.labels.get("status_class") == "5xx" else 0.0
         return failed, total
+
+
+def canary_patch(storage_uri: str, percent: float | None) -> dict[str, Any]:
+    """The InferenceService merge patch that serves ``storage_uri`` to ``percent`` of traffic (None: all)."""
+    predictor: dict[str, Any] = {"model": {"storageUri": storage_uri}, "canaryTrafficPercent": None if percent is None else int(percent)}
+    return {"spec": {"predictor": predictor}}
+
+
+class KServeDeployer(Deployer):
+    """An InferenceService on a cluster: versions are ``storageUri`` s, the split is ``canaryTrafficPercent``.
+
+    KServe keeps the previous revision serving the rest of the traffic while a
+    canary percentage is set -- in Knative (Serverless) deployment mode. In
+    Standard (raw) mode, which KEDA autoscaling needs, KServe has no canary:
+    the patch becomes a rolling update and the observation window judges the
+    whole new version. The failure rate comes from Prometheus (the
+    predictor's ``kfloop_requests_total{version=...}``).
+    """
+
+    def __init__(self, namespace: str, name: str, registry_uri: str, model: str, prometheus_url: str, *, context: str | None = None) -> None:
+        from kubernetes import client, config
+
+        if context or not _in_cluster():
+            config.load_kube_config(context=context)
+        else:
+            config.load_incluster_config()
+        self.api = client.CustomObjectsApi()
+        self.namespace, self.name, self.model = namespace, name, model
+        self.registry = ModelRegistry(registry_uri)
+        self.prometheus_url = prometheus_url.rstrip("/")
+
+    def _patch(self, body: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.name, body)
+
+    def serving_version(self) -> str:
+        isvc = self.api.get_namespaced_custom_object("serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.name)
+        return isvc["spec"]["predictor"]["model"]["storageUri"].rstrip("/").rsplit("/", 1)[-1]
+
+    def set_traffic(self, weights: dict[str, float]) -> None:
+        serving = [v for v, w in weights.items() if w > 0]
+        newest = max(serving, key=int)
+        percent = weights[newest] if len(serving) > 1 else None
+        self._patch(canary_patch(self.registry.uri(self.model, newest), percent))
+
+    def failure_counts(self, version: str) -> tuple[float, float]:
+        selector = f'model="{self.model}",component="predictor",version="{version}"'
+        counts = []
+        for query in (f'sum(kfloop_requests_total{{{selector},status_class="5xx"}})', f"sum(kfloop_requests_total{{{selector}}})"):
+            result = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": query}, timeout=10.0).json()
+            values = result.get("data", {}).get("result", [])
+            counts.append(float(values[0]["value"][1]) if values else 0.0)
+        return counts[0], counts[1]
+
+
+def _in_cluster() -> bool:
+    return os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
 class TriggerState:

@@ -215,3 +215,11 @@ def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse
         trigger.stop()
         admin.stop()
         runtime.stop()
+
+
+def test_a_kserve_rollout_is_a_storage_uri_and_canary_percentage_patch():
+    from kfloop.serving.trigger import canary_patch
+
+    assert canary_patch("s3://b/r/leaf/4", 10) == {"spec": {"predictor": {"model": {"storageUri": "s3://b/r/leaf/4"}, "canaryTrafficPercent": 10}}}
+    # All traffic: the merge patch removes canaryTrafficPercent (null), as KServe's promotion does.
+    assert canary_patch("s3://b/r/leaf/4", None)["spec"]["predictor"]["canaryTrafficPercent"] is None
