@@ -41,7 +41,6 @@ _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 def train(data_uri: str, registry: Path, work: Path) -> tuple[str, list[float]]:
     """Register one forest as model 'leaf' v1; returns its version folder and one raw row."""
-    from kfloop.data import save_npz
     from kfloop.registry import ModelRegistry
     from kfloop.steps import fit_export_step, load_step, prepare_step, register_step
     from kfloop.training import Prepared

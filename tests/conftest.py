@@ -83,7 +83,6 @@ def small_policy(tmp_path: Path) -> Path:
 
 def register_version(registry: Path, model: str, data_uri: str, *, n_estimators: int, work: Path, promote: bool = True) -> str:
     """Train one forest with the pipeline's own step functions (no KFP) and register it."""
-    from kfloop.data import save_npz
     from kfloop.registry import ModelRegistry
     from kfloop.steps import fit_export_step, load_step, prepare_step, register_step
 
