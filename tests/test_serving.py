@@ -272,10 +272,11 @@ def test_transformer_refuses_a_predictor_of_another_version(stack, tmp_path):
     try:
         deadline = time.time() + 60
         answer = None
+        ready = [f"http://127.0.0.1:{port}/v2/models/leaf/ready" for port in (predictor_port, transformer_port)]
         while time.time() < deadline:
             try:
-                answer = httpx.post(f"http://127.0.0.1:{transformer_port}/v1/models/leaf:predict", json={"instances": stack["holdout"].holdout_features[:1].tolist()})
-                if answer.status_code != 503:
+                if all(httpx.get(url).status_code == 200 for url in ready):
+                    answer = httpx.post(f"http://127.0.0.1:{transformer_port}/v1/models/leaf:predict", json={"instances": stack["holdout"].holdout_features[:1].tolist()})
                     break
             except httpx.HTTPError:
                 pass
