@@ -147,3 +147,20 @@ def digits_csv(path: Path, every: int = 1) -> str:
         lines.append(f"{index},{data.labels[index]},{values}")
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def wait_until_answering(url: str, what: str, seconds: float = 60) -> None:
+    """Poll ``url`` until it answers 200; fail naming ``what`` after ``seconds``."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start within {seconds:.0f} s")

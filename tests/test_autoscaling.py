@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import register_version
+from conftest import wait_until_answering, register_version
 from kfloop.policies import ScalingPolicy, ScalingRule
 from kfloop.policies.autoscaler import Autoscaler
 from kfloop.policies.engine import ScalingEngine
@@ -104,14 +104,7 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/-/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("prometheus did not start")
+        wait_until_answering(self.url + "/-/ready", "prometheus", 30)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -21,7 +21,7 @@ import yaml
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
-from conftest import digits_csv
+from conftest import wait_until_answering, digits_csv
 from kfloop.registry import ModelRegistry
 from kfloop.serving.runtime import AdminServer, ServingRuntime, free_port
 
@@ -49,14 +49,7 @@ class Trigger:
         if admin_url:
             argv += ["--admin-url", admin_url]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("trigger did not start")
+        wait_until_answering(self.url + "/healthz", "trigger", 60)
 
     def alarm(self, event_id: str | None = None, event_type: str = DRIFT) -> httpx.Response:
         attributes = {"type": event_type, "source": "kfloop/watch/digits", "id": event_id or str(uuid.uuid4())}

@@ -15,7 +15,7 @@ import pytest
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
-from conftest import EventSink, register_version
+from conftest import wait_until_answering, EventSink, register_version
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
 from kfloop.serving import calibration
@@ -39,14 +39,7 @@ class Watch:
              "--stride", "10", "--state-dir", str(state), "--capture-rows", "50", "--follow-seconds", "0.5"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("watch did not start")
+        wait_until_answering(self.url + "healthz", "watch", 60)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
