@@ -612,6 +612,12 @@ def down(home: HomeOption = DEFAULT_HOME, timeout: Annotated[float, typer.Option
     err.print(f"stopped the loop (pid {pid})")
 
 
+from kfloop.cluster_cli import deploy, manifests  # noqa: E402 - it imports the option types above
+
+app.command()(manifests)
+app.command()(deploy)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
