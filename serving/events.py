@@ -107,10 +107,6 @@ class PayloadLogger:
                     outcome = "failed"
                 PAYLOAD_EVENTS.labels(self.model, outcome).inc()
 
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-
 
 def _serialise(payload: Any) -> bytes:
     if isinstance(payload, bytes):

@@ -101,7 +101,6 @@ class _Call:
     route: Route
     scaled: np.ndarray
     traceparent: str
-    source: Any
     requested: set[str] | None = None
     from_grpc: bool = False
     indices: np.ndarray | None = None
@@ -230,7 +229,6 @@ class ForestTransformer(Model):
             route=route,
             scaled=route.preprocessor.transform(rows),
             traceparent=child_traceparent(headers.get("traceparent")),
-            source=payload,
             requested=requested,
             from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
         )
