@@ -16,6 +16,10 @@ again). A worker runs one pending run at a time:
    or back to the old version (and the old production pointer) when its
    5xx share exceeds ``rollback_failure_rate``.
 
+Each run's record (``GET /status``) carries its times, epoch seconds:
+``queued``, ``started``, ``trained`` (pipeline done), ``canary_started``,
+``full_traffic`` or ``rolled_back``, ``finished``.
+
 Replies never carry a CloudEvent (202 with the admission outcome in
 ``x-kfloop-outcome``, 204 for types not handled, 400 for malformed events).
 """
@@ -319,7 +323,7 @@ class TriggerService:
         data_uri = self.training_data(run_id)
         decision = self.retrainer.run(data_uri, f"kfloop-retrain-{run_id}")
         record = {"data": data_uri, "version": decision.get("version"), "gate": decision.get("reason"),
-                  "promoted": bool(decision.get("promoted"))}
+                  "promoted": bool(decision.get("promoted")), "trained": self.clock()}
         if not decision.get("promoted"):
             return {**record, "outcome": "rejected"}
         if self.deployer is None:
@@ -353,6 +357,7 @@ class TriggerService:
             return {"outcome": "promoted", "rollout": "already serving"}
         failed_before, total_before = deployer.failure_counts(new)
         deployer.set_traffic({old: 100.0 - rollout.canary_percent, new: rollout.canary_percent})
+        canary_started = self.clock()
         time.sleep(rollout.observe_seconds)
         failed, total = deployer.failure_counts(new)
         answers = total - total_before
@@ -362,11 +367,13 @@ class TriggerService:
             self.registry.set_production(self.config.model, old)
             self.registry.update_metadata(self.config.model, new, status="rolled_back",
                                           rollback={"failure_rate": rate, "answers": answers})
-            return {"outcome": "rolled_back", "canary_failure_rate": rate, "canary_answers": answers}
+            return {"outcome": "rolled_back", "canary_failure_rate": rate, "canary_answers": answers,
+                    "canary_started": canary_started, "rolled_back": self.clock()}
         deployer.set_traffic({new: 100.0})
         if self.registry.metadata(self.config.model, new).get("status") != STATUS_PROMOTED:
             self.registry.set_production(self.config.model, new)
-        return {"outcome": "promoted", "canary_failure_rate": rate, "canary_answers": answers}
+        return {"outcome": "promoted", "canary_failure_rate": rate, "canary_answers": answers,
+                "canary_started": canary_started, "full_traffic": self.clock()}
 
     def status(self) -> dict[str, Any]:
         with self.state.lock:
