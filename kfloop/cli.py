@@ -486,12 +486,12 @@ def trigger(
     loaded = load_policy(policy)
     name = model or loaded.model
     registry_uri = _registry_uri(registry, home)
-    config = triggering.TriggerConfig(name, registry_uri, loaded, state_dir or home / "trigger" / name)
+    config = triggering.TriggerConfig(name, registry_uri, loaded, state_dir or home / "trigger" / name, target=target)
     if kfp_host:
         retrainer: Any = triggering.ClusterRetrainer(loaded, KfpEndpoint(kfp_host, token), registry_uri, model=name,
-                                                     image=image or DEFAULT_IMAGE, target=target)
+                                                     image=image or DEFAULT_IMAGE)
     else:
-        retrainer = triggering.LocalRetrainer(loaded, registry_uri, home, model=name, target=target)
+        retrainer = triggering.LocalRetrainer(loaded, registry_uri, home, model=name)
     deployer: Any = None
     if inference_service:
         url = prometheus_url or loaded.scaling.prometheus_url
@@ -547,6 +547,45 @@ def up(
     finally:
         stack.stop()
         err.print("stopped")
+
+
+@app.command()
+def demo(
+    data: DataOption = None,
+    target: TargetOption = None,
+    policy: PolicyOption = None,
+    speed: Annotated[float, typer.Option("--speed", min=0.01, help="Divide the policy's windows, periods and cooldowns by this (10: about 4 minutes).")] = 10.0,
+    report: Annotated[Path, typer.Option("--report", help="Folder for index.html and the PNG charts.")] = Path("report"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: rule firings, failed client requests, loop timings.")] = False,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Play the automation table on a fresh local stack: train, scale out and in, predictor failures, drift -> retrain -> canary.
+
+    Everything runs under HOME/demo/<time> on free loopback ports and is stopped at the end.
+    """
+    from rich.live import Live
+
+    from kfloop.demo import Demo, DemoSettings, new_demo_home, save_result
+    from kfloop.demo_view import automation_table, live_view, timings_table
+    from kfloop.policies import load_policy
+    from kfloop.report import write_report
+    from kfloop.serving.runtime import free_port
+    from kfloop.stack import StackPorts
+
+    folder = new_demo_home(home)
+    ports = StackPorts(*(free_port() for _ in range(5)))
+    settings = DemoSettings(load_policy(policy), folder, data_uri=_absolute_if_local(data), target=target, speed=speed, ports=ports)
+    scenario = Demo(settings)
+    with Live(console=err, refresh_per_second=2, get_renderable=lambda: live_view(scenario), transient=False):
+        result = scenario.run()
+    save_result(result, folder / "demo.json")
+    page = write_report(result, report)
+    err.print(automation_table(result))
+    err.print(timings_table(result))
+    err.print(f"{len(result.requests)} client requests, {len(result.failed_requests)} failed "
+              f"({result.injected_failures} answered 503 while failures were injected); report: {page}")
+    if json_output:
+        out.print_json(json.dumps({**result.summary(), "report": str(page)}))
 
 
 @app.command()

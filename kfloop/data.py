@@ -40,6 +40,7 @@ DEFAULT_DATA_URI = "builtin:digits"
 BUILTIN_DATASETS = ("digits", "iris", "wine")
 KAGGLE_TARGET = "species"
 ID_COLUMN = "id"
+LABEL_COLUMN = "label"  # the label column of the CSV shards kfloop writes (labelled captures, retraining sets)
 UCI_PARTS = (("margin", "data_Mar_64.txt"), ("shape", "data_Sha_64.txt"), ("texture", "data_Tex_64.txt"))
 UCI_FEATURES_PER_PART = 64
 
@@ -123,6 +124,19 @@ def save_npz(data: LabelledData, path: str) -> None:
         arrays["ids"] = data.ids.astype(str)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
+
+
+def save_csv(data: LabelledData, path: str, *, id_prefix: str = "") -> None:
+    """Write ``data`` as a CSV shard ``id,label,<features>`` that :func:`load_dataset` reads back
+    with ``target="label"``; rows without ids get ``<id_prefix><row>``."""
+    import csv
+
+    ids = data.ids if data.ids is not None else [f"{id_prefix}{index}" for index in range(data.rows)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([ID_COLUMN, LABEL_COLUMN, *data.feature_names])
+        for row_id, label, row in zip(ids, data.labels, data.features):
+            writer.writerow([row_id, label, *(repr(float(value)) for value in row)])
 
 
 def load_npz(path: str) -> LabelledData:

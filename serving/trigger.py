@@ -44,52 +44,54 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kfloop.data import LABEL_COLUMN, load_dataset, save_csv
 from kfloop.errors import KfloopError
 from kfloop.policies import Policy
 from kfloop.registry import CAPTURES, STATUS_PROMOTED, ModelRegistry
 
 ADMISSIONS = Counter("kfloop_trigger_events", "Alarms by admission outcome.", ["model", "outcome"])
 RUNS = Counter("kfloop_trigger_runs", "Retraining runs by outcome.", ["model", "outcome"])
-LABELLED_SHARDS = "labelled*.csv"
+LABELLED_SHARDS = "labelled*.csv"  # capture shards with a ``label`` column added
+BASE_SHARD = "000-base.csv"
 SEEN_IDS = 10_000
 
 log = logging.getLogger(__name__)
 
 
 class Retrainer:
-    """Contract: run the training pipeline on ``data_uri``; return the promotion gate's decision."""
+    """Contract: run the training pipeline on ``data_uri`` (label column ``target``); return the promotion gate's decision."""
 
-    def run(self, data_uri: str | None, run_name: str) -> dict[str, Any]:
+    def run(self, data_uri: str | None, target: str | None, run_name: str) -> dict[str, Any]:
         raise NotImplementedError
 
 
 class LocalRetrainer(Retrainer):
     """The pipeline under ``kfp.local`` on this machine."""
 
-    def __init__(self, policy: Policy, registry_uri: str, workdir: Path, *, model: str, target: str | None = None) -> None:
-        self.policy, self.registry_uri, self.workdir, self.model, self.target = policy, registry_uri, workdir, model, target
+    def __init__(self, policy: Policy, registry_uri: str, workdir: Path, *, model: str) -> None:
+        self.policy, self.registry_uri, self.workdir, self.model = policy, registry_uri, workdir, model
 
-    def run(self, data_uri: str | None, run_name: str) -> dict[str, Any]:
+    def run(self, data_uri: str | None, target: str | None, run_name: str) -> dict[str, Any]:
         from kfloop.pipelines.local import run_training_locally
 
         return run_training_locally(self.policy, registry_uri=self.registry_uri, workdir=self.workdir,
-                                    data_uri=data_uri, target=self.target, model=self.model)
+                                    data_uri=data_uri, target=target, model=self.model)
 
 
 class ClusterRetrainer(Retrainer):
     """The pipeline on a Kubeflow Pipelines cluster (``kfp.Client``), waited for, then read back from the registry."""
 
-    def __init__(self, policy: Policy, endpoint: Any, registry_uri: str, *, model: str, image: str, target: str | None = None) -> None:
+    def __init__(self, policy: Policy, endpoint: Any, registry_uri: str, *, model: str, image: str) -> None:
         self.policy, self.endpoint, self.registry_uri = policy, endpoint, registry_uri
-        self.model, self.image, self.target = model, image, target
+        self.model, self.image = model, image
 
-    def run(self, data_uri: str | None, run_name: str) -> dict[str, Any]:
+    def run(self, data_uri: str | None, target: str | None, run_name: str) -> dict[str, Any]:
         from kfloop.pipelines.cluster import submit_training
 
         registry = ModelRegistry(self.registry_uri)
         before = set(registry.versions(self.model))
         outcome = submit_training(self.policy, self.endpoint, registry_uri=self.registry_uri, data_uri=data_uri,
-                                  target=self.target, model=self.model, run_name=run_name, image=self.image, wait=True)
+                                  target=target, model=self.model, run_name=run_name, image=self.image, wait=True)
         new = [v for v in registry.versions(self.model) if v not in before]
         if not new:
             raise KfloopError(f"pipeline run {outcome['run_id']} ended ({outcome.get('state')}) without registering a version")
@@ -231,6 +233,7 @@ class TriggerConfig:
     registry_uri: str
     policy: Policy
     state_dir: Path
+    target: str | None = None  # label column of the base data (None: the format's own)
 
 
 class TriggerService:
@@ -320,8 +323,8 @@ class TriggerService:
 
     def execute(self, run_id: str) -> dict[str, Any]:
         """Retrain and, if the gate promoted, roll out. Returns what to record for the run."""
-        data_uri = self.training_data(run_id)
-        decision = self.retrainer.run(data_uri, f"kfloop-retrain-{run_id}")
+        data_uri, target = self.training_data(run_id)
+        decision = self.retrainer.run(data_uri, target, f"kfloop-retrain-{run_id}")
         record = {"data": data_uri, "version": decision.get("version"), "gate": decision.get("reason"),
                   "promoted": bool(decision.get("promoted")), "trained": self.clock()}
         if not decision.get("promoted"):
@@ -330,23 +333,40 @@ class TriggerService:
             return {**record, "outcome": "promoted"}
         return {**record, **self.rollout(str(decision["version"]), decision.get("production_version"))}
 
-    def training_data(self, run_id: str) -> str | None:
-        """The base data, plus labelled capture shards as a folder of shards when there are any."""
+    def training_data(self, run_id: str) -> tuple[str | None, str | None]:
+        """The run's data URI and label column.
+
+        The base data alone, or -- when labelled capture shards exist -- a folder
+        of shards in one schema (``id,label,<features>``): the base written as
+        ``000-base.csv`` (whatever its format: a built-in set, a UCI folder, a
+        CSV) and the labelled shards beside it.
+        """
         policy = self.config.policy.retraining
-        base = policy.base_data
-        if base is None:
-            serving = self.registry.production_version(self.config.model)
-            base = self.registry.metadata(self.config.model, serving)["data"]["source"] if serving else None
+        base, target = (policy.base_data, self.config.target) if policy.base_data else self._serving_base()
         shards = sorted(Path(self.registry.uri(self.config.model), CAPTURES).rglob(LABELLED_SHARDS)) if (
             policy.include_captures and self.registry.is_local) else []
-        if not shards or base is None or base.startswith("builtin:") or not Path(base).is_file():
-            return base
-        folder = Path(self.config.state_dir) / "data" / run_id
+        if not shards or base is None:
+            return base, target
+        folder = self._runs_data / run_id
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(base, folder / "000-base.csv")
+        save_csv(load_dataset(base, target=target), str(folder / BASE_SHARD), id_prefix="base-")
         for index, shard in enumerate(shards, start=1):
             shutil.copyfile(shard, folder / f"{index:03d}-{shard.name}")
-        return str(folder)
+        return str(folder), LABEL_COLUMN
+
+    @property
+    def _runs_data(self) -> Path:
+        return Path(self.config.state_dir) / "data"
+
+    def _serving_base(self) -> tuple[str | None, str | None]:
+        """The data the serving version was trained on, less the shards an earlier run of ours added."""
+        serving = self.registry.production_version(self.config.model)
+        if serving is None:
+            return None, self.config.target
+        source = self.registry.metadata(self.config.model, serving)["data"]["source"]
+        if Path(source).resolve().parent == self._runs_data.resolve():
+            return str(Path(source) / BASE_SHARD), LABEL_COLUMN
+        return source, self.config.target
 
     def rollout(self, new: str, old: str | None) -> dict[str, Any]:
         """Canary -> observe -> all traffic, or roll back to ``old``."""

@@ -21,7 +21,11 @@ import yaml
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
-from conftest import wait_until_answering, digits_csv
+import numpy as np
+
+from conftest import digits_csv, register_version, wait_until_answering
+from kfloop.data import LabelledData, load_dataset, save_csv
+from kfloop.policies import Policy
 from kfloop.registry import ModelRegistry
 from kfloop.serving.runtime import AdminServer, ServingRuntime, free_port
 
@@ -83,6 +87,35 @@ def registry_with_weak_v1(tmp_path, kfloop_cli, small_policy):
                        "--policy", str(small_policy), "--json")
     assert first.code == 0, first.stderr
     return registry, small, digits_csv(tmp_path / "digits-full.csv")
+
+
+def test_retraining_data_is_the_base_plus_labelled_shards_in_one_schema_and_shards_are_not_added_twice(tmp_path):
+    from kfloop.serving.trigger import LocalRetrainer, TriggerConfig, TriggerService
+
+    registry = tmp_path / "registry"
+    register_version(registry, "digits", "builtin:digits", n_estimators=5, work=tmp_path / "v1")
+    base = load_dataset("builtin:digits")
+    shard_folder = registry / "digits" / "captures" / "20261201"
+    shard_folder.mkdir(parents=True)
+    shifted = LabelledData(base.features[:30] + 1.0, base.labels[:30], base.feature_names, "labeller",
+                           ids=np.array([f"cap:{i}" for i in range(30)]))
+    save_csv(shifted, str(shard_folder / "labelled-1.csv"))
+    (shard_folder / "unlabelled.csv").write_text("id\n")  # captures without labels are not training data
+    policy = Policy.model_validate({"model": "digits"})
+    service = TriggerService(TriggerConfig("digits", str(registry), policy, tmp_path / "state"),
+                             LocalRetrainer(policy, str(registry), tmp_path, model="digits"), None)
+
+    uri, target = service.training_data("run1")
+    data = load_dataset(uri, target=target)
+    assert (target, data.rows, data.feature_names) == ("label", base.rows + 30, base.feature_names)
+    np.testing.assert_allclose(data.features[: base.rows], base.features)
+    np.testing.assert_allclose(data.features[base.rows:], base.features[:30] + 1.0)
+    assert list(data.labels) == list(base.labels) + list(base.labels[:30])
+
+    # Once a version trained on that folder serves, the next run starts again from the base, not base + old shards.
+    register_version(registry, "digits", uri, n_estimators=5, work=tmp_path / "v2", target="label")
+    again_uri, again_target = service.training_data("run2")
+    assert load_dataset(again_uri, target=again_target).rows == base.rows + 30
 
 
 def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path, registry_with_weak_v1):
