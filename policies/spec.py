@@ -159,6 +159,31 @@ class Policy(_Spec):
     retraining: RetrainingPolicy = RetrainingPolicy()
     rollout: RolloutPolicy = RolloutPolicy()
 
+    def time_scaled(self, speed: float) -> "Policy":
+        """This policy with its windows, periods and cooldowns divided by ``speed`` (for demos).
+
+        Rates and thresholds stay as they are. Periods keep at least one second,
+        and a window at least three evaluations, so a windowed rate still has samples.
+        """
+        if speed <= 0:
+            raise PolicyError(f"speed must be > 0, got {speed}")
+        document = self.model_dump(mode="json")
+        scaling = document["scaling"]
+        scaling["evaluation_seconds"] = max(1, round(scaling["evaluation_seconds"] / speed))
+        scaling["cooldown_seconds"] = round(scaling["cooldown_seconds"] / speed)
+        for rule in scaling["rules"]:
+            seconds = max(3 * scaling["evaluation_seconds"], round(duration_seconds(rule["window"]) / speed))
+            rule["window"] = f"{seconds}s"
+        document["retraining"]["cooldown_seconds"] = round(document["retraining"]["cooldown_seconds"] / speed)
+        document["rollout"]["observe_seconds"] = round(document["rollout"]["observe_seconds"] / speed)
+        return Policy.model_validate(document)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the policy as YAML that :func:`load_policy` reads back."""
+        path = Path(path)
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        return path
+
 
 def load_policy(path: str | Path | None = None) -> Policy:
     """Parse and validate a policy file (the shipped default when ``path`` is None)."""

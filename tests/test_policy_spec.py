@@ -53,3 +53,15 @@ def test_rows_per_class_cover_the_holdout_and_every_fold():
     training = load_policy().training
     assert training.cv_folds == 5 and training.holdout_fraction == 0.2
     assert training.min_rows_per_class() == 7
+
+
+def test_a_time_scaled_policy_divides_windows_periods_and_cooldowns_but_not_rates(tmp_path):
+    scaled = load_policy().time_scaled(10)
+    assert (scaled.scaling.evaluation_seconds, scaled.scaling.cooldown_seconds) == (2, 30)
+    assert [(r.window, r.threshold) for r in scaled.scaling.rules] == [("30s", 2.0), ("6s", 0.9)]
+    assert (scaled.rollout.observe_seconds, scaled.retraining.cooldown_seconds) == (12, 360)
+    fast = load_policy().time_scaled(1000)
+    assert fast.scaling.evaluation_seconds == 1 and [r.window for r in fast.scaling.rules] == ["3s", "3s"]
+    assert load_policy(scaled.save(tmp_path / "scaled.yaml")) == scaled
+    with pytest.raises(PolicyError, match="speed must be > 0"):
+        load_policy().time_scaled(0)
