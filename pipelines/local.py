@@ -9,6 +9,7 @@ kfloop error message is raised here instead of KFP's generic one.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import tempfile
@@ -82,6 +83,18 @@ def _task_tmpdir(parent: Path) -> Iterator[None]:
                 os.environ["TMPDIR"] = previous
 
 
+@contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Give the root logger its handlers and level back: a run leaves a handler on a stream it closes."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def run_training_locally(
     policy: Policy,
     *,
@@ -105,7 +118,7 @@ def run_training_locally(
     )
     pipeline = build_training_pipeline(policy, registry_uri=str(registry_uri))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "runs"))
-    with open(log_path, "w") as log, _task_tmpdir(workdir), warnings.catch_warnings():
+    with open(log_path, "w") as log, _task_tmpdir(workdir), _root_logging_kept(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kfp.local warns about base_image and display names on every task
         tap = _LogTap(log, on_task)
         try:
