@@ -124,9 +124,7 @@ def register_step(
     run_id: str,
 ) -> str:
     """Store the winner as a new registry version (status ``candidate``); returns the version."""
-    import onnxruntime
-    import skl2onnx
-    import sklearn
+    from importlib.metadata import version as installed  # not the packages themselves: skl2onnx alone imports in ~1 s
 
     from kfloop.registry import ModelRegistry
 
@@ -156,9 +154,7 @@ def register_step(
             "pipeline_run_id": run_id,
             "software": {
                 "kfloop": __version__,
-                "scikit-learn": sklearn.__version__,
-                "skl2onnx": skl2onnx.__version__,
-                "onnxruntime": onnxruntime.__version__,
+                **{name: installed(name) for name in ("scikit-learn", "skl2onnx", "onnxruntime")},
                 "numpy": np.__version__,
                 "python": platform.python_version(),
             },
