@@ -40,8 +40,10 @@ class LocalStack:
     """Start and stop the loop's processes; everything they need comes in through the constructor."""
 
     def __init__(self, policy: Policy, policy_path: Path | None, home: Path, registry_uri: str, *,
-                 data_uri: str | None = None, target: str | None = None, ports: StackPorts = StackPorts()) -> None:
+                 data_uri: str | None = None, target: str | None = None, ports: StackPorts = StackPorts(),
+                 watch_alpha: float | None = None) -> None:
         self.policy, self.policy_path, self.home = policy, policy_path, Path(home)
+        self.watch_alpha = watch_alpha  # false-alarm rate per window of the watch (None: its default)
         self.registry_uri, self.data_uri, self.target, self.ports = registry_uri, data_uri, target, ports
         self.model = policy.model
         self.runtime: Any = None
@@ -82,7 +84,8 @@ class LocalStack:
         self.services = [
             ManagedProcess("watch", common + ["watch", "--registry", self.registry_uri, "--model", self.model,
                                               "--sink", urls["trigger"] + "/", "--http-port", str(self.ports.watch),
-                                              "--home", str(self.home), *policy_args],
+                                              "--home", str(self.home), *policy_args,
+                                              *(["--alpha", str(self.watch_alpha)] if self.watch_alpha is not None else [])],
                            urls["watch"] + "/healthz", logs / "watch.log"),
             ManagedProcess("trigger", common + ["trigger", "--registry", self.registry_uri, "--model", self.model,
                                                 "--admin-url", urls["admin"], "--http-port", str(self.ports.trigger),

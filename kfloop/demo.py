@@ -1,0 +1,559 @@
+"""The scripted demo: the automation table shown working end to end on one machine.
+
+:func:`run_demo` starts a :class:`~kfloop.stack.LocalStack` in a fresh folder,
+with the policy's windows, periods and cooldowns divided by ``speed``, and plays:
+
+1. ``train``: the training pipeline (parallel tuning, then the best candidate: table rows 1-2);
+2. ``clean`` -> ``load`` -> ``calm``: holdout rows at half the request-rate
+   threshold, then at four times it until the autoscaler scales out (row 4),
+   then low again until it has scaled back in;
+3. ``fault``: every predictor answers 503 until the failure-rate rule scales out (row 3);
+4. ``drift``: a labelled shard of shifted rows arrives and the traffic shifts
+   to the same shift: drift alarm -> retraining on base + shard -> promotion
+   gate -> canary -> all traffic (row 5).
+
+Every client request, every autoscaling decision and the services' state
+(sampled twice a second) are recorded in a :class:`DemoResult`, with the rule
+firings and the loop timings; :mod:`kfloop.report` draws it. Client requests
+that fail while 503s are being injected on purpose are counted apart from
+the others, which must all succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+
+from kfloop.data import LABEL_COLUMN, LabelledData, load_dataset, save_csv
+from kfloop.errors import KfloopError
+from kfloop.policies import Policy
+from kfloop.registry import CAPTURES, ModelRegistry
+from kfloop.stack import LocalStack, StackPorts
+
+PHASES = ("train", "clean", "load", "calm", "fault", "drift", "done")
+SAMPLE_SECONDS = 0.5
+DEMO_WATCH_ALPHA = 0.001  # false alarms per tested window: clean traffic must not start a retraining mid-scenario
+LABELLED_FRACTION = 0.5  # share of the training split that arrives shifted and labelled
+FINISHED_RUN = ("promoted", "rejected", "rolled_back", "failed")
+
+
+@dataclass(frozen=True)
+class AutomationRow:
+    """One row of the automation table, as the demo reports it."""
+
+    key: str
+    stage: str
+    event: str
+    action: str
+
+
+def automation_rows(policy: Policy) -> tuple[AutomationRow, ...]:
+    """The table's five rows, with the scaling events worded from the policy's own rules."""
+    rows = [
+        AutomationRow("tune", "training", "hyper-parameters", "tune many sets in parallel"),
+        AutomationRow("select", "training", "several candidate models", "select the best"),
+    ]
+    for rule in sorted(policy.scaling.rules, key=lambda r: r.signal):  # failure_rate before request_rate, as in the table
+        if rule.signal == "failure_rate":
+            event = f"failure rate of the predictor over {rule.threshold:.0%} ({rule.window} window)"
+        else:
+            event = f"request rate over {rule.threshold:g} req/s per replica ({rule.window} window)"
+        rows.append(AutomationRow(rule.name, "inference", event, "scale out"))
+    rows.append(AutomationRow("drift", "inference", "drift or outliers in new data", "retrain and update the model"))
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs on; ``policy`` is the unscaled policy."""
+
+    policy: Policy
+    home: Path
+    data_uri: str | None = None
+    target: str | None = None
+    speed: float = 10.0
+    ports: StackPorts = field(default_factory=StackPorts)
+
+
+@dataclass
+class RequestRecord:
+    time: float
+    latency: float
+    status: int
+    version: str | None
+    correct: bool | None
+    phase: str
+
+
+@dataclass
+class Firing:
+    """A rule that fired: when, what it did and what came of it."""
+
+    rule: str
+    time: float
+    action: str
+    outcome: str
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo observed; times are epoch seconds."""
+
+    model: str
+    speed: float
+    data: str
+    started: float
+    finished: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> start time
+    requests: list[RequestRecord] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[Firing] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    alarm: dict[str, Any] | None = None
+    rows: tuple[AutomationRow, ...] = ()
+    scaling_rules: list[dict[str, Any]] = field(default_factory=list)  # the (time-scaled) policy's rules
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    def phase_at(self, moment: float) -> str:
+        current = PHASES[0]
+        for phase, start in sorted(self.phases.items(), key=lambda item: item[1]):
+            if start <= moment:
+                current = phase
+        return current
+
+    @property
+    def failed_requests(self) -> list[RequestRecord]:
+        """Client requests that failed outside the injected fault."""
+        return [r for r in self.requests if r.status != 200 and r.phase != "fault"]
+
+    @property
+    def injected_failures(self) -> int:
+        return sum(1 for r in self.requests if r.status != 200 and r.phase == "fault")
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` document: rule firings, failed client requests and loop timings."""
+        return {
+            "model": self.model,
+            "data": self.data,
+            "speed": self.speed,
+            "duration_s": round(self.finished - self.started, 1),
+            "timeline": [{**asdict(f), "at_s": round(f.time - self.started, 1)} for f in self.timeline],
+            "requests": len(self.requests),
+            "failed_client_requests": len(self.failed_requests),
+            "injected_failures": self.injected_failures,
+            "loop_timings": self.timings,
+            "phases": {phase: round(start - self.started, 1) for phase, start in self.phases.items()},
+        }
+
+
+class Traffic:
+    """Open-loop V2 requests at a set rate from a pool of rows; every answer is recorded."""
+
+    def __init__(self, url: str, record: Callable[[RequestRecord], None], phase: Callable[[], str]) -> None:
+        self.url = url
+        self._record = record
+        self._phase = phase
+        self._client = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=32))
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kfloop-demo-traffic")
+        self._lock = threading.Lock()
+        self._rate = 0.0
+        self._rows = np.empty((0, 0))
+        self._labels = np.empty(0, dtype=str)
+        self._next_row = 0
+        self._stop = threading.Event()
+        self.first_sent: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="kfloop-demo-traffic", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def set(self, rate: float, rows: np.ndarray | None = None, labels: np.ndarray | None = None) -> None:
+        with self._lock:
+            self._rate = rate
+            if rows is not None:
+                self._rows, self._labels, self._next_row = rows, labels, 0
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            with self._lock:
+                rate, rows = self._rate, len(self._rows)
+            if rate <= 0 or rows == 0:
+                due = time.monotonic() + 0.1
+                self._stop.wait(0.1)
+                continue
+            due = max(due + 1.0 / rate, time.monotonic() - 1.0)  # catch up at most a second after a stall
+            self._stop.wait(max(0.0, due - time.monotonic()))
+            with self._lock:
+                index = self._next_row % len(self._rows)
+                self._next_row += 1
+                row, label = self._rows[index], str(self._labels[index])
+            self._pool.submit(self._send, row, label)
+
+    def _send(self, row: np.ndarray, label: str) -> None:
+        phase = self._phase()
+        self.first_sent.setdefault(phase, time.time())
+        body = {"inputs": [{"name": "features", "datatype": "FP64", "shape": [1, len(row)], "data": row.tolist()}]}
+        sent = time.time()
+        try:
+            answer = self._client.post(self.url, json=body)
+            status = answer.status_code
+        except httpx.HTTPError:
+            status, answer = 599, None
+        latency = time.time() - sent
+        version = correct = None
+        if status == 200 and answer is not None:
+            document = answer.json()
+            version = document.get("model_version")
+            outputs = {o["name"]: o["data"] for o in document.get("outputs", [])}
+            correct = bool(outputs.get("label") and outputs["label"][0] == label)
+        self._record(RequestRecord(sent, latency, status, version, correct, phase))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True)
+        self._client.close()
+
+
+def shift(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """A recalibrated sensor: every feature 30 % larger and offset by half its reference spread."""
+    return features * 1.3 + 0.5 * reference.std(axis=0)
+
+
+class Demo:
+    """One run of the scenario; :meth:`run` returns the :class:`DemoResult`."""
+
+    def __init__(self, settings: DemoSettings, *, on_update: Callable[["Demo"], None] | None = None) -> None:
+        self.settings = settings
+        self.policy = settings.policy.time_scaled(settings.speed)
+        self.home = Path(settings.home)
+        self.on_update = on_update
+        self.result = DemoResult(model=self.policy.model, speed=settings.speed,
+                                 data=settings.data_uri or "builtin:digits", started=time.time(),
+                                 rows=automation_rows(self.policy),
+                                 scaling_rules=[rule.model_dump() for rule in self.policy.scaling.rules])
+        self.phase = PHASES[0]
+        self.status_line = "starting"
+        self.tasks_done = 0
+        self.stack: LocalStack | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def seconds(self, at_speed_one: float, floor: float = 3.0) -> float:
+        return max(floor, at_speed_one / self.settings.speed)
+
+    def _enter(self, phase: str, line: str) -> None:
+        self.phase, self.status_line = phase, line
+        self.result.phases[phase] = time.time()
+
+    def _record(self, record: RequestRecord) -> None:
+        with self._lock:
+            self.result.requests.append(record)
+
+    def _fire(self, rule: str, moment: float, action: str, outcome: str) -> None:
+        self.result.timeline.append(Firing(rule, moment, action, outcome))
+        self.result.timeline.sort(key=lambda f: f.time)
+
+    def wait_for(self, condition: Callable[[], bool], seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                raise KfloopError(f"demo: {what} did not happen within {seconds:.0f} s (phase {self.phase}); "
+                                  f"logs in {self.home / 'logs'}")
+            time.sleep(0.25)
+
+    def hold(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    # --- the scenario ---------------------------------------------------------------------------
+
+    def run(self) -> DemoResult:
+        self.home.mkdir(parents=True, exist_ok=True)
+        policy_path = self.policy.save(self.home / "policy.yaml")
+        registry_uri = str(self.home / "registry")
+        self.stack = LocalStack(self.policy, policy_path, self.home, registry_uri, data_uri=self.settings.data_uri,
+                                target=self.settings.target, ports=self.settings.ports, watch_alpha=DEMO_WATCH_ALPHA)
+        self.train()
+        data = load_dataset(self.settings.data_uri, target=self.settings.target)
+        holdout_rows, holdout_labels, train_rows, train_labels = self.split(data)
+        self.status_line = "starting predictor, transformer, watch, trigger and autoscaler"
+        self.stack.start()
+        sampler = threading.Thread(target=self._sample, name="kfloop-demo-sampler", daemon=True)
+        traffic = Traffic(self.stack.runtime.endpoints["v2"], self._record, lambda: self.phase)
+        sampler.start()
+        traffic.start()
+        try:
+            self.scale_out_and_in(traffic, holdout_rows, holdout_labels)
+            self.fail_predictors(traffic)
+            self.drift(traffic, data, holdout_rows, holdout_labels, train_rows, train_labels)
+        finally:
+            traffic.stop()
+            self._stop.set()
+            sampler.join(timeout=5)
+            self._collect()
+            self.stack.stop()
+            self.result.finished = time.time()
+        self._enter("done", "finished")
+        self.result.timings = loop_timings(self.result)
+        return self.result
+
+    def train(self) -> None:
+        from kfloop.pipelines.local import run_training_locally
+
+        self._enter("train", "training: tuning candidates in parallel")
+        candidate_starts: list[float] = []
+        running = {"now": 0, "most": 0}
+        selected: dict[str, float] = {}
+
+        def on_task(name: str, state: str) -> None:
+            now = time.time()
+            if name.startswith("train-candidate"):
+                running["now"] += 1 if state == "started" else -1
+                running["most"] = max(running["most"], running["now"])
+                if state == "started":
+                    candidate_starts.append(now)
+            if name.startswith("select-best") and state == "succeeded":
+                selected["time"] = now
+            if state == "succeeded":
+                self.tasks_done += 1
+
+        decision = run_training_locally(self.policy, registry_uri=self.stack.registry_uri, workdir=self.home,
+                                        data_uri=self.settings.data_uri, target=self.settings.target,
+                                        model=self.policy.model, on_task=on_task)
+        if not decision.get("promoted"):
+            raise KfloopError(f"demo: the first training did not promote a version ({decision.get('reason')})")
+        metadata = ModelRegistry(self.stack.registry_uri).metadata(self.policy.model, decision["version"])
+        candidates = metadata["candidates"]
+        scores = [c["metrics"][metadata["selection_metric"]] for c in candidates]
+        self.result.training = {"version": decision["version"], "candidates": len(candidates),
+                                "most_at_once": running["most"], "params": metadata["params"],
+                                "cv_metrics": metadata["cv_metrics"], "holdout_metrics": metadata["metrics"],
+                                "finished": time.time()}
+        self._fire("tune", min(candidate_starts), "tune many sets in parallel",
+                   f"{len(candidates)} candidates, up to {running['most']} at once; CV "
+                   f"{metadata['selection_metric']} {min(scores):.3f}-{max(scores):.3f}")
+        self._fire("select", selected.get("time", time.time()), "select the best",
+                   f"best {metadata['params']} (CV {metadata['cv_metrics'][metadata['selection_metric']]:.3f}, "
+                   f"holdout accuracy {metadata['metrics']['accuracy']:.3f}); version {decision['version']} promoted")
+
+    def split(self, data: LabelledData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Holdout rows and labels, then training rows and labels: the pipeline's own split (same seed and fraction)."""
+        from sklearn.model_selection import train_test_split
+
+        training = self.policy.training
+        train_index, holdout_index = train_test_split(np.arange(data.rows), test_size=training.holdout_fraction,
+                                                      stratify=data.labels, random_state=training.seed)
+        return (data.features[holdout_index], data.labels[holdout_index],
+                data.features[train_index], data.labels[train_index])
+
+    def _threshold(self, signal: str) -> float:
+        return next(rule.threshold for rule in self.policy.scaling.rules if rule.signal == signal)
+
+    def _window(self, signal: str) -> float:
+        return next(rule.window_seconds for rule in self.policy.scaling.rules if rule.signal == signal)
+
+    def _decided(self, rule_signal: str, action: str, since: float) -> bool:
+        names = {rule.name for rule in self.policy.scaling.rules if rule.signal == rule_signal}
+        return any(d.time >= since and d.action == action and (action == "scale_in" or names & set(d.firing))
+                   for d in list(self.stack.autoscaler.decisions))
+
+    def scale_out_and_in(self, traffic: Traffic, rows: np.ndarray, labels: np.ndarray) -> None:
+        threshold = self._threshold("request_rate")
+        scaling = self.policy.scaling
+        self._enter("clean", f"clean holdout traffic at {threshold / 2:g} req/s")
+        traffic.set(threshold / 2, rows, labels)
+        self.hold(self.seconds(100))
+        self._enter("load", f"load at {4 * threshold:g} req/s: {4 * threshold / threshold:g}x the request-rate threshold")
+        start = time.time()
+        traffic.set(4 * threshold)
+        self.wait_for(lambda: self._decided("request_rate", "scale_out", start),
+                      self._window("request_rate") + 10 * scaling.evaluation_seconds + 60, "a request-rate scale-out")
+        self.hold(self.seconds(100))
+        self._enter("calm", f"load back to {threshold / 2:g} req/s: scale in after the {scaling.cooldown_seconds} s cooldown")
+        traffic.set(threshold / 2)
+        self.wait_for(lambda: self.stack.runtime.replica_count() == scaling.min_replicas,
+                      self._window("request_rate") + scaling.cooldown_seconds + 20 * scaling.evaluation_seconds + 60,
+                      f"scale-in to {scaling.min_replicas} replica(s)")
+
+    def fail_predictors(self, traffic: Traffic) -> None:
+        scaling = self.policy.scaling
+        self._enter("fault", "every predictor answers 503 (fault injection)")
+        start = time.time()
+        traffic.set(0.75 * self._threshold("request_rate"))
+        self.stack.runtime.inject_failures(1.0)
+        try:
+            self.wait_for(lambda: self._decided("failure_rate", "scale_out", start),
+                          self._window("failure_rate") + 10 * scaling.evaluation_seconds + 60, "a failure-rate scale-out")
+        finally:
+            self.stack.runtime.inject_failures(0.0)
+
+    def drift(self, traffic: Traffic, data: LabelledData, holdout_rows: np.ndarray, holdout_labels: np.ndarray,
+              train_rows: np.ndarray, train_labels: np.ndarray) -> None:
+        self._enter("drift", "a labelled shard of shifted rows arrives; traffic shifts")
+        rng = np.random.default_rng(self.policy.training.seed)
+        chosen = np.sort(rng.choice(len(train_rows), size=max(1, int(len(train_rows) * LABELLED_FRACTION)), replace=False))
+        self.write_labelled_shard(LabelledData(shift(train_rows[chosen], train_rows), train_labels[chosen],
+                                               data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
+        before = len(self._trigger_runs())
+        traffic.set(1.5 * self._threshold("request_rate"), shift(holdout_rows, train_rows), holdout_labels)
+        self.wait_for(lambda: any(r.get("outcome") in FINISHED_RUN for r in self._trigger_runs()[before:]),
+                      900, "a retraining run and its rollout")
+        self.hold(self.seconds(50))
+
+    def write_labelled_shard(self, data: LabelledData) -> Path:
+        """Labels for the shifted rows, as a capture shard with a label column (see :mod:`kfloop.serving.capture`)."""
+        folder = Path(ModelRegistry(self.stack.registry_uri).uri(self.policy.model)) / CAPTURES / "labelled"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"labelled-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.csv"
+        tmp = path.with_suffix(".tmp")
+        save_csv(data, str(tmp))
+        tmp.rename(path)
+        return path
+
+    # --- observation ----------------------------------------------------------------------------
+
+    def _trigger_runs(self) -> list[dict[str, Any]]:
+        try:
+            return httpx.get(self.stack.urls["trigger"] + "/status", timeout=5).json()["runs"]
+        except httpx.HTTPError:
+            return []
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            try:
+                watch = httpx.get(self.stack.urls["watch"] + "/status", timeout=2).json()
+            except httpx.HTTPError:
+                watch = {}
+            shares = self.stack.runtime.status()["traffic"]  # waits while the runtime starts replicas
+            now = time.time()
+            decisions = self.stack.autoscaler.decisions
+            last = decisions[-1] if decisions else None
+            window = watch.get("last_window") or {}
+            with self._lock:
+                recent = [r for r in self.result.requests if r.time >= now - 5.0]
+            self.result.samples.append({
+                "time": now,
+                "phase": self.phase,
+                "replicas": sum(len(s["replicas"]) for s in shares),
+                "traffic": {s["version"]: s["weight"] for s in shares},
+                "signals": dict(last.values) if last else {},
+                "min_p_value": window.get("min_p_value"),
+                "watched_version": watch.get("version"),
+                "alarm": bool(watch.get("last_alarm")),
+                "client_rate": len(recent) / 5.0,
+            })
+            if watch.get("last_alarm") and self.result.alarm is None:
+                self.result.alarm = watch["last_alarm"]
+            if self.on_update is not None:
+                self.on_update(self)
+
+    def _collect(self) -> None:
+        """Decisions, runs and the firings they make, after the scenario."""
+        result = self.result
+        result.decisions = [{**asdict(d), "action": d.action} for d in self.stack.autoscaler.decisions]
+        result.runs = self._trigger_runs()
+        for decision in result.decisions:
+            if decision["action"] == "scale_out":
+                for rule in decision["firing"]:
+                    self._fire(rule, decision["time"], "scale out",
+                               f"{decision['current']} -> {decision['desired']} replicas "
+                               f"({rule} = {decision['values'].get(rule, float('nan')):.3g})")
+            elif decision["action"] == "scale_in":
+                self._fire("cooldown", decision["time"], "scale in",
+                           f"{decision['current']} -> {decision['desired']} replicas ({decision['reason']})")
+        if result.alarm is not None:
+            raised = alarm_time(result.alarm)
+            run = next((r for r in result.runs if r.get("queued", 0) >= raised - 1), None)
+            outcome = "no retraining run" if run is None else _describe_run(run, self.policy)
+            self._fire("drift", raised, "retrain and update the model",
+                       f"{result.alarm['type']} ({result.alarm['drifted_features']} drifted features, "
+                       f"min p {result.alarm['min_p_value']:.1e}); {outcome}")
+
+    def live_state(self) -> dict[str, Any]:
+        """What the live display shows now."""
+        sample = self.result.samples[-1] if self.result.samples else {}
+        with self._lock:
+            requests = list(self.result.requests)
+        return {
+            "phase": self.phase,
+            "line": self.status_line,
+            "elapsed": time.time() - self.result.started,
+            "tasks_done": self.tasks_done,
+            "sample": sample,
+            "requests": len(requests),
+            "failed": sum(1 for r in requests if r.status != 200 and r.phase != "fault"),
+            "injected": sum(1 for r in requests if r.status != 200 and r.phase == "fault"),
+            "fired": {f.rule: f.time for f in reversed(self.result.timeline)},
+        }
+
+
+def _describe_run(run: dict[str, Any], policy: Policy) -> str:
+    outcome = run.get("outcome")
+    if outcome == "promoted":
+        return (f"version {run.get('version')} passed the gate, canary {policy.rollout.canary_percent:g} % for "
+                f"{policy.rollout.observe_seconds} s ({run.get('canary_failure_rate', 0):.0%} 5xx), then 100 %")
+    if outcome == "rejected":
+        return f"version {run.get('version')} rejected by the gate: {run.get('gate')}"
+    if outcome == "rolled_back":
+        return f"version {run.get('version')} rolled back (canary 5xx {run.get('canary_failure_rate', 0):.0%})"
+    return f"run {outcome}: {run.get('error', '')}"
+
+
+def alarm_time(alarm: dict[str, Any]) -> float:
+    """When the watch raised ``alarm``: the time of the last row of the window that tripped it."""
+    return datetime.fromisoformat(alarm["window"]["last_time"].replace("Z", "+00:00")).timestamp()
+
+
+def loop_timings(result: DemoResult) -> dict[str, float | None]:
+    """Seconds between the loop's steps (None where a step did not happen)."""
+
+    def gap(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else round(end - start, 2)
+
+    shifted = min((r.time for r in result.requests if r.phase == "drift"), default=None)
+    alarm = alarm_time(result.alarm) if result.alarm else None
+    run = next((r for r in result.runs if alarm is not None and r.get("queued", 0) >= alarm - 1), None) or {}
+    load = result.phases.get("load")
+    scale_out = min((d["time"] for d in result.decisions if d["action"] == "scale_out" and d["time"] >= (load or 0)
+                     and result.phase_at(d["time"]) == "load"), default=None)
+    ready = next((s["time"] for s in result.samples if s["phase"] == "load" and s["replicas"] > 1), None)
+    return {
+        "first_shifted_request_to_alarm_s": gap(shifted, alarm),
+        "alarm_to_pipeline_start_s": gap(alarm, run.get("started")),
+        "pipeline_s": gap(run.get("started"), run.get("trained")),
+        "promotion_to_full_traffic_s": gap(run.get("trained"), run.get("full_traffic")),
+        "first_shifted_request_to_full_traffic_s": gap(shifted, run.get("full_traffic")),
+        "scale_out_reaction_s": gap(load, scale_out),
+        "scale_out_to_replica_ready_s": gap(scale_out, ready),
+        "initial_training_s": gap(result.phases.get("train"), result.training.get("finished")),
+    }
+
+
+def new_demo_home(parent: Path) -> Path:
+    """A fresh folder per demo run, so no earlier run's registry or state is touched."""
+    return Path(parent) / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
+def save_result(result: DemoResult, path: Path) -> None:
+    """The whole record as JSON (the report is drawn from it)."""
+    path.write_text(json.dumps({**result.summary(), "samples": result.samples, "decisions": result.decisions,
+                                "requests": [asdict(r) for r in result.requests], "runs": result.runs,
+                                "training": result.training, "alarm": result.alarm}, default=str))
