@@ -19,9 +19,9 @@ install-test: $(VENV)/bin/pip system-deps
 system-deps:
 	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus >/dev/null; }
 
-# The main job: train on the built-in data set through the kfp.local pipeline.
+# The main job: the demo of the whole loop on the built-in data set (report in ./report).
 run: install
-	$(VENV)/bin/kfloop train
+	$(VENV)/bin/kfloop demo
 
 test: install-test
 	$(VENV)/bin/pytest
