@@ -9,6 +9,8 @@ inherits the built-in exception callers already catch (``ValueError``,
 
 from __future__ import annotations
 
+MODEL_VERSION_HEADER = "x-kfloop-model-version"  # the version a predictor serves, on a VersionMismatch answer
+
 
 class KfloopError(Exception):
     """Root of all kfloop errors; ``status`` is the HTTP status it maps to."""
@@ -21,6 +23,11 @@ class KfloopError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the ``{"error": ...}`` body."""
+        return {}
 
 
 class DataError(KfloopError, ValueError):
@@ -58,6 +65,24 @@ class UpstreamError(KfloopError, ConnectionError):
     """A server this one depends on (a predictor replica, a sink) failed or disagreed."""
 
     status = 502
+
+
+class VersionMismatch(KfloopError):
+    """A predictor got features scaled for other model versions than the one it serves.
+
+    The answer names the served version (:data:`MODEL_VERSION_HEADER`), so that
+    the caller can scale the rows for it and ask again.
+    """
+
+    status = 409
+
+    def __init__(self, message: str, *, served_version: str) -> None:
+        super().__init__(message)
+        self.served_version = served_version
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {MODEL_VERSION_HEADER: self.served_version}
 
 
 class InjectedFailure(KfloopError):

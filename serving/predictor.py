@@ -6,6 +6,12 @@ answers V1 ``{"instances": [[...scaled...]]}`` with ``{"predictions": [label, ..
 and V2 / gRPC ``features`` FP32 ``[n, f]`` with the outputs ``label`` (BYTES),
 ``class_index`` (INT64) and ``probabilities`` (FP32 ``[n, classes]``); a V2
 request may ask for a subset of them.
+
+A V2 request may instead carry one tensor per model version,
+``features@<version>``, each scaled with that version's preprocessor (what the
+transformer sends, since replicas behind one address may serve different
+versions during a rollout): the predictor uses its own version's tensor, and
+refuses a request without one (HTTP 409 naming its version).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from fastapi import Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from kfloop.bundle import ModelBundle
-from kfloop.errors import InjectedFailure, InputError
+from kfloop.errors import InjectedFailure, InputError, VersionMismatch
 from kfloop.serving.protocol import (
     DEFAULT_MAX_BATCH,
     FEATURES_INPUT,
@@ -27,6 +33,7 @@ from kfloop.serving.protocol import (
     LABEL_OUTPUT,
     PROBA_OUTPUT,
     InputSchema,
+    versioned_input,
 )
 
 
@@ -79,12 +86,25 @@ class ForestPredictor(Model):
         if self.failure_rate and random.random() < self.failure_rate:
             raise InjectedFailure("injected failure: fault injection is on for this predictor")
         if isinstance(payload, InferRequest):
-            indices, proba = self.bundle.predict_scaled(self.schema.rows_from_v2(payload.inputs).astype(np.float32))
+            indices, proba = self.bundle.predict_scaled(self._scaled_rows(payload).astype(np.float32))
             return self._v2_response(payload, indices, proba)
         if isinstance(payload, bytes):
             raise InputError("request body is not JSON: send Content-Type: application/json")
         indices, _ = self.bundle.predict_scaled(self.schema.rows_from_v1(payload).astype(np.float32))
         return {"predictions": self.bundle.preprocessor.decode(indices).tolist()}
+
+    def _scaled_rows(self, request: InferRequest) -> np.ndarray:
+        """The request's rows for this version: its ``features@<version>`` tensor when the
+        request is version-tagged, else the one features tensor (or one tensor per feature)."""
+        tagged = {i.name: i for i in request.inputs if i.name.startswith(versioned_input(""))}
+        if not tagged:
+            return self.schema.rows_from_v2(request.inputs)
+        mine = tagged.get(versioned_input(self.version))
+        if mine is None:
+            versions = sorted(name.removeprefix(versioned_input("")) for name in tagged)
+            raise VersionMismatch(f"this predictor serves version {self.version}; the request has features "
+                                  f"scaled for version(s) {versions}", served_version=self.version)
+        return self.schema.rows_from_v2([mine])
 
     def _v2_response(self, request: InferRequest, indices: np.ndarray, proba: np.ndarray) -> InferResponse:
         wanted = {o.name for o in request.request_outputs} if request.request_outputs else None

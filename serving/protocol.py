@@ -184,3 +184,8 @@ def _to_array(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarr
         return array.reshape(shape)
     except ValueError:
         raise InputError(f"input {name!r}: shape {shape} does not match its {array.size} values") from None
+
+
+def versioned_input(version: str) -> str:
+    """The name of the input tensor that holds features scaled for model ``version``."""
+    return f"{FEATURES_INPUT}@{version}"

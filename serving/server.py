@@ -46,7 +46,7 @@ from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
 
 DEFAULT_HOST = "127.0.0.1"
 GRPC_MAX_MESSAGE = 8 * 1024 * 1024
-_GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND}
+_GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED}
 
 
 class _VersionedDataPlane(DataPlane):
@@ -74,7 +74,7 @@ class _KfloopErrorToStatus(AsyncExceptionToStatusInterceptor):
 
 
 async def _kfloop_error(_: Request, exc: KfloopError) -> ORJSONResponse:
-    return ORJSONResponse(status_code=exc.status, content={"error": str(exc)})
+    return ORJSONResponse(status_code=exc.status, content={"error": str(exc)}, headers=exc.headers)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:

@@ -11,8 +11,17 @@ one model version (its preprocessor) and the predictor replicas serving it,
 called round-robin over kept-alive connections. The local runtime swaps the
 split through ``PUT /kfloop/routes`` to add or drain replicas, switch versions
 and run canaries; in a cluster the split is the single route given on the
-command line. A predictor answering with another model version than its
-route's is refused (HTTP 502), so a transformer never mixes versions.
+command line, one Service whose pods change version in a rolling update.
+
+So that rows are never scaled for one version and scored by another, every
+call carries one tensor per version the route is known to serve
+(``features@<version>``) and the predictor picks its own. A predictor of a
+version the route does not know yet refuses with HTTP 409 naming it; the
+transformer loads that version's preprocessor from the registry, adds it to
+the route and asks again. A version no replica has answered for
+``VERSION_IDLE_SECONDS`` is dropped again (the newest answering version
+becomes the route's own). An answer from a version the call did not carry
+is refused (HTTP 502).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import asyncio
 import itertools
 import random
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,7 +41,7 @@ import orjson
 from fastapi import FastAPI, Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
-from kfloop.errors import InputError, UpstreamError
+from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UpstreamError
 from kfloop.preprocessing import Preprocessor
 from kfloop.serving.events import REQUEST_EVENT, RESPONSE_EVENT, PayloadLogger
 from kfloop.serving.metrics import UPSTREAM_REQUESTS
@@ -42,26 +52,53 @@ from kfloop.serving.protocol import (
     LABEL_OUTPUT,
     PROBA_OUTPUT,
     InputSchema,
+    versioned_input,
 )
 
 ADMIN_ROUTES_PATH = "/kfloop/routes"
+VERSION_RETRIES = 3  # new versions a call may learn from predictors' 409 answers
+VERSION_IDLE_SECONDS = 120.0
 PreprocessorLoader = Callable[[str], Preprocessor]
 
 
 @dataclass
 class Route:
-    """One model version and the predictor replicas (``host:port``) that serve it."""
+    """One model version and the predictor replicas (``host:port``) that serve it.
+
+    ``also`` holds the other versions its replicas were found to serve (a
+    Service mid-rollout), with their preprocessors and when each last answered.
+    """
 
     version: str
     preprocessor: Preprocessor
     upstreams: list[str]
     weight: float = 100.0
+    also: dict[str, Preprocessor] = field(default_factory=dict)
+    _answered: dict[str, float] = field(default_factory=dict, repr=False)
     _cycle: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.upstreams:
             raise InputError(f"route for version {self.version} has no predictor replicas")
         self._cycle = itertools.cycle(self.upstreams)
+        self._answered.setdefault(self.version, time.monotonic())
+
+    def preprocessors(self) -> dict[str, Preprocessor]:
+        """Every version this route's replicas serve, with its preprocessor."""
+        return {self.version: self.preprocessor, **self.also}
+
+    def answered(self, version: str, now: float) -> None:
+        """Note an answer by ``version``; forget versions idle for ``VERSION_IDLE_SECONDS``."""
+        self._answered[version] = now
+        if not self.also:
+            return
+        idle = [v for v in self.preprocessors() if now - self._answered.setdefault(v, now) > VERSION_IDLE_SECONDS]
+        for stale in idle:
+            if stale == self.version:
+                self.version, self.preprocessor = version, self.also.pop(version)
+            else:
+                self.also.pop(stale, None)
+            self._answered.pop(stale, None)
 
     def next_upstream(self, avoid: set[str] = frozenset()) -> str:
         """The next replica round-robin, skipping those in ``avoid`` while others remain."""
@@ -99,10 +136,12 @@ class _Call:
     protocol: str  # "v1" or "v2"
     request_id: str
     route: Route
-    scaled: np.ndarray
+    rows: np.ndarray
+    scaled: dict[str, np.ndarray]  # version -> rows scaled with its preprocessor
     traceparent: str
     requested: set[str] | None = None
     from_grpc: bool = False
+    version: str | None = None  # the version that answered
     indices: np.ndarray | None = None
     proba: np.ndarray | None = None
 
@@ -227,7 +266,8 @@ class ForestTransformer(Model):
             protocol=protocol,
             request_id=event_id,
             route=route,
-            scaled=route.preprocessor.transform(rows),
+            rows=rows,
+            scaled={version: preprocessor.transform(rows) for version, preprocessor in route.preprocessors().items()},
             traceparent=child_traceparent(headers.get("traceparent")),
             requested=requested,
             from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
@@ -237,37 +277,55 @@ class ForestTransformer(Model):
         return call
 
     async def predict(self, call: _Call, headers: dict[str, str] | None = None) -> _Call:
-        body = orjson.dumps(
-            {
-                "id": call.request_id,
-                "inputs": [{"name": FEATURES_INPUT, "shape": list(call.scaled.shape), "datatype": "FP32", "data": call.scaled.ravel()}],
-                "outputs": [{"name": INDEX_OUTPUT}, {"name": PROBA_OUTPUT}],
-            },
-            option=orjson.OPT_SERIALIZE_NUMPY,
-        )
         route = call.route
-        attempts = len(route.upstreams)
         tried: set[str] = set()
-        for attempt in range(attempts):
+        learned = 0
+        while True:
             upstream = route.next_upstream(avoid=tried)
-            tried.add(upstream)
             try:
-                status, content = await self._post(upstream, body, call.traceparent)
+                status, content, served = await self._post(upstream, self._body(call), call.traceparent)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 # Refused, reset or dropped (a replica died or was stopped): inference has no side
                 # effects, so another replica may answer it.
                 UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
-                if attempt + 1 < attempts:
+                tried.add(upstream)
+                if len(tried) < len(route.upstreams):
                     continue
                 raise UpstreamError(f"predictor {upstream} failed: {type(exc).__name__}") from None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
                 raise UpstreamError(f"predictor {upstream} failed: {type(exc).__name__}") from None
             UPSTREAM_REQUESTS.labels(self.name, upstream, "ok" if status < 500 else "error").inc()
+            if status == 409 and served and served not in call.scaled and learned < VERSION_RETRIES:
+                learned += 1
+                await self._learn_version(call, served)
+                continue
             return self._read_answer(call, upstream, status, content)
-        raise UpstreamError(f"no predictor replica of version {route.version} answered")
 
-    async def _post(self, upstream: str, body: bytes, traceparent: str) -> tuple[int, bytes]:
+    @staticmethod
+    def _body(call: _Call) -> bytes:
+        inputs = [{"name": versioned_input(version), "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel()}
+                  for version, rows in call.scaled.items()]
+        return orjson.dumps(
+            {"id": call.request_id, "inputs": inputs, "outputs": [{"name": INDEX_OUTPUT}, {"name": PROBA_OUTPUT}]},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+
+    async def _learn_version(self, call: _Call, version: str) -> None:
+        """A replica of the route serves ``version``: add its preprocessor to the route and to this call."""
+        route = call.route
+        preprocessor = route.preprocessors().get(version)
+        if preprocessor is None:
+            try:
+                preprocessor = await asyncio.get_running_loop().run_in_executor(None, self.load_preprocessor, version)
+            except KfloopError as exc:
+                raise UpstreamError(f"a predictor serves version {version}, which this transformer cannot load: {exc}") from None
+            if preprocessor.feature_names != self._schema.feature_names:
+                raise UpstreamError(f"a predictor serves version {version}, which expects other features than the served model")
+            route.also[version] = preprocessor
+        call.scaled[version] = preprocessor.transform(call.rows)
+
+    async def _post(self, upstream: str, body: bytes, traceparent: str) -> tuple[int, bytes, str | None]:
         # aiohttp: about 1 ms less per call than httpx's AsyncClient on this hop (measured on loopback).
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -281,7 +339,7 @@ class ForestTransformer(Model):
                 data=body,
                 headers={"content-type": "application/json", "traceparent": traceparent},
             ) as answer:
-                return answer.status, await answer.read()
+                return answer.status, await answer.read(), answer.headers.get(MODEL_VERSION_HEADER)
         finally:
             self.in_flight[upstream] -= 1
 
@@ -292,11 +350,14 @@ class ForestTransformer(Model):
             raise UpstreamError(f"predictor {upstream} answered HTTP {status} with a non-JSON body") from None
         if status >= 400:
             raise UpstreamError(f"predictor {upstream} answered HTTP {status}: {document.get('error', '')}")
-        if str(document.get("model_version")) != call.route.version:
+        version = str(document.get("model_version"))
+        if version not in call.scaled:
             raise UpstreamError(
-                f"predictor {upstream} serves version {document.get('model_version')}, "
-                f"this transformer expects version {call.route.version}"
+                f"predictor {upstream} serves version {version}, "
+                f"this transformer sent features for version(s) {sorted(call.scaled)}"
             )
+        call.version = version
+        call.route.answered(version, time.monotonic())
         outputs = {o["name"]: o for o in document["outputs"]}
         call.indices = np.asarray(outputs[INDEX_OUTPUT]["data"], dtype=np.int64)
         probabilities = outputs[PROBA_OUTPUT]
@@ -304,7 +365,7 @@ class ForestTransformer(Model):
         return call
 
     def postprocess(self, call: _Call, headers: dict[str, str] | None = None) -> Any:
-        labels = call.route.preprocessor.decode(call.indices).tolist()
+        labels = call.route.preprocessors()[call.version].decode(call.indices).tolist()
         if call.protocol == "v1":
             response: Any = {"predictions": labels}
         else:
@@ -316,7 +377,7 @@ class ForestTransformer(Model):
             response = InferResponse(
                 response_id=call.request_id,
                 model_name=self.name,
-                model_version=call.route.version,
+                model_version=call.version,
                 infer_outputs=outputs,
                 from_grpc=call.from_grpc,
             )

@@ -159,8 +159,10 @@ class KServeDeployer(Deployer):
     canary percentage is set -- in Knative (Serverless) deployment mode. In
     Standard (raw) mode, which KEDA autoscaling needs, KServe has no canary:
     the patch becomes a rolling update and the observation window judges the
-    whole new version. The failure rate comes from Prometheus (the
-    predictor's ``kfloop_requests_total{version=...}``).
+    whole new version. The transformer needs no patch: it learns the new
+    version from the predictor pods (see :mod:`kfloop.serving.transformer`).
+    The failure rate comes from Prometheus (the predictor's
+    ``kfloop_requests_total{version=...}``).
     """
 
     def __init__(self, namespace: str, name: str, registry_uri: str, model: str, prometheus_url: str, *, context: str | None = None) -> None:

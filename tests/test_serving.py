@@ -261,8 +261,9 @@ def test_a_crashed_replica_is_restarted_and_requests_keep_succeeding(stack):
     assert (replica["restarts"], replica["alive"]) == (1, True)
 
 
-def test_transformer_refuses_a_predictor_of_another_version(stack, tmp_path):
+def test_a_transformer_pinned_to_one_version_learns_the_version_its_predictor_serves(stack, tmp_path):
     registry = stack["registry"]
+    rows = stack["holdout"].holdout_features[:3]
     predictor_port, transformer_port = free_port(), free_port()
     base = [sys.executable, "-m", "kfloop"]
     processes = [
@@ -276,13 +277,18 @@ def test_transformer_refuses_a_predictor_of_another_version(stack, tmp_path):
         while time.time() < deadline:
             try:
                 if all(httpx.get(url).status_code == 200 for url in ready):
-                    answer = httpx.post(f"http://127.0.0.1:{transformer_port}/v1/models/leaf:predict", json={"instances": stack["holdout"].holdout_features[:1].tolist()})
+                    answer = httpx.post(f"http://127.0.0.1:{transformer_port}/v2/models/leaf/infer", json=tensor(rows))
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        assert answer is not None and answer.status_code == 502
-        assert answer.json()["error"] == f"predictor 127.0.0.1:{predictor_port} serves version 2, this transformer expects version 1"
+        # The predictor refused features scaled for version 1 (409 naming version 2); the transformer
+        # loaded version 2's preprocessor and asked again.
+        assert answer is not None and answer.status_code == 200, answer
+        document = answer.json()
+        offline, _ = registry.load("leaf", "2").predict(rows)
+        assert document["model_version"] == "2"
+        assert next(o["data"] for o in document["outputs"] if o["name"] == "label") == offline.tolist()
         # Its payload sink is down: the request event could not be delivered, and that is only counted.
         time.sleep(1.0)
         metrics = httpx.get(f"http://127.0.0.1:{transformer_port}/metrics").text
@@ -324,3 +330,49 @@ def test_kfloop_serve_stops_every_process_it_started_on_sigterm(stack, tmp_path)
     assert serve.returncode == 0
     alive = [pid for pid in set(pids) if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
     assert alive == []
+
+
+def test_a_transformer_before_replicas_of_two_versions_scales_each_row_for_the_version_that_answers(tmp_path, serving_data):
+    """One address, pods of the old and the new version behind it: a cluster Service in a rolling update."""
+    from conftest import wait_until_answering
+    from kfloop.data import LabelledData, load_dataset, save_csv
+
+    registry = tmp_path / "registry"
+    register_version(registry, "leaf", serving_data, n_estimators=20, work=tmp_path / "v1")
+    data = load_dataset(serving_data)
+    rescaled = tmp_path / "rescaled.csv"  # another scaler: rows scaled for one version are wrong for the other
+    save_csv(LabelledData(data.features * 2.0 + 1.0, data.labels, data.feature_names, "rescaled"), str(rescaled), id_prefix="r")
+    register_version(registry, "leaf", str(rescaled), n_estimators=20, work=tmp_path / "v2", promote=False, target="label")
+    store = ModelRegistry(registry)
+    ports = [free_port() for _ in range(3)]
+    common = [sys.executable, "-m", "kfloop"]
+    argv = [common + ["predictor", "--registry", str(registry), "--model", "leaf", "--version", version,
+                      "--http-port", str(port), "--no-grpc"] for version, port in (("1", ports[0]), ("2", ports[1]))]
+    argv.append(common + ["transformer", "--registry", str(registry), "--model", "leaf", "--no-grpc", "--no-admin",
+                          "--predictor-host", f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", "--http-port", str(ports[2])])
+    processes = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a in argv]
+    try:
+        for port in ports:
+            wait_until_answering(f"http://127.0.0.1:{port}/v2/models/leaf/ready", f"server on {port}", 90)
+        rows = data.features[:40]
+        offline = {version: store.load("leaf", version).predict(rows)[0] for version in ("1", "2")}
+        assert np.mean(offline["1"] != offline["2"]) > 0.5  # the two versions disagree on these rows
+        answered = {"1": 0, "2": 0}
+        for index, row in enumerate(rows):
+            answer = httpx.post(f"http://127.0.0.1:{ports[2]}/v2/models/leaf/infer", json=tensor(row[None]))
+            assert answer.status_code == 200, answer.text
+            document = answer.json()
+            label = next(o["data"][0] for o in document["outputs"] if o["name"] == "label")
+            assert label == offline[document["model_version"]][index]
+            answered[document["model_version"]] += 1
+        assert min(answered.values()) > 0, answered
+
+        refused = httpx.post(f"http://127.0.0.1:{ports[1]}/v2/models/leaf/infer", json={"inputs": [
+            {"name": "features@1", "shape": [1, rows.shape[1]], "datatype": "FP32", "data": rows[0].tolist()}]})
+        assert refused.status_code == 409 and refused.headers["x-kfloop-model-version"] == "2"
+        assert refused.json() == {"error": "this predictor serves version 2; the request has features scaled for version(s) ['1']"}
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
