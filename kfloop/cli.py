@@ -573,7 +573,7 @@ def demo(
     from kfloop.stack import StackPorts
 
     folder = new_demo_home(home)
-    ports = StackPorts(*(free_port() for _ in range(5)))
+    ports = StackPorts(http=free_port(), grpc=free_port(), admin=free_port(), watch=free_port(), trigger=free_port())
     settings = DemoSettings(load_policy(policy), folder, data_uri=_absolute_if_local(data), target=target, speed=speed, ports=ports)
     scenario = Demo(settings)
     with Live(console=err, refresh_per_second=2, get_renderable=lambda: live_view(scenario), transient=False):

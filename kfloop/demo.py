@@ -21,7 +21,9 @@ the others, which must all succeed.
 
 from __future__ import annotations
 
+import bisect
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +35,7 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
-from kfloop.data import LABEL_COLUMN, LabelledData, load_dataset, save_csv
+from kfloop.data import LabelledData, load_dataset, save_csv
 from kfloop.errors import KfloopError
 from kfloop.policies import Policy
 from kfloop.registry import CAPTURES, ModelRegistry
@@ -44,6 +46,12 @@ SAMPLE_SECONDS = 0.5
 DEMO_WATCH_ALPHA = 0.001  # false alarms per tested window: clean traffic must not start a retraining mid-scenario
 LABELLED_FRACTION = 0.5  # share of the training split that arrives shifted and labelled
 FINISHED_RUN = ("promoted", "rejected", "rolled_back", "failed")
+# Client request rates of the phases, as multiples of the request-rate rule's threshold (per replica).
+# The fault phase runs at the clean rate so that only the failure-rate rule has a reason to scale out.
+CLEAN_RATE, LOAD_RATE, FAULT_RATE, DRIFT_RATE = 0.5, 4.0, 0.5, 1.5
+SETTLED_SHARE = 0.75  # before the fault: the windowed request rate below this share of what min replicas take
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,17 @@ class DemoResult:
     scaling_rules: list[dict[str, Any]] = field(default_factory=list)  # the (time-scaled) policy's rules
     timings: dict[str, float | None] = field(default_factory=dict)
 
+    def first_firings(self) -> dict[str, Firing]:
+        """The first firing of each rule."""
+        first: dict[str, Firing] = {}
+        for firing in self.timeline:
+            first.setdefault(firing.rule, firing)
+        return first
+
+    def run_after(self, moment: float) -> dict[str, Any] | None:
+        """The first retraining run queued at or after ``moment`` (one second's slack for clock reads)."""
+        return next((r for r in self.runs if r.get("queued", 0) >= moment - 1), None)
+
     def phase_at(self, moment: float) -> str:
         current = PHASES[0]
         for phase, start in sorted(self.phases.items(), key=lambda item: item[1]):
@@ -172,21 +191,19 @@ class Traffic:
         self._labels = np.empty(0, dtype=str)
         self._next_row = 0
         self._stop = threading.Event()
-        self.first_sent: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="kfloop-demo-traffic", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def set(self, rate: float, rows: np.ndarray | None = None, labels: np.ndarray | None = None) -> None:
+        """Send ``rate`` requests/s; with ``rows`` and their ``labels``, from that pool from now on."""
+        if (rows is None) != (labels is None):
+            raise ValueError("give rows and labels together")
         with self._lock:
             self._rate = rate
             if rows is not None:
                 self._rows, self._labels, self._next_row = rows, labels, 0
-
-    @property
-    def rate(self) -> float:
-        return self._rate
 
     def _run(self) -> None:
         due = time.monotonic()
@@ -207,7 +224,6 @@ class Traffic:
 
     def _send(self, row: np.ndarray, label: str) -> None:
         phase = self._phase()
-        self.first_sent.setdefault(phase, time.time())
         body = {"inputs": [{"name": "features", "datatype": "FP64", "shape": [1, len(row)], "data": row.tolist()}]}
         sent = time.time()
         try:
@@ -239,11 +255,13 @@ def shift(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
 class Demo:
     """One run of the scenario; :meth:`run` returns the :class:`DemoResult`."""
 
-    def __init__(self, settings: DemoSettings, *, on_update: Callable[["Demo"], None] | None = None) -> None:
+    def __init__(self, settings: DemoSettings) -> None:
+        signals = {rule.signal for rule in settings.policy.scaling.rules}
+        if signals != {"request_rate", "failure_rate"}:
+            raise KfloopError(f"the demo needs one request_rate and one failure_rate scaling rule; the policy has {sorted(signals)}")
         self.settings = settings
         self.policy = settings.policy.time_scaled(settings.speed)
         self.home = Path(settings.home)
-        self.on_update = on_update
         self.result = DemoResult(model=self.policy.model, speed=settings.speed,
                                  data=settings.data_uri or "builtin:digits", started=time.time(),
                                  rows=automation_rows(self.policy),
@@ -257,8 +275,9 @@ class Demo:
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def seconds(self, at_speed_one: float, floor: float = 3.0) -> float:
-        return max(floor, at_speed_one / self.settings.speed)
+    def seconds(self, at_speed_one: float) -> float:
+        """A phase's length: ``at_speed_one`` divided by the speed, at least three seconds."""
+        return max(3.0, at_speed_one / self.settings.speed)
 
     def _enter(self, phase: str, line: str) -> None:
         self.phase, self.status_line = phase, line
@@ -269,8 +288,8 @@ class Demo:
             self.result.requests.append(record)
 
     def _fire(self, rule: str, moment: float, action: str, outcome: str) -> None:
-        self.result.timeline.append(Firing(rule, moment, action, outcome))
-        self.result.timeline.sort(key=lambda f: f.time)
+        with self._lock:
+            bisect.insort(self.result.timeline, Firing(rule, moment, action, outcome), key=lambda f: f.time)
 
     def wait_for(self, condition: Callable[[], bool], seconds: float, what: str) -> None:
         deadline = time.monotonic() + seconds
@@ -279,9 +298,6 @@ class Demo:
                 raise KfloopError(f"demo: {what} did not happen within {seconds:.0f} s (phase {self.phase}); "
                                   f"logs in {self.home / 'logs'}")
             time.sleep(0.25)
-
-    def hold(self, seconds: float) -> None:
-        time.sleep(seconds)
 
     # --- the scenario ---------------------------------------------------------------------------
 
@@ -297,20 +313,24 @@ class Demo:
         self.status_line = "starting predictor, transformer, watch, trigger and autoscaler"
         self.stack.start()
         sampler = threading.Thread(target=self._sample, name="kfloop-demo-sampler", daemon=True)
-        traffic = Traffic(self.stack.runtime.endpoints["v2"], self._record, lambda: self.phase)
-        sampler.start()
-        traffic.start()
+        traffic = None
         try:
+            sampler.start()
+            traffic = Traffic(self.stack.runtime.endpoints["v2"], self._record, lambda: self.phase)
+            traffic.start()
             self.scale_out_and_in(traffic, holdout_rows, holdout_labels)
             self.fail_predictors(traffic)
             self.drift(traffic, data, holdout_rows, holdout_labels, train_rows, train_labels)
         finally:
-            traffic.stop()
-            self._stop.set()
-            sampler.join(timeout=5)
-            self._collect()
-            self.stack.stop()
-            self.result.finished = time.time()
+            try:
+                if traffic is not None:
+                    traffic.stop()
+                self._stop.set()
+                sampler.join(timeout=10)
+                self._collect()
+            finally:
+                self.stack.stop()
+                self.result.finished = time.time()
         self._enter("done", "finished")
         self.result.timings = loop_timings(self.result)
         return self.result
@@ -347,7 +367,7 @@ class Demo:
                                 "most_at_once": running["most"], "params": metadata["params"],
                                 "cv_metrics": metadata["cv_metrics"], "holdout_metrics": metadata["metrics"],
                                 "finished": time.time()}
-        self._fire("tune", min(candidate_starts), "tune many sets in parallel",
+        self._fire("tune", min(candidate_starts, default=self.result.phases["train"]), "tune many sets in parallel",
                    f"{len(candidates)} candidates, up to {running['most']} at once; CV "
                    f"{metadata['selection_metric']} {min(scores):.3f}-{max(scores):.3f}")
         self._fire("select", selected.get("time", time.time()), "select the best",
@@ -370,37 +390,50 @@ class Demo:
     def _window(self, signal: str) -> float:
         return next(rule.window_seconds for rule in self.policy.scaling.rules if rule.signal == signal)
 
-    def _decided(self, rule_signal: str, action: str, since: float) -> bool:
-        names = {rule.name for rule in self.policy.scaling.rules if rule.signal == rule_signal}
-        return any(d.time >= since and d.action == action and (action == "scale_in" or names & set(d.firing))
+    def _signal(self, signal: str) -> float | None:
+        """The last evaluated value of the rule of ``signal``."""
+        decisions = self.stack.autoscaler.decisions
+        name = next(rule.name for rule in self.policy.scaling.rules if rule.signal == signal)
+        return decisions[-1].values.get(name) if decisions else None
+
+    def _scaled_out_by(self, signal: str, since: float) -> bool:
+        """Whether the rule of ``signal`` has driven a scale-out since ``since``."""
+        names = {rule.name for rule in self.policy.scaling.rules if rule.signal == signal}
+        return any(d.time >= since and d.action == "scale_out" and names & set(d.firing)
                    for d in list(self.stack.autoscaler.decisions))
 
     def scale_out_and_in(self, traffic: Traffic, rows: np.ndarray, labels: np.ndarray) -> None:
         threshold = self._threshold("request_rate")
         scaling = self.policy.scaling
-        self._enter("clean", f"clean holdout traffic at {threshold / 2:g} req/s")
-        traffic.set(threshold / 2, rows, labels)
-        self.hold(self.seconds(100))
-        self._enter("load", f"load at {4 * threshold:g} req/s: {4 * threshold / threshold:g}x the request-rate threshold")
+        self._enter("clean", f"clean holdout traffic at {CLEAN_RATE * threshold:g} req/s")
+        traffic.set(CLEAN_RATE * threshold, rows, labels)
+        time.sleep(self.seconds(100))
+        self._enter("load", f"load at {LOAD_RATE * threshold:g} req/s: {LOAD_RATE:g}x the request-rate threshold")
         start = time.time()
-        traffic.set(4 * threshold)
-        self.wait_for(lambda: self._decided("request_rate", "scale_out", start),
+        traffic.set(LOAD_RATE * threshold)
+        self.wait_for(lambda: self._scaled_out_by("request_rate", start),
                       self._window("request_rate") + 10 * scaling.evaluation_seconds + 60, "a request-rate scale-out")
-        self.hold(self.seconds(100))
-        self._enter("calm", f"load back to {threshold / 2:g} req/s: scale in after the {scaling.cooldown_seconds} s cooldown")
-        traffic.set(threshold / 2)
+        time.sleep(self.seconds(100))
+        self._enter("calm", f"load back to {CLEAN_RATE * threshold:g} req/s: scale in after the {scaling.cooldown_seconds} s cooldown")
+        traffic.set(CLEAN_RATE * threshold)
         self.wait_for(lambda: self.stack.runtime.replica_count() == scaling.min_replicas,
                       self._window("request_rate") + scaling.cooldown_seconds + 20 * scaling.evaluation_seconds + 60,
                       f"scale-in to {scaling.min_replicas} replica(s)")
+        # Replicas stopped a moment ago still count in the windowed rate (as series that ended do in
+        # PromQL's rate()): let it settle, so the fault phase's scale-out has one cause.
+        settled = SETTLED_SHARE * threshold * scaling.min_replicas
+        self.wait_for(lambda: (self._signal("request_rate") or 0.0) < settled,
+                      self._window("request_rate") + 10 * scaling.evaluation_seconds + 30,
+                      f"the windowed request rate to fall below {settled:g} req/s")
 
     def fail_predictors(self, traffic: Traffic) -> None:
         scaling = self.policy.scaling
         self._enter("fault", "every predictor answers 503 (fault injection)")
         start = time.time()
-        traffic.set(0.75 * self._threshold("request_rate"))
+        traffic.set(FAULT_RATE * self._threshold("request_rate"))
         self.stack.runtime.inject_failures(1.0)
         try:
-            self.wait_for(lambda: self._decided("failure_rate", "scale_out", start),
+            self.wait_for(lambda: self._scaled_out_by("failure_rate", start),
                           self._window("failure_rate") + 10 * scaling.evaluation_seconds + 60, "a failure-rate scale-out")
         finally:
             self.stack.runtime.inject_failures(0.0)
@@ -412,11 +445,11 @@ class Demo:
         chosen = np.sort(rng.choice(len(train_rows), size=max(1, int(len(train_rows) * LABELLED_FRACTION)), replace=False))
         self.write_labelled_shard(LabelledData(shift(train_rows[chosen], train_rows), train_labels[chosen],
                                                data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
-        before = len(self._trigger_runs())
-        traffic.set(1.5 * self._threshold("request_rate"), shift(holdout_rows, train_rows), holdout_labels)
-        self.wait_for(lambda: any(r.get("outcome") in FINISHED_RUN for r in self._trigger_runs()[before:]),
-                      900, "a retraining run and its rollout")
-        self.hold(self.seconds(50))
+        start = time.time()
+        traffic.set(DRIFT_RATE * self._threshold("request_rate"), shift(holdout_rows, train_rows), holdout_labels)
+        self.wait_for(lambda: any(r.get("outcome") in FINISHED_RUN and r.get("queued", 0) >= start
+                                  for r in self._trigger_runs()), 900, "a retraining run and its rollout")
+        time.sleep(self.seconds(50))
 
     def write_labelled_shard(self, data: LabelledData) -> Path:
         """Labels for the shifted rows, as a capture shard with a label column (see :mod:`kfloop.serving.capture`)."""
@@ -439,31 +472,35 @@ class Demo:
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
             try:
-                watch = httpx.get(self.stack.urls["watch"] + "/status", timeout=2).json()
-            except httpx.HTTPError:
-                watch = {}
-            shares = self.stack.runtime.status()["traffic"]  # waits while the runtime starts replicas
-            now = time.time()
-            decisions = self.stack.autoscaler.decisions
-            last = decisions[-1] if decisions else None
-            window = watch.get("last_window") or {}
-            with self._lock:
-                recent = [r for r in self.result.requests if r.time >= now - 5.0]
-            self.result.samples.append({
-                "time": now,
-                "phase": self.phase,
-                "replicas": sum(len(s["replicas"]) for s in shares),
-                "traffic": {s["version"]: s["weight"] for s in shares},
-                "signals": dict(last.values) if last else {},
-                "min_p_value": window.get("min_p_value"),
-                "watched_version": watch.get("version"),
-                "alarm": bool(watch.get("last_alarm")),
-                "client_rate": len(recent) / 5.0,
-            })
-            if watch.get("last_alarm") and self.result.alarm is None:
-                self.result.alarm = watch["last_alarm"]
-            if self.on_update is not None:
-                self.on_update(self)
+                self._take_sample()
+            except Exception:  # one bad sample (a service restarting) must not end the recording
+                log.exception("demo: sampling the stack failed; next try in %.1f s", SAMPLE_SECONDS)
+
+    def _take_sample(self) -> None:
+        try:
+            watch = httpx.get(self.stack.urls["watch"] + "/status", timeout=2).json()
+        except httpx.HTTPError:
+            watch = {}
+        shares = self.stack.runtime.status()["traffic"]  # waits while the runtime starts replicas
+        now = time.time()
+        decisions = self.stack.autoscaler.decisions
+        last = decisions[-1] if decisions else None
+        window = watch.get("last_window") or {}
+        with self._lock:
+            recent = [r for r in self.result.requests if r.time >= now - 5.0]
+        self.result.samples.append({
+            "time": now,
+            "phase": self.phase,
+            "replicas": sum(len(s["replicas"]) for s in shares),
+            "traffic": {s["version"]: s["weight"] for s in shares},
+            "signals": dict(last.values) if last else {},
+            "min_p_value": window.get("min_p_value"),
+            "watched_version": watch.get("version"),
+            "alarm": bool(watch.get("last_alarm")),
+            "client_rate": len(recent) / 5.0,
+        })
+        if watch.get("last_alarm") and self.result.alarm is None:
+            self.result.alarm = watch["last_alarm"]
 
     def _collect(self) -> None:
         """Decisions, runs and the firings they make, after the scenario."""
@@ -481,7 +518,7 @@ class Demo:
                            f"{decision['current']} -> {decision['desired']} replicas ({decision['reason']})")
         if result.alarm is not None:
             raised = alarm_time(result.alarm)
-            run = next((r for r in result.runs if r.get("queued", 0) >= raised - 1), None)
+            run = result.run_after(raised)
             outcome = "no retraining run" if run is None else _describe_run(run, self.policy)
             self._fire("drift", raised, "retrain and update the model",
                        f"{result.alarm['type']} ({result.alarm['drifted_features']} drifted features, "
@@ -491,17 +528,19 @@ class Demo:
         """What the live display shows now."""
         sample = self.result.samples[-1] if self.result.samples else {}
         with self._lock:
-            requests = list(self.result.requests)
+            requests = len(self.result.requests)
+            failed, injected = len(self.result.failed_requests), self.result.injected_failures
+            fired = {rule: firing.time for rule, firing in self.result.first_firings().items()}
         return {
             "phase": self.phase,
             "line": self.status_line,
             "elapsed": time.time() - self.result.started,
             "tasks_done": self.tasks_done,
             "sample": sample,
-            "requests": len(requests),
-            "failed": sum(1 for r in requests if r.status != 200 and r.phase != "fault"),
-            "injected": sum(1 for r in requests if r.status != 200 and r.phase == "fault"),
-            "fired": {f.rule: f.time for f in reversed(self.result.timeline)},
+            "requests": requests,
+            "failed": failed,
+            "injected": injected,
+            "fired": fired,
         }
 
 
@@ -530,11 +569,12 @@ def loop_timings(result: DemoResult) -> dict[str, float | None]:
 
     shifted = min((r.time for r in result.requests if r.phase == "drift"), default=None)
     alarm = alarm_time(result.alarm) if result.alarm else None
-    run = next((r for r in result.runs if alarm is not None and r.get("queued", 0) >= alarm - 1), None) or {}
+    run = (result.run_after(alarm) if alarm is not None else None) or {}
     load = result.phases.get("load")
-    scale_out = min((d["time"] for d in result.decisions if d["action"] == "scale_out" and d["time"] >= (load or 0)
-                     and result.phase_at(d["time"]) == "load"), default=None)
-    ready = next((s["time"] for s in result.samples if s["phase"] == "load" and s["replicas"] > 1), None)
+    first_out = next((d for d in result.decisions if d["action"] == "scale_out" and result.phase_at(d["time"]) == "load"), None)
+    scale_out = first_out["time"] if first_out else None
+    ready = next((s["time"] for s in result.samples
+                  if first_out and s["time"] >= first_out["time"] and s["replicas"] >= first_out["desired"]), None)
     return {
         "first_shifted_request_to_alarm_s": gap(shifted, alarm),
         "alarm_to_pipeline_start_s": gap(alarm, run.get("started")),
@@ -553,7 +593,7 @@ def new_demo_home(parent: Path) -> Path:
 
 
 def save_result(result: DemoResult, path: Path) -> None:
-    """The whole record as JSON (the report is drawn from it)."""
+    """The whole record as JSON, for a look after the run (what the report and ``--json`` summarise)."""
     path.write_text(json.dumps({**result.summary(), "samples": result.samples, "decisions": result.decisions,
                                 "requests": [asdict(r) for r in result.requests], "runs": result.runs,
                                 "training": result.training, "alarm": result.alarm}, default=str))

@@ -38,9 +38,7 @@ def live_view(demo: Demo) -> Group:
 def automation_table(result: DemoResult, fired: dict[str, float] | None = None) -> Table:
     """The five rows of the automation table and when each first fired."""
     if fired is None:
-        fired = {}
-        for firing in reversed(result.timeline):
-            fired[firing.rule] = firing.time
+        fired = {rule: firing.time for rule, firing in result.first_firings().items()}
     table = Table(title="automation table", title_justify="left")
     for column in ("stage", "event", "action", "fired at"):
         table.add_column(column)

@@ -17,7 +17,7 @@ import numpy as np
 
 from kfloop.demo import DemoResult, alarm_time
 
-CHARTS = {
+TITLES = {
     "requests.png": "Request rate and predictor replicas",
     "failures.png": "Predictor failure rate",
     "drift.png": "Drift test: smallest p-value per window",
@@ -37,14 +37,7 @@ def write_report(result: DemoResult, folder: Path) -> Path:
     matplotlib.use("Agg")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    draw = {
-        "requests.png": _requests_chart,
-        "failures.png": _failures_chart,
-        "drift.png": _drift_chart,
-        "model.png": _model_chart,
-        "latency.png": _latency_chart,
-    }
-    for name, chart in draw.items():
+    for name, chart in CHARTS.items():
         chart(result, folder / name)
     page = folder / "index.html"
     page.write_text(_page(result))
@@ -95,7 +88,7 @@ def _signal_series(result: DemoResult, signal: str) -> tuple[np.ndarray, np.ndar
 
 
 def _requests_chart(result: DemoResult, path: Path) -> None:
-    figure, axes = _figure(result, CHARTS["requests.png"])
+    figure, axes = _figure(result, TITLES["requests.png"])
     edges = _buckets(result)
     sent = np.array([r.time - result.started for r in result.requests])
     counts, _ = np.histogram(sent, bins=edges)
@@ -115,7 +108,7 @@ def _requests_chart(result: DemoResult, path: Path) -> None:
 
 
 def _failures_chart(result: DemoResult, path: Path) -> None:
-    figure, axes = _figure(result, CHARTS["failures.png"])
+    figure, axes = _figure(result, TITLES["failures.png"])
     if result.decisions:
         times, values, threshold = _signal_series(result, "failure_rate")
         axes.plot(times, values, label="predictor 5xx share (autoscaler's signal)", color="tab:red")
@@ -135,7 +128,7 @@ def _failures_chart(result: DemoResult, path: Path) -> None:
 
 
 def _drift_chart(result: DemoResult, path: Path) -> None:
-    figure, axes = _figure(result, CHARTS["drift.png"])
+    figure, axes = _figure(result, TITLES["drift.png"])
     times, values = _sample_series(result, "min_p_value")
     axes.semilogy(times, np.clip(values, P_VALUE_FLOOR, 1.0), color="tab:purple",
                   label=f"smallest per-feature p-value (floor {P_VALUE_FLOOR:.0e})")
@@ -149,7 +142,7 @@ def _drift_chart(result: DemoResult, path: Path) -> None:
 
 
 def _model_chart(result: DemoResult, path: Path) -> None:
-    figure, axes = _figure(result, CHARTS["model.png"])
+    figure, axes = _figure(result, TITLES["model.png"])
     answered = [r for r in result.requests if r.status == 200 and r.version is not None]
     times = np.array([r.time - result.started for r in answered])
     versions = np.array([int(r.version) for r in answered]) if answered else np.array([])
@@ -172,7 +165,7 @@ def _model_chart(result: DemoResult, path: Path) -> None:
 
 
 def _latency_chart(result: DemoResult, path: Path) -> None:
-    figure, axes = _figure(result, CHARTS["latency.png"])
+    figure, axes = _figure(result, TITLES["latency.png"])
     edges = _buckets(result, 5.0)
     answered = [r for r in result.requests if r.status == 200]
     times = np.array([r.time - result.started for r in answered])
@@ -196,14 +189,21 @@ def _legend(*axes: Any) -> None:
     axes[0].legend(handles, labels, loc="upper left", fontsize=8, framealpha=0.85)
 
 
+CHARTS = {
+    "requests.png": _requests_chart,
+    "failures.png": _failures_chart,
+    "drift.png": _drift_chart,
+    "model.png": _model_chart,
+    "latency.png": _latency_chart,
+}
+
+
 # --- page -----------------------------------------------------------------------------------------
 
 
 def _page(result: DemoResult) -> str:
     summary = result.summary()
-    first = {}
-    for firing in result.timeline:
-        first.setdefault(firing.rule, firing)
+    first = result.first_firings()
     table_rows = []
     for row in result.rows:
         firing = first.get(row.key)
@@ -215,7 +215,7 @@ def _page(result: DemoResult) -> str:
                        f"<td>{_e(f.outcome)}</td></tr>" for f in result.timeline)
     timings = "".join(f"<tr><td>{_e(name)}</td><td>{'-' if value is None else f'{value:.1f} s'}</td></tr>"
                       for name, value in result.timings.items())
-    charts = "".join(f'<h2>{_e(title)}</h2><img src="{name}" alt="{_e(title)}">' for name, title in CHARTS.items())
+    charts = "".join(f'<h2>{_e(title)}</h2><img src="{name}" alt="{_e(title)}">' for name, title in TITLES.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kfloop demo: {_e(result.model)}</title>
 <style>body{{font-family:sans-serif;max-width:1060px;margin:2em auto;color:#222}}
