@@ -67,7 +67,7 @@ class UpstreamError(KfloopError, ConnectionError):
     status = 502
 
 
-class VersionMismatch(KfloopError):
+class VersionMismatch(KfloopError, LookupError):
     """A predictor got features scaled for other model versions than the one it serves.
 
     The answer names the served version (:data:`MODEL_VERSION_HEADER`), so that

@@ -19,9 +19,9 @@ call carries one tensor per version the route is known to serve
 version the route does not know yet refuses with HTTP 409 naming it; the
 transformer loads that version's preprocessor from the registry, adds it to
 the route and asks again. A version no replica has answered for
-``VERSION_IDLE_SECONDS`` is dropped again (the newest answering version
-becomes the route's own). An answer from a version the call did not carry
-is refused (HTTP 502).
+``VERSION_IDLE_SECONDS`` is dropped again (when that is the route's own
+version, the version whose answer noticed it takes its place). An answer
+from a version the call did not carry is refused (HTTP 502).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import random
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class Route:
     also: dict[str, Preprocessor] = field(default_factory=dict)
     _answered: dict[str, float] = field(default_factory=dict, repr=False)
     _cycle: Any = field(default=None, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)  # version, preprocessor and also change together
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -84,21 +86,29 @@ class Route:
         self._answered.setdefault(self.version, time.monotonic())
 
     def preprocessors(self) -> dict[str, Preprocessor]:
-        """Every version this route's replicas serve, with its preprocessor."""
-        return {self.version: self.preprocessor, **self.also}
+        """Every version this route's replicas serve, with its preprocessor (a snapshot)."""
+        with self._lock:
+            return {self.version: self.preprocessor, **self.also}
+
+    def add(self, version: str, preprocessor: Preprocessor) -> None:
+        """A replica serves ``version`` too."""
+        with self._lock:
+            if version != self.version:
+                self.also.setdefault(version, preprocessor)
 
     def answered(self, version: str, now: float) -> None:
         """Note an answer by ``version``; forget versions idle for ``VERSION_IDLE_SECONDS``."""
-        self._answered[version] = now
-        if not self.also:
-            return
-        idle = [v for v in self.preprocessors() if now - self._answered.setdefault(v, now) > VERSION_IDLE_SECONDS]
-        for stale in idle:
-            if stale == self.version:
-                self.version, self.preprocessor = version, self.also.pop(version)
-            else:
-                self.also.pop(stale, None)
-            self._answered.pop(stale, None)
+        with self._lock:
+            self._answered[version] = now
+            known = {self.version, *self.also}
+            if len(known) == 1 or version not in known:
+                return
+            for stale in [v for v in known if now - self._answered.setdefault(v, now) > VERSION_IDLE_SECONDS]:
+                if stale == self.version:  # the route's own version is gone: the answering one takes its place
+                    self.version, self.preprocessor = version, self.also.pop(version)
+                else:
+                    self.also.pop(stale, None)
+                self._answered.pop(stale, None)
 
     def next_upstream(self, avoid: set[str] = frozenset()) -> str:
         """The next replica round-robin, skipping those in ``avoid`` while others remain."""
@@ -109,7 +119,8 @@ class Route:
         return next(self._cycle)
 
     def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "upstreams": list(self.upstreams), "weight": self.weight}
+        with self._lock:
+            return {"version": self.version, "also": sorted(self.also), "upstreams": list(self.upstreams), "weight": self.weight}
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,7 @@ class _Call:
     request_id: str
     route: Route
     rows: np.ndarray
+    preprocessors: dict[str, Preprocessor]  # the route's versions when the call began, plus any it learned
     scaled: dict[str, np.ndarray]  # version -> rows scaled with its preprocessor
     traceparent: str
     requested: set[str] | None = None
@@ -178,6 +190,7 @@ class ForestTransformer(Model):
         self.payload_logger = payload_logger
         self.timeout = timeout
         self.in_flight: dict[str, int] = {}
+        self._loading: dict[str, asyncio.Future] = {}  # versions whose preprocessor is being loaded
         self._session: aiohttp.ClientSession | None = None
         self._schema = InputSchema(split.routes[0].preprocessor.feature_names, max_batch)
 
@@ -206,7 +219,7 @@ class ForestTransformer(Model):
         """Replace the traffic split; new versions' preprocessors are loaded before the swap."""
         if not specs:
             raise InputError("routes must not be empty")
-        known = {r.version: r.preprocessor for r in self.split.routes}
+        known = {version: preprocessor for r in self.split.routes for version, preprocessor in r.preprocessors().items()}
         routes = []
         for spec in specs:
             try:
@@ -262,12 +275,14 @@ class ForestTransformer(Model):
         else:
             raise InputError("request body is not JSON: send Content-Type: application/json")
         event_id = headers.get("ce-id") or request_id
+        preprocessors = route.preprocessors()
         call = _Call(
             protocol=protocol,
             request_id=event_id,
             route=route,
             rows=rows,
-            scaled={version: preprocessor.transform(rows) for version, preprocessor in route.preprocessors().items()},
+            preprocessors=preprocessors,
+            scaled={version: preprocessor.transform(rows) for version, preprocessor in preprocessors.items()},
             traceparent=child_traceparent(headers.get("traceparent")),
             requested=requested,
             from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
@@ -313,17 +328,25 @@ class ForestTransformer(Model):
 
     async def _learn_version(self, call: _Call, version: str) -> None:
         """A replica of the route serves ``version``: add its preprocessor to the route and to this call."""
-        route = call.route
-        preprocessor = route.preprocessors().get(version)
-        if preprocessor is None:
-            try:
-                preprocessor = await asyncio.get_running_loop().run_in_executor(None, self.load_preprocessor, version)
-            except KfloopError as exc:
-                raise UpstreamError(f"a predictor serves version {version}, which this transformer cannot load: {exc}") from None
-            if preprocessor.feature_names != self._schema.feature_names:
-                raise UpstreamError(f"a predictor serves version {version}, which expects other features than the served model")
-            route.also[version] = preprocessor
+        preprocessor = call.route.preprocessors().get(version) or await self._load_once(version)
+        call.route.add(version, preprocessor)
+        call.preprocessors[version] = preprocessor
         call.scaled[version] = preprocessor.transform(call.rows)
+
+    async def _load_once(self, version: str) -> Preprocessor:
+        """``version``'s preprocessor from the registry; concurrent callers share one load."""
+        loading = self._loading.get(version)
+        if loading is None:
+            loading = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, self.load_preprocessor, version))
+            self._loading[version] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(version, None))
+        try:
+            preprocessor = await asyncio.shield(loading)
+        except KfloopError as exc:
+            raise UpstreamError(f"a predictor serves version {version}, which this transformer cannot load: {exc}") from None
+        if preprocessor.feature_names != self._schema.feature_names:
+            raise UpstreamError(f"a predictor serves version {version}, which expects other features than the served model")
+        return preprocessor
 
     async def _post(self, upstream: str, body: bytes, traceparent: str) -> tuple[int, bytes, str | None]:
         # aiohttp: about 1 ms less per call than httpx's AsyncClient on this hop (measured on loopback).
@@ -365,7 +388,7 @@ class ForestTransformer(Model):
         return call
 
     def postprocess(self, call: _Call, headers: dict[str, str] | None = None) -> Any:
-        labels = call.route.preprocessors()[call.version].decode(call.indices).tolist()
+        labels = call.preprocessors[call.version].decode(call.indices).tolist()
         if call.protocol == "v1":
             response: Any = {"predictions": labels}
         else:
