@@ -349,16 +349,13 @@ class TriggerService:
             policy.include_captures and self.registry.is_local) else []
         if not shards or base is None:
             return base, target
-        folder = self._runs_data / run_id
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(self.config.state_dir) / "data" / run_id
+        shutil.rmtree(folder, ignore_errors=True)  # a run restarted after a crash starts from a clean folder
+        folder.mkdir(parents=True)
         save_csv(load_dataset(base, target=target), str(folder / BASE_SHARD), id_prefix="base-")
         for index, shard in enumerate(shards, start=1):
             shutil.copyfile(shard, folder / f"{index:03d}-{shard.name}")
         return str(folder), LABEL_COLUMN
-
-    @property
-    def _runs_data(self) -> Path:
-        return Path(self.config.state_dir) / "data"
 
     def _serving_base(self) -> tuple[str | None, str | None]:
         """The data the serving version was trained on, less the shards an earlier run of ours added."""
@@ -366,7 +363,7 @@ class TriggerService:
         if serving is None:
             return None, self.config.target
         source = self.registry.metadata(self.config.model, serving)["data"]["source"]
-        if Path(source).resolve().parent == self._runs_data.resolve():
+        if (Path(source) / BASE_SHARD).is_file():  # a folder a retraining run assembled (here or elsewhere)
             return str(Path(source) / BASE_SHARD), LABEL_COLUMN
         return source, self.config.target
 
