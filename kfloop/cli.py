@@ -566,7 +566,7 @@ def demo(
     from rich.live import Live
 
     from kfloop.demo import Demo, DemoSettings, new_demo_home, save_result
-    from kfloop.demo_view import automation_table, live_view, timings_table
+    from kfloop.demo_view import live_view, timings_table
     from kfloop.policies import load_policy
     from kfloop.report import write_report
     from kfloop.serving.runtime import free_port
@@ -580,8 +580,7 @@ def demo(
         result = scenario.run()
     save_result(result, folder / "demo.json")
     page = write_report(result, report)
-    err.print(automation_table(result))
-    err.print(timings_table(result))
+    err.print(timings_table(result))  # the live display's last frame stays: it holds the automation table
     err.print(f"{len(result.requests)} client requests, {len(result.failed_requests)} failed "
               f"({result.injected_failures} answered 503 while failures were injected); report: {page}")
     if json_output:

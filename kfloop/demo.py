@@ -507,15 +507,8 @@ class Demo:
         result = self.result
         result.decisions = [{**asdict(d), "action": d.action} for d in self.stack.autoscaler.decisions]
         result.runs = self._trigger_runs()
-        for decision in result.decisions:
-            if decision["action"] == "scale_out":
-                for rule in decision["firing"]:
-                    self._fire(rule, decision["time"], "scale out",
-                               f"{decision['current']} -> {decision['desired']} replicas "
-                               f"({rule} = {decision['values'].get(rule, float('nan')):.3g})")
-            elif decision["action"] == "scale_in":
-                self._fire("cooldown", decision["time"], "scale in",
-                           f"{decision['current']} -> {decision['desired']} replicas ({decision['reason']})")
+        for firing in scaling_firings(result.decisions):
+            self._fire(firing.rule, firing.time, firing.action, firing.outcome)
         if result.alarm is not None:
             raised = alarm_time(result.alarm)
             run = result.run_after(raised)
@@ -531,6 +524,11 @@ class Demo:
             requests = len(self.result.requests)
             failed, injected = len(self.result.failed_requests), self.result.injected_failures
             fired = {rule: firing.time for rule, firing in self.result.first_firings().items()}
+        if self.stack is not None and self.stack.autoscaler is not None:  # scaling rules fire before _collect
+            for firing in scaling_firings([{**asdict(d), "action": d.action} for d in list(self.stack.autoscaler.decisions)]):
+                fired.setdefault(firing.rule, firing.time)
+        if self.result.alarm is not None:
+            fired.setdefault("drift", alarm_time(self.result.alarm))
         return {
             "phase": self.phase,
             "line": self.status_line,
@@ -542,6 +540,20 @@ class Demo:
             "injected": injected,
             "fired": fired,
         }
+
+
+def scaling_firings(decisions: list[dict[str, Any]]) -> list[Firing]:
+    """The autoscaler's decisions as firings: each rule that drove a scale-out, and each scale-in."""
+    firings = []
+    for decision in decisions:
+        change = f"{decision['current']} -> {decision['desired']} replicas"
+        if decision["action"] == "scale_out":
+            firings += [Firing(rule, decision["time"], "scale out",
+                               f"{change} ({rule} = {decision['values'].get(rule, float('nan')):.3g})")
+                        for rule in decision["firing"]]
+        elif decision["action"] == "scale_in":
+            firings.append(Firing("cooldown", decision["time"], "scale in", f"{change} ({decision['reason']})"))
+    return firings
 
 
 def _describe_run(run: dict[str, Any], policy: Policy) -> str:

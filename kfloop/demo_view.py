@@ -35,10 +35,8 @@ def live_view(demo: Demo) -> Group:
     return Group(status, automation_table(demo.result, state["fired"]))
 
 
-def automation_table(result: DemoResult, fired: dict[str, float] | None = None) -> Table:
-    """The five rows of the automation table and when each first fired."""
-    if fired is None:
-        fired = {rule: firing.time for rule, firing in result.first_firings().items()}
+def automation_table(result: DemoResult, fired: dict[str, float]) -> Table:
+    """The five rows of the automation table and when each first fired (``fired``: rule -> time)."""
     table = Table(title="automation table", title_justify="left")
     for column in ("stage", "event", "action", "fired at"):
         table.add_column(column)
