@@ -419,8 +419,7 @@ class Demo:
         self.wait_for(lambda: self.stack.runtime.replica_count() == scaling.min_replicas,
                       self._window("request_rate") + scaling.cooldown_seconds + 20 * scaling.evaluation_seconds + 60,
                       f"scale-in to {scaling.min_replicas} replica(s)")
-        # Replicas stopped a moment ago still count in the windowed rate (as series that ended do in
-        # PromQL's rate()): let it settle, so the fault phase's scale-out has one cause.
+        # The windowed rate lags the traffic: let it settle, so the fault phase's scale-out has one cause.
         settled = SETTLED_SHARE * threshold * scaling.min_replicas
         self.wait_for(lambda: (self._signal("request_rate") or 0.0) < settled,
                       self._window("request_rate") + 10 * scaling.evaluation_seconds + 30,

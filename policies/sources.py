@@ -55,8 +55,9 @@ class PrometheusSource(MetricSource):
 class LocalMetricsSource(MetricSource):
     """Scrapes the predictor replicas' ``/metrics`` each read and computes windowed rates.
 
-    Like PromQL's ``rate()``: per replica, (last - first) / (time span) of the
-    samples inside the window, counter resets handled; then summed.
+    Per replica PromQL's ``rate()`` (:func:`extrapolated_rate`) over the samples
+    inside the window, then summed: a replica stopped a moment ago counts
+    only for the part of the window it served, as in ``sum(rate(...))``.
     """
 
     def __init__(self, model: str, urls: Callable[[], list[str]], *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -90,14 +91,9 @@ class LocalMetricsSource(MetricSource):
         for series in self._samples.values():
             while series and series[0][0] < now - 3600:
                 series.popleft()
-            inside = [s for s in series if s[0] >= now - window]
-            if len(inside) < 2 or inside[-1][0] - now < -window:
-                continue
-            increase = 0.0
-            for before, after in zip(inside, inside[1:]):
-                step = after[index] - before[index]
-                increase += step if step >= 0 else after[index]  # a reset: the new process counted from 0
-            rates.append(increase / (inside[-1][0] - inside[0][0]))
+            inside = [(t, values[index - 1]) for t, *values in series if t >= now - window]
+            if len(inside) >= 2:
+                rates.append(extrapolated_rate(inside, now - window, now))
         return sum(rates) if rates else None
 
     def read(self, rules: list[ScalingRule]) -> dict[str, float | None]:
@@ -111,3 +107,29 @@ class LocalMetricsSource(MetricSource):
                 failed = self._rate(rule.window_seconds, 2)
                 values[rule.name] = failed / total if total and failed is not None else None
         return values
+
+
+def extrapolated_rate(samples: list[tuple[float, float]], start: float, end: float) -> float:
+    """Per-second increase of a counter over ``[start, end]``, computed as PromQL's ``rate()`` does.
+
+    ``samples`` are ``(time, value)``, at least two, inside the range. The
+    increase between the first and last sample (counter resets handled) is
+    extrapolated to the range's edges when the samples reach within 1.1
+    sample intervals of them, else by half an interval (and never to before
+    the counter was zero), then divided by the whole range.
+    """
+    increase = 0.0
+    for (_, before), (_, after) in zip(samples, samples[1:]):
+        increase += after - before if after >= before else after  # a reset: the new process counted from 0
+    first_time, first_value = samples[0]
+    sampled = samples[-1][0] - first_time
+    if sampled <= 0:
+        return 0.0
+    interval = sampled / (len(samples) - 1)
+    to_start, to_end = first_time - start, end - samples[-1][0]
+    if increase > 0 and first_value >= 0:
+        to_start = min(to_start, sampled * first_value / increase)
+    covered = sampled
+    covered += to_start if to_start < 1.1 * interval else interval / 2
+    covered += to_end if to_end < 1.1 * interval else interval / 2
+    return increase * covered / sampled / (end - start)

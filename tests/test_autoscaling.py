@@ -16,7 +16,7 @@ from conftest import wait_until_answering, register_version
 from kfloop.policies import ScalingPolicy, ScalingRule
 from kfloop.policies.autoscaler import Autoscaler
 from kfloop.policies.engine import ScalingEngine
-from kfloop.policies.sources import LocalMetricsSource, PrometheusSource
+from kfloop.policies.sources import LocalMetricsSource, PrometheusSource, extrapolated_rate
 from kfloop.serving.runtime import ServingRuntime, free_port
 from kfloop.training import Prepared
 
@@ -54,6 +54,20 @@ def test_scaling_in_waits_for_the_cooldown_and_missing_signals_block_it():
     assert rules.decide(4, {"request-rate": 1.0, "predictor-failures": 0.0}, now=61).desired == 1
     held = engine().decide(4, {"request-rate": 1.0, "predictor-failures": None}, now=0)
     assert (held.desired, held.reason) == (4, "signals ['predictor-failures'] missing: not scaling in")
+
+
+@pytest.mark.parametrize(
+    ("samples", "rate"),
+    [
+        ([(0, 0), (2, 2), (4, 4), (6, 6), (8, 8), (10, 10)], 1.0),  # covers the window: the plain slope
+        ([(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)], 0.45),  # stopped at 4 s: 4 s + half an interval, over 10 s
+        ([(6, 60), (8, 62), (10, 64)], 0.5),  # first seen at 6 s: half an interval before it, not back to 0 s
+        ([(0, 0), (5, 5), (10, 2)], 0.7),  # a counter reset counts the new count: 5 + 2 over 10 s
+        ([(8, 0), (9, 3), (10, 6)], 0.6),  # a new replica: not extrapolated to before its counter was zero
+    ],
+)
+def test_the_embedded_rate_is_promqls_rate(samples, rate):
+    assert extrapolated_rate([(float(t), float(v)) for t, v in samples], 0.0, 10.0) == pytest.approx(rate)
 
 
 @pytest.fixture(scope="module")
