@@ -37,7 +37,7 @@ import numpy as np
 
 from kfloop.data import LabelledData, load_dataset, save_csv
 from kfloop.errors import KfloopError
-from kfloop.policies import Policy
+from kfloop.policies import Policy, ScalingRule
 from kfloop.registry import CAPTURES, ModelRegistry
 from kfloop.stack import LocalStack, StackPorts
 
@@ -376,34 +376,29 @@ class Demo:
 
     def split(self, data: LabelledData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Holdout rows and labels, then training rows and labels: the pipeline's own split (same seed and fraction)."""
-        from sklearn.model_selection import train_test_split
+        from kfloop.training import holdout_split
 
         training = self.policy.training
-        train_index, holdout_index = train_test_split(np.arange(data.rows), test_size=training.holdout_fraction,
-                                                      stratify=data.labels, random_state=training.seed)
-        return (data.features[holdout_index], data.labels[holdout_index],
-                data.features[train_index], data.labels[train_index])
+        train, holdout = holdout_split(data, holdout_fraction=training.holdout_fraction, seed=training.seed)
+        return data.features[holdout], data.labels[holdout], data.features[train], data.labels[train]
 
-    def _threshold(self, signal: str) -> float:
-        return next(rule.threshold for rule in self.policy.scaling.rules if rule.signal == signal)
-
-    def _window(self, signal: str) -> float:
-        return next(rule.window_seconds for rule in self.policy.scaling.rules if rule.signal == signal)
+    def _rule(self, signal: str) -> ScalingRule:
+        """The (time-scaled) policy's rule of ``signal`` (checked to exist in the constructor)."""
+        return next(rule for rule in self.policy.scaling.rules if rule.signal == signal)
 
     def _signal(self, signal: str) -> float | None:
         """The last evaluated value of the rule of ``signal``."""
         decisions = self.stack.autoscaler.decisions
-        name = next(rule.name for rule in self.policy.scaling.rules if rule.signal == signal)
-        return decisions[-1].values.get(name) if decisions else None
+        return decisions[-1].values.get(self._rule(signal).name) if decisions else None
 
     def _scaled_out_by(self, signal: str, since: float) -> bool:
         """Whether the rule of ``signal`` has driven a scale-out since ``since``."""
-        names = {rule.name for rule in self.policy.scaling.rules if rule.signal == signal}
-        return any(d.time >= since and d.action == "scale_out" and names & set(d.firing)
+        name = self._rule(signal).name
+        return any(d.time >= since and d.action == "scale_out" and name in d.firing
                    for d in list(self.stack.autoscaler.decisions))
 
     def scale_out_and_in(self, traffic: Traffic, rows: np.ndarray, labels: np.ndarray) -> None:
-        threshold = self._threshold("request_rate")
+        threshold = self._rule("request_rate").threshold
         scaling = self.policy.scaling
         self._enter("clean", f"clean holdout traffic at {CLEAN_RATE * threshold:g} req/s")
         traffic.set(CLEAN_RATE * threshold, rows, labels)
@@ -412,28 +407,28 @@ class Demo:
         start = time.time()
         traffic.set(LOAD_RATE * threshold)
         self.wait_for(lambda: self._scaled_out_by("request_rate", start),
-                      self._window("request_rate") + 10 * scaling.evaluation_seconds + 60, "a request-rate scale-out")
+                      self._rule("request_rate").window_seconds + 10 * scaling.evaluation_seconds + 60, "a request-rate scale-out")
         time.sleep(self.seconds(100))
         self._enter("calm", f"load back to {CLEAN_RATE * threshold:g} req/s: scale in after the {scaling.cooldown_seconds} s cooldown")
         traffic.set(CLEAN_RATE * threshold)
         self.wait_for(lambda: self.stack.runtime.replica_count() == scaling.min_replicas,
-                      self._window("request_rate") + scaling.cooldown_seconds + 20 * scaling.evaluation_seconds + 60,
+                      self._rule("request_rate").window_seconds + scaling.cooldown_seconds + 20 * scaling.evaluation_seconds + 60,
                       f"scale-in to {scaling.min_replicas} replica(s)")
         # The windowed rate lags the traffic: let it settle, so the fault phase's scale-out has one cause.
         settled = SETTLED_SHARE * threshold * scaling.min_replicas
         self.wait_for(lambda: (self._signal("request_rate") or 0.0) < settled,
-                      self._window("request_rate") + 10 * scaling.evaluation_seconds + 30,
+                      self._rule("request_rate").window_seconds + 10 * scaling.evaluation_seconds + 30,
                       f"the windowed request rate to fall below {settled:g} req/s")
 
     def fail_predictors(self, traffic: Traffic) -> None:
         scaling = self.policy.scaling
         self._enter("fault", "every predictor answers 503 (fault injection)")
         start = time.time()
-        traffic.set(FAULT_RATE * self._threshold("request_rate"))
+        traffic.set(FAULT_RATE * self._rule("request_rate").threshold)
         self.stack.runtime.inject_failures(1.0)
         try:
             self.wait_for(lambda: self._scaled_out_by("failure_rate", start),
-                          self._window("failure_rate") + 10 * scaling.evaluation_seconds + 60, "a failure-rate scale-out")
+                          self._rule("failure_rate").window_seconds + 10 * scaling.evaluation_seconds + 60, "a failure-rate scale-out")
         finally:
             self.stack.runtime.inject_failures(0.0)
 
@@ -445,7 +440,7 @@ class Demo:
         self.write_labelled_shard(LabelledData(shift(train_rows[chosen], train_rows), train_labels[chosen],
                                                data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
         start = time.time()
-        traffic.set(DRIFT_RATE * self._threshold("request_rate"), shift(holdout_rows, train_rows), holdout_labels)
+        traffic.set(DRIFT_RATE * self._rule("request_rate").threshold, shift(holdout_rows, train_rows), holdout_labels)
         self.wait_for(lambda: any(r.get("outcome") in FINISHED_RUN and r.get("queued", 0) >= start
                                   for r in self._trigger_runs()), 900, "a retraining run and its rollout")
         time.sleep(self.seconds(50))

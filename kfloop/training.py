@@ -62,16 +62,23 @@ class Prepared:
             )
 
 
-def prepare(data: LabelledData, *, holdout_fraction: float, seed: int) -> tuple[Prepared, Preprocessor]:
-    """Split off a stratified holdout and fit the preprocessor on the training part only."""
+def holdout_split(data: LabelledData, *, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the training split and of the stratified holdout."""
     from sklearn.model_selection import train_test_split
 
     try:
-        train_x, hold_x, train_y, hold_y = train_test_split(
-            data.features, data.labels, test_size=holdout_fraction, stratify=data.labels, random_state=seed
-        )
+        train, holdout = train_test_split(np.arange(data.rows), test_size=holdout_fraction, stratify=data.labels,
+                                          random_state=seed)
     except ValueError as exc:
         raise DataError(f"cannot split a stratified holdout: {exc}", source=data.source) from None
+    return train, holdout
+
+
+def prepare(data: LabelledData, *, holdout_fraction: float, seed: int) -> tuple[Prepared, Preprocessor]:
+    """Split off a stratified holdout and fit the preprocessor on the training part only."""
+    train, holdout = holdout_split(data, holdout_fraction=holdout_fraction, seed=seed)
+    train_x, hold_x = data.features[train], data.features[holdout]
+    train_y, hold_y = data.labels[train], data.labels[holdout]
     preprocessor = Preprocessor.fit(train_x, train_y, data.feature_names)
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(train_x), size=min(REFERENCE_ROWS, len(train_x)), replace=False))

@@ -91,7 +91,7 @@ class LocalMetricsSource(MetricSource):
         for series in self._samples.values():
             while series and series[0][0] < now - 3600:
                 series.popleft()
-            inside = [(t, values[index - 1]) for t, *values in series if t >= now - window]
+            inside = [(sample[0], sample[index]) for sample in series if sample[0] >= now - window]
             if len(inside) >= 2:
                 rates.append(extrapolated_rate(inside, now - window, now))
         return sum(rates) if rates else None

@@ -32,6 +32,7 @@ from kfloop.serving.protocol import (
     INDEX_OUTPUT,
     LABEL_OUTPUT,
     PROBA_OUTPUT,
+    VERSIONED_INPUT_PREFIX,
     InputSchema,
     versioned_input,
 )
@@ -96,12 +97,12 @@ class ForestPredictor(Model):
     def _scaled_rows(self, request: InferRequest) -> np.ndarray:
         """The request's rows for this version: its ``features@<version>`` tensor when the
         request is version-tagged, else the one features tensor (or one tensor per feature)."""
-        tagged = {i.name: i for i in request.inputs if i.name.startswith(versioned_input(""))}
+        tagged = {i.name: i for i in request.inputs if i.name.startswith(VERSIONED_INPUT_PREFIX)}
         if not tagged:
             return self.schema.rows_from_v2(request.inputs)
         mine = tagged.get(versioned_input(self.version))
         if mine is None:
-            versions = sorted(name.removeprefix(versioned_input("")) for name in tagged)
+            versions = sorted(name.removeprefix(VERSIONED_INPUT_PREFIX) for name in tagged)
             raise VersionMismatch(f"this predictor serves version {self.version}; the request has features "
                                   f"scaled for version(s) {versions}", served_version=self.version)
         return self.schema.rows_from_v2([mine])

@@ -186,6 +186,9 @@ def _to_array(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarr
         raise InputError(f"input {name!r}: shape {shape} does not match its {array.size} values") from None
 
 
+VERSIONED_INPUT_PREFIX = f"{FEATURES_INPUT}@"
+
+
 def versioned_input(version: str) -> str:
     """The name of the input tensor that holds features scaled for model ``version``."""
-    return f"{FEATURES_INPUT}@{version}"
+    return VERSIONED_INPUT_PREFIX + version
