@@ -34,9 +34,12 @@ class PrometheusSource(MetricSource):
 
     def __init__(self, url: str, model: str, *, timeout: int = 5) -> None:
         from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
 
         self.model = model
-        self.client = PrometheusConnect(url=url, disable_ssl=True)
+        # No retries inside an evaluation: the next evaluation period is the retry, and a Prometheus
+        # that is down must not stall the loop (the engine holds on the missing value).
+        self.client = PrometheusConnect(url=url, disable_ssl=True, retry=Retry(total=0))
         self.timeout = timeout
 
     def read(self, rules: list[ScalingRule]) -> dict[str, float | None]:
