@@ -3,7 +3,7 @@
 ``POST /`` takes CloudEvents (binary or structured) of the policy's
 ``retraining.events`` types. Each accepted alarm passes the admission rules
 in order -- duplicate id, a run already pending or running for the model
-(one at a time), the cooldown since the last run started, the daily budget
+(one at a time), the daily budget, the cooldown since the last run started
 -- and, if admitted, becomes a *pending run* in a state file, so pending work
 survives a restart (a run that was in flight when the service stopped is run
 again). A worker runs one pending run at a time:
@@ -277,10 +277,10 @@ class TriggerService:
                 started = [r["started"] for r in self.state.runs]
                 if self.state.pending or any(r.get("outcome") == "running" for r in self.state.runs):
                     outcome = "coalesced"
+                elif sum(1 for t in started if now - t < 86400) >= policy.max_runs_per_day:
+                    outcome = "budget"  # before the cooldown: it says no run comes today, not just now
                 elif started and now - max(started) < policy.cooldown_seconds:
                     outcome = "cooldown"
-                elif sum(1 for t in started if now - t < 86400) >= policy.max_runs_per_day:
-                    outcome = "budget"
                 else:
                     outcome = "started"
                     self.state.pending.append({"id": uuid.uuid4().hex[:12], "event_id": event_id, "event_type": event_type,
