@@ -553,12 +553,14 @@ def scaling_firings(decisions: list[dict[str, Any]]) -> list[Firing]:
 def _describe_run(run: dict[str, Any], policy: Policy) -> str:
     outcome = run.get("outcome")
     if outcome == "promoted":
+        observed = run.get("full_traffic", 0.0) - run.get("canary_started", 0.0)
         return (f"version {run.get('version')} passed the gate, canary {policy.rollout.canary_percent:g} % for "
-                f"{policy.rollout.observe_seconds} s ({run.get('canary_failure_rate', 0):.0%} 5xx), then 100 %")
+                f"{observed:.0f} s ({run.get('canary_answers', 0):g} answers, "
+                f"{run.get('canary_failure_rate', 0):.0%} 5xx), then 100 %")
     if outcome == "rejected":
         return f"version {run.get('version')} rejected by the gate: {run.get('gate')}"
     if outcome == "rolled_back":
-        return f"version {run.get('version')} rolled back (canary 5xx {run.get('canary_failure_rate', 0):.0%})"
+        return f"version {run.get('version')} rolled back: {run.get('rollback_reason')}"
     return f"run {outcome}: {run.get('error', '')}"
 
 

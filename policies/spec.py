@@ -143,11 +143,26 @@ class RetrainingPolicy(_Spec):
 
 
 class RolloutPolicy(_Spec):
-    """How a newly promoted version reaches all traffic."""
+    """How a newly promoted version reaches all traffic.
+
+    The canary is observed for at least ``observe_seconds`` and until it has
+    answered ``min_canary_answers`` requests, but no longer than
+    ``max_observe_seconds``: a canary that has not answered that often by then
+    is rolled back, since nothing showed that it works.
+    """
 
     canary_percent: float = Field(default=10.0, gt=0, le=100)
     observe_seconds: int = Field(default=120, ge=0)
+    min_canary_answers: int = Field(default=20, ge=0)
+    max_observe_seconds: int = Field(default=1200, ge=0)
     rollback_failure_rate: float = Field(default=0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _observation(self) -> "RolloutPolicy":
+        if self.max_observe_seconds < self.observe_seconds:
+            raise ValueError(f"max_observe_seconds ({self.max_observe_seconds}) must not be below "
+                             f"observe_seconds ({self.observe_seconds})")
+        return self
 
 
 class Policy(_Spec):
@@ -162,8 +177,10 @@ class Policy(_Spec):
     def time_scaled(self, speed: float) -> "Policy":
         """This policy with its windows, periods and cooldowns divided by ``speed`` (for demos).
 
-        Rates and thresholds stay as they are. Periods keep at least one second,
-        and a window at least three evaluations, so a windowed rate still has samples.
+        Rates and thresholds stay as they are; so the canary's minimum answer
+        count, which a rate fills over time, is divided too (at least one if it
+        was set). Periods keep at least one second, and a window at least three
+        evaluations, so a windowed rate still has samples.
         """
         if speed <= 0:
             raise PolicyError(f"speed must be > 0, got {speed}")
@@ -175,7 +192,11 @@ class Policy(_Spec):
             seconds = max(3 * scaling["evaluation_seconds"], round(duration_seconds(rule["window"]) / speed))
             rule["window"] = f"{seconds}s"
         document["retraining"]["cooldown_seconds"] = round(document["retraining"]["cooldown_seconds"] / speed)
-        document["rollout"]["observe_seconds"] = round(document["rollout"]["observe_seconds"] / speed)
+        rollout = document["rollout"]
+        rollout["observe_seconds"] = round(rollout["observe_seconds"] / speed)
+        rollout["max_observe_seconds"] = round(rollout["max_observe_seconds"] / speed)
+        if rollout["min_canary_answers"]:
+            rollout["min_canary_answers"] = max(1, round(rollout["min_canary_answers"] / speed))
         return Policy.model_validate(document)
 
     def save(self, path: str | Path) -> Path:

@@ -12,9 +12,10 @@ again). A worker runs one pending run at a time:
    ``kfp.Client`` on a cluster) on the base data plus labelled capture shards;
 2. if the pipeline's gate promoted the new version, a rollout through a
    :class:`Deployer`: ``canary_percent`` of traffic to the new version,
-   ``observe_seconds`` of watching its failure rate, then all traffic to it --
-   or back to the old version (and the old production pointer) when its
-   5xx share exceeds ``rollback_failure_rate``.
+   watched for ``observe_seconds`` and until it has ``min_canary_answers``
+   answers, then all traffic to it -- or back to the old version (and the old
+   production pointer) when its 5xx share exceeds ``rollback_failure_rate``
+   or it still has too few answers after ``max_observe_seconds``.
 
 Each run's record (``GET /status``) carries its times, epoch seconds:
 ``queued``, ``started``, ``trained`` (pipeline done), ``canary_started``,
@@ -54,6 +55,7 @@ RUNS = Counter("kfloop_trigger_runs", "Retraining runs by outcome.", ["model", "
 LABELLED_SHARDS = "labelled*.csv"  # capture shards with a ``label`` column added
 BASE_SHARD = "000-base.csv"
 SEEN_IDS = 10_000
+CANARY_POLL_SECONDS = 1.0  # how often the canary's answer count is read once observe_seconds have passed
 
 log = logging.getLogger(__name__)
 
@@ -377,17 +379,29 @@ class TriggerService:
         failed_before, total_before = deployer.failure_counts(new)
         deployer.set_traffic({old: 100.0 - rollout.canary_percent, new: rollout.canary_percent})
         canary_started = self.clock()
+        observed_since = time.monotonic()
         time.sleep(rollout.observe_seconds)
-        failed, total = deployer.failure_counts(new)
-        answers = total - total_before
+        while True:
+            failed, total = deployer.failure_counts(new)
+            answers = total - total_before
+            if answers >= rollout.min_canary_answers or time.monotonic() - observed_since >= rollout.max_observe_seconds:
+                break
+            time.sleep(CANARY_POLL_SECONDS)
         rate = (failed - failed_before) / answers if answers else 0.0
-        if rate > rollout.rollback_failure_rate:
+        if answers < rollout.min_canary_answers:
+            reason = (f"{answers:g} canary answers in {rollout.max_observe_seconds} s, "
+                      f"fewer than min_canary_answers ({rollout.min_canary_answers})")
+        elif rate > rollout.rollback_failure_rate:
+            reason = f"canary 5xx share {rate:.1%} over rollback_failure_rate {rollout.rollback_failure_rate:.1%}"
+        else:
+            reason = None
+        if reason is not None:
             deployer.set_traffic({old: 100.0})
             self.registry.set_production(self.config.model, old)
             self.registry.update_metadata(self.config.model, new, status="rolled_back",
-                                          rollback={"failure_rate": rate, "answers": answers})
-            return {"outcome": "rolled_back", "canary_failure_rate": rate, "canary_answers": answers,
-                    "canary_started": canary_started, "rolled_back": self.clock()}
+                                          rollback={"failure_rate": rate, "answers": answers, "reason": reason})
+            return {"outcome": "rolled_back", "rollback_reason": reason, "canary_failure_rate": rate,
+                    "canary_answers": answers, "canary_started": canary_started, "rolled_back": self.clock()}
         deployer.set_traffic({new: 100.0})
         if self.registry.metadata(self.config.model, new).get("status") != STATUS_PROMOTED:
             self.registry.set_production(self.config.model, new)

@@ -25,6 +25,7 @@ def test_every_bad_field_is_reported_with_its_path_and_allowed_values(tmp_path):
             "cv_folds": 1,
             "search_space": {"max_features": ["all"], "n_trees": [3]},
         },
+        "rollout": {"observe_seconds": 600, "max_observe_seconds": 60},
     }))
     with pytest.raises(PolicyError) as caught:
         load_policy(path)
@@ -34,6 +35,7 @@ def test_every_bad_field_is_reported_with_its_path_and_allowed_values(tmp_path):
     assert "training.cv_folds: Input should be greater than or equal to 2 (got 1)" in message
     assert "training.search_space.max_features.0: Input should be 'sqrt' or 'log2'" in message
     assert "training.search_space.n_trees: unknown field" in message
+    assert "rollout: Value error, max_observe_seconds (60) must not be below observe_seconds (600)" in message
 
 
 def test_unreadable_and_non_mapping_files_are_policy_errors(tmp_path):
@@ -60,7 +62,10 @@ def test_a_time_scaled_policy_divides_windows_periods_and_cooldowns_but_not_rate
     assert (scaled.scaling.evaluation_seconds, scaled.scaling.cooldown_seconds) == (2, 30)
     assert [(r.window, r.threshold) for r in scaled.scaling.rules] == [("30s", 2.0), ("6s", 0.9)]
     assert (scaled.rollout.observe_seconds, scaled.retraining.cooldown_seconds) == (12, 360)
+    # The canary's answers come at an unscaled rate in scaled time: the minimum count shrinks with it.
+    assert (scaled.rollout.min_canary_answers, scaled.rollout.max_observe_seconds) == (2, 120)
     fast = load_policy().time_scaled(1000)
+    assert fast.rollout.min_canary_answers == 1
     assert fast.scaling.evaluation_seconds == 1 and [r.window for r in fast.scaling.rules] == ["3s", "3s"]
     assert load_policy(scaled.save(tmp_path / "scaled.yaml")) == scaled
     with pytest.raises(PolicyError, match="speed must be > 0"):

@@ -239,12 +239,54 @@ def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse
             time.sleep(0.05)
         run = trigger.wait_idle(3)[-1]
         assert run["outcome"] == "rolled_back" and run["version"] == injected
+        assert run["rollback_reason"].startswith("canary 5xx share")
         assert runtime.version == "1" and store.production_version("digits") == "1"
         assert store.metadata("digits", injected)["status"] == "rolled_back"
     finally:
         stop.set()
         loader.join()
         trigger.stop()
+        admin.stop()
+        runtime.stop()
+
+
+def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_serving(tmp_path, registry_with_weak_v1):
+    from kfloop.serving.trigger import LocalDeployer, LocalRetrainer, TriggerConfig, TriggerService
+
+    registry, _, full = registry_with_weak_v1
+    runtime = ServingRuntime(str(registry), "digits", http_port=free_port(), grpc_port=free_port(), log_dir=tmp_path / "logs")
+    runtime.start()
+    admin = AdminServer(runtime, free_port())
+    admin.start()
+    try:
+        new = register_version(registry, "digits", full, n_estimators=20, work=tmp_path / "v2", target="digit")
+        policy = Policy.model_validate({"model": "digits", "rollout": {
+            "canary_percent": 50, "observe_seconds": 1, "min_canary_answers": 20, "max_observe_seconds": 4}})
+        service = TriggerService(TriggerConfig("digits", str(registry), policy, tmp_path / "state"),
+                                 LocalRetrainer(policy, str(registry), tmp_path, model="digits"),
+                                 LocalDeployer(admin.url, "digits"))
+        body = {"instances": [[0.0] * 64]}
+        statuses: list[int] = []
+        done = threading.Event()
+
+        def trickle() -> None:  # 2 req/s: half of them to the canary, far fewer than 20 in 4 s
+            while not done.wait(0.5):
+                statuses.append(httpx.post(runtime.endpoints["v1"], json=body, timeout=10).status_code)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        try:
+            result = service.rollout(new, "1")
+        finally:
+            done.set()
+            sender.join()
+        assert result["outcome"] == "rolled_back" and result["rolled_back"] - result["canary_started"] >= 4
+        assert 0 < result["canary_answers"] < 20
+        assert "canary answers in 4 s, fewer than min_canary_answers (20)" in result["rollback_reason"]
+        assert runtime.version == "1" and ModelRegistry(registry).production_version("digits") == "1"
+        assert ModelRegistry(registry).metadata("digits", new)["status"] == "rolled_back"
+        assert statuses and set(statuses) == {200}
+    finally:
         admin.stop()
         runtime.stop()
 
