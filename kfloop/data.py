@@ -19,6 +19,7 @@ header = line 1) and the column.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import math
@@ -129,8 +130,6 @@ def save_npz(data: LabelledData, path: str) -> None:
 def save_csv(data: LabelledData, path: str, *, id_prefix: str = "") -> None:
     """Write ``data`` as a CSV shard ``id,label,<features>`` that :func:`load_dataset` reads back
     with ``target="label"``; rows without ids get ``<id_prefix><row>``."""
-    import csv
-
     ids = data.ids if data.ids is not None else [f"{id_prefix}{index}" for index in range(data.rows)]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)

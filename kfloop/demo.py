@@ -496,10 +496,14 @@ class Demo:
         if watch.get("last_alarm") and self.result.alarm is None:
             self.result.alarm = watch["last_alarm"]
 
+    def _decision_records(self) -> list[dict[str, Any]]:
+        """The autoscaler's decisions so far, as plain records (with their derived ``action``)."""
+        return [{**asdict(d), "action": d.action} for d in list(self.stack.autoscaler.decisions)]
+
     def _collect(self) -> None:
         """Decisions, runs and the firings they make, after the scenario."""
         result = self.result
-        result.decisions = [{**asdict(d), "action": d.action} for d in self.stack.autoscaler.decisions]
+        result.decisions = self._decision_records()
         result.runs = self._trigger_runs()
         for firing in scaling_firings(result.decisions):
             self._fire(firing.rule, firing.time, firing.action, firing.outcome)
@@ -519,7 +523,7 @@ class Demo:
             failed, injected = len(self.result.failed_requests), self.result.injected_failures
             fired = {rule: firing.time for rule, firing in self.result.first_firings().items()}
         if self.stack is not None and self.stack.autoscaler is not None:  # scaling rules fire before _collect
-            for firing in scaling_firings([{**asdict(d), "action": d.action} for d in list(self.stack.autoscaler.decisions)]):
+            for firing in scaling_firings(self._decision_records()):
                 fired.setdefault(firing.rule, firing.time)
         if self.result.alarm is not None:
             fired.setdefault("drift", alarm_time(self.result.alarm))

@@ -74,6 +74,14 @@ def _buckets(result: DemoResult, seconds: float = BUCKET_SECONDS) -> np.ndarray:
     return np.arange(0.0, end + seconds, seconds)
 
 
+def _bucket_share(times: np.ndarray, hits: list[bool], edges: np.ndarray) -> np.ndarray:
+    """Per bucket, the share of the events at ``times`` that are hits (NaN where a bucket has none)."""
+    total, _ = np.histogram(times, bins=edges)
+    hit, _ = np.histogram(times[np.asarray(hits, dtype=bool)], bins=edges)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, hit / total, np.nan)
+
+
 def _sample_series(result: DemoResult, key: str) -> tuple[np.ndarray, np.ndarray]:
     times = np.array([s["time"] - result.started for s in result.samples])
     values = np.array([np.nan if s.get(key) is None else float(s[key]) for s in result.samples])
@@ -115,12 +123,8 @@ def _failures_chart(result: DemoResult, path: Path) -> None:
         axes.axhline(threshold, color="tab:red", linestyle=":", label=f"threshold {threshold:.0%}")
     edges = _buckets(result)
     sent = np.array([r.time - result.started for r in result.requests])
-    failed = np.array([r.status != 200 for r in result.requests])
-    total, _ = np.histogram(sent, bins=edges)
-    bad, _ = np.histogram(sent[failed] if failed.size else sent[:0], bins=edges)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        axes.step(edges[:-1], np.where(total > 0, bad / total, np.nan), where="post", color="tab:gray",
-                  label="failed client requests (share)")
+    failed = _bucket_share(sent, [r.status != 200 for r in result.requests], edges)
+    axes.step(edges[:-1], failed, where="post", color="tab:gray", label="failed client requests (share)")
     axes.set_ylim(-0.05, 1.1)
     axes.set_ylabel("share")
     _legend(axes)
@@ -152,11 +156,7 @@ def _model_chart(result: DemoResult, path: Path) -> None:
         axes.set_yticks(sorted(set(versions.tolist())))
     right = axes.twinx()
     edges = _buckets(result, ACCURACY_BUCKET_SECONDS)
-    correct = np.array([bool(r.correct) for r in answered])
-    total, _ = np.histogram(times, bins=edges)
-    right_answers, _ = np.histogram(times[correct] if correct.size else times, bins=edges)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy = np.where(total > 0, right_answers / total, np.nan)
+    accuracy = _bucket_share(times, [bool(r.correct) for r in answered], edges)
     right.step(edges[:-1], accuracy, where="post", color="tab:blue", label=f"accuracy ({ACCURACY_BUCKET_SECONDS:g} s buckets)")
     right.set_ylim(0, 1.05)
     right.set_ylabel("accuracy")

@@ -295,10 +295,11 @@ class ForestTransformer(Model):
         route = call.route
         tried: set[str] = set()
         learned = 0
+        body = self._body(call)
         while True:
             upstream = route.next_upstream(avoid=tried)
             try:
-                status, content, served = await self._post(upstream, self._body(call), call.traceparent)
+                status, content, served = await self._post(upstream, body, call.traceparent)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 # Refused, reset or dropped (a replica died or was stopped): inference has no side
                 # effects, so another replica may answer it.
@@ -314,6 +315,7 @@ class ForestTransformer(Model):
             if status == 409 and served and served not in call.scaled and learned < VERSION_RETRIES:
                 learned += 1
                 await self._learn_version(call, served)
+                body = self._body(call)
                 continue
             return self._read_answer(call, upstream, status, content)
 
