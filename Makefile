@@ -9,11 +9,15 @@ $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 
+# setuptools announces every editable install of a package mapped from several folders
+# (package-dir) with an "Editable installation" notice; it is information, not a problem.
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(VENV)/bin/pip install --quiet
+
 install: $(VENV)/bin/pip
-	$(VENV)/bin/pip install --quiet -e .
+	$(PIP_INSTALL) -e .
 
 install-test: $(VENV)/bin/pip system-deps
-	$(VENV)/bin/pip install --quiet -e '.[test,alibi]'
+	$(PIP_INSTALL) -e '.[test,alibi]'
 
 # Debian's Prometheus server: the autoscaling tests start one (it is never left running).
 system-deps:

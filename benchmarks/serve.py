@@ -95,7 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
-    from kfloop.serving.runtime import ManagedProcess, ServingRuntime, free_port
+    from kfloop.local.runtime import ServingRuntime
+    from kfloop.local.supervisor import ManagedProcess, free_port
 
     console = Console(width=200)
     mlserver_python = ensure_mlserver_venv()

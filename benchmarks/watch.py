@@ -31,7 +31,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def shifts(clean: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict:
-    from kfloop.serving import calibration
+    from kfloop.drift import calibration
 
     species = rng.choice(np.unique(labels), 10, replace=False)
     return {
@@ -43,8 +43,8 @@ def shifts(clean: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> d
 
 
 def main() -> None:
-    from kfloop.serving import calibration
-    from kfloop.serving.detectors import DetectorConfig, make_detector
+    from kfloop.drift import calibration
+    from kfloop.drift.detectors import DetectorConfig, make_detector
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=100)

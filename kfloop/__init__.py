@@ -1,20 +1,27 @@
 """kfloop: close the machine-learning loop on Kubeflow -- train -> serve -> watch -> act.
 
-Public API: the data loader, the model registry, the policy file and the
-errors. Sub-packages: ``kfloop.components`` (KFP components),
-``kfloop.pipelines`` (KFP pipelines and their local/cluster runners),
-``kfloop.serving``, ``kfloop.policies``, ``kfloop.manifests``.
+Public API: the data loader, the model registry and the errors.
+Sub-packages (``docs/architecture.md`` has the layers): ``kfloop.components``
+(KFP components), ``kfloop.pipelines`` (KFP pipelines and their local/cluster
+runners), ``kfloop.serving`` (the servers), ``kfloop.policies`` (what to do
+when), ``kfloop.manifests`` (cluster objects), ``kfloop.drift``,
+``kfloop.local`` (the loop on one machine), ``kfloop.demo``, ``kfloop.cli``.
 """
 
 __version__ = "0.1.0"
 
 from kfloop.errors import (  # noqa: E402
     ClusterError,
+    ConflictError,
     DataError,
+    InputError,
     KfloopError,
+    NotFoundError,
+    PermanentError,
     PipelineError,
     PolicyError,
     RegistryError,
+    TemporaryError,
 )
 
 # Heavier parts of the public API load on first use: every pipeline task imports
@@ -31,8 +38,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "ClusterError",
+    "ConflictError",
     "DataError",
+    "InputError",
     "KfloopError",
+    "NotFoundError",
+    "PermanentError",
+    "TemporaryError",
     "LabelledData",
     "ModelRegistry",
     "PipelineError",

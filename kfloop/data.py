@@ -26,7 +26,7 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
@@ -127,15 +127,23 @@ def save_npz(data: LabelledData, path: str) -> None:
         np.savez(handle, **arrays)
 
 
-def save_csv(data: LabelledData, path: str, *, id_prefix: str = "") -> None:
-    """Write ``data`` as a CSV shard ``id,label,<features>`` that :func:`load_dataset` reads back
-    with ``target="label"``; rows without ids get ``<id_prefix><row>``."""
-    ids = data.ids if data.ids is not None else [f"{id_prefix}{index}" for index in range(data.rows)]
+def save_csv(data: LabelledData, path: str | TextIO, *, id_prefix: str = "") -> None:
+    """Write ``data`` as a CSV shard ``id,label,<features>`` (to a file path or an open text
+    handle) that :func:`load_dataset` reads back with ``target="label"``; rows without ids get
+    ``<id_prefix><row>``."""
+    if not isinstance(path, str):
+        _write_csv(data, path, id_prefix)
+        return
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([ID_COLUMN, LABEL_COLUMN, *data.feature_names])
-        for row_id, label, row in zip(ids, data.labels, data.features):
-            writer.writerow([row_id, label, *(repr(float(value)) for value in row)])
+        _write_csv(data, handle, id_prefix)
+
+
+def _write_csv(data: LabelledData, handle: TextIO, id_prefix: str) -> None:
+    ids = data.ids if data.ids is not None else [f"{id_prefix}{index}" for index in range(data.rows)]
+    writer = csv.writer(handle)
+    writer.writerow([ID_COLUMN, LABEL_COLUMN, *data.feature_names])
+    for row_id, label, row in zip(ids, data.labels, data.features):
+        writer.writerow([row_id, label, *(repr(float(value)) for value in row)])
 
 
 def load_npz(path: str) -> LabelledData:

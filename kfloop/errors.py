@@ -1,19 +1,61 @@
-"""kfloop's one error hierarchy.
+"""kfloop's one error hierarchy, and the one place an error becomes an HTTP answer.
 
-Every error kfloop raises on purpose derives from :class:`KfloopError`, carries
-the context a user needs (file, row, column, field) in its message, and an HTTP
-status so servers and the CLI translate it in one place. Each class also
-inherits the built-in exception callers already catch (``ValueError``,
-``LookupError``, ``ConnectionError``).
+Every error kfloop raises on purpose derives from :class:`KfloopError`, which
+is never raised itself: the class decides what happens next.
+
+==========================  ======  =============================================
+class                       status  what the caller does
+==========================  ======  =============================================
+:class:`InputError`         400     fix the input (a request, data, a policy, a
+                                    manifest); never retried
+:class:`NotFoundError`      404     ask for something that exists
+:class:`ConflictError`      409     re-read the current state and ask again
+:class:`TemporaryError`     502/3   retry with back-off (a server, a sink, a
+                                    cluster endpoint that failed just now)
+:class:`PermanentError`     500     give up and record it (a pipeline run that
+                                    failed on its own terms)
+==========================  ======  =============================================
+
+Each class also inherits the built-in exception callers already catch
+(``ValueError``, ``LookupError``, ``ConnectionError``, ``RuntimeError``) and
+carries the context a user needs (file, row, column, field) in its message.
+:func:`to_http` is how every kfloop server turns an error into an answer; the
+CLI prints the message and exits 1 (:mod:`kfloop.cli`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "MODEL_VERSION_HEADER",
+    "ClusterError",
+    "ConflictError",
+    "DataError",
+    "HttpAnswer",
+    "InjectedFailure",
+    "InputError",
+    "KfloopError",
+    "ManifestError",
+    "NotFoundError",
+    "PermanentError",
+    "PipelineError",
+    "PolicyError",
+    "RegistryError",
+    "TemporaryError",
+    "UpstreamError",
+    "VersionMismatch",
+    "describe_validation_errors",
+    "is_temporary",
+    "to_http",
+]
 
 MODEL_VERSION_HEADER = "x-kfloop-model-version"  # the version a predictor serves, on a VersionMismatch answer
 
 
 class KfloopError(Exception):
-    """Root of all kfloop errors; ``status`` is the HTTP status it maps to."""
+    """Root of all kfloop errors; ``status`` is the HTTP status it maps to. Raise a subclass."""
 
     status: int = 500
 
@@ -30,10 +72,17 @@ class KfloopError(Exception):
         return {}
 
 
-class DataError(KfloopError, ValueError):
-    """Input data cannot be used: names the file, and where known the row and column."""
+# --- the caller's input is wrong: 4xx, never retried ----------------------------------------------
+
+
+class InputError(KfloopError, ValueError):
+    """A request or input cannot be used: says what was wrong and what is expected."""
 
     status = 400
+
+
+class DataError(InputError):
+    """Input data cannot be used: names the file, and where known the row and column."""
 
     def __init__(
         self,
@@ -55,26 +104,36 @@ class DataError(KfloopError, ValueError):
         self.column = column
 
 
-class InputError(KfloopError, ValueError):
-    """An inference request cannot be used: says what was wrong and what is expected."""
-
-    status = 400
+class PolicyError(InputError):
+    """The policy file or a policy setting is invalid; the message lists every bad field with what is allowed."""
 
 
-class UpstreamError(KfloopError, ConnectionError):
-    """A server this one depends on (a predictor replica, a sink) failed or disagreed."""
-
-    status = 502
+class ManifestError(InputError):
+    """Cluster objects cannot be rendered or do not match their upstream schema (image, names, CRDs)."""
 
 
-class VersionMismatch(KfloopError, LookupError):
+class NotFoundError(KfloopError, LookupError):
+    """What was asked for does not exist."""
+
+    status = 404
+
+
+class RegistryError(NotFoundError):
+    """A model or version is missing from the registry."""
+
+
+class ConflictError(KfloopError, LookupError):
+    """The request does not fit the current state; re-read it and ask again."""
+
+    status = 409
+
+
+class VersionMismatch(ConflictError):
     """A predictor got features scaled for other model versions than the one it serves.
 
     The answer names the served version (:data:`MODEL_VERSION_HEADER`), so that
     the caller can scale the rows for it and ask again.
     """
-
-    status = 409
 
     def __init__(self, message: str, *, served_version: str) -> None:
         super().__init__(message)
@@ -85,31 +144,75 @@ class VersionMismatch(KfloopError, LookupError):
         return {MODEL_VERSION_HEADER: self.served_version}
 
 
-class InjectedFailure(KfloopError):
-    """A failure a server was told to simulate (fault injection, for failure-rate drills)."""
+# --- something else failed: temporary (retry) or permanent (give up) -------------------------------
+
+
+class TemporaryError(KfloopError, ConnectionError):
+    """A failure that may pass: retry with back-off."""
 
     status = 503
 
 
-class PolicyError(KfloopError, ValueError):
-    """The policy file is invalid; the message lists every bad field with what is allowed."""
+class UpstreamError(TemporaryError):
+    """A server this one depends on (a predictor replica, a sink, a runtime) failed or refused."""
 
-    status = 400
-
-
-class RegistryError(KfloopError, LookupError):
-    """A model or version is missing from the registry, or the registry is unreadable."""
-
-    status = 404
+    status = 502
 
 
-class PipelineError(KfloopError, RuntimeError):
-    """A pipeline run failed; the message is the failing task's own error."""
+class ClusterError(TemporaryError):
+    """A Kubeflow / Kubernetes endpoint (or the local loop) is unreachable or refused the credentials."""
+
+    status = 502
+
+
+class InjectedFailure(TemporaryError):
+    """A failure a server was told to simulate (fault injection, for failure-rate drills)."""
+
+
+class PermanentError(KfloopError, RuntimeError):
+    """A failure that retrying will not mend: record it and stop."""
 
     status = 500
 
 
-class ClusterError(KfloopError, ConnectionError):
-    """A Kubeflow / Kubernetes endpoint is unreachable or refused the credentials."""
+class PipelineError(PermanentError):
+    """A pipeline run failed; the message is the failing task's own error."""
 
-    status = 502
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]], *, show_input: bool = True) -> str:
+    """Pydantic's (and FastAPI's) validation errors as one line: ``where: what (got value)``, joined by ``; ``.
+
+    A request body's ``body`` prefix and pydantic's internal location parts
+    (``function-...``, ``literal[...]``) are left out of the field path.
+    """
+    described = []
+    for error in errors:
+        parts = [str(part) for part in error.get("loc", ()) if str(part) != "body" and not str(part).startswith(("function-", "literal["))]
+        location = ".".join(parts) or "(top level)"
+        forbidden = error.get("type") == "extra_forbidden"
+        message = "unknown field" if forbidden else error.get("msg", "invalid")
+        got = error.get("input")
+        suffix = f" (got {got!r})" if show_input and not forbidden and not isinstance(got, (dict, list)) and "input" in error else ""
+        described.append(f"{location}: {message}{suffix}")
+    return "; ".join(described)
+
+
+def is_temporary(exc: BaseException) -> bool:
+    """Whether retrying may succeed: kfloop's temporary errors and the network's own (``OSError``)."""
+    if isinstance(exc, KfloopError):
+        return isinstance(exc, TemporaryError)
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What a server answers for an error: status, ``{"error": message}`` body, extra headers."""
+
+    status: int
+    body: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def to_http(exc: KfloopError) -> HttpAnswer:
+    """The one mapping from a kfloop error to an HTTP answer, used by every kfloop server."""
+    return HttpAnswer(exc.status, {"error": str(exc)}, dict(exc.headers))

@@ -5,7 +5,7 @@ Layout (each version folder is directly usable as a KServe ``storageUri``)::
     <root>/<model>/<version>/   model.joblib, model.onnx, preprocessor.joblib,
                                 reference.npz, metadata.json
     <root>/<model>/production.json   {"version": "3", "updated": ...}
-    <root>/<model>/captures/    payload shards captured by the drift service
+    <root>/<model>/captures/    payload rows and labelled shards (:mod:`kfloop.captures`)
 
 Versions are whole numbers, counted up. A version folder is written under a
 staging name and renamed into place, and ``metadata.json`` is written last,
@@ -28,11 +28,12 @@ from typing import Any, Iterator
 import fsspec
 
 from kfloop.bundle import METADATA, PREPROCESSOR, ModelBundle
+from kfloop.captures import CAPTURES, CaptureArea
+from kfloop.durable import atomic_write
 from kfloop.errors import RegistryError
 from kfloop.preprocessing import Preprocessor
 
 PRODUCTION_POINTER = "production.json"
-CAPTURES = "captures"
 STATUS_CANDIDATE = "candidate"
 STATUS_PROMOTED = "promoted"
 STATUS_REJECTED = "rejected"
@@ -59,6 +60,10 @@ class ModelRegistry:
         else:
             base = f"{self.root}/{model}"
         return f"{base}/{version}" if version is not None else base
+
+    def captures(self, model: str) -> CaptureArea:
+        """The model's captures area: captured payload rows and labelled shards."""
+        return CaptureArea(f"{self.uri(model)}/{CAPTURES}", model, is_local=self.is_local)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self._root_path.rstrip("/"), *parts])
@@ -208,11 +213,12 @@ class ModelRegistry:
             self.fs.mv(source, target, recursive=True)
 
     def _write_json(self, path: str, record: dict[str, Any]) -> None:
+        text = json.dumps(record, indent=2, sort_keys=True)
+        if self.is_local:
+            atomic_write(path, text)
+            return
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with self.fs.open(tmp, "w") as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
-        if self.is_local:
-            Path(tmp).replace(path)
-        else:
-            self.fs.mv(tmp, path)
+            handle.write(text)
+        self.fs.mv(tmp, path)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kfloop.data import LabelledData
-from kfloop.errors import DataError
+from kfloop.errors import DataError, InputError, PolicyError
 from kfloop.preprocessing import Preprocessor
 
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "log_loss": False}
@@ -158,9 +158,9 @@ def cross_validate_candidate(prepared: Prepared, params: dict[str, Any], *, cv_f
 def select_best(candidates: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The winning candidate and all candidates ranked best first (ties keep search order)."""
     if not candidates:
-        raise ValueError("no candidates to select from")
+        raise InputError("no candidates to select from")
     if metric not in HIGHER_IS_BETTER:
-        raise ValueError(f"unknown selection metric {metric!r}; choose one of {sorted(HIGHER_IS_BETTER)}")
+        raise PolicyError(f"unknown selection metric {metric!r}; choose one of {sorted(HIGHER_IS_BETTER)}")
     sign = -1.0 if HIGHER_IS_BETTER[metric] else 1.0
     ranked = sorted(candidates, key=lambda c: sign * float(c["metrics"][metric]))
     return ranked[0], ranked

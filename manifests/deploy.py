@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kfloop.errors import ClusterError
+from kfloop.kube import first_line, in_cluster
 
 __all__ = ["Change", "Cluster", "apply_objects", "wait_ready"]
 
@@ -68,7 +69,7 @@ class Cluster:
 
         location = os.environ.get("KUBECONFIG", KUBE_CONFIG_DEFAULT_LOCATION)
         paths = [os.path.expanduser(p) for p in location.split(os.pathsep) if p]
-        if context is None and not any(os.path.exists(p) for p in paths) and _in_cluster():
+        if context is None and not any(os.path.exists(p) for p in paths) and in_cluster():
             config.load_incluster_config()
             api_client, name = client.ApiClient(), IN_CLUSTER
         else:
@@ -82,7 +83,7 @@ class Cluster:
                     raise ClusterError(f"kube context {context!r} is not in {location} (it has: {known})")
                 api_client = config.new_client_from_config(config_file=location, context=context)
             except config.ConfigException as exc:
-                raise ClusterError(f"cannot use kube config {location}: {_first_line(exc)}") from None
+                raise ClusterError(f"cannot use kube config {location}: {first_line(exc)}") from None
         api_client.configuration.retries = False  # one clear error rather than urllib3's retries
         server = api_client.configuration.host
         try:
@@ -237,10 +238,6 @@ def _connect_tcp(server: str, timeout: float) -> None:
         pass
 
 
-def _in_cluster() -> bool:
-    return os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
-
-
 def _reason(exc: BaseException) -> str:
     """The one line that says why a call failed: 'connection refused', 'HTTP 403 Forbidden: ...'."""
     status = getattr(exc, "status", None)
@@ -255,7 +252,7 @@ def _reason(exc: BaseException) -> str:
                   "certificate verify failed", "connection reset"):
         if known in lowered:
             return known
-    return _first_line(text if text else type(exc).__name__)
+    return first_line(text if text else type(exc).__name__)
 
 
 def _api_message(body: Any) -> str:
@@ -265,8 +262,3 @@ def _api_message(body: Any) -> str:
         return str(json.loads(body).get("message", ""))
     except (ValueError, TypeError, AttributeError):
         return ""
-
-
-def _first_line(value: Any) -> str:
-    text = str(value).strip()
-    return text.splitlines()[0] if text else "unknown error"

@@ -23,13 +23,14 @@ is built, and every bad one is reported at once.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
 
-from kfloop.errors import PolicyError
+from kfloop.errors import ManifestError
+from kfloop.kube import dns_label_problem
 from kfloop.policies.compile import compile_scaled_object, compile_triggers
+from kfloop.policies.signals import signal_of
 from kfloop.policies.spec import Policy, ScalingRule
 
 __all__ = [
@@ -56,7 +57,6 @@ PREDICTOR_CONTAINER = "kserve-container"  # the name KServe merges the runtime a
 KNATIVE_EVENTING_NAMESPACE = "knative-eventing"
 STORAGE_SCHEMES = ("s3", "gs")  # read by KServe's storage initializer *and* by fsspec in kfloop's pods
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # (cpu request, cpu limit, memory request, memory limit) per component; the overlays resize them.
 _RESOURCES = {
     "predictor": ("250m", "1", "256Mi", "1Gi"),
@@ -91,7 +91,7 @@ def render_objects(
     unreachable predictor never got to count itself.
 
     The InferenceService is named after the model. Raises
-    :class:`~kfloop.errors.PolicyError` listing every bad value.
+    :class:`~kfloop.errors.ManifestError` listing every bad value.
     """
     _check(policy, namespace=namespace, image=image, storage_uri=storage_uri, registry_uri=registry_uri,
            prometheus_url=prometheus_url, broker=broker, kfp_host=kfp_host, monitoring_namespace=monitoring_namespace)
@@ -506,26 +506,24 @@ def _kfp_token_env() -> dict[str, Any]:
 
 
 def _use_istio_failures(scaled_object: dict[str, Any], rules: list[ScalingRule], isvc: str, namespace: str) -> None:
-    """Point every failure-rate trigger at Istio's request counter of the predictor workload."""
-    windows = {rule.name: rule.window for rule in rules if rule.signal == "failure_rate"}
+    """Point every trigger whose signal Istio counts too at Istio's request counter of the predictor workload."""
+    by_name = {rule.name: rule for rule in rules}
     selector = (f'reporter="destination",destination_workload="{isvc}-predictor",'
                 f'destination_workload_namespace="{namespace}"')
     for trigger in scaled_object["spec"]["triggers"]:
-        window = windows.get(trigger["name"])
-        if window is not None:
-            trigger["metadata"]["query"] = (
-                f'sum(rate(istio_requests_total{{{selector},response_code=~"5.."}}[{window}]))'
-                f" / sum(rate(istio_requests_total{{{selector}}}[{window}]))"
-            )
+        rule = by_name.get(trigger["name"])
+        istio_query = signal_of(rule).istio_query if rule is not None else None
+        if istio_query is not None:
+            trigger["metadata"]["query"] = istio_query(selector, rule.window)
 
 
 def _check(policy: Policy, **values: str) -> None:
-    """Raise one :class:`PolicyError` naming every value a cluster could not use."""
+    """Raise one :class:`ManifestError` naming every value a cluster could not use."""
     problems = []
     for field in ("namespace", "broker", "monitoring_namespace"):
-        value = values[field]
-        if len(value) > 63 or not _DNS_LABEL.match(value):
-            problems.append(f"{field} {value!r} is not a DNS-1123 label (lower-case letters, digits and '-', at most 63)")
+        problem = dns_label_problem(values[field], field)
+        if problem is not None:
+            problems.append(problem)
     problems += _image_problems(values["image"])
     registry, storage = values["registry_uri"].rstrip("/"), values["storage_uri"].rstrip("/")
     scheme = registry.split("://", 1)[0] if "://" in registry else ""
@@ -539,7 +537,7 @@ def _check(policy: Policy, **values: str) -> None:
         if not values[field].startswith(("http://", "https://")):
             problems.append(f"{field} {values[field]!r} must be an http:// or https:// URL")
     if problems:
-        raise PolicyError("cannot render the cluster objects: " + "; ".join(problems))
+        raise ManifestError("cannot render the cluster objects: " + "; ".join(problems))
 
 
 def _image_problems(image: str) -> list[str]:

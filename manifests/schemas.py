@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft7Validator
 
-from kfloop.errors import PolicyError
+from kfloop.errors import ManifestError
 
 __all__ = ["validate_manifest"]
 
@@ -36,7 +36,7 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the KServe CRD is 2 M
 
 
 def validate_manifest(obj: dict[str, Any], specs_dir: str | Path) -> None:
-    """Raise :class:`PolicyError` listing every schema error of ``obj`` by its JSON path.
+    """Raise :class:`ManifestError` listing every schema error of ``obj`` by its JSON path.
 
     ``specs_dir`` is searched recursively for ``*.yaml`` files holding
     CustomResourceDefinitions (e.g. ``kserve/``, ``keda/``, ``knative-eventing/``).
@@ -46,7 +46,7 @@ def validate_manifest(obj: dict[str, Any], specs_dir: str | Path) -> None:
     errors = sorted(validator.iter_errors(obj), key=lambda error: error.json_path)
     if errors:
         name = obj.get("metadata", {}).get("name", "?")
-        raise PolicyError(
+        raise ManifestError(
             f"{kind}/{name} does not match its CRD: "
             + "; ".join(f"{error.json_path}: {error.message}" for error in errors)
         )
@@ -57,10 +57,10 @@ def _validator(specs_dir: Path, api_version: str, kind: str) -> Draft7Validator:
     group, _, version = api_version.rpartition("/")
     crd = _crds(specs_dir).get((group, kind))
     if crd is None:
-        raise PolicyError(f"no CustomResourceDefinition for {kind} in group {group!r} under {specs_dir}")
+        raise ManifestError(f"no CustomResourceDefinition for {kind} in group {group!r} under {specs_dir}")
     versions = {entry["name"]: entry for entry in crd["spec"]["versions"]}
     if version not in versions:
-        raise PolicyError(f"{kind}: the CRD defines versions {sorted(versions)}, not {version!r}")
+        raise ManifestError(f"{kind}: the CRD defines versions {sorted(versions)}, not {version!r}")
     schema = copy.deepcopy(versions[version]["schema"]["openAPIV3Schema"])
     _tighten(schema, root=True)
     return Draft7Validator(schema)

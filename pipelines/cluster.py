@@ -16,6 +16,7 @@ import httpx
 
 from kfloop.components.training import DEFAULT_IMAGE
 from kfloop.errors import ClusterError
+from kfloop.kube import first_line
 from kfloop.pipelines.training import compile_training_pipeline, pipeline_arguments
 from kfloop.policies import Policy
 
@@ -99,14 +100,9 @@ def submit_training(
                 namespace=endpoint.namespace,
             )
         except (ApiException, urllib3.exceptions.HTTPError) as exc:
-            raise ClusterError(f"Kubeflow Pipelines at {endpoint.host} refused the run: {_first_line(exc)}") from None
+            raise ClusterError(f"Kubeflow Pipelines at {endpoint.host} refused the run: {first_line(exc)}") from None
     outcome: dict[str, Any] = {"run_id": result.run_id, "host": endpoint.host, "experiment": experiment}
     if wait:
         run = result.wait_for_run_completion(timeout=timeout_seconds)
         outcome["state"] = str(getattr(run, "state", "unknown"))
     return outcome
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

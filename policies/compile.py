@@ -18,22 +18,21 @@ by :func:`kfloop.manifests.schemas.validate_manifest`; what no schema checks
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kfloop.errors import PolicyError
+from kfloop.kube import dns_label_problem
 from kfloop.policies import signals
 from kfloop.policies.spec import Policy, ScalingPolicy
-from kfloop.serving.events import REQUEST_EVENT
+from kfloop.event_types import REQUEST_EVENT
 
 __all__ = ["compile_kserve_autoscaling", "compile_scaled_object", "compile_triggers", "write_objects"]
 
 KSERVE_ANNOTATIONS = {"serving.kserve.io/autoscalerClass": "keda", "serving.kserve.io/deploymentMode": "Standard"}
 EVENT_PREFIX = "io.kfloop."
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def compile_scaled_object(
@@ -68,7 +67,7 @@ def compile_scaled_object(
         trigger: dict[str, Any] = {
             "type": "prometheus",
             "name": rule.name,
-            "metricType": signals.metric_type(rule),
+            "metricType": signals.signal_of(rule).metric_type,
             "metadata": {
                 "serverAddress": prometheus_url,
                 "query": signals.promql(rule, policy.model, namespace),
@@ -141,7 +140,7 @@ def compile_kserve_autoscaling(
                     "serverAddress": prometheus_url,
                     "query": signals.promql(rule, policy.model, namespace),
                 },
-                "target": {"type": signals.metric_type(rule), "value": _decimal(rule.threshold)},
+                "target": {"type": signals.signal_of(rule).metric_type, "value": _decimal(rule.threshold)},
             },
         }
         for rule in policy.scaling.rules
@@ -244,11 +243,9 @@ def _check_bounds(scaling: ScalingPolicy) -> None:
 
 
 def _dns_label(value: str, what: str) -> str:
-    if len(value) > 63 or not _DNS_LABEL.match(value):
-        raise PolicyError(
-            f"{what} {value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters)"
-        )
+    problem = dns_label_problem(value, what)
+    if problem is not None:
+        raise PolicyError(problem)
     return value
 
 

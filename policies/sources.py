@@ -16,10 +16,10 @@ from typing import Callable
 import httpx
 import requests
 from prometheus_api_client.exceptions import PrometheusApiClientException
-from prometheus_client.parser import text_string_to_metric_families
 
-from kfloop.policies.signals import COMPONENT, REQUESTS_METRIC, promql
+from kfloop.policies.signals import COMPONENT, REQUESTS_METRIC, promql, signal_of
 from kfloop.policies.spec import ScalingRule
+from kfloop.prometheus_text import sum_samples
 
 
 class MetricSource:
@@ -76,16 +76,8 @@ class LocalMetricsSource(MetricSource):
                 text = httpx.get(url, timeout=2.0).text
             except httpx.HTTPError:
                 continue
-            total = failed = 0.0
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name != REQUESTS_METRIC:
-                        continue
-                    if sample.labels.get("model") != self.model or sample.labels.get("component") != COMPONENT:
-                        continue
-                    total += sample.value
-                    if sample.labels.get("status_class") == "5xx":
-                        failed += sample.value
+            total = sum_samples(text, REQUESTS_METRIC, model=self.model, component=COMPONENT)
+            failed = sum_samples(text, REQUESTS_METRIC, model=self.model, component=COMPONENT, status_class="5xx")
             self._samples[url].append((now, total, failed))
 
     def _rate(self, window: float, index: int) -> float | None:
@@ -103,12 +95,7 @@ class LocalMetricsSource(MetricSource):
         self.scrape()
         values: dict[str, float | None] = {}
         for rule in rules:
-            total = self._rate(rule.window_seconds, 1)
-            if rule.signal == "request_rate":
-                values[rule.name] = total
-            else:
-                failed = self._rate(rule.window_seconds, 2)
-                values[rule.name] = failed / total if total and failed is not None else None
+            values[rule.name] = signal_of(rule).local_value(self._rate(rule.window_seconds, 1), self._rate(rule.window_seconds, 2))
         return values
 
 

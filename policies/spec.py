@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kfloop.errors import PolicyError
+from kfloop.errors import PolicyError, describe_validation_errors
+from kfloop.event_types import ALARM_EVENTS
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
 
@@ -133,8 +134,8 @@ class ScalingPolicy(_Spec):
 class RetrainingPolicy(_Spec):
     """When drift or outlier alarms rerun the training pipeline, and on what data."""
 
-    events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected"]] = Field(
-        default=["io.kfloop.drift.detected", "io.kfloop.outlier.detected"], min_length=1
+    events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected"]] = Field(  # kfloop.event_types.ALARM_EVENTS
+        default=list(ALARM_EVENTS), min_length=1
     )
     cooldown_seconds: int = Field(default=3600, ge=0)
     max_runs_per_day: int = Field(default=4, ge=1)
@@ -222,14 +223,5 @@ def load_policy(path: str | Path | None = None) -> Policy:
     try:
         return Policy.model_validate(raw)
     except ValidationError as exc:
-        raise PolicyError(f"{path}: " + "; ".join(_describe(error) for error in exc.errors())) from None
+        raise PolicyError(f"{path}: " + describe_validation_errors(exc.errors())) from None
 
-
-def _describe(error: dict) -> str:
-    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal["))) or "(file)"
-    message = error["msg"]
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    got = error.get("input")
-    suffix = f" (got {got!r})" if error["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
-    return f"{location}: {message}{suffix}"

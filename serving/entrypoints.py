@@ -61,7 +61,7 @@ def run_transformer(
     """Serve model ``name`` of the registry (``version``, or production) in front of ``predictor_hosts``."""
     _quiet_kserve_argv()
     from kfloop.registry import ModelRegistry
-    from kfloop.serving.events import EventContext, PayloadLogger
+    from kfloop.serving.payloads import EventContext, PayloadLogger
     from kfloop.serving.server import run_model_server
     from kfloop.serving.transformer import ForestTransformer, Route, TrafficSplit
 

@@ -1,116 +1,132 @@
-"""Payload CloudEvents as KServe's logger sends them, emitted off the request path.
+"""The CloudEvent app base that the watch and the trigger share: ``POST /`` events plus the service routes.
 
-In a cluster KServe's agent sidecar logs payloads (``spec.transformer.logger``);
-on one machine there is no sidecar, so the transformer sends the *same*
-binary-mode events itself: ``ce-type`` ``org.kubeflow.serving.inference.request``
-/ ``.response``, one ``ce-id`` shared by the request and its response,
-``ce-source`` the emitting process, the request's ``Content-Type`` on both,
-and KServe's extensions (``inferenceservicename``, ``namespace``,
-``component``, ``endpoint``, ``recordedtime``, ``metadata``) plus
-``traceparent``. As in KServe, a response is logged only for a successful call.
+:func:`create_event_app` builds a FastAPI app around an :class:`EventService`:
+``POST /`` parses the delivery as a CloudEvent (binary or structured mode;
+anything else is an :class:`~kfloop.errors.InputError`) and hands it to the
+service; ``GET /status``, ``GET /healthz`` and ``GET /metrics`` answer for the
+service. Every :class:`~kfloop.errors.KfloopError` becomes an answer through
+:func:`kfloop.errors.to_http` (``{"error": ...}`` with the error's status).
 
-Events wait in a bounded queue and a background task posts them, so logging
-never slows or fails an inference; when the queue is full the event is dropped
-and counted.
+Replies never carry a CloudEvent -- no ``ce-*`` headers, no body on success --
+so a Knative Trigger subscriber cannot loop a reply back into its Broker: 202
+accepted (what was done in a header), 204 ignored (the reason in
+``x-kfloop-ignored``), 4xx/5xx with ``{"error": reason}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-import httpx
 import orjson
+from cloudevents.exceptions import GenericException
+from cloudevents.http import CloudEvent, from_http
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kfloop.serving.metrics import PAYLOAD_EVENTS, PAYLOAD_QUEUE
+from kfloop.errors import InputError, KfloopError, to_http
 
-REQUEST_EVENT = "org.kubeflow.serving.inference.request"
-RESPONSE_EVENT = "org.kubeflow.serving.inference.response"
+__all__ = ["IGNORED_HEADER", "EventReply", "EventService", "create_event_app", "error_response", "parse_cloudevent"]
 
-log = logging.getLogger(__name__)
+IGNORED_HEADER = "x-kfloop-ignored"
 
 
 @dataclass(frozen=True)
-class EventContext:
-    """What every event of one server carries."""
+class EventReply:
+    """How a service answers one event: 202 (accepted) or 204 (ignored), with headers saying why."""
 
-    source: str
-    inference_service: str
-    namespace: str = ""
-    component: str = "transformer"
-    endpoint: str = ""
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    @classmethod
+    def ignored(cls, reason: str) -> "EventReply":
+        return cls(204, {IGNORED_HEADER: reason})
 
 
-class PayloadLogger:
-    """Queue of payload events and the task that posts them to ``url``."""
+class EventService(Protocol):
+    """What an event app serves: one event at a time, its status, and a health line."""
 
-    def __init__(self, url: str, context: EventContext, model: str, queue_size: int = 1000, timeout: float = 5.0) -> None:
-        self.url = url
-        self.context = context
-        self.model = model
-        self.queue_size = queue_size
-        self.timeout = timeout
-        self._queue: asyncio.Queue | None = None
-        self._worker: asyncio.Task | None = None
+    def handle(self, event: CloudEvent, content_type: str) -> EventReply:
+        """Act on one event; raise a :class:`~kfloop.errors.KfloopError` to refuse it."""
+        ...
 
-    def log(self, event_type: str, event_id: str, payload: Any, content_type: str, traceparent: str | None) -> None:
-        """Queue one event; never blocks, never raises. ``payload``: bytes, a JSON-able object, or has ``to_json()``."""
-        if self._queue is None:
-            self._queue = asyncio.Queue(maxsize=self.queue_size)
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+    def refused(self, error: KfloopError) -> None:
+        """Count an event that was refused (malformed or failed)."""
+        ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, str]: ...
+
+
+def parse_cloudevent(headers: dict[str, str], body: bytes) -> CloudEvent:
+    """The CloudEvent of one HTTP delivery (binary or structured mode), or an :class:`InputError`."""
+    try:
+        return from_http(headers, body)
+    except GenericException as exc:
+        raise InputError(f"not a CloudEvent: {exc}") from None
+
+
+def error_response(exc: KfloopError) -> Response:
+    answer = to_http(exc)
+    return Response(orjson.dumps(answer.body), status_code=answer.status, headers=answer.headers, media_type="application/json")
+
+
+def create_event_app(
+    title: str,
+    service: EventService,
+    *,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    offload: bool = False,
+) -> FastAPI:
+    """The app: ``POST /`` events to ``service.handle``; ``GET /status``, ``/healthz``, ``/metrics``.
+
+    With ``offload`` the handler runs in a worker thread, so a slow event
+    (scoring, file I/O) never blocks the event loop and ``/healthz``.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if on_startup is not None:
+            await on_startup()
         try:
-            self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, _now()))
-        except asyncio.QueueFull:
-            PAYLOAD_EVENTS.labels(self.model, "dropped").inc()
-        PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
 
-    def headers(self, event_type: str, event_id: str, content_type: str, traceparent: str | None, time: str) -> dict[str, str]:
-        headers = {
-            "ce-specversion": "1.0",
-            "ce-type": event_type,
-            "ce-id": event_id,
-            "ce-source": self.context.source,
-            "ce-time": time,
-            "ce-inferenceservicename": self.context.inference_service,
-            "ce-namespace": self.context.namespace,
-            "ce-component": self.context.component,
-            "ce-endpoint": self.context.endpoint,
-            "ce-recordedtime": _now(),
-            "ce-metadata": "null",
-            "content-type": content_type,
-        }
-        if traceparent:
-            headers["ce-traceparent"] = traceparent
-        return headers
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
-    async def _drain(self) -> None:
-        assert self._queue is not None
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            while True:
-                event_type, event_id, payload, content_type, traceparent, time = await self._queue.get()
-                PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
-                body = _serialise(payload)
-                try:
-                    response = await client.post(
-                        self.url, content=body, headers=self.headers(event_type, event_id, content_type, traceparent, time)
-                    )
-                    outcome = "sent" if response.status_code < 300 else "failed"
-                except httpx.HTTPError as exc:
-                    log.warning("payload event %s to %s failed: %s", event_id, self.url, exc)
-                    outcome = "failed"
-                PAYLOAD_EVENTS.labels(self.model, outcome).inc()
+    def handle(headers: dict[str, str], body: bytes) -> EventReply:
+        event = parse_cloudevent(headers, body)
+        return service.handle(event, event.get("datacontenttype") or headers.get("content-type", ""))
 
+    @app.post("/")
+    async def receive(request: Request) -> Response:
+        headers, body = dict(request.headers.items()), await request.body()
+        try:
+            if offload:
+                reply = await asyncio.get_running_loop().run_in_executor(None, handle, headers, body)
+            else:
+                reply = handle(headers, body)
+        except KfloopError as exc:
+            service.refused(exc)
+            return error_response(exc)
+        return Response(status_code=reply.status, headers=reply.headers)
 
-def _serialise(payload: Any) -> bytes:
-    if isinstance(payload, bytes):
-        return payload
-    if hasattr(payload, "to_json"):
-        return payload.to_json()
-    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return service.status()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return service.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

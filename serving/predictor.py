@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 import numpy as np
-from fastapi import Request
+from fastapi import FastAPI, Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from kfloop.bundle import ModelBundle
@@ -70,7 +70,7 @@ class ForestPredictor(Model):
             {"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
         ]
 
-    def install_fault_injection(self, app: Any) -> None:
+    def install_fault_injection(self, app: FastAPI) -> None:
         """``PUT /kfloop/faults {"failure_rate": 0.5}``: answer that share of requests with HTTP 503."""
 
         async def set_faults(request: Request) -> dict[str, float]:

@@ -16,7 +16,7 @@ CloudEvents, so the drift service sees exactly what the model saw.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -77,12 +77,7 @@ class InputSchema:
             self._check_batch(shape[0])
             return self._finite(array().astype(np.float64, copy=False))
         by_name = {t[0]: t for t in tensors}
-        unknown = sorted(set(by_name) - set(self.feature_names))
-        if unknown:
-            raise InputError(f"unknown feature input(s) {unknown[:5]}; expected one tensor per feature of {self._expected()}")
-        missing = [n for n in self.feature_names if n not in by_name]
-        if missing:
-            raise InputError(f"missing feature input(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        self._check_names(by_name, ("unknown", "missing"), "feature input(s)", f"one tensor per feature of {self._expected()}")
         columns = []
         rows = None
         for feature in self.feature_names:
@@ -96,6 +91,16 @@ class InputSchema:
             columns.append(array().reshape(-1).astype(np.float64, copy=False))
         self._check_batch(rows or 0)
         return self._finite(np.column_stack(columns))
+
+    def _check_names(self, given: Iterable[str], openings: tuple[str, str], what: str, expected: str) -> None:
+        """Refuse names that are not features, then features that are not named; ``openings`` start the two messages."""
+        names = set(given)
+        unknown = sorted(names - set(self.feature_names))
+        if unknown:
+            raise InputError(f"{openings[0]} {what} {unknown[:5]}; expected {expected}")
+        missing = [n for n in self.feature_names if n not in names]
+        if missing:
+            raise InputError(f"{openings[1]} {what} {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
     def _check_batch(self, rows: int) -> None:
         if rows == 0:
@@ -111,12 +116,7 @@ class InputSchema:
     def _keyed_row(self, index: int, row: Any) -> np.ndarray:
         if not isinstance(row, dict):
             raise InputError(f"instance {index} is a {type(row).__name__}; mix of objects and lists is not allowed")
-        unknown = sorted(set(row) - set(self.feature_names))
-        if unknown:
-            raise InputError(f"instance {index} has unknown feature(s) {unknown[:5]}; expected {self._expected()}")
-        missing = [n for n in self.feature_names if n not in row]
-        if missing:
-            raise InputError(f"instance {index} is missing feature(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        self._check_names(row, (f"instance {index} has unknown", f"instance {index} is missing"), "feature(s)", self._expected())
         values = [row[n] for n in self.feature_names]
         bad = next((n for n, v in zip(self.feature_names, values) if not _is_number(v)), None)
         if bad is not None:

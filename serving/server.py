@@ -41,7 +41,7 @@ from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
 
-from kfloop.errors import InputError, KfloopError
+from kfloop.errors import InputError, KfloopError, describe_validation_errors, to_http
 from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
 
 DEFAULT_HOST = "127.0.0.1"
@@ -73,15 +73,17 @@ class _KfloopErrorToStatus(AsyncExceptionToStatusInterceptor):
         await self._kserve.handle_exception(ex, request_or_iterator, context, method_name)
 
 
+def _answer(exc: KfloopError) -> ORJSONResponse:
+    answer = to_http(exc)
+    return ORJSONResponse(status_code=answer.status, content=answer.body, headers=answer.headers)
+
+
 async def _kfloop_error(_: Request, exc: KfloopError) -> ORJSONResponse:
-    return ORJSONResponse(status_code=exc.status, content={"error": str(exc)}, headers=exc.headers)
+    return _answer(exc)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in exc.errors()
-    )
-    return ORJSONResponse(status_code=400, content={"error": f"invalid request body: {problems}"})
+    return _answer(InputError(f"invalid request body: {describe_validation_errors(exc.errors(), show_input=False)}"))
 
 
 def _without_nulls(value: Any) -> Any:
@@ -177,8 +179,7 @@ def _json_infer_request(body: bytes, model_name: str) -> InferRequest:
     try:
         return InferRequest.from_inference_request(InferenceRequest.model_validate(document), model_name)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise InputError(f"invalid V2 inference request: {problems}") from None
+        raise InputError(f"invalid V2 inference request: {describe_validation_errors(exc.errors(), show_input=False)}") from None
 
 
 class _KfloopModelServer(ModelServer):

@@ -44,7 +44,8 @@ from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UpstreamError
 from kfloop.preprocessing import Preprocessor
-from kfloop.serving.events import REQUEST_EVENT, RESPONSE_EVENT, PayloadLogger
+from kfloop.event_types import REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.serving.payloads import PayloadLogger
 from kfloop.serving.metrics import UPSTREAM_REQUESTS
 from kfloop.serving.protocol import (
     DEFAULT_MAX_BATCH,

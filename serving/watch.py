@@ -6,14 +6,13 @@ logger (or kfloop's transformer) sends them. Request events
 parsed with the model's own input schema, deduplicated by ``ce-id``,
 captured for the next training and added to a sliding window; every
 ``stride`` rows the last ``window`` rows are tested against the serving
-version's reference sample (:mod:`kfloop.serving.detectors`). An alarm
+version's reference sample (:mod:`kfloop.drift.detectors`). An alarm
 (``io.kfloop.drift.detected`` / ``io.kfloop.outlier.detected``) goes to a
 durable outbox and from there to the sink; the window then starts afresh.
 
-Replies never carry a CloudEvent -- no ``ce-*`` headers, no body on success --
-so a Knative Trigger subscriber cannot loop a reply back into its Broker:
-202 accepted (a duplicate too), 204 ignored (response events, other types;
-the reason in ``x-kfloop-ignored``), 400 malformed (``{"error": reason}``).
+Replies never carry a CloudEvent (:mod:`kfloop.serving.events`): 202 accepted
+(a duplicate too), 204 ignored (response events, other types; the reason in
+``x-kfloop-ignored``), 400 malformed (``{"error": reason}``).
 
 The service follows the registry's production pointer: when it moves, the
 reference and detectors switch to the new version and the window restarts.
@@ -32,22 +31,19 @@ from typing import Any
 
 import numpy as np
 import orjson
-from cloudevents.exceptions import GenericException
-from cloudevents.http import from_http
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from cloudevents.http import CloudEvent
+from fastapi import FastAPI
+from prometheus_client import Counter, Gauge
 
 from kfloop.bundle import REFERENCE
-from kfloop.errors import InputError
+from kfloop.errors import InputError, KfloopError
+from kfloop.event_types import DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.registry import ModelRegistry
-from kfloop.serving.capture import PayloadCapture
-from kfloop.serving.detectors import DetectorConfig, WindowAlarm, WindowMonitor, WindowResult, make_detector
-from kfloop.serving.events import REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.drift.detectors import DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, make_detector
+from kfloop.serving.events import EventReply, create_event_app
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import InputSchema
 
-DRIFT_EVENT = "io.kfloop.drift.detected"
-OUTLIER_EVENT = "io.kfloop.outlier.detected"
 MAX_ROWS_PER_EVENT = 100_000
 SEEN_IDS = 100_000
 
@@ -83,7 +79,7 @@ class WatchConfig:
 
     def __post_init__(self) -> None:
         if self.window < 10:
-            raise ValueError(f"window must be at least 10 rows, got {self.window}")
+            raise InputError(f"window must be at least 10 rows, got {self.window}")
         self.stride = self.stride or max(1, self.window // 4)
 
 
@@ -93,7 +89,7 @@ class _Watched:
 
     version: str
     schema: InputSchema
-    detector: Any
+    detector: WindowDetector
 
 
 class WatchService:
@@ -109,7 +105,7 @@ class WatchService:
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride)
         self.capture = (
-            PayloadCapture(config.registry_uri, config.model, self.watched.schema.feature_names, flush_rows=config.capture_flush_rows)
+            self.registry.captures(config.model).writer(self.watched.schema.feature_names, flush_rows=config.capture_flush_rows)
             if config.capture else None
         )
 
@@ -134,35 +130,26 @@ class WatchService:
 
     # --- events ------------------------------------------------------------------------------
 
-    def receive(self, headers: dict[str, str], body: bytes) -> tuple[int, str | None]:
-        """Handle one HTTP delivery: (status, reason for 204/400)."""
+    def handle(self, event: CloudEvent, content_type: str) -> EventReply:
+        """One payload event: 202 accepted (a duplicate too), 204 ignored, or an :class:`InputError`."""
         model = self.config.model
-        try:
-            event = from_http(headers, body)
-        except GenericException as exc:
-            EVENTS.labels(model, "invalid").inc()
-            return 400, f"not a CloudEvent: {exc}"
         event_type = event["type"]
         if event_type == RESPONSE_EVENT:
             EVENTS.labels(model, "ignored").inc()
-            return 204, "response events carry no features"
+            return EventReply.ignored("response events carry no features")
         if event_type != REQUEST_EVENT:
             EVENTS.labels(model, "ignored").inc()
-            return 204, f"event type {event_type!r} is not watched (only {REQUEST_EVENT})"
+            return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT})")
         event_id = str(event["id"])
         with self._lock:
             if event_id in self._seen:
                 EVENTS.labels(model, "duplicate").inc()
-                return 202, None
-        try:
-            rows = self._rows(event.get_data(), event.get("datacontenttype") or headers.get("content-type", ""))
-        except InputError as exc:
-            EVENTS.labels(model, "invalid").inc()
-            return 400, str(exc)
+                return EventReply(202)
+        rows = self._rows(event.get_data(), content_type)
         with self._lock:
             if event_id in self._seen:  # a concurrent delivery of the same event won
                 EVENTS.labels(model, "duplicate").inc()
-                return 202, None
+                return EventReply(202)
             self._seen[event_id] = None
             if len(self._seen) > SEEN_IDS:
                 self._seen.popitem(last=False)
@@ -170,7 +157,13 @@ class WatchService:
             if self.capture is not None:
                 self.capture.add([f"{event_id}:{i}" for i in range(len(rows))], rows, self.watched.version)
             self._add(rows)
-        return 202, None
+        return EventReply(202)
+
+    def refused(self, error: KfloopError) -> None:
+        EVENTS.labels(self.config.model, "invalid").inc()
+
+    def health(self) -> dict[str, str]:
+        return {"status": "ok", "version": self.watched.version}
 
     def _rows(self, data: Any, content_type: str) -> np.ndarray:
         if isinstance(data, (bytes, bytearray)):
@@ -266,43 +259,19 @@ def _iso(epoch: float) -> str:
 
 def create_app(service: WatchService) -> FastAPI:
     """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``."""
-    app = FastAPI(title="kfloop watch", docs_url=None, redoc_url=None, openapi_url=None)
     background: list[asyncio.Task] = []
 
-    @app.on_event("startup")
     async def start_tasks() -> None:
         background.append(asyncio.create_task(service.outbox.run()))
         background.append(asyncio.create_task(_follow(service)))
 
-    @app.on_event("shutdown")
     async def stop_tasks() -> None:
         for task in background:
             task.cancel()
         if service.capture is not None:
             service.capture.flush()
 
-    @app.post("/")
-    async def receive(request: Request) -> Response:
-        body = await request.body()
-        status, reason = service.receive(dict(request.headers.items()), body)
-        if status == 400:
-            return Response(orjson.dumps({"error": reason}), status_code=400, media_type="application/json")
-        headers = {"x-kfloop-ignored": reason} if status == 204 and reason else None
-        return Response(status_code=status, headers=headers)
-
-    @app.get("/status")
-    async def status() -> dict[str, Any]:
-        return service.status()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": service.watched.version}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks)
 
 
 async def _follow(service: WatchService) -> None:

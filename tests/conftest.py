@@ -1,16 +1,30 @@
-"""Shared fixtures: the ../shared data (tests that need it skip without it), a CLI runner, small policies."""
+"""Shared fixtures: the ../shared data (tests that need it skip without it), a CLI runner, small policies,
+and the expensive parts tests in several folders share (a serving stack, a registry with a weak version 1).
+
+The folders below mirror the package (``core/`` is ``kfloop/`` itself). Test modules import the plain
+functions and classes they share from ``testbed.py`` beside this file.
+"""
 
 from __future__ import annotations
 
-import http.server
 import json
+import shutil
 import subprocess
-import threading
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # pytest's default (prepend) import mode puts it there; the other modes do not
+    sys.path.insert(0, str(TESTS))
+
+from testbed import EventSink, digits_csv, register_version  # noqa: E402
+from kfloop.local.runtime import ServingRuntime  # noqa: E402
+from kfloop.local.supervisor import free_port  # noqa: E402
+from kfloop.registry import ModelRegistry  # noqa: E402
+from kfloop.training import Prepared  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
@@ -81,27 +95,6 @@ def small_policy(tmp_path: Path) -> Path:
     return path
 
 
-def register_version(registry: Path, model: str, data_uri: str, *, n_estimators: int, work: Path, promote: bool = True,
-                     target: str = "") -> str:
-    """Train one forest with the pipeline's own step functions (no KFP) and register it."""
-    from kfloop.registry import ModelRegistry
-    from kfloop.steps import fit_export_step, load_step, prepare_step, register_step
-
-    work.mkdir(parents=True, exist_ok=True)
-    summary = load_step(data_uri, target, 2, str(work / "dataset.npz"))
-    prepare_step(str(work / "dataset.npz"), 0.2, 42, str(work / "prepared.npz"), str(work / "prep.joblib"))
-    params = {"n_estimators": n_estimators, "max_features": "sqrt"}
-    final = fit_export_step(str(work / "prepared.npz"), str(work / "prep.joblib"), params, 42, str(work / "model"))
-    candidate = {"params": params, "metrics": final["metrics"]}
-    version = register_step(
-        str(registry), model, str(work / "model"), str(work / "prep.joblib"), str(work / "prepared.npz"),
-        summary, {"best": candidate, "ranked": [candidate], "metric": "accuracy"}, final, {}, "test",
-    )
-    if promote:
-        ModelRegistry(registry).promote(model, version, {"reason": "test"})
-    return version
-
-
 @pytest.fixture(scope="session")
 def serving_data() -> str:
     """The leaf case study when ../shared is here, else scikit-learn's digits."""
@@ -109,59 +102,43 @@ def serving_data() -> str:
     return str(leaf) if leaf.exists() else "builtin:digits"
 
 
-class EventSink:
-    """An HTTP server that keeps every CloudEvent POSTed to it (on ``port``, or a free one)."""
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, serving_data):
+    """Registry with versions 1 (production) and 2 of model 'leaf', served by a runtime with 2 replicas.
 
-    def __init__(self, port: int = 0) -> None:
-        from cloudevents.http import from_http
-
-        self.events: list = []
-        sink = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                sink.events.append(from_http(dict(self.headers.items()), body))
-                self.send_response(202)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    Shared by the runtime tests (tests/local) and the server tests (tests/serving), built once per run. The
+    runtime tests change its replicas, traffic and version and leave version 1 serving all traffic.
+    """
+    root = tmp_path_factory.mktemp("serving")
+    registry = root / "registry"
+    register_version(registry, "leaf", serving_data, n_estimators=60, work=root / "v1")
+    register_version(registry, "leaf", serving_data, n_estimators=30, work=root / "v2", promote=False)
+    sink = EventSink()
+    runtime = ServingRuntime(
+        str(registry), "leaf", replicas=2, http_port=free_port(), grpc_port=free_port(),
+        logger_url=sink.url, log_dir=root / "logs",
+    )
+    runtime.start()
+    prepared = Prepared.load(str(root / "v1" / "prepared.npz"))
+    yield {"runtime": runtime, "registry": ModelRegistry(registry), "sink": sink, "holdout": prepared, "root": root}
+    runtime.stop()
+    sink.close()
 
 
-def digits_csv(path: Path, every: int = 1) -> str:
-    """builtin:digits as a generic CSV (label column 'digit'), keeping every ``every``-th row."""
-    from kfloop.data import load_dataset
+@pytest.fixture(scope="session")
+def weak_v1(tmp_path_factory):
+    """A registry with digits v1 trained on a sixth of the data (promoted); the small and the full data.
 
-    data = load_dataset("builtin:digits")
-    lines = ["id,digit," + ",".join(data.feature_names)]
-    for index in range(0, data.rows, every):
-        values = ",".join(f"{v:g}" for v in data.features[index])
-        lines.append(f"{index},{data.labels[index]},{values}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+    Read-only: tests take their own copy (``registry_with_weak_v1``)."""
+    root = tmp_path_factory.mktemp("weak-v1")
+    small = digits_csv(root / "digits-small.csv", every=6)
+    register_version(root / "registry", "digits", small, n_estimators=40, work=root / "v1", target="digit")
+    return root / "registry", small, digits_csv(root / "digits-full.csv")
 
 
-def wait_until_answering(url: str, what: str, seconds: float = 60) -> None:
-    """Poll ``url`` until it answers 200; fail naming ``what`` after ``seconds``."""
-    import time
-
-    import httpx
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if httpx.get(url).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not start within {seconds:.0f} s")
+@pytest.fixture
+def registry_with_weak_v1(tmp_path, weak_v1):
+    """This test's own copy of the weak-v1 registry, with the small and the full data."""
+    registry, small, full = weak_v1
+    shutil.copytree(registry, tmp_path / "registry")
+    return tmp_path / "registry", small, full

@@ -1,0 +1,125 @@
+"""What every ``kfloop`` command shares: the consoles, the common options and their defaults.
+
+Options are ``Annotated`` types, so every command that takes a registry, a
+policy or a home folder spells and documents it the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import signal
+import threading
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar, get_type_hints
+
+import typer
+from rich.console import Console
+
+__all__ = [
+    "DEFAULT_HOME", "DataOption", "GrpcPortOption", "HomeOption", "HostOption", "HttpPortOption", "ImageOption",
+    "MaxBatchOption", "ModelOption", "NoGrpcOption", "PolicyOption", "RegistryOption", "TargetOption", "WorkersOption",
+    "ServerOptions", "absolute_if_local", "err", "out", "registry_uri", "wait_for_stop_signal", "with_options",
+]
+
+err = Console(stderr=True)
+out = Console()
+
+HomeOption = Annotated[
+    Path,
+    typer.Option("--home", envvar="KFLOOP_HOME", help="kfloop's working folder (runs, logs; default registry)."),
+]
+RegistryOption = Annotated[
+    Optional[str],
+    typer.Option("--registry", envvar="KFLOOP_REGISTRY", help="Registry root: a path or fsspec URI (default: HOME/registry)."),
+]
+PolicyOption = Annotated[
+    Optional[Path],
+    typer.Option("--policy", help="Policy YAML file (default: the shipped policies/default.yaml)."),
+]
+DataOption = Annotated[
+    Optional[str],
+    typer.Option("--data", help="Data URI: Kaggle leaf CSV, UCI 100-plant folder/zip, CSV (with --target), folder of CSV shards, or builtin:digits|iris|wine (default: builtin:digits)."),
+]
+TargetOption = Annotated[Optional[str], typer.Option("--target", help="Label column of a generic CSV.")]
+ModelOption = Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")]
+ImageOption = Annotated[str, typer.Option("--image", help="Container image of the pipeline components (has kfloop installed).")]
+
+DEFAULT_HOME = Path.home() / ".kfloop"
+
+HostOption = Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless told otherwise).")]
+MaxBatchOption = Annotated[int, typer.Option("--max-batch", help="Largest batch (rows) one request may carry.")]
+# KServe's controller passes these with underscores to custom containers: accept both spellings.
+HttpPortOption = Annotated[int, typer.Option("--http-port", "--http_port", help="REST port.")]
+GrpcPortOption = Annotated[int, typer.Option("--grpc-port", "--grpc_port", help="gRPC port.")]
+NoGrpcOption = Annotated[bool, typer.Option("--no-grpc", help="Serve REST only.")]
+WorkersOption = Annotated[int, typer.Option("--workers", hidden=True, help="Accepted for KServe; kfloop scales by replicas.")]
+
+
+def registry_uri(registry: str | None, home: Path) -> str:
+    """The registry root: the one given, or ``HOME/registry``."""
+    return registry or str(home / "registry")
+
+
+def absolute_if_local(uri: str | None) -> str | None:
+    """A local data path made absolute (processes started elsewhere read it too); URIs unchanged."""
+    if uri is None or "://" in uri or uri.startswith("builtin:"):
+        return uri
+    return str(Path(uri).resolve())
+
+
+def wait_for_stop_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (Ctrl-C, ``kfloop down``)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+Options = TypeVar("Options")
+
+
+def with_options(options_type: type[Options]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give ``command(options, ...)`` the fields of the dataclass ``options_type`` as its own CLI options.
+
+    Commands that share options declare them once, as an ``Annotated`` field of
+    a dataclass; the command gets them as one value object. Typer reads the
+    returned function's signature: the dataclass' fields, then the command's
+    own parameters.
+    """
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        # Typer reads each option from its parameter's Annotated[...] annotation: give it the evaluated types.
+        shared_types = get_type_hints(options_type, include_extras=True)
+        own_types = get_type_hints(command, include_extras=True)
+        shared = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=shared_types[f.name],
+                              default=inspect.Parameter.empty if f.default is MISSING else f.default)
+            for f in fields(options_type)  # type: ignore[arg-type]
+        ]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_types[p.name])
+               for p in list(inspect.signature(command).parameters.values())[1:]]
+
+        @functools.wraps(command)
+        def with_shared(**values: Any) -> None:
+            command(options_type(**{p.name: values.pop(p.name) for p in shared}), **values)
+
+        with_shared.__signature__ = inspect.Signature([*shared, *own], return_annotation=None)  # type: ignore[attr-defined]
+        with_shared.__annotations__ = {p.name: p.annotation for p in [*shared, *own]}
+        del with_shared.__wrapped__  # Typer must read the new signature, not the wrapped one
+        return with_shared
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where a KServe server (predictor, transformer) listens and how much one request may carry."""
+
+    host: HostOption = "127.0.0.1"
+    http_port: HttpPortOption = 8080
+    grpc_port: GrpcPortOption = 8081
+    no_grpc: NoGrpcOption = False
+    max_batch: MaxBatchOption = 1024
+    workers: WorkersOption = 1

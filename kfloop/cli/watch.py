@@ -1,0 +1,51 @@
+"""``kfloop watch``: the drift and outlier service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kfloop.cli.options import DEFAULT_HOME, HomeOption, HostOption, PolicyOption, RegistryOption, registry_uri
+
+__all__ = ["watch"]
+
+def watch(
+    sink: Annotated[str, typer.Option("--sink", help="Where alarms (CloudEvents) go: a Knative Broker, or the trigger service.")],
+    registry: RegistryOption = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")] = None,
+    http_port: Annotated[int, typer.Option("--http-port", help="Port for payload CloudEvents (POST /).")] = 8085,
+    backend: Annotated[str, typer.Option("--backend", help="Detector backend: scipy (default) or alibi (BSL 1.1, needs kfloop[alibi]).")] = "scipy",
+    window: Annotated[int, typer.Option("--window", min=10, help="Rows per tested window.")] = 100,
+    stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Rows between tests (default: window / 4).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="False-alarm rate per tested window (split between drift and outlier tests).")] = 0.05,
+    correction: Annotated[str, typer.Option("--correction", help="Multiple-testing correction over features: fdr (Benjamini-Hochberg) or bonferroni.")] = "fdr",
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Outbox folder (default: HOME/watch/MODEL).")] = None,
+    no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not write payload rows to the registry's capture area.")] = False,
+    capture_rows: Annotated[int, typer.Option("--capture-rows", min=1, help="Rows per capture shard (a shard is also written every 30 s).")] = 500,
+    follow_seconds: Annotated[float, typer.Option("--follow-seconds", help="How often to check the registry's production version.")] = 5.0,
+    host: HostOption = "127.0.0.1",
+    policy: PolicyOption = None,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Watch payload CloudEvents for drift and outliers; send alarms to --sink."""
+    from kfloop.policies import load_policy
+    from kfloop.drift.detectors import BACKENDS, DetectorConfig
+    from kfloop.serving.watch import WatchConfig, run_watch
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    name = model or load_policy(policy).model
+    try:
+        detector = DetectorConfig(alpha=alpha, correction=correction)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    config = WatchConfig(
+        registry_uri=registry_uri(registry, home), model=name, sink_url=sink,
+        state_dir=state_dir or home / "watch" / name, window=window, stride=stride, backend=backend,
+        detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
+    )
+    run_watch(config, host=host, port=http_port)
+
+

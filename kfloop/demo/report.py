@@ -1,0 +1,238 @@
+"""The demo's report: ``index.html`` and PNG charts drawn from a :class:`~kfloop.demo.DemoResult`.
+
+Charts (matplotlib, Agg): request rate and replicas, failure rate, drift
+p-values with the alarm, served model version and accuracy, latency
+percentiles -- all over the demo's time axis with its phases shaded -- and a
+page with the automation table (when each rule fired, what it did), the loop
+timings and the headline counts.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kfloop.demo.scenario import DemoResult, alarm_time
+
+TITLES = {
+    "requests.png": "Request rate and predictor replicas",
+    "failures.png": "Predictor failure rate",
+    "drift.png": "Drift test: smallest p-value per window",
+    "model.png": "Served model version and accuracy",
+    "latency.png": "Client latency percentiles",
+}
+BUCKET_SECONDS = 2.0
+ACCURACY_BUCKET_SECONDS = 10.0
+P_VALUE_FLOOR = 1e-40  # smaller p-values are drawn at the floor
+PHASE_COLOURS = {"train": "#f2f2f2", "clean": "#e8f4ea", "load": "#fdebd0", "calm": "#e8f4ea", "fault": "#f9d6d5", "drift": "#e3e4fa"}
+
+
+def write_report(result: DemoResult, folder: Path) -> Path:
+    """Write ``folder/index.html`` and the charts; returns the page's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, chart in CHARTS.items():
+        chart(result, folder / name)
+    page = folder / "index.html"
+    page.write_text(_page(result))
+    return page
+
+
+# --- charts ---------------------------------------------------------------------------------------
+
+
+def _figure(result: DemoResult, title: str) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 3.6), dpi=100)
+    axes.set_title(title)
+    axes.set_xlabel("seconds since the demo started")
+    phases = sorted(result.phases.items(), key=lambda item: item[1])
+    for (phase, start), following in zip(phases, phases[1:] + [("end", result.finished)]):
+        if phase in PHASE_COLOURS:
+            axes.axvspan(start - result.started, following[1] - result.started, color=PHASE_COLOURS[phase], zorder=0)
+            axes.text(start - result.started, 1.0, f" {phase}", transform=axes.get_xaxis_transform(), va="top", fontsize=8)
+    return figure, axes
+
+
+def _save(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _buckets(result: DemoResult, seconds: float = BUCKET_SECONDS) -> np.ndarray:
+    end = max(result.finished - result.started, seconds)
+    return np.arange(0.0, end + seconds, seconds)
+
+
+def _bucket_share(times: np.ndarray, hits: list[bool], edges: np.ndarray) -> np.ndarray:
+    """Per bucket, the share of the events at ``times`` that are hits (NaN where a bucket has none)."""
+    total, _ = np.histogram(times, bins=edges)
+    hit, _ = np.histogram(times[np.asarray(hits, dtype=bool)], bins=edges)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, hit / total, np.nan)
+
+
+def _sample_series(result: DemoResult, key: str) -> tuple[np.ndarray, np.ndarray]:
+    times = np.array([s["time"] - result.started for s in result.samples])
+    values = np.array([np.nan if s.get(key) is None else float(s[key]) for s in result.samples])
+    return times, values
+
+
+def _signal_series(result: DemoResult, signal: str) -> tuple[np.ndarray, np.ndarray, float]:
+    rule = next(r for r in result.scaling_rules if r["signal"] == signal)
+    times = np.array([d["time"] - result.started for d in result.decisions])
+    values = np.array([np.nan if d["values"].get(rule["name"]) is None else d["values"][rule["name"]] for d in result.decisions])
+    return times, values, rule["threshold"]
+
+
+def _requests_chart(result: DemoResult, path: Path) -> None:
+    figure, axes = _figure(result, TITLES["requests.png"])
+    edges = _buckets(result)
+    sent = np.array([r.time - result.started for r in result.requests])
+    counts, _ = np.histogram(sent, bins=edges)
+    axes.step(edges[:-1], counts / BUCKET_SECONDS, where="post", label="client requests/s", color="tab:blue")
+    if result.decisions:
+        times, values, threshold = _signal_series(result, "request_rate")
+        axes.plot(times, values, label="windowed rate (autoscaler's signal)", color="tab:orange")
+        axes.axhline(threshold, color="tab:orange", linestyle=":", label=f"threshold {threshold:g} req/s per replica")
+    axes.set_ylabel("requests/s")
+    right = axes.twinx()
+    times, replicas = _sample_series(result, "replicas")
+    right.step(times, replicas, where="post", color="black", label="predictor replicas")
+    right.set_ylabel("replicas")
+    right.set_ylim(0, max(replicas.max() if replicas.size else 1, 1) + 1)
+    _legend(axes, right)
+    _save(figure, path)
+
+
+def _failures_chart(result: DemoResult, path: Path) -> None:
+    figure, axes = _figure(result, TITLES["failures.png"])
+    if result.decisions:
+        times, values, threshold = _signal_series(result, "failure_rate")
+        axes.plot(times, values, label="predictor 5xx share (autoscaler's signal)", color="tab:red")
+        axes.axhline(threshold, color="tab:red", linestyle=":", label=f"threshold {threshold:.0%}")
+    edges = _buckets(result)
+    sent = np.array([r.time - result.started for r in result.requests])
+    failed = _bucket_share(sent, [r.status != 200 for r in result.requests], edges)
+    axes.step(edges[:-1], failed, where="post", color="tab:gray", label="failed client requests (share)")
+    axes.set_ylim(-0.05, 1.1)
+    axes.set_ylabel("share")
+    _legend(axes)
+    _save(figure, path)
+
+
+def _drift_chart(result: DemoResult, path: Path) -> None:
+    figure, axes = _figure(result, TITLES["drift.png"])
+    times, values = _sample_series(result, "min_p_value")
+    axes.semilogy(times, np.clip(values, P_VALUE_FLOOR, 1.0), color="tab:purple",
+                  label=f"smallest per-feature p-value (floor {P_VALUE_FLOOR:.0e})")
+    axes.set_ylim(P_VALUE_FLOOR / 10, 10.0)
+    if result.alarm is not None:
+        axes.axvline(alarm_time(result.alarm) - result.started, color="tab:red", label=f"alarm: {result.alarm['type']}")
+        axes.axhline(result.alarm["drift_threshold"], color="tab:gray", linestyle=":", label="drift threshold (FDR)")
+    axes.set_ylabel("p-value")
+    _legend(axes)
+    _save(figure, path)
+
+
+def _model_chart(result: DemoResult, path: Path) -> None:
+    figure, axes = _figure(result, TITLES["model.png"])
+    answered = [r for r in result.requests if r.status == 200 and r.version is not None]
+    times = np.array([r.time - result.started for r in answered])
+    versions = np.array([int(r.version) for r in answered]) if answered else np.array([])
+    axes.scatter(times, versions, s=4, color="tab:green", label="version that answered")
+    axes.set_ylabel("model version")
+    if versions.size:
+        axes.set_yticks(sorted(set(versions.tolist())))
+    right = axes.twinx()
+    edges = _buckets(result, ACCURACY_BUCKET_SECONDS)
+    accuracy = _bucket_share(times, [bool(r.correct) for r in answered], edges)
+    right.step(edges[:-1], accuracy, where="post", color="tab:blue", label=f"accuracy ({ACCURACY_BUCKET_SECONDS:g} s buckets)")
+    right.set_ylim(0, 1.05)
+    right.set_ylabel("accuracy")
+    _legend(axes, right)
+    _save(figure, path)
+
+
+def _latency_chart(result: DemoResult, path: Path) -> None:
+    figure, axes = _figure(result, TITLES["latency.png"])
+    edges = _buckets(result, 5.0)
+    answered = [r for r in result.requests if r.status == 200]
+    times = np.array([r.time - result.started for r in answered])
+    latency = np.array([r.latency * 1000 for r in answered])
+    index = np.digitize(times, edges) - 1
+    for quantile, colour in ((50, "tab:green"), (95, "tab:orange"), (99, "tab:red")):
+        series = [np.percentile(latency[index == i], quantile) if np.any(index == i) else np.nan for i in range(len(edges) - 1)]
+        axes.step(edges[:-1], series, where="post", color=colour, label=f"p{quantile}")
+    axes.set_ylabel("ms")
+    axes.set_yscale("log")
+    _legend(axes)
+    _save(figure, path)
+
+
+def _legend(*axes: Any) -> None:
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    axes[0].legend(handles, labels, loc="upper left", fontsize=8, framealpha=0.85)
+
+
+CHARTS = {
+    "requests.png": _requests_chart,
+    "failures.png": _failures_chart,
+    "drift.png": _drift_chart,
+    "model.png": _model_chart,
+    "latency.png": _latency_chart,
+}
+
+
+# --- page -----------------------------------------------------------------------------------------
+
+
+def _page(result: DemoResult) -> str:
+    summary = result.summary()
+    first = result.first_firings()
+    table_rows = []
+    for row in result.rows:
+        firing = first.get(row.key)
+        when = "-" if firing is None else f"{firing.time - result.started:.1f} s"
+        outcome = "did not fire" if firing is None else firing.outcome
+        table_rows.append(f"<tr><td>{_e(row.stage)}</td><td>{_e(row.event)}</td><td>{_e(row.action)}</td>"
+                          f"<td>{when}</td><td>{_e(outcome)}</td></tr>")
+    timeline = "".join(f"<tr><td>{f.time - result.started:.1f} s</td><td>{_e(f.rule)}</td><td>{_e(f.action)}</td>"
+                       f"<td>{_e(f.outcome)}</td></tr>" for f in result.timeline)
+    timings = "".join(f"<tr><td>{_e(name)}</td><td>{'-' if value is None else f'{value:.1f} s'}</td></tr>"
+                      for name, value in result.timings.items())
+    charts = "".join(f'<h2>{_e(title)}</h2><img src="{name}" alt="{_e(title)}">' for name, title in TITLES.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kfloop demo: {_e(result.model)}</title>
+<style>body{{font-family:sans-serif;max-width:1060px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+th{{background:#f4f4f4}}img{{max-width:100%}}</style></head><body>
+<h1>kfloop demo: {_e(result.model)}</h1>
+<p>Data {_e(result.data)}; speed x{result.speed:g} (windows, periods and cooldowns divided by it);
+{summary['duration_s']:.0f} s; {summary['requests']} client requests, <b>{summary['failed_client_requests']} failed</b>
+({summary['injected_failures']} more answered 503 while failures were injected on purpose).</p>
+<h2>The automation table</h2>
+<table><tr><th>stage</th><th>event</th><th>action</th><th>first fired</th><th>outcome</th></tr>{''.join(table_rows)}</table>
+<h2>Loop timings</h2><table>{timings}</table>
+<h2>Every firing</h2><table><tr><th>time</th><th>rule</th><th>action</th><th>outcome</th></tr>{timeline}</table>
+{charts}
+</body></html>
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))

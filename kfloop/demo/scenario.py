@@ -1,0 +1,518 @@
+"""The scripted demo: the automation table shown working end to end on one machine.
+
+:meth:`Demo.run` starts a :class:`~kfloop.local.stack.LocalStack` in a fresh folder,
+with the policy's windows, periods and cooldowns divided by ``speed``, and plays
+(client traffic from :mod:`kfloop.demo.traffic`):
+
+1. ``train``: the training pipeline (parallel tuning, then the best candidate: table rows 1-2);
+2. ``clean`` -> ``load`` -> ``calm``: holdout rows at half the request-rate
+   threshold, then at four times it until the autoscaler scales out (row 4),
+   then low again until it has scaled back in;
+3. ``fault``: every predictor answers 503 until the failure-rate rule scales out (row 3);
+4. ``drift``: a labelled shard of shifted rows arrives and the traffic shifts
+   to the same shift: drift alarm -> retraining on base + shard -> promotion
+   gate -> canary -> all traffic (row 5).
+
+Every client request, every autoscaling decision and the services' state
+(sampled twice a second) are recorded in a :class:`DemoResult`, with the rule
+firings and the loop timings; :mod:`kfloop.demo.report` draws it. Client requests
+that fail while 503s are being injected on purpose are counted apart from
+the others, which must all succeed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import numpy as np
+
+from kfloop.data import LabelledData, load_dataset
+from kfloop.errors import PermanentError, PolicyError
+from kfloop.policies import Policy, ScalingRule
+from kfloop.policies.signals import signal_of
+from kfloop.registry import ModelRegistry
+from kfloop.demo.traffic import RequestRecord, Traffic, shift
+from kfloop.local.stack import LocalStack, StackPorts
+
+PHASES = ("train", "clean", "load", "calm", "fault", "drift", "done")
+SAMPLE_SECONDS = 0.5
+DEMO_WATCH_ALPHA = 0.001  # false alarms per tested window: clean traffic must not start a retraining mid-scenario
+LABELLED_FRACTION = 0.5  # share of the training split that arrives shifted and labelled
+FINISHED_RUN = ("promoted", "rejected", "rolled_back", "failed")
+# Client request rates of the phases, as multiples of the request-rate rule's threshold (per replica).
+# The fault phase runs at the clean rate so that only the failure-rate rule has a reason to scale out.
+CLEAN_RATE, LOAD_RATE, FAULT_RATE, DRIFT_RATE = 0.5, 4.0, 0.5, 1.5
+SETTLED_SHARE = 0.75  # before the fault: the windowed request rate below this share of what min replicas take
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AutomationRow:
+    """One row of the automation table, as the demo reports it."""
+
+    key: str
+    stage: str
+    event: str
+    action: str
+
+
+def automation_rows(policy: Policy) -> tuple[AutomationRow, ...]:
+    """The table's five rows, with the scaling events worded from the policy's own rules."""
+    rows = [
+        AutomationRow("tune", "training", "hyper-parameters", "tune many sets in parallel"),
+        AutomationRow("select", "training", "several candidate models", "select the best"),
+    ]
+    for rule in sorted(policy.scaling.rules, key=lambda r: r.signal):  # failure_rate before request_rate, as in the table
+        rows.append(AutomationRow(rule.name, "inference", signal_of(rule).describe(rule.threshold, rule.window), "scale out"))
+    rows.append(AutomationRow("drift", "inference", "drift or outliers in new data", "retrain and update the model"))
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs on; ``policy`` is the unscaled policy."""
+
+    policy: Policy
+    home: Path
+    data_uri: str | None = None
+    target: str | None = None
+    speed: float = 10.0
+    ports: StackPorts = field(default_factory=StackPorts)
+
+
+@dataclass
+class Firing:
+    """A rule that fired: when, what it did and what came of it."""
+
+    rule: str
+    time: float
+    action: str
+    outcome: str
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo observed; times are epoch seconds."""
+
+    model: str
+    speed: float
+    data: str
+    started: float
+    finished: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # phase -> start time
+    requests: list[RequestRecord] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[Firing] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    alarm: dict[str, Any] | None = None
+    rows: tuple[AutomationRow, ...] = ()
+    scaling_rules: list[dict[str, Any]] = field(default_factory=list)  # the (time-scaled) policy's rules
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    def first_firings(self) -> dict[str, Firing]:
+        """The first firing of each rule."""
+        first: dict[str, Firing] = {}
+        for firing in self.timeline:
+            first.setdefault(firing.rule, firing)
+        return first
+
+    def run_after(self, moment: float) -> dict[str, Any] | None:
+        """The first retraining run queued at or after ``moment`` (one second's slack for clock reads)."""
+        return next((r for r in self.runs if r.get("queued", 0) >= moment - 1), None)
+
+    def phase_at(self, moment: float) -> str:
+        current = PHASES[0]
+        for phase, start in sorted(self.phases.items(), key=lambda item: item[1]):
+            if start <= moment:
+                current = phase
+        return current
+
+    @property
+    def failed_requests(self) -> list[RequestRecord]:
+        """Client requests that failed outside the injected fault."""
+        return [r for r in self.requests if r.status != 200 and r.phase != "fault"]
+
+    @property
+    def injected_failures(self) -> int:
+        return sum(1 for r in self.requests if r.status != 200 and r.phase == "fault")
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` document: rule firings, failed client requests and loop timings."""
+        return {
+            "model": self.model,
+            "data": self.data,
+            "speed": self.speed,
+            "duration_s": round(self.finished - self.started, 1),
+            "timeline": [{**asdict(f), "at_s": round(f.time - self.started, 1)} for f in self.timeline],
+            "requests": len(self.requests),
+            "failed_client_requests": len(self.failed_requests),
+            "injected_failures": self.injected_failures,
+            "loop_timings": self.timings,
+            "phases": {phase: round(start - self.started, 1) for phase, start in self.phases.items()},
+        }
+
+
+
+class Demo:
+    """One run of the scenario; :meth:`run` returns the :class:`DemoResult`."""
+
+    def __init__(self, settings: DemoSettings) -> None:
+        signals = {rule.signal for rule in settings.policy.scaling.rules}
+        if signals != {"request_rate", "failure_rate"}:
+            raise PolicyError(f"the demo needs one request_rate and one failure_rate scaling rule; the policy has {sorted(signals)}")
+        self.settings = settings
+        self.policy = settings.policy.time_scaled(settings.speed)
+        self.home = Path(settings.home)
+        self.result = DemoResult(model=self.policy.model, speed=settings.speed,
+                                 data=settings.data_uri or "builtin:digits", started=time.time(),
+                                 rows=automation_rows(self.policy),
+                                 scaling_rules=[rule.model_dump() for rule in self.policy.scaling.rules])
+        self.phase = PHASES[0]
+        self.status_line = "starting"
+        self.tasks_done = 0
+        self.stack: LocalStack | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def seconds(self, at_speed_one: float) -> float:
+        """A phase's length: ``at_speed_one`` divided by the speed, at least three seconds."""
+        return max(3.0, at_speed_one / self.settings.speed)
+
+    def _enter(self, phase: str, line: str) -> None:
+        self.phase, self.status_line = phase, line
+        self.result.phases[phase] = time.time()
+
+    def _record(self, record: RequestRecord) -> None:
+        with self._lock:
+            self.result.requests.append(record)
+
+    def _fire(self, rule: str, moment: float, action: str, outcome: str) -> None:
+        with self._lock:
+            bisect.insort(self.result.timeline, Firing(rule, moment, action, outcome), key=lambda f: f.time)
+
+    def wait_for(self, condition: Callable[[], bool], seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                raise PermanentError(f"demo: {what} did not happen within {seconds:.0f} s (phase {self.phase}); "
+                                  f"logs in {self.home / 'logs'}")
+            time.sleep(0.25)
+
+    # --- the scenario ---------------------------------------------------------------------------
+
+    def run(self) -> DemoResult:
+        self.home.mkdir(parents=True, exist_ok=True)
+        policy_path = self.policy.save(self.home / "policy.yaml")
+        registry_uri = str(self.home / "registry")
+        self.stack = LocalStack(self.policy, policy_path, self.home, registry_uri, data_uri=self.settings.data_uri,
+                                target=self.settings.target, ports=self.settings.ports, watch_alpha=DEMO_WATCH_ALPHA)
+        self.train()
+        data = load_dataset(self.settings.data_uri, target=self.settings.target)
+        holdout_rows, holdout_labels, train_rows, train_labels = self.split(data)
+        self.status_line = "starting predictor, transformer, watch, trigger and autoscaler"
+        self.stack.start()
+        sampler = threading.Thread(target=self._sample, name="kfloop-demo-sampler", daemon=True)
+        traffic = None
+        try:
+            sampler.start()
+            traffic = Traffic(self.stack.runtime.endpoints["v2"], self._record, lambda: self.phase)
+            traffic.start()
+            self.scale_out_and_in(traffic, holdout_rows, holdout_labels)
+            self.fail_predictors(traffic)
+            self.drift(traffic, data, holdout_rows, holdout_labels, train_rows, train_labels)
+        finally:
+            try:
+                if traffic is not None:
+                    traffic.stop()
+                self._stop.set()
+                sampler.join(timeout=10)
+                self._collect()
+            finally:
+                self.stack.stop()
+                self.result.finished = time.time()
+        self._enter("done", "finished")
+        self.result.timings = loop_timings(self.result)
+        return self.result
+
+    def train(self) -> None:
+        from kfloop.pipelines.local import run_training_locally
+
+        self._enter("train", "training: tuning candidates in parallel")
+        candidate_starts: list[float] = []
+        running = {"now": 0, "most": 0}
+        selected: dict[str, float] = {}
+
+        def on_task(name: str, state: str) -> None:
+            now = time.time()
+            if name.startswith("train-candidate"):
+                running["now"] += 1 if state == "started" else -1
+                running["most"] = max(running["most"], running["now"])
+                if state == "started":
+                    candidate_starts.append(now)
+            if name.startswith("select-best") and state == "succeeded":
+                selected["time"] = now
+            if state == "succeeded":
+                self.tasks_done += 1
+
+        decision = run_training_locally(self.policy, registry_uri=self.stack.registry_uri, workdir=self.home,
+                                        data_uri=self.settings.data_uri, target=self.settings.target,
+                                        model=self.policy.model, on_task=on_task)
+        if not decision.get("promoted"):
+            raise PermanentError(f"demo: the first training did not promote a version ({decision.get('reason')})")
+        metadata = ModelRegistry(self.stack.registry_uri).metadata(self.policy.model, decision["version"])
+        candidates = metadata["candidates"]
+        scores = [c["metrics"][metadata["selection_metric"]] for c in candidates]
+        self.result.training = {"version": decision["version"], "candidates": len(candidates),
+                                "most_at_once": running["most"], "params": metadata["params"],
+                                "cv_metrics": metadata["cv_metrics"], "holdout_metrics": metadata["metrics"],
+                                "finished": time.time()}
+        self._fire("tune", min(candidate_starts, default=self.result.phases["train"]), "tune many sets in parallel",
+                   f"{len(candidates)} candidates, up to {running['most']} at once; CV "
+                   f"{metadata['selection_metric']} {min(scores):.3f}-{max(scores):.3f}")
+        self._fire("select", selected.get("time", time.time()), "select the best",
+                   f"best {metadata['params']} (CV {metadata['cv_metrics'][metadata['selection_metric']]:.3f}, "
+                   f"holdout accuracy {metadata['metrics']['accuracy']:.3f}); version {decision['version']} promoted")
+
+    def split(self, data: LabelledData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Holdout rows and labels, then training rows and labels: the pipeline's own split (same seed and fraction)."""
+        from kfloop.training import holdout_split
+
+        training = self.policy.training
+        train, holdout = holdout_split(data, holdout_fraction=training.holdout_fraction, seed=training.seed)
+        return data.features[holdout], data.labels[holdout], data.features[train], data.labels[train]
+
+    def _rule(self, signal: str) -> ScalingRule:
+        """The (time-scaled) policy's rule of ``signal`` (checked to exist in the constructor)."""
+        return next(rule for rule in self.policy.scaling.rules if rule.signal == signal)
+
+    def _signal(self, signal: str) -> float | None:
+        """The last evaluated value of the rule of ``signal``."""
+        decisions = self.stack.autoscaler.decisions
+        return decisions[-1].values.get(self._rule(signal).name) if decisions else None
+
+    def _scaled_out_by(self, signal: str, since: float) -> bool:
+        """Whether the rule of ``signal`` has driven a scale-out since ``since``."""
+        name = self._rule(signal).name
+        return any(d.time >= since and d.action == "scale_out" and name in d.firing
+                   for d in list(self.stack.autoscaler.decisions))
+
+    def scale_out_and_in(self, traffic: Traffic, rows: np.ndarray, labels: np.ndarray) -> None:
+        threshold = self._rule("request_rate").threshold
+        scaling = self.policy.scaling
+        self._enter("clean", f"clean holdout traffic at {CLEAN_RATE * threshold:g} req/s")
+        traffic.set(CLEAN_RATE * threshold, rows, labels)
+        time.sleep(self.seconds(100))
+        self._enter("load", f"load at {LOAD_RATE * threshold:g} req/s: {LOAD_RATE:g}x the request-rate threshold")
+        start = time.time()
+        traffic.set(LOAD_RATE * threshold)
+        self.wait_for(lambda: self._scaled_out_by("request_rate", start),
+                      self._rule("request_rate").window_seconds + 10 * scaling.evaluation_seconds + 60, "a request-rate scale-out")
+        time.sleep(self.seconds(100))
+        self._enter("calm", f"load back to {CLEAN_RATE * threshold:g} req/s: scale in after the {scaling.cooldown_seconds} s cooldown")
+        traffic.set(CLEAN_RATE * threshold)
+        self.wait_for(lambda: self.stack.runtime.replica_count() == scaling.min_replicas,
+                      self._rule("request_rate").window_seconds + scaling.cooldown_seconds + 20 * scaling.evaluation_seconds + 60,
+                      f"scale-in to {scaling.min_replicas} replica(s)")
+        # The windowed rate lags the traffic: let it settle, so the fault phase's scale-out has one cause.
+        settled = SETTLED_SHARE * threshold * scaling.min_replicas
+        self.wait_for(lambda: (self._signal("request_rate") or 0.0) < settled,
+                      self._rule("request_rate").window_seconds + 10 * scaling.evaluation_seconds + 30,
+                      f"the windowed request rate to fall below {settled:g} req/s")
+
+    def fail_predictors(self, traffic: Traffic) -> None:
+        scaling = self.policy.scaling
+        self._enter("fault", "every predictor answers 503 (fault injection)")
+        start = time.time()
+        traffic.set(FAULT_RATE * self._rule("request_rate").threshold)
+        self.stack.runtime.inject_failures(1.0)
+        try:
+            self.wait_for(lambda: self._scaled_out_by("failure_rate", start),
+                          self._rule("failure_rate").window_seconds + 10 * scaling.evaluation_seconds + 60, "a failure-rate scale-out")
+        finally:
+            self.stack.runtime.inject_failures(0.0)
+
+    def drift(self, traffic: Traffic, data: LabelledData, holdout_rows: np.ndarray, holdout_labels: np.ndarray,
+              train_rows: np.ndarray, train_labels: np.ndarray) -> None:
+        self._enter("drift", "a labelled shard of shifted rows arrives; traffic shifts")
+        rng = np.random.default_rng(self.policy.training.seed)
+        chosen = np.sort(rng.choice(len(train_rows), size=max(1, int(len(train_rows) * LABELLED_FRACTION)), replace=False))
+        self.write_labelled_shard(LabelledData(shift(train_rows[chosen], train_rows), train_labels[chosen],
+                                               data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
+        start = time.time()
+        traffic.set(DRIFT_RATE * self._rule("request_rate").threshold, shift(holdout_rows, train_rows), holdout_labels)
+        self.wait_for(lambda: any(r.get("outcome") in FINISHED_RUN and r.get("queued", 0) >= start
+                                  for r in self._trigger_runs()), 900, "a retraining run and its rollout")
+        time.sleep(self.seconds(50))
+
+    def write_labelled_shard(self, data: LabelledData) -> Path:
+        """Labels for the shifted rows, as a labelled shard in the registry's captures."""
+        return ModelRegistry(self.stack.registry_uri).captures(self.policy.model).add_labelled(data)
+
+    # --- observation ----------------------------------------------------------------------------
+
+    def _trigger_runs(self) -> list[dict[str, Any]]:
+        try:
+            return httpx.get(self.stack.urls["trigger"] + "/status", timeout=5).json()["runs"]
+        except httpx.HTTPError:
+            return []
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            try:
+                self._take_sample()
+            except Exception:  # one bad sample (a service restarting) must not end the recording
+                log.exception("demo: sampling the stack failed; next try in %.1f s", SAMPLE_SECONDS)
+
+    def _take_sample(self) -> None:
+        try:
+            watch = httpx.get(self.stack.urls["watch"] + "/status", timeout=2).json()
+        except httpx.HTTPError:
+            watch = {}
+        shares = self.stack.runtime.status()["traffic"]  # waits while the runtime starts replicas
+        now = time.time()
+        decisions = self.stack.autoscaler.decisions
+        last = decisions[-1] if decisions else None
+        window = watch.get("last_window") or {}
+        with self._lock:
+            recent = [r for r in self.result.requests if r.time >= now - 5.0]
+        self.result.samples.append({
+            "time": now,
+            "phase": self.phase,
+            "replicas": sum(len(s["replicas"]) for s in shares),
+            "traffic": {s["version"]: s["weight"] for s in shares},
+            "signals": dict(last.values) if last else {},
+            "min_p_value": window.get("min_p_value"),
+            "watched_version": watch.get("version"),
+            "alarm": bool(watch.get("last_alarm")),
+            "client_rate": len(recent) / 5.0,
+        })
+        if watch.get("last_alarm") and self.result.alarm is None:
+            self.result.alarm = watch["last_alarm"]
+
+    def _decision_records(self) -> list[dict[str, Any]]:
+        """The autoscaler's decisions so far, as plain records (with their derived ``action``)."""
+        return [{**asdict(d), "action": d.action} for d in list(self.stack.autoscaler.decisions)]
+
+    def _collect(self) -> None:
+        """Decisions, runs and the firings they make, after the scenario."""
+        result = self.result
+        result.decisions = self._decision_records()
+        result.runs = self._trigger_runs()
+        for firing in scaling_firings(result.decisions):
+            self._fire(firing.rule, firing.time, firing.action, firing.outcome)
+        if result.alarm is not None:
+            raised = alarm_time(result.alarm)
+            run = result.run_after(raised)
+            outcome = "no retraining run" if run is None else _describe_run(run, self.policy)
+            self._fire("drift", raised, "retrain and update the model",
+                       f"{result.alarm['type']} ({result.alarm['drifted_features']} drifted features, "
+                       f"min p {result.alarm['min_p_value']:.1e}); {outcome}")
+
+    def live_state(self) -> dict[str, Any]:
+        """What the live display shows now."""
+        sample = self.result.samples[-1] if self.result.samples else {}
+        with self._lock:
+            requests = len(self.result.requests)
+            failed, injected = len(self.result.failed_requests), self.result.injected_failures
+            fired = {rule: firing.time for rule, firing in self.result.first_firings().items()}
+        if self.stack is not None and self.stack.autoscaler is not None:  # scaling rules fire before _collect
+            for firing in scaling_firings(self._decision_records()):
+                fired.setdefault(firing.rule, firing.time)
+        if self.result.alarm is not None:
+            fired.setdefault("drift", alarm_time(self.result.alarm))
+        return {
+            "phase": self.phase,
+            "line": self.status_line,
+            "elapsed": time.time() - self.result.started,
+            "tasks_done": self.tasks_done,
+            "sample": sample,
+            "requests": requests,
+            "failed": failed,
+            "injected": injected,
+            "fired": fired,
+        }
+
+
+def scaling_firings(decisions: list[dict[str, Any]]) -> list[Firing]:
+    """The autoscaler's decisions as firings: each rule that drove a scale-out, and each scale-in."""
+    firings = []
+    for decision in decisions:
+        change = f"{decision['current']} -> {decision['desired']} replicas"
+        if decision["action"] == "scale_out":
+            firings += [Firing(rule, decision["time"], "scale out",
+                               f"{change} ({rule} = {decision['values'].get(rule, float('nan')):.3g})")
+                        for rule in decision["firing"]]
+        elif decision["action"] == "scale_in":
+            firings.append(Firing("cooldown", decision["time"], "scale in", f"{change} ({decision['reason']})"))
+    return firings
+
+
+def _describe_run(run: dict[str, Any], policy: Policy) -> str:
+    outcome = run.get("outcome")
+    if outcome == "promoted":
+        observed = run.get("full_traffic", 0.0) - run.get("canary_started", 0.0)
+        return (f"version {run.get('version')} passed the gate, canary {policy.rollout.canary_percent:g} % for "
+                f"{observed:.0f} s ({run.get('canary_answers', 0):g} answers, "
+                f"{run.get('canary_failure_rate', 0):.0%} 5xx), then 100 %")
+    if outcome == "rejected":
+        return f"version {run.get('version')} rejected by the gate: {run.get('gate')}"
+    if outcome == "rolled_back":
+        return f"version {run.get('version')} rolled back: {run.get('rollback_reason')}"
+    return f"run {outcome}: {run.get('error', '')}"
+
+
+def alarm_time(alarm: dict[str, Any]) -> float:
+    """When the watch raised ``alarm``: the time of the last row of the window that tripped it."""
+    return datetime.fromisoformat(alarm["window"]["last_time"].replace("Z", "+00:00")).timestamp()
+
+
+def loop_timings(result: DemoResult) -> dict[str, float | None]:
+    """Seconds between the loop's steps (None where a step did not happen)."""
+
+    def gap(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else round(end - start, 2)
+
+    shifted = min((r.time for r in result.requests if r.phase == "drift"), default=None)
+    alarm = alarm_time(result.alarm) if result.alarm else None
+    run = (result.run_after(alarm) if alarm is not None else None) or {}
+    load = result.phases.get("load")
+    first_out = next((d for d in result.decisions if d["action"] == "scale_out" and result.phase_at(d["time"]) == "load"), None)
+    scale_out = first_out["time"] if first_out else None
+    ready = next((s["time"] for s in result.samples
+                  if first_out and s["time"] >= first_out["time"] and s["replicas"] >= first_out["desired"]), None)
+    return {
+        "first_shifted_request_to_alarm_s": gap(shifted, alarm),
+        "alarm_to_pipeline_start_s": gap(alarm, run.get("started")),
+        "pipeline_s": gap(run.get("started"), run.get("trained")),
+        "promotion_to_full_traffic_s": gap(run.get("trained"), run.get("full_traffic")),
+        "first_shifted_request_to_full_traffic_s": gap(shifted, run.get("full_traffic")),
+        "scale_out_reaction_s": gap(load, scale_out),
+        "scale_out_to_replica_ready_s": gap(scale_out, ready),
+        "initial_training_s": gap(result.phases.get("train"), result.training.get("finished")),
+    }
+
+
+def new_demo_home(parent: Path) -> Path:
+    """A fresh folder per demo run, so no earlier run's registry or state is touched."""
+    return Path(parent) / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
+def save_result(result: DemoResult, path: Path) -> None:
+    """The whole record as JSON, for a look after the run (what the report and ``--json`` summarise)."""
+    path.write_text(json.dumps({**result.summary(), "samples": result.samples, "decisions": result.decisions,
+                                "requests": [asdict(r) for r in result.requests], "runs": result.runs,
+                                "training": result.training, "alarm": result.alarm}, default=str))

@@ -1,0 +1,11 @@
+"""The CloudEvent types kfloop sends and receives: one name for each, shared by servers, policies and manifests."""
+
+from __future__ import annotations
+
+__all__ = ["ALARM_EVENTS", "DRIFT_EVENT", "OUTLIER_EVENT", "REQUEST_EVENT", "RESPONSE_EVENT"]
+
+REQUEST_EVENT = "org.kubeflow.serving.inference.request"  # KServe's payload logger: an inference request
+RESPONSE_EVENT = "org.kubeflow.serving.inference.response"  # ... and its answer
+DRIFT_EVENT = "io.kfloop.drift.detected"  # the watch: the window's features drifted
+OUTLIER_EVENT = "io.kfloop.outlier.detected"  # the watch: too many outliers in the window
+ALARM_EVENTS = (DRIFT_EVENT, OUTLIER_EVENT)

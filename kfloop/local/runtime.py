@@ -1,0 +1,413 @@
+"""The local serving runtime: predictor replicas and the transformer as supervised processes.
+
+:class:`ServingRuntime` is the embedded stand-in for what a cluster does with
+an InferenceService: it starts ``kfloop predictor`` replicas (REST only, on
+free loopback ports) and one client-facing ``kfloop transformer`` on the
+given ports, waits until each answers its V2 readiness route, restarts a
+process that dies (with back-off), and stops every process it started by PID.
+
+Changes never fail a request: a new replica or version is started and made
+ready first, then the transformer's traffic split is swapped
+(``PUT /kfloop/routes``), then the old replicas are drained (no request in
+flight to them) and stopped. The same operations are exposed over a small
+JSON admin API (:class:`AdminServer`) for other processes.
+
+Processes are :class:`~kfloop.local.supervisor.ManagedProcess` es.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kfloop.errors import InputError, KfloopError, NotFoundError, UpstreamError, to_http
+from kfloop.durable import atomic_write
+from kfloop.local.supervisor import ManagedProcess, free_port
+from kfloop.registry import ModelRegistry
+
+__all__ = ["AdminServer", "Replica", "ServingRuntime", "TrafficShare"]
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT = 30.0
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass
+class Replica:
+    """A predictor replica serving one version."""
+
+    version: str
+    port: int
+    process: ManagedProcess
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class TrafficShare:
+    """A version and the percentage of requests it takes."""
+
+    version: str
+    weight: float
+    replicas: list[Replica] = field(default_factory=list)
+
+
+class ServingRuntime:
+    """Predictors + transformer for one registry model, on this machine."""
+
+    def __init__(
+        self,
+        registry_uri: str,
+        model: str,
+        *,
+        version: str | None = None,
+        replicas: int = 1,
+        host: str = "127.0.0.1",
+        http_port: int = 8080,
+        grpc_port: int = 8081,
+        logger_url: str | None = None,
+        log_dir: Path = Path(".kfloop/logs"),
+        max_batch: int = 1024,
+        fault_injection: bool = False,
+        prometheus_targets: Path | None = None,
+    ) -> None:
+        self.registry = ModelRegistry(registry_uri)
+        if not self.registry.is_local:
+            raise InputError("the local runtime serves from a local registry path")
+        self.model = model
+        self.initial_version = version
+        self.initial_replicas = replicas
+        self.host = host
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.logger_url = logger_url
+        self.log_dir = Path(log_dir)
+        self.max_batch = max_batch
+        self.fault_injection = fault_injection
+        self.prometheus_targets = prometheus_targets
+        self.shares: list[TrafficShare] = []
+        self.transformer: ManagedProcess | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start replicas, then the transformer in front of them; return once all are ready."""
+        version = self.registry.resolve(self.model, self.initial_version)
+        with self._lock:
+            share = TrafficShare(version, 100.0, self._start_replicas(version, self.initial_replicas))
+            self.shares = [share]
+            self.transformer = self._transformer_process(version, [r.address for r in share.replicas])
+            self.transformer.spawn()
+            self.transformer.wait_ready()
+            self._write_prometheus_targets()
+        self._supervisor = threading.Thread(target=self._supervise, name="kfloop-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop(self) -> None:
+        """Stop every process this runtime started (transformer first, then replicas)."""
+        self._stop.set()
+        with self._lock:
+            processes = ([self.transformer] if self.transformer else []) + [
+                r.process for s in self.shares for r in s.replicas
+            ]
+            for process in processes:
+                process.stop()
+            self.shares = []
+
+    def __enter__(self) -> "ServingRuntime":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "rest": f"http://{self.host}:{self.http_port}",
+            "grpc": f"{self.host}:{self.grpc_port}",
+            "v1": f"http://{self.host}:{self.http_port}/v1/models/{self.model}:predict",
+            "v2": f"http://{self.host}:{self.http_port}/v2/models/{self.model}/infer",
+        }
+
+    # --- operations --------------------------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        """The version taking the most traffic."""
+        return max(self.shares, key=lambda s: s.weight).version
+
+    def replica_count(self, version: str | None = None) -> int:
+        version = version or self.version
+        return sum(len(s.replicas) for s in self.shares if s.version == version)
+
+    def scale(self, replicas: int) -> int:
+        """Set the number of predictor replicas of the main version (at least 1)."""
+        if replicas < 1:
+            raise InputError(f"replicas must be at least 1, got {replicas}")
+        with self._lock:
+            share = max(self.shares, key=lambda s: s.weight)
+            if replicas > len(share.replicas):
+                share.replicas.extend(self._start_replicas(share.version, replicas - len(share.replicas)))
+                self._apply_routes()
+            elif replicas < len(share.replicas):
+                removed = share.replicas[replicas:]
+                del share.replicas[replicas:]
+                self._apply_routes()
+                self._drain_and_stop(removed)
+            return len(share.replicas)
+
+    def set_traffic(self, weights: dict[str, float]) -> None:
+        """Send ``weights`` (version -> percent) of requests to each version; starts and drains replicas."""
+        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise InputError(f"traffic weights must be non-negative and not all zero, got {weights}")
+        with self._lock:
+            replicas_each = max(1, self.replica_count())
+            kept, dropped = [], []
+            for version, weight in weights.items():
+                self.registry.metadata(self.model, version)
+                current = next((s for s in self.shares if s.version == version), None)
+                if weight == 0:
+                    continue
+                if current is None:
+                    current = TrafficShare(version, weight, self._start_replicas(version, replicas_each))
+                current.weight = float(weight)
+                kept.append(current)
+            dropped = [s for s in self.shares if s not in kept]
+            self.shares = kept
+            self._apply_routes()
+            self._drain_and_stop([r for s in dropped for r in s.replicas])
+
+    def switch_version(self, version: str) -> None:
+        """Move all traffic to ``version`` without failing a request (start new, switch, drain old)."""
+        self.set_traffic({version: 100.0})
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "model": self.model,
+                "version": self.version if self.shares else None,
+                "endpoints": self.endpoints,
+                "transformer": self._describe(self.transformer) if self.transformer else None,
+                "traffic": [
+                    {"version": s.version, "weight": s.weight,
+                     "replicas": [{"address": r.address, **self._describe(r.process)} for r in s.replicas]}
+                    for s in self.shares
+                ],
+            }
+
+    @staticmethod
+    def _describe(process: ManagedProcess) -> dict[str, Any]:
+        return {"pid": process.pid, "alive": process.alive(), "restarts": process.restarts, "log": str(process.log_path)}
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _kfloop(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "kfloop", *args]
+
+    def _start_replicas(self, version: str, count: int) -> list[Replica]:
+        version_dir = self.registry.uri(self.model, version)
+        started = []
+        for _ in range(count):
+            port = free_port()
+            process = ManagedProcess(
+                name=f"predictor {self.model} v{version} :{port}",
+                argv=self._kfloop(
+                    "predictor", "--model-dir", version_dir, "--model", self.model, "--http-port", str(port),
+                    "--no-grpc", "--max-batch", str(self.max_batch), *(["--fault-injection"] if self.fault_injection else []),
+                ),
+                ready_url=f"http://127.0.0.1:{port}/v2/models/{self.model}/ready",
+                log_path=self.log_dir / f"predictor-{self.model}-v{version}-{port}.log",
+            )
+            process.spawn()
+            started.append(Replica(version, port, process))
+        try:
+            for replica in started:
+                replica.process.wait_ready()
+        except KfloopError:
+            for replica in started:
+                replica.process.stop()
+            raise
+        return started
+
+    def _transformer_process(self, version: str, upstreams: list[str]) -> ManagedProcess:
+        argv = self._kfloop(
+            "transformer", "--model", self.model, "--registry", self.registry.root, "--version", version,
+            "--predictor-host", ",".join(upstreams), "--host", self.host,
+            "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--max-batch", str(self.max_batch),
+        )
+        if self.logger_url:
+            argv += ["--logger-url", self.logger_url]
+        return ManagedProcess(
+            name=f"transformer {self.model}",
+            argv=argv,
+            ready_url=f"http://{self.host}:{self.http_port}/v2/models/{self.model}/ready",
+            log_path=self.log_dir / f"transformer-{self.model}.log",
+        )
+
+    def _routes_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}/kfloop/routes"
+
+    def metrics_urls(self) -> list[str]:
+        """``/metrics`` of every predictor replica (what a Prometheus would scrape)."""
+        with self._lock:
+            return [f"http://{r.address}/metrics" for s in self.shares for r in s.replicas]
+
+    def inject_failures(self, rate: float, version: str | None = None) -> None:
+        """Make the replicas (of ``version``, default all) answer ``rate`` of requests with 503."""
+        if not self.fault_injection:
+            raise InputError("this runtime was started without fault injection")
+        with self._lock:
+            replicas = [r for s in self.shares for r in s.replicas if version is None or s.version == version]
+        for replica in replicas:
+            answer = httpx.put(f"http://{replica.address}/kfloop/faults", json={"failure_rate": rate}, timeout=5.0)
+            if answer.status_code != 200:
+                raise UpstreamError(f"replica {replica.address} refused fault injection: {answer.text}")
+
+    def _write_prometheus_targets(self) -> None:
+        """Prometheus ``file_sd`` targets of the replicas, replaced atomically."""
+        if self.prometheus_targets is None:
+            return
+        groups = [{"targets": [r.address for r in s.replicas], "labels": {"version": s.version}} for s in self.shares]
+        atomic_write(self.prometheus_targets, json.dumps(groups))
+
+    def _apply_routes(self) -> None:
+        self._write_prometheus_targets()
+        routes = [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas]} for s in self.shares]
+        response = httpx.put(self._routes_url(), json={"routes": routes}, timeout=30.0)
+        if response.status_code != 200:
+            raise UpstreamError(f"transformer refused the new routes: HTTP {response.status_code} {response.text}")
+
+    def _drain_and_stop(self, replicas: list[Replica]) -> None:
+        """Wait until the transformer has no request in flight to ``replicas``, then stop them."""
+        addresses = {r.address for r in replicas}
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while addresses and time.monotonic() < deadline:
+            in_flight = httpx.get(self._routes_url(), timeout=5.0).json()["in_flight"]
+            if not any(in_flight.get(a, 0) for a in addresses):
+                break
+            time.sleep(0.05)
+        for replica in replicas:
+            replica.process.stop()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                processes = [r.process for s in self.shares for r in s.replicas]
+                transformer = self.transformer
+            for process in processes:
+                if not process.stopping and not process.alive():
+                    self._restart(process)
+            if transformer is not None and not transformer.stopping and not transformer.alive():
+                self._restart(transformer)
+                with self._lock:
+                    if transformer.alive():
+                        self._apply_routes()  # a fresh transformer starts with one route: restore the split
+
+    def _restart(self, process: ManagedProcess) -> None:
+        code = process.process.returncode if process.process else None
+        delay = RESTART_BACKOFF[min(process.restarts, len(RESTART_BACKOFF) - 1)]
+        log.warning("%s exited (code %s); restarting in %.1f s", process.name, code, delay)
+        if self._stop.wait(delay):
+            return
+        process.restarts += 1
+        process.spawn()
+        try:
+            process.wait_ready()
+        except KfloopError as exc:
+            log.error("restart of %s failed: %s", process.name, exc)
+
+
+class AdminServer:
+    """JSON admin API of a runtime on loopback.
+
+    ``GET /status``; ``GET /metrics``; ``POST /replicas`` ``{"replicas": n}``; ``POST /version``
+    ``{"version": "3"}``; ``POST /traffic`` ``{"weights": {"2": 90, "3": 10}}``.
+    Errors come back as ``{"error": ...}`` with the error's HTTP status.
+    """
+
+    def __init__(self, runtime: ServingRuntime, port: int, host: str = "127.0.0.1") -> None:
+        self.runtime = runtime
+        self.server = ThreadingHTTPServer((host, port), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, name="kfloop-admin", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        runtime = self.runtime
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _answer(self, exc: KfloopError) -> None:
+                answer = to_http(exc)
+                self._reply(answer.status, answer.body)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                if self.path == "/status":
+                    self._reply(200, runtime.status())
+                elif self.path == "/metrics":  # the autoscaler's decisions and signals
+                    data = generate_latest()
+                    self.send_response(200)
+                    self.send_header("content-type", CONTENT_TYPE_LATEST)
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                else:
+                    self._answer(NotFoundError(f"no route {self.path}; try GET /status"))
+
+            def do_POST(self) -> None:  # noqa: N802
+                try:
+                    length = int(self.headers.get("content-length", 0))
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                    if self.path == "/replicas":
+                        self._reply(200, {"replicas": runtime.scale(int(body["replicas"]))})
+                    elif self.path == "/version":
+                        runtime.switch_version(str(body["version"]))
+                        self._reply(200, runtime.status())
+                    elif self.path == "/traffic":
+                        runtime.set_traffic({str(k): float(v) for k, v in body["weights"].items()})
+                        self._reply(200, runtime.status())
+                    else:
+                        self._answer(NotFoundError(f"no route {self.path}; try /replicas, /version or /traffic"))
+                except KfloopError as exc:
+                    self._answer(exc)
+                except (KeyError, TypeError, ValueError) as exc:
+                    self._answer(InputError(f"bad request body: {exc!r}"))
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler

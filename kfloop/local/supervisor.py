@@ -1,0 +1,117 @@
+"""Supervised local processes: start a server, wait until it answers, stop it by its PID.
+
+:class:`ManagedProcess` is one server process of the local loop (a predictor
+replica, the transformer, the watch, the trigger). Children are started
+from one long-lived thread with ``PR_SET_PDEATHSIG``, so none outlives the
+process that started it.
+
+A process supervisor was written here rather than taken from circus: the
+runtime needs per-replica dynamic ports, readiness gates between steps and a
+traffic swap in the transformer, which circus' static watchers would only
+wrap, at the cost of a pyzmq control plane.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kfloop.errors import UpstreamError
+
+__all__ = ["READY_TIMEOUT", "ManagedProcess", "free_port"]
+
+READY_TIMEOUT = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Child side of Popen: get SIGTERM if the runtime process dies, so nothing is orphaned."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    """Popen from one long-lived thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends: a
+    child started from a short-lived admin-request thread would be killed as
+    soon as that request was answered.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfloop-spawn")
+    return _spawner.submit(subprocess.Popen, *args, preexec_fn=_die_with_parent, **kwargs).result()
+
+
+@dataclass
+class ManagedProcess:
+    """One supervised server process."""
+
+    name: str
+    argv: list[str]
+    ready_url: str
+    log_path: Path
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = 0.0
+    stopping: bool = False
+
+    def spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")
+        try:
+            self.process = _popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            log_file.close()
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise UpstreamError(f"{self.name} exited with code {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.ready_url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise UpstreamError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.stopping = True
+        if not self.alive():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)

@@ -1,0 +1,115 @@
+"""Payload CloudEvents as KServe's logger sends them, emitted off the request path.
+
+In a cluster KServe's agent sidecar logs payloads (``spec.transformer.logger``);
+on one machine there is no sidecar, so the transformer sends the *same*
+binary-mode events itself: ``ce-type`` ``org.kubeflow.serving.inference.request``
+/ ``.response``, one ``ce-id`` shared by the request and its response,
+``ce-source`` the emitting process, the request's ``Content-Type`` on both,
+and KServe's extensions (``inferenceservicename``, ``namespace``,
+``component``, ``endpoint``, ``recordedtime``, ``metadata``) plus
+``traceparent``. As in KServe, a response is logged only for a successful call.
+
+Events wait in a bounded queue and a background task posts them, so logging
+never slows or fails an inference; when the queue is full the event is dropped
+and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+import orjson
+
+from kfloop.serving.metrics import PAYLOAD_EVENTS, PAYLOAD_QUEUE
+
+__all__ = ["EventContext", "PayloadLogger"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What every event of one server carries."""
+
+    source: str
+    inference_service: str
+    namespace: str = ""
+    component: str = "transformer"
+    endpoint: str = ""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class PayloadLogger:
+    """Queue of payload events and the task that posts them to ``url``."""
+
+    def __init__(self, url: str, context: EventContext, model: str, queue_size: int = 1000, timeout: float = 5.0) -> None:
+        self.url = url
+        self.context = context
+        self.model = model
+        self.queue_size = queue_size
+        self.timeout = timeout
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+
+    def log(self, event_type: str, event_id: str, payload: Any, content_type: str, traceparent: str | None) -> None:
+        """Queue one event; never blocks, never raises. ``payload``: bytes, a JSON-able object, or has ``to_json()``."""
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=self.queue_size)
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        try:
+            self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, _now()))
+        except asyncio.QueueFull:
+            PAYLOAD_EVENTS.labels(self.model, "dropped").inc()
+        PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
+
+    def headers(self, event_type: str, event_id: str, content_type: str, traceparent: str | None, time: str) -> dict[str, str]:
+        headers = {
+            "ce-specversion": "1.0",
+            "ce-type": event_type,
+            "ce-id": event_id,
+            "ce-source": self.context.source,
+            "ce-time": time,
+            "ce-inferenceservicename": self.context.inference_service,
+            "ce-namespace": self.context.namespace,
+            "ce-component": self.context.component,
+            "ce-endpoint": self.context.endpoint,
+            "ce-recordedtime": _now(),
+            "ce-metadata": "null",
+            "content-type": content_type,
+        }
+        if traceparent:
+            headers["ce-traceparent"] = traceparent
+        return headers
+
+    async def _drain(self) -> None:
+        assert self._queue is not None
+        async with httpx.AsyncClient(timeout=self.timeout) as client:
+            while True:
+                event_type, event_id, payload, content_type, traceparent, time = await self._queue.get()
+                PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
+                body = _serialise(payload)
+                try:
+                    response = await client.post(
+                        self.url, content=body, headers=self.headers(event_type, event_id, content_type, traceparent, time)
+                    )
+                    outcome = "sent" if response.status_code < 300 else "failed"
+                except httpx.HTTPError as exc:
+                    log.warning("payload event %s to %s failed: %s", event_id, self.url, exc)
+                    outcome = "failed"
+                PAYLOAD_EVENTS.labels(self.model, outcome).inc()
+
+
+def _serialise(payload: Any) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if hasattr(payload, "to_json"):
+        return payload.to_json()
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,63 @@
+"""The trigger service as a real process running real kfp.local pipeline runs: alarm CloudEvents in,
+admission outcomes out (one run for a burst, then cooldown and budget), ignored and malformed events, and a
+run interrupted by a restart run again."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from testbed import Trigger, write_policy
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path, registry_with_weak_v1):
+    registry, _, full = registry_with_weak_v1
+    policy = write_policy(tmp_path / "p.yaml", full, cooldown_seconds=25, max_runs_per_day=2)
+    trigger = Trigger(tmp_path / "home", registry, policy)
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(50)]
+        with ThreadPoolExecutor(16) as pool:  # 100 near-simultaneous alarms, each id twice
+            outcomes = list(pool.map(lambda i: trigger.alarm(i).headers["x-kfloop-outcome"], ids + ids))
+        assert outcomes.count("started") == 1
+        assert outcomes.count("duplicate") == 50
+        assert set(outcomes) <= {"started", "duplicate", "coalesced"}
+        runs = trigger.wait_idle(1)
+        assert len(runs) == 1 and runs[0]["outcome"] == "promoted" and runs[0]["version"] == "2"
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "cooldown"
+        time.sleep(max(0.0, runs[0]["started"] + 25 - time.time()) + 1)
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "started"
+        assert len(trigger.wait_idle(2)) == 2
+        assert trigger.alarm().headers["x-kfloop-outcome"] == "budget"  # also inside the cooldown: the budget is named
+        ignored = trigger.alarm(event_type="io.kfloop.something.else")
+        assert ignored.status_code == 204 and "does not trigger retraining" in ignored.headers["x-kfloop-ignored"]
+        assert httpx.post(trigger.url + "/", content=b"nope").status_code == 400
+    finally:
+        trigger.stop()
+
+
+def test_a_run_interrupted_by_a_restart_is_run_again(tmp_path, registry_with_weak_v1):
+    registry, _, full = registry_with_weak_v1
+    policy = write_policy(tmp_path / "p.yaml", full)
+    trigger = Trigger(tmp_path / "home", registry, policy)
+    assert trigger.alarm("first").headers["x-kfloop-outcome"] == "started"
+    deadline = time.time() + 30
+    while time.time() < deadline and not trigger.status()["runs"]:
+        time.sleep(0.1)
+    trigger.stop()  # mid-run
+    state = json.loads((tmp_path / "home" / "trigger" / "trigger-state.json").read_text())
+    assert [r["outcome"] for r in state["runs"]] == ["running"]
+    trigger = Trigger(tmp_path / "home", registry, policy, port=trigger.port)
+    try:
+        runs = trigger.wait_idle(1)
+        assert runs[0]["restarted"] is True and runs[0]["event_id"] == "first"
+        assert runs[0]["outcome"] == "promoted"
+        assert trigger.alarm("first").headers["x-kfloop-outcome"] == "duplicate"
+    finally:
+        trigger.stop()

@@ -1,0 +1,198 @@
+"""The watch service driven over HTTP with real CloudEvents: accepted, ignored and malformed events, drift
+alarms at a real sink (through an outage and a restart), captured rows, and the production version followed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from cloudevents.conversion import to_binary, to_structured
+from cloudevents.http import CloudEvent
+
+from testbed import wait_until_answering, EventSink, register_version
+from kfloop.data import load_dataset
+from kfloop.registry import ModelRegistry
+from kfloop.local.supervisor import free_port
+from kfloop.training import Prepared
+
+
+REQUEST = "org.kubeflow.serving.inference.request"
+
+
+WINDOW = 40
+
+
+class Watch:
+    """A real ``kfloop watch`` process."""
+
+    def __init__(self, registry: Path, sink_port: int, state: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kfloop", "watch", "--registry", str(registry), "--model", "leaf",
+             "--sink", f"http://127.0.0.1:{sink_port}/", "--http-port", str(self.port), "--window", str(WINDOW),
+             "--stride", "10", "--state-dir", str(state), "--capture-rows", "50", "--follow-seconds", "0.5"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until_answering(self.url + "healthz", "watch", 60)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+    def status(self) -> dict:
+        return httpx.get(self.url + "status").json()
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+def event(rows: np.ndarray, *, mode: str = "binary", protocol: str = "v1", event_type: str = REQUEST, event_id: str | None = None):
+    if protocol == "v1":
+        data = {"instances": rows.tolist()}
+    else:
+        data = {"inputs": [{"name": "features", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]}
+    attributes = {"type": event_type, "source": "test", "id": event_id or str(uuid.uuid4()), "datacontenttype": "application/json"}
+    return (to_binary if mode == "binary" else to_structured)(CloudEvent(attributes, data))
+
+
+def post(watch: Watch, headers_body) -> httpx.Response:
+    headers, body = headers_body
+    return httpx.post(watch.url, headers=headers, content=body)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, serving_data):
+    root = tmp_path_factory.mktemp("watch")
+    registry = root / "registry"
+    register_version(registry, "leaf", serving_data, n_estimators=20, work=root / "v1")
+    register_version(registry, "leaf", serving_data, n_estimators=20, work=root / "v2", promote=False)
+    rows = Prepared.load(str(root / "v1" / "prepared.npz")).holdout_features
+    return {"root": root, "registry": registry, "rows": rows}
+
+
+@pytest.fixture
+def watch(setup, tmp_path):
+    sink = EventSink()
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    yield service, sink
+    service.stop()
+    sink.close()
+
+
+def test_events_in_both_modes_and_protocols_are_accepted_with_no_cloudevent_in_the_reply(watch, setup):
+    service, _ = watch
+    rows = setup["rows"][:5]
+    for mode in ("binary", "structured"):
+        for protocol in ("v1", "v2"):
+            answer = post(service, event(rows, mode=mode, protocol=protocol))
+            assert answer.status_code == 202 and answer.content == b""
+            assert not [h for h in answer.headers if h.lower().startswith("ce-")]
+    assert service.metric("kfloop_watch_rows_scored_total") == 20
+
+
+def test_malformed_ignored_and_duplicate_events(watch, setup):
+    service, _ = watch
+    rows = setup["rows"][:3]
+    not_an_event = httpx.post(service.url, content=b"hello", headers={"content-type": "text/plain"})
+    assert not_an_event.status_code == 400 and "not a CloudEvent" in not_an_event.json()["error"]
+    headers, body = event(rows)
+    no_id = httpx.post(service.url, headers={k: v for k, v in headers.items() if k != "ce-id"}, content=body)
+    assert no_id.status_code == 400 and no_id.json()["error"].startswith("not a CloudEvent")
+    short = post(service, event(rows[:, :10]))
+    assert short.status_code == 400 and "instance 0 has 10 values" in short.json()["error"]
+    garbage = httpx.post(service.url, headers=headers | {"ce-id": "g"}, content=b"{nope")
+    assert garbage.status_code == 400
+    response = post(service, event(rows, event_type="org.kubeflow.serving.inference.response"))
+    assert response.status_code == 204 and response.headers["x-kfloop-ignored"] == "response events carry no features"
+    other = post(service, event(rows, event_type="io.kfloop.drift.detected"))
+    assert other.status_code == 204 and "is not watched" in other.headers["x-kfloop-ignored"]
+    assert post(service, event(rows, event_id="same")).status_code == 202
+    assert post(service, event(rows, event_id="same")).status_code == 202
+    assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1
+    assert service.metric('kfloop_watch_events_total{model="leaf",outcome="invalid"}') == 4
+    assert service.status()["rows_in_window"] == 3
+
+
+def test_drifted_rows_raise_a_drift_alarm_at_the_sink(watch, setup):
+    service, sink = watch
+    rows = setup["rows"]
+    for start in range(0, WINDOW, 10):
+        assert post(service, event(rows[start:start + 10])).status_code == 202
+    for _ in range(4):
+        post(service, event(rows[:10] * 1.5 + 0.01))
+    deadline = time.time() + 15
+    while time.time() < deadline and not sink.events:
+        time.sleep(0.1)
+    alarm = sink.events[0]
+    assert alarm["type"] == "io.kfloop.drift.detected" and alarm["source"] == "kfloop/watch/leaf"
+    data = alarm.data
+    assert data["model"] == "leaf" and data["version"] == "1" and data["drift"] is True
+    assert data["drifted_features"] > 0 and data["min_p_value"] < data["drift_threshold"]
+    assert data["first_drifted_row"] == data["window"]["first_row"]
+    assert service.status()["last_alarm"]["id"] == alarm["id"]
+    assert service.metric('kfloop_watch_alarms_total{kind="drift",model="leaf"}') == 1
+
+
+def test_alarms_survive_a_sink_outage_and_a_restart_and_arrive_once_each(setup, tmp_path):
+    sink_port = free_port()
+    service = Watch(setup["registry"], sink_port, tmp_path / "state")
+    try:
+        for _ in range(12):  # 3 windows of shifted rows -> 3 alarms, sink down
+            post(service, event(setup["rows"][:10] * 2.0))
+        assert service.metric('kfloop_outbox_size{outbox="alarms"}') == 3
+    finally:
+        service.stop()
+    assert len(list((tmp_path / "state" / "outbox").glob("*.json"))) == 3
+    sink = EventSink(sink_port)
+    service = Watch(setup["registry"], sink_port, tmp_path / "state")
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and len({e["id"] for e in sink.events}) < 3:
+            time.sleep(0.1)
+        ids = [e["id"] for e in sink.events]
+        assert len(set(ids)) == 3
+        assert service.metric('kfloop_outbox_size{outbox="alarms"}') == 0
+    finally:
+        service.stop()
+        sink.close()
+
+
+def test_captured_rows_become_training_data_once_labelled(watch, setup):
+    service, _ = watch
+    registry = ModelRegistry(setup["registry"])
+    rows = setup["rows"][:50]
+    post(service, event(rows, event_id="cap"))
+    shards = sorted((setup["registry"] / "leaf" / "captures").rglob("*.csv"))
+    assert shards
+    shard = shards[-1]
+    lines = shard.read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["id", registry.metadata("leaf", "1")["feature_names"][0]]
+    assert lines[1].startswith("cap:0,")
+    labelled = shard.with_name("labelled.csv")
+    labelled.write_text("\n".join([lines[0] + ",label"] + [line + ",x" for line in lines[1:]]))
+    data = load_dataset(str(labelled), target="label")
+    np.testing.assert_allclose(data.features, rows)
+
+
+def test_the_watch_follows_the_production_version(watch, setup):
+    service, _ = watch
+    registry = ModelRegistry(setup["registry"])
+    registry.set_production("leaf", "2")
+    try:
+        deadline = time.time() + 15
+        while time.time() < deadline and service.status()["version"] != "2":
+            time.sleep(0.2)
+        assert service.status()["version"] == "2"
+    finally:
+        registry.set_production("leaf", "1")
