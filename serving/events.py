@@ -27,10 +27,25 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.errors import InputError, KfloopError, to_http
+from kfloop.serving.deliveries import delivery_key
 
-__all__ = ["IGNORED_HEADER", "EventReply", "EventService", "create_event_app", "error_response", "parse_cloudevent"]
+__all__ = ["IGNORED_HEADER", "Delivery", "EventReply", "EventService", "create_event_app", "error_response", "parse_cloudevent"]
 
 IGNORED_HEADER = "x-kfloop-ignored"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One HTTP delivery of an event: the parsed CloudEvent, its data's content type and the raw body."""
+
+    event: CloudEvent
+    content_type: str
+    body: bytes
+
+    @property
+    def key(self) -> str:
+        """Equal for a redelivery of this event, different for another event with the same id."""
+        return delivery_key(str(self.event["id"]), self.body)
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,7 @@ class EventReply:
 class EventService(Protocol):
     """What an event app serves: one event at a time, its status, and a health line."""
 
-    def handle(self, event: CloudEvent, content_type: str) -> EventReply:
+    def handle(self, delivery: Delivery) -> EventReply:
         """Act on one event; raise a :class:`~kfloop.errors.KfloopError` to refuse it."""
         ...
 
@@ -102,7 +117,7 @@ def create_event_app(
 
     def handle(headers: dict[str, str], body: bytes) -> EventReply:
         event = parse_cloudevent(headers, body)
-        return service.handle(event, event.get("datacontenttype") or headers.get("content-type", ""))
+        return service.handle(Delivery(event, event.get("datacontenttype") or headers.get("content-type", ""), body))
 
     @app.post("/")
     async def receive(request: Request) -> Response:

@@ -3,11 +3,14 @@
 In a cluster KServe's agent sidecar logs payloads (``spec.transformer.logger``);
 on one machine there is no sidecar, so the transformer sends the *same*
 binary-mode events itself: ``ce-type`` ``org.kubeflow.serving.inference.request``
-/ ``.response``, one ``ce-id`` shared by the request and its response,
-``ce-source`` the emitting process, the request's ``Content-Type`` on both,
-and KServe's extensions (``inferenceservicename``, ``namespace``,
-``component``, ``endpoint``, ``recordedtime``, ``metadata``) plus
-``traceparent``. As in KServe, a response is logged only for a successful call.
+/ ``.response``, one ``ce-id`` shared by the request and its response (the
+request's own inference id: a new one for every request, whatever id the
+client gave), ``ce-source`` the emitting process, the request's
+``Content-Type`` on both, and KServe's extensions (``inferenceservicename``,
+``namespace``, ``component``, ``endpoint``, ``recordedtime``, ``metadata``)
+plus ``traceparent`` and, when the client named its request, kfloop's
+``clientrequestid``. As in KServe, a response is logged only for a successful
+call.
 
 Events wait in a bounded queue and a background task posts them, so logging
 never slows or fails an inference; when the queue is full the event is dropped
@@ -59,18 +62,21 @@ class PayloadLogger:
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
 
-    def log(self, event_type: str, event_id: str, payload: Any, content_type: str, traceparent: str | None) -> None:
-        """Queue one event; never blocks, never raises. ``payload``: bytes, a JSON-able object, or has ``to_json()``."""
+    def log(self, event_type: str, event_id: str, payload: Any, content_type: str, traceparent: str | None,
+            *, client_id: str | None = None) -> None:
+        """Queue one event; never blocks, never raises. ``payload``: bytes, a JSON-able object, or has ``to_json()``;
+        ``client_id``, the id the client gave its request, travels as the ``clientrequestid`` extension."""
         if self._queue is None:
             self._queue = asyncio.Queue(maxsize=self.queue_size)
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         try:
-            self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, _now()))
+            self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, client_id, _now()))
         except asyncio.QueueFull:
             PAYLOAD_EVENTS.labels(self.model, "dropped").inc()
         PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
 
-    def headers(self, event_type: str, event_id: str, content_type: str, traceparent: str | None, time: str) -> dict[str, str]:
+    def headers(self, event_type: str, event_id: str, content_type: str, traceparent: str | None, time: str,
+                client_id: str | None = None) -> dict[str, str]:
         headers = {
             "ce-specversion": "1.0",
             "ce-type": event_type,
@@ -87,24 +93,31 @@ class PayloadLogger:
         }
         if traceparent:
             headers["ce-traceparent"] = traceparent
+        if client_id:
+            headers["ce-clientrequestid"] = _header_value(client_id)
         return headers
 
     async def _drain(self) -> None:
         assert self._queue is not None
         async with httpx.AsyncClient(timeout=self.timeout) as client:
             while True:
-                event_type, event_id, payload, content_type, traceparent, time = await self._queue.get()
+                event_type, event_id, payload, content_type, traceparent, client_id, time = await self._queue.get()
                 PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
                 body = _serialise(payload)
                 try:
                     response = await client.post(
-                        self.url, content=body, headers=self.headers(event_type, event_id, content_type, traceparent, time)
+                        self.url, content=body, headers=self.headers(event_type, event_id, content_type, traceparent, time, client_id)
                     )
                     outcome = "sent" if response.status_code < 300 else "failed"
                 except httpx.HTTPError as exc:
                     log.warning("payload event %s to %s failed: %s", event_id, self.url, exc)
                     outcome = "failed"
                 PAYLOAD_EVENTS.labels(self.model, outcome).inc()
+
+
+def _header_value(text: str) -> str:
+    """A client's id as a header value: printable ASCII, at most 256 characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:256])
 
 
 def _serialise(payload: Any) -> bytes:

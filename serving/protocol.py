@@ -28,6 +28,7 @@ INDEX_OUTPUT = "class_index"
 PROBA_OUTPUT = "probabilities"
 FLOAT_DATATYPES = {"FP32": np.float32, "FP64": np.float64}
 DEFAULT_MAX_BATCH = 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the predictor's ONNX input is float32
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ class InputSchema:
         names = self.feature_names
         span = f"{names[0]}..{names[-1]}" if len(names) > 2 else ", ".join(names)
         return f"{self.n_features} numbers per row ({span})"
+
+    def rows_from_body(self, body: Any) -> np.ndarray:
+        """Rows of a parsed V1 or V2 REST request body (what a payload event carries)."""
+        if isinstance(body, dict) and "instances" in body:
+            return self.rows_from_v1(body)
+        if isinstance(body, dict) and "inputs" in body:
+            if not isinstance(body["inputs"], list):
+                raise InputError('"inputs" must be a list of tensors')
+            return self.rows_from_v2(body["inputs"])
+        raise InputError('payload is neither V1 {"instances": [...]} nor V2 {"inputs": [...]}')
 
     def rows_from_v1(self, payload: Any) -> np.ndarray:
         """Rows of a V1 ``{"instances": [...]}`` body."""
@@ -137,12 +148,13 @@ class InputSchema:
         raise InputError(f"instances must be rows of {self._expected()}")
 
     def _finite(self, rows: np.ndarray) -> np.ndarray:
-        finite = np.isfinite(rows)
+        """The rows, if every value is a finite number the model's float32 input can hold."""
+        finite = np.isfinite(rows) & (np.abs(rows) <= FLOAT32_MAX)
         if not finite.all():
             row, column = (int(v) for v in np.argwhere(~finite)[0])
-            raise InputError(
-                f"row {row}, feature {self.feature_names[column]!r}: {rows[row, column]} is not a finite number"
-            )
+            value = rows[row, column]
+            reason = "is not a finite number" if not np.isfinite(value) else f"is out of the float32 range (|x| <= {FLOAT32_MAX:.4g})"
+            raise InputError(f"row {row}, feature {self.feature_names[column]!r}: {value} {reason}")
         return rows
 
 
@@ -154,15 +166,20 @@ def _as_tensor(item: Any) -> tuple[str, str, list[int], Any]:
     """(name, datatype, shape, lazy numpy array) of an ``InferInput`` or a REST input dict."""
     if isinstance(item, dict):
         try:
-            name, datatype, shape, data = item["name"], item["datatype"], list(item["shape"]), item["data"]
+            name, datatype, shape, data = item["name"], item["datatype"], item["shape"], item["data"]
         except KeyError as missing:
             raise InputError(f"every input needs name, shape, datatype and data; {missing} is missing") from None
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InputError(f"input name and datatype must be strings, got {name!r} and {datatype!r}")
+        shape = _checked_shape(name, shape)
 
         def array() -> np.ndarray:
             return _to_array(name, data, datatype, shape)
 
-        return str(name), str(datatype), shape, array
-    name, datatype, shape = item.name, item.datatype, list(item.shape)
+        return name, datatype, shape, array
+    if not hasattr(item, "datatype") or not hasattr(item, "shape"):
+        raise InputError(f"every input must be an object with name, shape, datatype and data, got {type(item).__name__}")
+    name, datatype, shape = str(item.name), str(item.datatype), _checked_shape(str(item.name), item.shape)
 
     def as_numpy() -> np.ndarray:
         if getattr(item, "_raw_data", None) is None and item.data is not None and not isinstance(item.data, np.ndarray):
@@ -175,15 +192,45 @@ def _as_tensor(item: Any) -> tuple[str, str, list[int], Any]:
     return name, datatype, shape, as_numpy
 
 
+def _checked_shape(name: str, shape: Any) -> list[int]:
+    """A tensor's shape as given: a list of whole numbers >= 0 (no -1: every row is counted as sent)."""
+    if not isinstance(shape, (list, tuple)) or not shape:
+        raise InputError(f"input {name!r}: shape must be a non-empty list of whole numbers, got {shape!r}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"input {name!r}: shape {list(shape)!r} must hold whole numbers >= 0 (no -1)")
+    return [int(d) for d in shape]
+
+
 def _to_array(name: str, data: Any, datatype: str, shape: list[int]) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InputError(f"input {name!r}: data must be a list of numbers ({datatype}), got {type(data).__name__}")
     try:
-        array = np.asarray(data, dtype=FLOAT_DATATYPES.get(datatype, np.float64))
-    except (TypeError, ValueError):
+        with np.errstate(over="ignore"):  # an FP32 value out of range becomes inf, refused by the finite check
+            array = np.asarray(data, dtype=FLOAT_DATATYPES.get(datatype, np.float64))
+    except (TypeError, ValueError, OverflowError):
         raise InputError(f"input {name!r}: data must be numbers ({datatype})") from None
     try:
         return array.reshape(shape)
     except ValueError:
         raise InputError(f"input {name!r}: shape {shape} does not match its {array.size} values") from None
+
+
+ENCODINGS = ("v1", "v2-fp32", "v2-fp64", "v2-per-feature-fp32")
+
+
+def request_body(rows: np.ndarray, encoding: str, feature_names: tuple[str, ...]) -> dict[str, Any]:
+    """The REST body a client sends for ``rows`` in one of :data:`ENCODINGS`: V1 rows (float64), one V2
+    tensor as FP32 or FP64, or one FP32 V2 tensor per feature -- as KServe's clients build them."""
+    if encoding == "v1":
+        return {"instances": rows.tolist()}
+    if encoding in ("v2-fp32", "v2-fp64"):
+        datatype = "FP32" if encoding == "v2-fp32" else "FP64"
+        data = rows.astype(FLOAT_DATATYPES[datatype]).ravel().tolist()
+        return {"inputs": [{"name": FEATURES_INPUT, "datatype": datatype, "shape": list(rows.shape), "data": data}]}
+    if encoding == "v2-per-feature-fp32":
+        return {"inputs": [{"name": name, "datatype": "FP32", "shape": [len(rows)], "data": rows[:, j].astype(np.float32).tolist()}
+                           for j, name in enumerate(feature_names)]}
+    raise InputError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
 
 
 VERSIONED_INPUT_PREFIX = f"{FEATURES_INPUT}@"

@@ -146,12 +146,14 @@ class _Call:
     """One inference request on its way through preprocess -> predict -> postprocess."""
 
     protocol: str  # "v1" or "v2"
-    request_id: str
+    request_id: str  # the client's id (V2 ``id`` or ``x-request-id``), else the inference id
+    inference_id: str  # this request's own id: the payload events' ce-id
     route: Route
     rows: np.ndarray
     preprocessors: dict[str, Preprocessor]  # the route's versions when the call began, plus any it learned
     scaled: dict[str, np.ndarray]  # version -> rows scaled with its preprocessor
     traceparent: str
+    client_id: str | None = None
     requested: set[str] | None = None
     from_grpc: bool = False
     version: str | None = None  # the version that answered
@@ -268,18 +270,21 @@ class ForestTransformer(Model):
             unknown = sorted((requested or set()) - {LABEL_OUTPUT, PROBA_OUTPUT})
             if unknown:
                 raise InputError(f"unknown output(s) {unknown}; this model has {LABEL_OUTPUT} and {PROBA_OUTPUT}")
-            request_id = payload.id or headers.get("x-request-id") or str(uuid.uuid4())
+            client_id = payload.id or headers.get("x-request-id")
         elif isinstance(payload, dict):
             rows = schema.rows_from_v1(payload)
             protocol, requested = "v1", None
-            request_id = headers.get("x-request-id") or str(uuid.uuid4())
+            client_id = headers.get("x-request-id")
         else:
             raise InputError("request body is not JSON: send Content-Type: application/json")
-        event_id = headers.get("ce-id") or request_id
+        # Every request gets its own id (clients may reuse theirs); the client's id travels beside it.
+        inference_id = str(uuid.uuid4())
         preprocessors = route.preprocessors()
         call = _Call(
             protocol=protocol,
-            request_id=event_id,
+            request_id=client_id or inference_id,
+            inference_id=inference_id,
+            client_id=client_id,
             route=route,
             rows=rows,
             preprocessors=preprocessors,
@@ -288,8 +293,9 @@ class ForestTransformer(Model):
             requested=requested,
             from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
         )
-        if self.payload_logger is not None:
-            self.payload_logger.log(REQUEST_EVENT, event_id, _event_body(payload), "application/json", call.traceparent)
+        if self.payload_logger is not None:  # logged only now that its rows are valid
+            self.payload_logger.log(REQUEST_EVENT, inference_id, _event_body(payload), "application/json", call.traceparent,
+                                    client_id=client_id)
         return call
 
     async def predict(self, call: _Call, headers: dict[str, str] | None = None) -> _Call:
@@ -408,7 +414,8 @@ class ForestTransformer(Model):
                 from_grpc=call.from_grpc,
             )
         if self.payload_logger is not None:
-            self.payload_logger.log(RESPONSE_EVENT, call.request_id, _event_body(response), "application/json", call.traceparent)
+            self.payload_logger.log(RESPONSE_EVENT, call.inference_id, _event_body(response), "application/json", call.traceparent,
+                                    client_id=call.client_id)
         return response
 
 

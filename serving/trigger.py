@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloudevents.http import CloudEvent
 from fastapi import FastAPI
 
 from kfloop.errors import KfloopError
 from kfloop.policies.retraining import RetrainingService
-from kfloop.serving.events import EventReply, create_event_app
+from kfloop.serving.events import Delivery, EventReply, create_event_app
 
 __all__ = ["OUTCOME_HEADER", "TriggerApp", "create_app"]
 
@@ -31,8 +30,8 @@ class TriggerApp:
     def __init__(self, service: RetrainingService) -> None:
         self.service = service
 
-    def handle(self, event: CloudEvent, content_type: str) -> EventReply:
-        config = self.service.config
+    def handle(self, delivery: Delivery) -> EventReply:
+        config, event = self.service.config, delivery.event
         if event["type"] not in config.policy.retraining.events:
             return EventReply.ignored(f"event type {event['type']!r} does not trigger retraining")
         data = event.get_data() if isinstance(event.get_data(), dict) else {}

@@ -3,9 +3,12 @@
 ``POST /`` takes CloudEvents in binary or structured mode as KServe's payload
 logger (or kfloop's transformer) sends them. Request events
 (``org.kubeflow.serving.inference.request``) with a V1 or V2 JSON body are
-parsed with the model's own input schema, deduplicated by ``ce-id``,
-captured for the next training and added to a sliding window; every
-``stride`` rows the last ``window`` rows are tested against the serving
+parsed with the model's own input schema (its batch limit on the real row
+count), taken once per delivery (:mod:`kfloop.serving.deliveries`: a
+redelivery -- same id, same body -- is a duplicate; two requests that share an
+id are two requests), captured for the next training and added to a sliding
+window; every ``stride`` rows (and at most once per ``stride_seconds``) the
+last ``window`` rows are tested at float32 precision against the serving
 version's reference sample (:mod:`kfloop.drift.detectors`). An alarm
 (``io.kfloop.drift.detected`` / ``io.kfloop.outlier.detected``) goes to a
 durable outbox and from there to the sink; the window then starts afresh.
@@ -21,17 +24,15 @@ reference and detectors switch to the new version and the window restarts.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
-from cloudevents.http import CloudEvent
 from fastapi import FastAPI
 from prometheus_client import Counter, Gauge
 
@@ -40,12 +41,12 @@ from kfloop.errors import InputError, KfloopError
 from kfloop.event_types import DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.registry import ModelRegistry
 from kfloop.drift.detectors import DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, make_detector
-from kfloop.serving.events import EventReply, create_event_app
+from kfloop.serving.deliveries import DeliveryMemory
+from kfloop.serving.events import Delivery, EventReply, create_event_app
 from kfloop.serving.outbox import Outbox
-from kfloop.serving.protocol import InputSchema
+from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
 
-MAX_ROWS_PER_EVENT = 100_000
-SEEN_IDS = 100_000
+SEEN_DELIVERIES = 100_000
 
 EVENTS = Counter("kfloop_watch_events", "CloudEvents received, by outcome.", ["model", "outcome"])
 ROWS = Counter("kfloop_watch_rows_scored", "Rows added to the drift window.", ["model"])
@@ -70,6 +71,8 @@ class WatchConfig:
     state_dir: Path
     window: int = 100
     stride: int | None = None  # rows between tests; default window // 4
+    stride_seconds: float = 1.0  # and at least this long between tests (at high rates)
+    max_batch: int = DEFAULT_MAX_BATCH  # rows one event may carry: the model's batch limit
     backend: str = "scipy"
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     capture: bool = True
@@ -100,10 +103,10 @@ class WatchService:
         self.registry = ModelRegistry(config.registry_uri)
         self.outbox = Outbox(Path(config.state_dir) / "outbox", config.sink_url)
         self._lock = threading.Lock()
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.last_alarm: dict[str, Any] | None = None
         self.watched = self._load(self.registry.resolve(config.model))
-        self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride)
+        self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
         self.capture = (
             self.registry.captures(config.model).writer(self.watched.schema.feature_names, flush_rows=config.capture_flush_rows)
             if config.capture else None
@@ -115,7 +118,7 @@ class WatchService:
                 reference, names = arrays["features"], tuple(arrays["feature_names"].tolist())
         detector = make_detector(self.config.backend, self.config.detector).fit(reference)
         log.info("watching %s version %s (%d reference rows, %s backend)", self.config.model, version, len(reference), self.config.backend)
-        return _Watched(version, InputSchema(names, MAX_ROWS_PER_EVENT), detector)
+        return _Watched(version, InputSchema(names, self.config.max_batch), detector)
 
     def follow_production(self) -> bool:
         """Switch to the production version if it moved; returns whether it did."""
@@ -125,14 +128,18 @@ class WatchService:
         watched = self._load(production)
         with self._lock:
             self.watched = watched
-            self.monitor = WindowMonitor(watched.detector, self.config.window, self.config.stride)
+            self.monitor = WindowMonitor(watched.detector, self.config.window, self.config.stride, stride_seconds=self.config.stride_seconds)
         return True
 
     # --- events ------------------------------------------------------------------------------
 
-    def handle(self, event: CloudEvent, content_type: str) -> EventReply:
-        """One payload event: 202 accepted (a duplicate too), 204 ignored, or an :class:`InputError`."""
-        model = self.config.model
+    def handle(self, delivery: Delivery) -> EventReply:
+        """One payload event: 202 accepted (a redelivery too), 204 ignored, or an :class:`InputError`.
+
+        A redelivery (same id, same body) is taken once; two requests that share
+        an id are two requests, and the second one's rows get ids of their own.
+        """
+        model, event = self.config.model, delivery.event
         event_type = event["type"]
         if event_type == RESPONSE_EVENT:
             EVENTS.labels(model, "ignored").inc()
@@ -140,24 +147,28 @@ class WatchService:
         if event_type != REQUEST_EVENT:
             EVENTS.labels(model, "ignored").inc()
             return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT})")
-        event_id = str(event["id"])
+        key = delivery.key
+        if key in self.deliveries:
+            EVENTS.labels(model, "duplicate").inc()
+            return EventReply(202)
+        rows = self._rows(event.get_data(), delivery.content_type)
         with self._lock:
-            if event_id in self._seen:
+            if not self.deliveries.remember(key):  # a concurrent delivery of the same event won
                 EVENTS.labels(model, "duplicate").inc()
                 return EventReply(202)
-        rows = self._rows(event.get_data(), content_type)
-        with self._lock:
-            if event_id in self._seen:  # a concurrent delivery of the same event won
-                EVENTS.labels(model, "duplicate").inc()
-                return EventReply(202)
-            self._seen[event_id] = None
-            if len(self._seen) > SEEN_IDS:
-                self._seen.popitem(last=False)
             EVENTS.labels(model, "accepted").inc()
             if self.capture is not None:
-                self.capture.add([f"{event_id}:{i}" for i in range(len(rows))], rows, self.watched.version)
+                prefix = self._capture_prefix(str(event["id"]), key)
+                self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version)
             self._add(rows)
         return EventReply(202)
+
+    def _capture_prefix(self, event_id: str, key: str) -> str:
+        """The event's id -- with its body's digest appended when another request already used the id,
+        before or since a restart -- so that captured row ids stay unique."""
+        if self.deliveries.deliveries_of(event_id) <= 1:
+            return event_id
+        return f"{event_id}~{key.rsplit(' ', 1)[-1][:12]}"
 
     def refused(self, error: KfloopError) -> None:
         EVENTS.labels(self.config.model, "invalid").inc()
@@ -173,20 +184,21 @@ class WatchService:
                 data = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
                 raise InputError(f"payload is not JSON: {exc}") from None
-        schema = self.watched.schema
-        if isinstance(data, dict) and "instances" in data:
-            return schema.rows_from_v1(data)
-        if isinstance(data, dict) and "inputs" in data:
-            if not isinstance(data["inputs"], list):
-                raise InputError('"inputs" must be a list of tensors')
-            return schema.rows_from_v2(data["inputs"])
-        raise InputError('payload is neither V1 {"instances": [...]} nor V2 {"inputs": [...]}')
+        return self.watched.schema.rows_from_body(data)
 
     def _add(self, rows: np.ndarray) -> None:
         ROWS.labels(self.config.model).inc(len(rows))
+        self._judge(lambda: self.monitor.add(rows, time.time()))
+
+    def test_due(self) -> None:
+        """Test rows that arrived faster than one test per ``stride_seconds`` (called by a timer)."""
+        with self._lock:
+            self._judge(lambda: self.monitor.test_due(time.time()))
+
+    def _judge(self, step: Callable[[], list[WindowAlarm]]) -> None:
         tested = self.monitor.windows_tested
-        alarms = self.monitor.add(rows, time.time())
-        if self.monitor.windows_tested != tested:
+        alarms = step()
+        if self.monitor.windows_tested != tested and self.monitor.last_result is not None:
             self._export(self.monitor.last_result)
         for alarm in alarms:
             self._raise(alarm)
@@ -263,24 +275,31 @@ def create_app(service: WatchService) -> FastAPI:
 
     async def start_tasks() -> None:
         background.append(asyncio.create_task(service.outbox.run()))
-        background.append(asyncio.create_task(_follow(service)))
+        background.append(asyncio.create_task(_every(service.config.follow_seconds, service.follow_production,
+                                                     f"following the production version of {service.config.model}")))
+        if service.config.stride_seconds > 0:  # rows that came faster than one test per stride_seconds
+            background.append(asyncio.create_task(_every(service.config.stride_seconds, service.test_due,
+                                                         f"testing the window of {service.config.model}")))
 
     async def stop_tasks() -> None:
         for task in background:
             task.cancel()
         if service.capture is not None:
             service.capture.flush()
+        service.deliveries.close()
 
-    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks)
+    # Scoring and file writes run in worker threads: /healthz answers while the service is saturated.
+    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, offload=True)
 
 
-async def _follow(service: WatchService) -> None:
+async def _every(seconds: float, work: Callable[[], object], what: str) -> None:
+    """Run ``work`` in a worker thread every ``seconds``; a failure is logged and the next round comes."""
     while True:
-        await asyncio.sleep(service.config.follow_seconds)
+        await asyncio.sleep(seconds)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, service.follow_production)
-        except Exception:  # a registry hiccup must not stop the watch; logged and retried next round
-            log.exception("could not follow the production version of %s", service.config.model)
+            await asyncio.get_running_loop().run_in_executor(None, work)
+        except Exception:  # a registry hiccup or a failed test must not stop the watch
+            log.exception("%s failed; trying again in %.1f s", what, seconds)
 
 
 def run_watch(config: WatchConfig, host: str = "127.0.0.1", port: int = 8085) -> None:

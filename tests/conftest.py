@@ -142,3 +142,11 @@ def registry_with_weak_v1(tmp_path, weak_v1):
     registry, small, full = weak_v1
     shutil.copytree(registry, tmp_path / "registry")
     return tmp_path / "registry", small, full
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``heavy`` (both cores, or timing-sensitive) run on one xdist worker, one after another;
+    the others share the second worker (``-n 2 --dist loadgroup`` in pyproject.toml)."""
+    for item in items:
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))

@@ -19,6 +19,8 @@ def watch(
     backend: Annotated[str, typer.Option("--backend", help="Detector backend: scipy (default) or alibi (BSL 1.1, needs kfloop[alibi]).")] = "scipy",
     window: Annotated[int, typer.Option("--window", min=10, help="Rows per tested window.")] = 100,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Rows between tests (default: window / 4).")] = None,
+    stride_seconds: Annotated[float, typer.Option("--stride-seconds", min=0, help="And at least this many seconds between tests (at high rates).")] = 1.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest batch (rows) one payload event may carry: the model's batch limit.")] = 1024,
     alpha: Annotated[float, typer.Option("--alpha", help="False-alarm rate per tested window (split between drift and outlier tests).")] = 0.05,
     correction: Annotated[str, typer.Option("--correction", help="Multiple-testing correction over features: fdr (Benjamini-Hochberg) or bonferroni.")] = "fdr",
     state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Outbox folder (default: HOME/watch/MODEL).")] = None,
@@ -43,7 +45,8 @@ def watch(
         raise typer.BadParameter(str(exc)) from None
     config = WatchConfig(
         registry_uri=registry_uri(registry, home), model=name, sink_url=sink,
-        state_dir=state_dir or home / "watch" / name, window=window, stride=stride, backend=backend,
+        state_dir=state_dir or home / "watch" / name, window=window, stride=stride, stride_seconds=stride_seconds,
+        max_batch=max_batch, backend=backend,
         detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
     )
     run_watch(config, host=host, port=http_port)

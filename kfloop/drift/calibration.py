@@ -21,6 +21,7 @@ from kfloop.data import LabelledData
 from kfloop.drift.detectors import WindowDetector, WindowMonitor
 
 Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+Encoding = Callable[[np.ndarray], np.ndarray]  # rows as sent -> rows as the watch reads them
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,19 @@ def _sample(pool: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray
     return pool[rng.integers(0, len(pool), rows)]
 
 
-def false_alarm_rate(detector: WindowDetector, clean: np.ndarray, *, windows: int, window: int, stride: int, seed: int = 0) -> tuple[float, int]:
-    """(alarms per tested window, windows tested) on a stream of clean rows."""
+def _as_sent(rows: np.ndarray) -> np.ndarray:
+    return rows
+
+
+def false_alarm_rate(detector: WindowDetector, clean: np.ndarray, *, windows: int, window: int, stride: int, seed: int = 0,
+                     encode: Encoding = _as_sent) -> tuple[float, int]:
+    """(alarms per tested window, windows tested) on a stream of clean rows, each passed through ``encode``
+    (what the watch reads after a client sent the rows in some encoding; by default the rows themselves)."""
     rng = np.random.default_rng(seed)
     monitor = WindowMonitor(detector, window, stride)
     alarms = 0
     while monitor.windows_tested < windows:
-        alarms += len(monitor.add(_sample(clean, stride, rng), 0.0))
+        alarms += len(monitor.add(encode(_sample(clean, stride, rng)), 0.0))
     return alarms / monitor.windows_tested, monitor.windows_tested
 
 
@@ -87,20 +94,21 @@ def detection(
     window: int,
     stride: int,
     seed: int = 0,
+    encode: Encoding = _as_sent,
 ) -> Detection:
-    """Alarm rate and delay when the stream turns from clean rows to ``shifted`` ones."""
+    """Alarm rate and delay when the stream turns from clean rows to ``shifted`` ones (all passed through ``encode``)."""
     rng = np.random.default_rng(seed)
     detected, early, delays = 0, 0, []
     done = 0
     while done < trials:
         monitor = WindowMonitor(detector, window, stride)
-        if monitor.add(_sample(clean, window, rng), 0.0):
+        if monitor.add(encode(_sample(clean, window, rng)), 0.0):
             early += 1  # a false alarm before the shift (counted by false_alarm_rate): draw the trial again
             continue
         done += 1
         first_shifted = window + 1
         alarm_row = None
-        for row in shifted(_sample(clean, 2 * window, rng), rng):
+        for row in encode(shifted(_sample(clean, 2 * window, rng), rng)):
             if monitor.add(row[None, :], 0.0):
                 alarm_row = monitor.rows_seen
                 break

@@ -17,6 +17,14 @@ The window's significance level ``alpha`` is split between the two tests
 (``alpha / 2`` each), so on clean data the chance that a window raises any
 alarm stays at or below ``alpha``.
 
+**Precision.** Both the reference and every window are compared at float32
+(:func:`at_model_precision`), the precision of the predictor's ONNX input:
+clients send V2 tensors as FP32, and a float64 reference against
+float32-rounded rows splits every tie of a feature with few distinct values
+(the leaf ``margin`` features have a few dozen, many of them zeros), which
+makes the KS statistic jump on clean data. On one grid, ties fall on the same
+values in both samples, and the KS test with ties is conservative.
+
 Backends: ``scipy`` (KS from SciPy, Mahalanobis distance with a Ledoit-Wolf
 covariance; no alibi-detect) and ``alibi`` (alibi-detect's ``KSDrift`` and
 ``IForest``; alibi-detect is BSL 1.1 -- production use needs a licence from
@@ -84,6 +92,11 @@ class WindowResult:
         return float(self.p_values.min())
 
 
+def at_model_precision(rows: np.ndarray) -> np.ndarray:
+    """``rows`` rounded to float32, as the predictor sees them (as float64, for the statistics)."""
+    return np.asarray(rows, dtype=np.float32).astype(np.float64)
+
+
 def corrected_threshold(p_values: np.ndarray, level: float, correction: Correction) -> float:
     """The largest p-value still significant after correcting for ``len(p_values)`` tests."""
     n = len(p_values)
@@ -115,7 +128,7 @@ class WindowDetector:
         """Keep the drift reference; fit the outlier scorer on one half and set its threshold on the other."""
         from scipy.stats import beta
 
-        reference = np.asarray(reference, dtype=np.float64)
+        reference = at_model_precision(reference)
         rng = np.random.default_rng(self.config.seed)
         order = rng.permutation(len(reference))
         fit_rows, calibration_rows = reference[order[: len(order) // 2]], reference[order[len(order) // 2:]]
@@ -128,7 +141,7 @@ class WindowDetector:
         return self
 
     def test(self, window: np.ndarray) -> WindowResult:
-        window = np.asarray(window, dtype=np.float64)
+        window = at_model_precision(window)
         p_values = self._p_values(window)
         level = self.config.alpha / 2
         threshold = corrected_threshold(p_values, level, self.config.correction)
@@ -161,24 +174,49 @@ class WindowDetector:
         raise NotImplementedError
 
 
-def ks_p_values(sorted_reference: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Two-sided two-sample KS p-value per column, as ``scipy.stats.ks_2samp(method="asymp")``.
+def _sort_keys(rows: np.ndarray) -> np.ndarray:
+    """Exact integer sort keys of float32 values, column ``j`` offset by ``j << 32``.
 
-    The reference comes sorted once; the statistic is computed with
-    ``searchsorted`` per column, and the (slow, exact) ``kstwo`` survival
-    function is memoised: statistics are fractions of the sample sizes, so
-    the same few values recur window after window.
+    The float32 bit pattern, made order-preserving (negative values flipped,
+    ``-0.0`` folded into ``0.0``), plus the column's offset: sorting the keys of
+    all columns at once sorts every column, and one ``searchsorted`` answers
+    for every column.
     """
-    n, m = len(sorted_reference), len(window)
-    ordered = np.sort(window, axis=0)
-    statistics = np.empty(window.shape[1])
-    for j in range(window.shape[1]):
-        reference, sample = sorted_reference[:, j], ordered[:, j]
-        points = np.concatenate([reference, sample])
-        gap = np.searchsorted(reference, points, side="right") / n - np.searchsorted(sample, points, side="right") / m
-        statistics[j] = np.abs(gap).max()
-    size = int(np.round(n * m / (n + m)))
-    return np.array([_ks_survival(round(float(d), 12), size) for d in statistics])
+    bits = (np.asarray(rows, dtype=np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)
+    ordered = np.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) + (1 << 31)
+    return ordered + (np.arange(rows.shape[1], dtype=np.int64) << 32)
+
+
+class KsReference:
+    """A reference sample kept sorted for two-sample KS tests of every column of a window at once.
+
+    :meth:`p_values` equals ``scipy.stats.ks_2samp(method="asymp")`` per column
+    (values compared at float32). The statistic is evaluated at the window's
+    points only -- ``F_win - F_ref`` at each point and ``F_ref - F_win`` just
+    below it -- which is where its supremum lies, with four vectorised
+    ``searchsorted`` calls over all columns; the (slow, exact) ``kstwo``
+    survival function is memoised: statistics are fractions of the sample
+    sizes, so the same few values recur window after window.
+    """
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.rows, self.columns = reference.shape
+        self._keys = np.sort(_sort_keys(reference), axis=0).ravel(order="F")
+
+    def statistics(self, window: np.ndarray) -> np.ndarray:
+        n, (m, d) = self.rows, window.shape
+        keys = np.sort(_sort_keys(window), axis=0).ravel(order="F")
+        column = np.repeat(np.arange(d, dtype=np.int64), m)
+        reference_at_or_below = np.searchsorted(self._keys, keys, "right") - column * n
+        reference_below = np.searchsorted(self._keys, keys, "left") - column * n
+        window_at_or_below = np.searchsorted(keys, keys, "right") - column * m
+        window_below = np.searchsorted(keys, keys, "left") - column * m
+        gap = np.maximum(window_at_or_below / m - reference_at_or_below / n, reference_below / n - window_below / m)
+        return gap.reshape(d, m).max(axis=1)
+
+    def p_values(self, window: np.ndarray) -> np.ndarray:
+        size = int(np.round(self.rows * len(window) / (self.rows + len(window))))
+        return np.array([_ks_survival(round(float(d), 12), size) for d in self.statistics(window)])
 
 
 @functools.lru_cache(maxsize=65536)
@@ -194,10 +232,10 @@ class ScipyDetector(WindowDetector):
     backend = "scipy"
 
     def _fit_drift(self, reference: np.ndarray) -> None:
-        self._sorted_reference = np.sort(reference, axis=0)
+        self._reference = KsReference(reference)
 
     def _p_values(self, window: np.ndarray) -> np.ndarray:
-        return ks_p_values(self._sorted_reference, window)
+        return self._reference.p_values(window)
 
     def _fit_outliers(self, rows: np.ndarray) -> None:
         from sklearn.covariance import LedoitWolf
@@ -235,16 +273,19 @@ class WindowAlarm:
 
 
 class WindowMonitor:
-    """A sliding window of the last ``window`` rows, tested every ``stride`` rows.
+    """A sliding window of the last ``window`` rows, tested every ``stride`` rows -- and, at high
+    rates, no more often than every ``stride_seconds`` (whichever comes later).
 
     After an alarm the window starts afresh, so one shift raises one alarm
     per ``window`` rows at most.
     """
 
-    def __init__(self, detector: WindowDetector, window: int, stride: int) -> None:
+    def __init__(self, detector: WindowDetector, window: int, stride: int, *, stride_seconds: float = 0.0) -> None:
         self.detector = detector
         self.window = window
         self.stride = stride
+        self.stride_seconds = stride_seconds
+        self._last_test = float("-inf")
         self._rows: list[np.ndarray] = []
         self._numbers: list[int] = []
         self._times: list[float] = []
@@ -275,14 +316,24 @@ class WindowMonitor:
             if len(self._rows) > self.window:
                 del self._rows[0], self._numbers[0], self._times[0]
             self._since_test += 1
-            if len(self._rows) == self.window and self._since_test >= self.stride:
-                self._since_test = 0
-                self.last_result = self.detector.test(np.vstack(self._rows))
-                self.windows_tested += 1
-                if self.last_result.drift or self.last_result.outlier_alarm:
-                    alarms.append(WindowAlarm(self.last_result, tuple(self._numbers), tuple(self._times)))
-                    self.reset()
+            if now - self._last_test >= self.stride_seconds:
+                alarms += self.test_due(now)
         return alarms
+
+    def test_due(self, now: float) -> list[WindowAlarm]:
+        """Test the window if ``stride`` rows came since the last test (the timer's call when rows arrive
+        faster than one test per ``stride_seconds``); returns the alarm it raised, if any."""
+        if len(self._rows) < self.window or self._since_test < self.stride:
+            return []
+        self._since_test = 0
+        self._last_test = now
+        self.last_result = self.detector.test(np.vstack(self._rows))
+        self.windows_tested += 1
+        if not (self.last_result.drift or self.last_result.outlier_alarm):
+            return []
+        alarm = WindowAlarm(self.last_result, tuple(self._numbers), tuple(self._times))
+        self.reset()
+        return [alarm]
 
 
 def make_detector(backend: str, config: DetectorConfig) -> WindowDetector:

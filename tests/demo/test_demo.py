@@ -12,6 +12,7 @@ SCENARIO_ORDER = ("tune", "select", "request-rate", "predictor-failures", "drift
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.heavy
 def test_a_shortened_demo_on_leaf_data_fires_every_rule_in_order_without_a_failed_request(tmp_path, kfloop_cli, shared_data):
     policy = tmp_path / "leaf-demo.yaml"
     policy.write_text(yaml.safe_dump({

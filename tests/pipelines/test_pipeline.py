@@ -36,6 +36,7 @@ def test_compiled_pipeline_is_a_pipeline_spec_with_parallel_for_and_collected(kf
     assert len(defaults) == 8
 
 
+@pytest.mark.heavy
 def test_train_promotes_first_refuses_no_gain_and_bad_data_then_promotes_better(kfloop_cli, tmp_path, small_policy):
     registry = tmp_path / "registry"
     small = digits_csv(tmp_path / "digits-small.csv", every=6)
@@ -102,6 +103,7 @@ def test_bad_policy_is_reported_before_anything_runs(kfloop_cli, tmp_path):
     assert "training.selection_metric: Input should be 'accuracy', 'macro_f1' or 'log_loss' (got 'auc')" in result.stderr
 
 
+@pytest.mark.heavy
 def test_leaf_training_reaches_097_with_eight_parallel_candidates(kfloop_cli, shared_data, tmp_path):
     result = kfloop_cli(
         "train", "--data", str(shared_data / "kaggle_leaf_train.csv"), "--model", "leaf",
@@ -115,6 +117,7 @@ def test_leaf_training_reaches_097_with_eight_parallel_candidates(kfloop_cli, sh
     assert outcome["data"]["classes"] == 99 and outcome["data"]["features"] == 192
 
 
+@pytest.mark.heavy
 def test_uci_folder_trains(kfloop_cli, shared_data, tmp_path, small_policy):
     result = kfloop_cli(
         "train", "--data", str(shared_data), "--model", "uci", "--policy", str(small_policy),

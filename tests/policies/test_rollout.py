@@ -21,6 +21,7 @@ from kfloop.local.supervisor import free_port
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse_or_failing_versions_do_not_stay(tmp_path, registry_with_weak_v1):
     registry, small, full = registry_with_weak_v1
     runtime = ServingRuntime(str(registry), "digits", http_port=free_port(), grpc_port=free_port(),
@@ -101,6 +102,7 @@ def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_serving(tmp_path, registry_with_weak_v1):
     from kfloop.policies.rollout import LocalDeployer, roll_out
 

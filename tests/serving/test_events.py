@@ -25,7 +25,7 @@ from kfloop.errors import (
     UpstreamError,
     VersionMismatch,
 )
-from kfloop.serving.events import IGNORED_HEADER, EventReply, create_event_app
+from kfloop.serving.events import Delivery, IGNORED_HEADER, EventReply, create_event_app
 
 REFUSALS: dict[str, KfloopError] = {
     "test.missing": NotFoundError("model 'leaf' has no version '9'"),
@@ -46,7 +46,8 @@ class Recorder:
         self.handling_slow = threading.Event()  # set while a ``test.slow`` event is being handled
         self.release = threading.Event()  # a ``test.slow`` event waits for it
 
-    def handle(self, event: CloudEvent, content_type: str) -> EventReply:
+    def handle(self, delivery: Delivery) -> EventReply:
+        event, content_type = delivery.event, delivery.content_type
         if event["type"] in REFUSALS:
             raise REFUSALS[event["type"]]
         if event["type"] == "test.ignored":

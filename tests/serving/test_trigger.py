@@ -17,6 +17,7 @@ from testbed import Trigger, write_policy
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.heavy
 def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path, registry_with_weak_v1):
     registry, _, full = registry_with_weak_v1
     policy = write_policy(tmp_path / "p.yaml", full, cooldown_seconds=25, max_runs_per_day=2)
@@ -42,6 +43,7 @@ def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path
         trigger.stop()
 
 
+@pytest.mark.heavy
 def test_a_run_interrupted_by_a_restart_is_run_again(tmp_path, registry_with_weak_v1):
     registry, _, full = registry_with_weak_v1
     policy = write_policy(tmp_path / "p.yaml", full)

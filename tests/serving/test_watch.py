@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
@@ -32,13 +34,14 @@ WINDOW = 40
 class Watch:
     """A real ``kfloop watch`` process."""
 
-    def __init__(self, registry: Path, sink_port: int, state: Path, port: int | None = None) -> None:
+    def __init__(self, registry: Path, sink_port: int, state: Path, port: int | None = None, *, max_batch: int = 1024) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kfloop", "watch", "--registry", str(registry), "--model", "leaf",
              "--sink", f"http://127.0.0.1:{sink_port}/", "--http-port", str(self.port), "--window", str(WINDOW),
-             "--stride", "10", "--state-dir", str(state), "--capture-rows", "50", "--follow-seconds", "0.5"],
+             "--stride", "10", "--stride-seconds", "0", "--max-batch", str(max_batch), "--state-dir", str(state),
+             "--capture-rows", "50", "--follow-seconds", "0.5"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until_answering(self.url + "healthz", "watch", 60)
@@ -57,8 +60,11 @@ class Watch:
         return 0.0
 
 
-def event(rows: np.ndarray, *, mode: str = "binary", protocol: str = "v1", event_type: str = REQUEST, event_id: str | None = None):
-    if protocol == "v1":
+def event(rows: np.ndarray, *, mode: str = "binary", protocol: str = "v1", event_type: str = REQUEST, event_id: str | None = None,
+          data: object = None):
+    if data is not None:
+        pass
+    elif protocol == "v1":
         data = {"instances": rows.tolist()}
     else:
         data = {"inputs": [{"name": "features", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]}
@@ -196,3 +202,115 @@ def test_the_watch_follows_the_production_version(watch, setup):
         assert service.status()["version"] == "2"
     finally:
         registry.set_production("leaf", "1")
+
+
+def wait_for_alarm(sink: EventSink, seconds: float = 15) -> list:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not sink.events:
+        time.sleep(0.1)
+    return sink.events
+
+
+def test_a_reused_client_id_does_not_hide_a_shift(watch, setup):
+    """KServe's logger names events by the request id; a client that reuses one id sends distinct requests."""
+    service, sink = watch
+    rows = setup["rows"]
+    for start in range(0, WINDOW, 10):
+        assert post(service, event(rows[start:start + 10], event_id="client-7")).status_code == 202
+    for row in rows[:WINDOW] * 1.5 + 0.01:
+        assert post(service, event(row[None, :], event_id="client-7")).status_code == 202
+    assert service.metric("kfloop_watch_rows_scored_total") == 2 * WINDOW
+    assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 0
+    alarms = wait_for_alarm(sink)
+    assert alarms and alarms[0].data["drift"] is True
+
+
+def test_a_redelivered_event_is_counted_once_also_across_a_restart(setup, tmp_path):
+    sink = EventSink()
+    rows = setup["rows"][:3]
+    delivery = event(rows, event_id="once")
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    try:
+        assert post(service, delivery).status_code == 202
+        assert post(service, delivery).status_code == 202
+        assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1
+    finally:
+        service.stop()
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    try:
+        assert post(service, delivery).status_code == 202
+        assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1
+        assert service.metric("kfloop_watch_rows_scored_total") == 0
+        assert post(service, event(rows * 1.01, event_id="once")).status_code == 202  # same id, another request
+        assert service.metric("kfloop_watch_rows_scored_total") == 3
+    finally:
+        service.stop()
+        sink.close()
+    captured = "".join(path.read_text() for path in (setup["registry"] / "leaf" / "captures").rglob("*.csv"))
+    ids = [line.split(",", 1)[0] for line in captured.splitlines() if line.startswith("once")]
+    assert len(ids) == len(set(ids)) == 6  # the second request's rows got ids of their own
+
+
+def features(n: int, rows: int) -> dict:
+    return {"name": "features", "datatype": "FP32", "shape": [rows, n], "data": [0.0] * (rows * n)}
+
+
+def test_malformed_payloads_get_400_and_the_watch_keeps_serving(setup, tmp_path):
+    sink = EventSink()
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state", max_batch=64)
+    n = setup["rows"].shape[1]
+    bodies = {
+        "a string for a tensor": {"inputs": ["x"]},
+        "a number for a shape": {"inputs": [{"name": "features", "datatype": "FP32", "shape": 5, "data": [0.0] * 5}]},
+        "a float in a shape": {"inputs": [{"name": "features", "datatype": "FP32", "shape": [2.0, n], "data": [0.0] * (2 * n)}]},
+        "-1 rows, none sent": {"inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, n], "data": []}]},
+        "-1 rows, some sent": {"inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, n], "data": [0.0] * (3 * n)}]},
+        "no rows": {"inputs": [features(n, 0)]},
+        "over the batch limit": {"inputs": [features(n, 65)]},
+        "V1 over the batch limit": {"instances": [[0.0] * n] * 65},
+        "a value float32 cannot hold": {"instances": [[1e39] + [0.0] * (n - 1)]},
+        "inputs not a list": {"inputs": {"name": "features"}},
+        "data not a list": {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, n], "data": "zeros"}]},
+        "a list, not an object": [[0.0] * n],
+    }
+    try:
+        for what, body in bodies.items():
+            answer = post(service, event(None, data=body))
+            assert answer.status_code == 400, (what, answer.status_code, answer.text)
+            assert answer.json()["error"], what
+        assert post(service, event(setup["rows"][:2], protocol="v2")).status_code == 202
+        assert httpx.get(service.url + "healthz").status_code == 200
+        assert service.metric("kfloop_watch_rows_scored_total") == 2
+        assert service.metric('kfloop_watch_events_total{model="leaf",outcome="invalid"}') == len(bodies)
+    finally:
+        service.stop()
+        sink.close()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12,
+)
+near_v2 = st.fixed_dictionaries({"inputs": st.lists(st.fixed_dictionaries({
+    "name": st.sampled_from(["features", "margin1"]) | json_values,
+    "datatype": st.sampled_from(["FP32", "FP64", "BYTES", "INT64"]) | json_values,
+    "shape": st.lists(st.integers(-2, 300) | st.floats(-2, 300) | json_values, max_size=3) | json_values,
+    "data": st.lists(st.floats() | st.integers(-10**40, 10**40) | json_values, max_size=20) | json_values,
+}), max_size=3) | json_values})
+near_v1 = st.fixed_dictionaries({"instances": st.lists(st.lists(st.floats() | json_values, max_size=5) | json_values, max_size=4) | json_values})
+
+
+def test_no_payload_makes_the_watch_answer_5xx(watch):
+    service, _ = watch
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=near_v2 | near_v1 | json_values)
+    def probe(body: object) -> None:
+        attributes = {"type": REQUEST, "source": "fuzz", "id": str(uuid.uuid4()), "datacontenttype": "application/json"}
+        headers, content = to_binary(CloudEvent(attributes, body))
+        answer = httpx.post(service.url, headers=headers, content=content)
+        assert answer.status_code in (202, 400), (body, answer.status_code, answer.text)
+
+    probe()
+    assert httpx.get(service.url + "healthz").status_code == 200

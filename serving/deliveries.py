@@ -1,0 +1,102 @@
+"""Which event deliveries a service has already processed: a bounded memory that survives restarts.
+
+A *delivery key* names one event as sent: its CloudEvent id and a digest of
+its body (:func:`delivery_key`). A sender that redelivers an event (a broker
+retry, a restart of the sender) sends the same id and body, and the event is
+taken once; two different requests that happen to carry the same id (a client
+that reuses a request id) have different bodies, and both count.
+
+:class:`DeliveryMemory` keeps the last ``limit`` keys in memory and appends
+each new key to a file (``<folder>/deliveries.log``, one key a line), so a
+restarted service remembers what it took; the file is rewritten whole
+(:func:`kfloop.durable.atomic_write`) from the keys in memory when it has
+grown to twice the limit, so it stays bounded too.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+from pathlib import Path
+
+from kfloop.durable import atomic_write
+
+__all__ = ["DeliveryMemory", "delivery_key"]
+
+LOG_NAME = "deliveries.log"
+
+
+def _event_id(key: str) -> str:
+    return key.rsplit(" ", 1)[0]
+
+
+def delivery_key(event_id: str, body: bytes) -> str:
+    """``<id> <sha256 of the body, 32 hex digits>``: equal for a redelivery, different for another request."""
+    return f"{event_id} {hashlib.sha256(body).hexdigest()[:32]}"
+
+
+class DeliveryMemory:
+    """The last ``limit`` delivery keys, in memory and in ``folder``; safe to share between threads."""
+
+    def __init__(self, folder: Path, *, limit: int = 100_000) -> None:
+        self.path = Path(folder) / LOG_NAME
+        self.limit = limit
+        self._keys: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._ids: collections.Counter[str] = collections.Counter()  # event id -> keys remembered with it
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            lines = self.path.read_text(errors="replace").splitlines()
+            for line in lines[-limit:]:
+                key = line.strip()
+                if key and key not in self._keys:
+                    self._keys[key] = None
+                    self._ids[_event_id(key)] += 1
+        self._appended = len(self._keys)
+        self._log = open(self.path, "a", encoding="utf-8")
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._keys)
+
+    def remember(self, key: str) -> bool:
+        """Record ``key``; False if it was already known (then nothing changes)."""
+        with self._lock:
+            if key in self._keys:
+                return False
+            self._keys[key] = None
+            self._ids[_event_id(key)] += 1
+            if len(self._keys) > self.limit:
+                evicted, _ = self._keys.popitem(last=False)
+                self._forget_id(_event_id(evicted))
+            self._log.write(key + "\n")
+            self._log.flush()
+            self._appended += 1
+            if self._appended >= 2 * self.limit:
+                self._compact()
+            return True
+
+    def deliveries_of(self, event_id: str) -> int:
+        """How many distinct deliveries (bodies) with this event id are remembered."""
+        with self._lock:
+            return self._ids[event_id]
+
+    def _forget_id(self, event_id: str) -> None:
+        self._ids[event_id] -= 1
+        if self._ids[event_id] <= 0:
+            del self._ids[event_id]
+
+    def _compact(self) -> None:
+        self._log.close()
+        atomic_write(self.path, "".join(f"{key}\n" for key in self._keys))
+        self._log = open(self.path, "a", encoding="utf-8")
+        self._appended = len(self._keys)
+
+    def close(self) -> None:
+        with self._lock:
+            self._log.close()
