@@ -7,8 +7,10 @@ taken once; two different requests that happen to carry the same id (a client
 that reuses a request id) have different bodies, and both count.
 
 :class:`DeliveryMemory` keeps the last ``limit`` keys in memory and appends
-each new key to a file (``<folder>/deliveries.log``, one key a line), so a
-restarted service remembers what it took; the file is rewritten whole
+new keys to a file (``<folder>/deliveries.log``, one key a line) when
+:meth:`~DeliveryMemory.flush` is called (the watch does so five times a
+second, off its request path, and on shutdown), so a restarted service
+remembers what it took; the file is rewritten whole
 (:func:`kfloop.durable.atomic_write`) from the keys in memory when it has
 grown to twice the limit, so it stays bounded too.
 """
@@ -54,6 +56,7 @@ class DeliveryMemory:
                     self._keys[key] = None
                     self._ids[_event_id(key)] += 1
         self._appended = len(self._keys)
+        self._unwritten: list[str] = []
         self._log = open(self.path, "a", encoding="utf-8")
 
     def __contains__(self, key: str) -> bool:
@@ -74,12 +77,20 @@ class DeliveryMemory:
             if len(self._keys) > self.limit:
                 evicted, _ = self._keys.popitem(last=False)
                 self._forget_id(_event_id(evicted))
-            self._log.write(key + "\n")
+            self._unwritten.append(key)
+            return True
+
+    def flush(self) -> None:
+        """Append the keys remembered since the last flush to the file (compacting it when it is due)."""
+        with self._lock:
+            if not self._unwritten:
+                return
+            keys, self._unwritten = self._unwritten, []
+            self._log.write("".join(f"{key}\n" for key in keys))
             self._log.flush()
-            self._appended += 1
+            self._appended += len(keys)
             if self._appended >= 2 * self.limit:
                 self._compact()
-            return True
 
     def deliveries_of(self, event_id: str) -> int:
         """How many distinct deliveries (bodies) with this event id are remembered."""
@@ -98,5 +109,6 @@ class DeliveryMemory:
         self._appended = len(self._keys)
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._log.close()

@@ -1,11 +1,17 @@
 """The CloudEvent app base that the watch and the trigger share: ``POST /`` events plus the service routes.
 
-:func:`create_event_app` builds a FastAPI app around an :class:`EventService`:
+:func:`create_event_app` builds a small ASGI app around an :class:`EventService`:
 ``POST /`` parses the delivery as a CloudEvent (binary or structured mode;
 anything else is an :class:`~kfloop.errors.InputError`) and hands it to the
 service; ``GET /status``, ``GET /healthz`` and ``GET /metrics`` answer for the
 service. Every :class:`~kfloop.errors.KfloopError` becomes an answer through
 :func:`kfloop.errors.to_http` (``{"error": ...}`` with the error's status).
+
+The app is plain ASGI rather than a web framework's: it is the watch's hot
+path (one payload event per inference request), and a binary-mode event --
+what KServe's logger and kfloop's transformer send -- is read straight from
+its ``ce-*`` headers and its JSON body (structured mode goes through the
+CloudEvents SDK).
 
 Replies never carry a CloudEvent -- no ``ce-*`` headers, no body on success --
 so a Knative Trigger subscriber cannot loop a reply back into its Broker: 202
@@ -16,29 +22,57 @@ accepted (what was done in a header), 204 ignored (the reason in
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import orjson
-from cloudevents.exceptions import GenericException
-from cloudevents.http import CloudEvent, from_http
-from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.errors import InputError, KfloopError, to_http
 from kfloop.serving.deliveries import delivery_key
 
-__all__ = ["IGNORED_HEADER", "Delivery", "EventReply", "EventService", "create_event_app", "error_response", "parse_cloudevent"]
+__all__ = [
+    "IGNORED_HEADER",
+    "Delivery",
+    "EventApp",
+    "EventReply",
+    "EventService",
+    "ReceivedEvent",
+    "create_event_app",
+    "parse_cloudevent",
+]
 
 IGNORED_HEADER = "x-kfloop-ignored"
+REQUIRED_ATTRIBUTES = ("id", "source", "type")
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """A CloudEvent as received: its context attributes (``id``, ``type``, ``source``, extensions) and data."""
+
+    attributes: dict[str, str]
+    data: Any
+
+    def __getitem__(self, name: str) -> str:
+        return self.attributes[name]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.attributes.get(name, default)
+
+    def get_data(self) -> Any:
+        return self.data
 
 
 @dataclass(frozen=True)
 class Delivery:
     """One HTTP delivery of an event: the parsed CloudEvent, its data's content type and the raw body."""
 
-    event: CloudEvent
+    event: ReceivedEvent
     content_type: str
     body: bytes
 
@@ -76,17 +110,129 @@ class EventService(Protocol):
     def health(self) -> dict[str, str]: ...
 
 
-def parse_cloudevent(headers: dict[str, str], body: bytes) -> CloudEvent:
+def parse_cloudevent(headers: dict[str, str], body: bytes) -> ReceivedEvent:
     """The CloudEvent of one HTTP delivery (binary or structured mode), or an :class:`InputError`."""
-    try:
-        return from_http(headers, body)
-    except GenericException as exc:
-        raise InputError(f"not a CloudEvent: {exc}") from None
+    content_type = headers.get("content-type", "")
+    if "ce-specversion" in headers:
+        attributes = {name[3:]: value for name, value in headers.items() if name.startswith("ce-")}
+        if content_type:
+            attributes.setdefault("datacontenttype", content_type)
+        _check_attributes(attributes)
+        return ReceivedEvent(attributes, _json_or_bytes(body, content_type))
+    if content_type.startswith("application/cloudevents+json"):
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"not a CloudEvent: a structured event must be JSON ({exc})") from None
+        if not isinstance(document, dict):
+            raise InputError("not a CloudEvent: a structured event must be a JSON object")
+        data = document.pop("data", None)
+        attributes = {str(k): v if isinstance(v, str) else orjson.dumps(v).decode() for k, v in document.items()}
+        _check_attributes(attributes)
+        return ReceivedEvent(attributes, data)
+    raise InputError("not a CloudEvent: send ce-* headers (binary mode) or application/cloudevents+json (structured mode)")
 
 
-def error_response(exc: KfloopError) -> Response:
+def _check_attributes(attributes: dict[str, str]) -> None:
+    if attributes.get("specversion") != "1.0":
+        raise InputError(f"not a CloudEvent: specversion must be 1.0, got {attributes.get('specversion')!r}")
+    missing = [name for name in REQUIRED_ATTRIBUTES if not attributes.get(name)]
+    if missing:
+        raise InputError(f"not a CloudEvent: missing required attribute(s) {', '.join(missing)}")
+
+
+def _json_or_bytes(body: bytes, content_type: str) -> Any:
+    if not body:
+        return None
+    if "json" in content_type:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body  # the service says what it thinks of data that is not JSON
+    return body
+
+
+def error_body(exc: KfloopError) -> tuple[int, bytes, dict[str, str]]:
     answer = to_http(exc)
-    return Response(orjson.dumps(answer.body), status_code=answer.status, headers=answer.headers, media_type="application/json")
+    return answer.status, orjson.dumps(answer.body), answer.headers
+
+
+class EventApp:
+    """The ASGI app :func:`create_event_app` returns."""
+
+    def __init__(self, title: str, service: EventService, *, on_startup: Callable[[], Awaitable[None]] | None,
+                 on_shutdown: Callable[[], Awaitable[None]] | None, offload: bool) -> None:
+        self.title, self.service = title, service
+        self.on_startup, self.on_shutdown, self.offload = on_startup, on_shutdown, offload
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if path == "/" and method == "POST":
+            await self._event(scope, receive, send)
+        elif method in ("GET", "HEAD") and path == "/healthz":
+            await _reply(send, 200, orjson.dumps(self.service.health()))
+        elif method in ("GET", "HEAD") and path == "/status":
+            await _reply(send, 200, orjson.dumps(self.service.status(), option=orjson.OPT_SERIALIZE_NUMPY, default=str))
+        elif method in ("GET", "HEAD") and path == "/metrics":
+            await _reply(send, 200, generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        else:
+            await _reply(send, 404, orjson.dumps({"error": f"no route {method} {path}; try POST /, GET /status, /healthz, /metrics"}))
+
+    async def _event(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        body = await _read_body(receive)
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            if self.offload:
+                reply = await asyncio.get_running_loop().run_in_executor(None, self._handle, headers, body)
+            else:
+                reply = self._handle(headers, body)
+        except KfloopError as exc:
+            self.service.refused(exc)
+            status, content, extra = error_body(exc)
+            await _reply(send, status, content, headers=extra)
+            return
+        await _reply(send, reply.status, b"", headers=reply.headers, content_type=None)
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> EventReply:
+        event = parse_cloudevent(headers, body)
+        return self.service.handle(Delivery(event, event.get("datacontenttype") or headers.get("content-type", ""), body))
+
+    async def _lifespan(self, receive: ASGIReceive, send: ASGISend) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.on_startup is not None:
+                    await self.on_startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.on_shutdown is not None:
+                    await self.on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _read_body(receive: ASGIReceive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _reply(send: ASGISend, status: int, content: bytes, *, headers: dict[str, str] | None = None,
+                 content_type: str | None = "application/json") -> None:
+    raw = [(b"content-length", str(len(content)).encode())]
+    if content_type is not None:
+        raw.append((b"content-type", content_type.encode()))
+    raw += [(name.encode("latin-1"), value.encode("latin-1", "replace")) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": content})
 
 
 def create_event_app(
@@ -96,52 +242,10 @@ def create_event_app(
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     offload: bool = False,
-) -> FastAPI:
+) -> EventApp:
     """The app: ``POST /`` events to ``service.handle``; ``GET /status``, ``/healthz``, ``/metrics``.
 
     With ``offload`` the handler runs in a worker thread, so a slow event
-    (scoring, file I/O) never blocks the event loop and ``/healthz``.
+    (file I/O) never blocks the event loop and ``/healthz``.
     """
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if on_startup is not None:
-            await on_startup()
-        try:
-            yield
-        finally:
-            if on_shutdown is not None:
-                await on_shutdown()
-
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    def handle(headers: dict[str, str], body: bytes) -> EventReply:
-        event = parse_cloudevent(headers, body)
-        return service.handle(Delivery(event, event.get("datacontenttype") or headers.get("content-type", ""), body))
-
-    @app.post("/")
-    async def receive(request: Request) -> Response:
-        headers, body = dict(request.headers.items()), await request.body()
-        try:
-            if offload:
-                reply = await asyncio.get_running_loop().run_in_executor(None, handle, headers, body)
-            else:
-                reply = handle(headers, body)
-        except KfloopError as exc:
-            service.refused(exc)
-            return error_response(exc)
-        return Response(status_code=reply.status, headers=reply.headers)
-
-    @app.get("/status")
-    async def status() -> dict[str, Any]:
-        return service.status()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return service.health()
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
+    return EventApp(title, service, on_startup=on_startup, on_shutdown=on_shutdown, offload=offload)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+
 
 from kfloop.errors import KfloopError
 from kfloop.policies.retraining import RetrainingService
-from kfloop.serving.events import Delivery, EventReply, create_event_app
+from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
 
 __all__ = ["OUTCOME_HEADER", "TriggerApp", "create_app"]
 
@@ -49,7 +49,7 @@ class TriggerApp:
         return {"status": "ok"}
 
 
-def create_app(service: RetrainingService) -> FastAPI:
+def create_app(service: RetrainingService) -> EventApp:
     """``POST /`` alarms, ``GET /status``, ``GET /healthz``, ``GET /metrics``; the worker runs while the app does."""
 
     async def start_worker() -> None:
@@ -58,4 +58,5 @@ def create_app(service: RetrainingService) -> FastAPI:
     async def stop_worker() -> None:
         service.stop()
 
-    return create_event_app("kfloop trigger", TriggerApp(service), on_startup=start_worker, on_shutdown=stop_worker)
+    # Admission writes the state file: off the event loop.
+    return create_event_app("kfloop trigger", TriggerApp(service), on_startup=start_worker, on_shutdown=stop_worker, offload=True)

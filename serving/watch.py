@@ -27,26 +27,29 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import orjson
-from fastapi import FastAPI
 from prometheus_client import Counter, Gauge
 
 from kfloop.bundle import REFERENCE
 from kfloop.errors import InputError, KfloopError
 from kfloop.event_types import DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.registry import ModelRegistry
-from kfloop.drift.detectors import DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, make_detector
+from kfloop.drift.detectors import (
+    DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot, make_detector,
+)
 from kfloop.serving.deliveries import DeliveryMemory
-from kfloop.serving.events import Delivery, EventReply, create_event_app
+from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
 
 SEEN_DELIVERIES = 100_000
+FLUSH_SECONDS = 0.2  # how often buffered deliveries and due capture shards are written
 
 EVENTS = Counter("kfloop_watch_events", "CloudEvents received, by outcome.", ["model", "outcome"])
 ROWS = Counter("kfloop_watch_rows_scored", "Rows added to the drift window.", ["model"])
@@ -103,6 +106,9 @@ class WatchService:
         self.registry = ModelRegistry(config.registry_uri)
         self.outbox = Outbox(Path(config.state_dir) / "outbox", config.sink_url)
         self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfloop-watch")  # tests, writes, alarms
+        self._counted = {outcome: EVENTS.labels(config.model, outcome) for outcome in ("accepted", "duplicate")}
+        self._rows_scored = ROWS.labels(config.model)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.last_alarm: dict[str, Any] | None = None
         self.watched = self._load(self.registry.resolve(config.model))
@@ -149,19 +155,50 @@ class WatchService:
             return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT})")
         key = delivery.key
         if key in self.deliveries:
-            EVENTS.labels(model, "duplicate").inc()
+            self._counted["duplicate"].inc()
             return EventReply(202)
         rows = self._rows(event.get_data(), delivery.content_type)
+        now = time.time()
         with self._lock:
             if not self.deliveries.remember(key):  # a concurrent delivery of the same event won
-                EVENTS.labels(model, "duplicate").inc()
+                self._counted["duplicate"].inc()
                 return EventReply(202)
-            EVENTS.labels(model, "accepted").inc()
+            self._counted["accepted"].inc()
             if self.capture is not None:
                 prefix = self._capture_prefix(str(event["id"]), key)
-                self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version)
-            self._add(rows)
+                if self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version):
+                    self._background(self.capture.flush)
+            self._rows_scored.inc(len(rows))
+            for start in range(0, len(rows), self.config.stride or 1):  # a big batch is tested stride by stride
+                self.monitor.append(rows[start:start + (self.config.stride or 1)], now)
+                snapshot = self.monitor.take(now)
+                if snapshot is not None:
+                    self._background(self._tester(self.monitor, snapshot))
         return EventReply(202)
+
+    def _background(self, work: Callable[[], object]) -> None:
+        """Run ``work`` on the service's one worker thread, in order, off the request path."""
+        self._worker.submit(self._logged, work)
+
+    @staticmethod
+    def _logged(work: Callable[[], object]) -> None:
+        try:
+            work()
+        except Exception:  # a failed test or write must not stop the worker; the next one comes
+            log.exception("background work of the watch failed")
+
+    def _tester(self, monitor: WindowMonitor, snapshot: WindowSnapshot) -> Callable[[], None]:
+        def test() -> None:
+            result = monitor.detector.test(snapshot.rows)  # the scoring, outside the lock
+            with self._lock:
+                if monitor is not self.monitor:
+                    return  # the version changed meanwhile: that window is gone
+                alarms = monitor.record(snapshot, result)
+                version = self.watched.version
+            self._export(result, version)
+            for alarm in alarms:
+                self._raise(alarm, version)
+        return test
 
     def _capture_prefix(self, event_id: str, key: str) -> str:
         """The event's id -- with its body's digest appended when another request already used the id,
@@ -186,25 +223,21 @@ class WatchService:
                 raise InputError(f"payload is not JSON: {exc}") from None
         return self.watched.schema.rows_from_body(data)
 
-    def _add(self, rows: np.ndarray) -> None:
-        ROWS.labels(self.config.model).inc(len(rows))
-        self._judge(lambda: self.monitor.add(rows, time.time()))
-
     def test_due(self) -> None:
-        """Test rows that arrived faster than one test per ``stride_seconds`` (called by a timer)."""
+        """Test rows that arrived faster than one test per ``stride_seconds`` (the timer's call)."""
         with self._lock:
-            self._judge(lambda: self.monitor.test_due(time.time()))
+            snapshot, monitor = self.monitor.take(time.time(), timer=True), self.monitor
+        if snapshot is not None:
+            self._tester(monitor, snapshot)()
 
-    def _judge(self, step: Callable[[], list[WindowAlarm]]) -> None:
-        tested = self.monitor.windows_tested
-        alarms = step()
-        if self.monitor.windows_tested != tested and self.monitor.last_result is not None:
-            self._export(self.monitor.last_result)
-        for alarm in alarms:
-            self._raise(alarm)
+    def flush(self) -> None:
+        """Write what is buffered: the delivery memory, and captured rows once a shard is due."""
+        self.deliveries.flush()
+        if self.capture is not None and self.capture.due():
+            self.capture.flush()
 
-    def _export(self, result: WindowResult) -> None:
-        model, version = self.config.model, self.watched.version
+    def _export(self, result: WindowResult, version: str) -> None:
+        model = self.config.model
         WINDOWS.labels(model).inc()
         MIN_P.labels(model, version).set(result.min_p_value)
         DRIFTED.labels(model, version).set(len(result.drifted_features))
@@ -212,8 +245,8 @@ class WatchService:
         OUTLIERS.labels(model, version).set(result.outliers)
         OUTLIER_ALARM.labels(model, version).set(int(result.outlier_alarm))
 
-    def _raise(self, alarm: WindowAlarm) -> None:
-        result, model, version = alarm.result, self.config.model, self.watched.version
+    def _raise(self, alarm: WindowAlarm, version: str) -> None:
+        result, model = alarm.result, self.config.model
         names = self.watched.schema.feature_names
         first = alarm.first_drifted
         data = {
@@ -244,6 +277,13 @@ class WatchService:
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
 
+    def close(self) -> None:
+        """Finish the worker's work and write every buffer (on shutdown)."""
+        self._worker.shutdown(wait=True)
+        if self.capture is not None:
+            self.capture.flush()
+        self.deliveries.close()
+
     def status(self) -> dict[str, Any]:
         result = self.monitor.last_result
         return {
@@ -269,27 +309,31 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def create_app(service: WatchService) -> FastAPI:
-    """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``."""
+def create_app(service: WatchService) -> EventApp:
+    """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``.
+
+    An event is parsed and added to the window on the event loop (a fraction of
+    a millisecond); the window tests, file writes and alarms run on the
+    service's worker thread, so ``/healthz`` answers while the service is saturated.
+    """
     background: list[asyncio.Task] = []
+    model = service.config.model
 
     async def start_tasks() -> None:
         background.append(asyncio.create_task(service.outbox.run()))
         background.append(asyncio.create_task(_every(service.config.follow_seconds, service.follow_production,
-                                                     f"following the production version of {service.config.model}")))
+                                                     f"following the production version of {model}")))
+        background.append(asyncio.create_task(_every(FLUSH_SECONDS, service.flush, f"writing the buffers of {model}")))
         if service.config.stride_seconds > 0:  # rows that came faster than one test per stride_seconds
             background.append(asyncio.create_task(_every(service.config.stride_seconds, service.test_due,
-                                                         f"testing the window of {service.config.model}")))
+                                                         f"testing the window of {model}")))
 
     async def stop_tasks() -> None:
         for task in background:
             task.cancel()
-        if service.capture is not None:
-            service.capture.flush()
-        service.deliveries.close()
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
 
-    # Scoring and file writes run in worker threads: /healthz answers while the service is saturated.
-    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, offload=True)
+    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks)
 
 
 async def _every(seconds: float, work: Callable[[], object], what: str) -> None:

@@ -272,12 +272,25 @@ class WindowAlarm:
         return int(above[0]) if above.size else 0
 
 
+@dataclass(frozen=True)
+class WindowSnapshot:
+    """The rows of a window due for a test, with their sequence numbers and arrival times."""
+
+    rows: np.ndarray = field(repr=False)
+    row_numbers: tuple[int, ...]
+    times: tuple[float, ...]
+
+
 class WindowMonitor:
     """A sliding window of the last ``window`` rows, tested every ``stride`` rows -- and, at high
     rates, no more often than every ``stride_seconds`` (whichever comes later).
 
     After an alarm the window starts afresh, so one shift raises one alarm
-    per ``window`` rows at most.
+    per ``window`` rows at most. :meth:`add` appends and tests in one call;
+    a service that tests beside its request path uses the three steps:
+    :meth:`append` rows (cheap), :meth:`take` a :class:`WindowSnapshot` when a
+    test is due, and :meth:`record` the detector's result on it. The monitor
+    is not thread-safe: the caller holds a lock around each step.
     """
 
     def __init__(self, detector: WindowDetector, window: int, stride: int, *, stride_seconds: float = 0.0) -> None:
@@ -293,6 +306,7 @@ class WindowMonitor:
         self._count = 0
         self.last_result: WindowResult | None = None
         self.windows_tested = 0
+        self._alarmed_through = 0  # the last row of the last window that raised an alarm
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -301,39 +315,63 @@ class WindowMonitor:
     def rows_seen(self) -> int:
         return self._count
 
-    def reset(self) -> None:
-        self._rows, self._numbers, self._times = [], [], []
-        self._since_test = 0
+    def reset(self, through: int | None = None) -> None:
+        """Start the window afresh: drop its rows (those numbered up to ``through``, when given)."""
+        keep = 0 if through is None else sum(1 for number in self._numbers if number > through)
+        cut = len(self._rows) - keep
+        del self._rows[:cut], self._numbers[:cut], self._times[:cut]
+        self._since_test = keep
 
     def add(self, rows: np.ndarray, now: float) -> list[WindowAlarm]:
-        """Add rows that arrived at ``now``; returns the alarms raised on the way."""
+        """Add rows that arrived at ``now``, testing row by row as they come; returns the alarms raised."""
         alarms = []
+        for row in rows:
+            self.append(row[None, :], now)
+            if now - self._last_test >= self.stride_seconds:
+                alarms += self.test_due(now)
+        return alarms
+
+    def append(self, rows: np.ndarray, now: float) -> None:
+        """Add rows that arrived at ``now`` to the window (the last ``window`` rows are kept)."""
         for row in rows:
             self._count += 1
             self._rows.append(row)
             self._numbers.append(self._count)
             self._times.append(now)
-            if len(self._rows) > self.window:
-                del self._rows[0], self._numbers[0], self._times[0]
             self._since_test += 1
-            if now - self._last_test >= self.stride_seconds:
-                alarms += self.test_due(now)
-        return alarms
+        if len(self._rows) > self.window:
+            cut = len(self._rows) - self.window
+            del self._rows[:cut], self._numbers[:cut], self._times[:cut]
 
-    def test_due(self, now: float) -> list[WindowAlarm]:
-        """Test the window if ``stride`` rows came since the last test (the timer's call when rows arrive
-        faster than one test per ``stride_seconds``); returns the alarm it raised, if any."""
+    def take(self, now: float, *, timer: bool = False) -> WindowSnapshot | None:
+        """The window, if a test is due (``stride`` new rows, and ``stride_seconds`` since the last test
+        unless the ``timer`` asks); it then counts as tested."""
         if len(self._rows) < self.window or self._since_test < self.stride:
-            return []
+            return None
+        if not timer and now - self._last_test < self.stride_seconds:
+            return None
         self._since_test = 0
         self._last_test = now
-        self.last_result = self.detector.test(np.vstack(self._rows))
-        self.windows_tested += 1
-        if not (self.last_result.drift or self.last_result.outlier_alarm):
+        return WindowSnapshot(np.vstack(self._rows), tuple(self._numbers), tuple(self._times))
+
+    def record(self, snapshot: WindowSnapshot, result: WindowResult) -> list[WindowAlarm]:
+        """Keep the result of testing ``snapshot``; an alarm starts the window afresh after its rows.
+        A snapshot that shares rows with a window that raised an alarm is void: they were judged."""
+        if snapshot.row_numbers[0] <= self._alarmed_through:
             return []
-        alarm = WindowAlarm(self.last_result, tuple(self._numbers), tuple(self._times))
-        self.reset()
-        return [alarm]
+        self.last_result = result
+        self.windows_tested += 1
+        if not (result.drift or result.outlier_alarm):
+            return []
+        self._alarmed_through = snapshot.row_numbers[-1]
+        self.reset(through=self._alarmed_through)
+        return [WindowAlarm(result, snapshot.row_numbers, snapshot.times)]
+
+    def test_due(self, now: float) -> list[WindowAlarm]:
+        """Test the window now if ``stride`` rows came since the last test (the timer's call when rows
+        arrive faster than one test per ``stride_seconds``); returns the alarm it raised, if any."""
+        snapshot = self.take(now, timer=True)
+        return [] if snapshot is None else self.record(snapshot, self.detector.test(snapshot.rows))
 
 
 def make_detector(backend: str, config: DetectorConfig) -> WindowDetector:

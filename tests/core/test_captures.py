@@ -28,8 +28,8 @@ def area_path(area: CaptureArea) -> Path:
 
 
 def shards(area: CaptureArea) -> list[Path]:
-    """Every CSV shard in the area, in name order."""
-    return sorted(area_path(area).rglob("*.csv"))
+    """Every captured shard in the area, in name order."""
+    return area.captured_shards()
 
 
 def labelled(rows: np.ndarray, labels: list[str], ids: list[str], names=FEATURES) -> LabelledData:
@@ -44,13 +44,17 @@ def test_the_area_is_the_models_captures_folder_in_the_registry(tmp_path, area):
 
 def test_rows_are_buffered_and_written_as_one_shard_with_a_meta_file(area):
     writer = area.writer(FEATURES, flush_rows=3, flush_seconds=3600)
-    writer.add(["call-1:0", "call-1:1"], np.array([[0.5, 1.0], [2.0, -3.25]]), "1")
-    assert shards(area) == []  # 2 rows, under flush_rows
-    writer.add(["call-2:0"], np.array([[4.0, 5.0]]), "2")
+    assert writer.add(["call-1:0", "call-1:1"], np.array([[0.5, 1.0], [2.0, -3.25]]), "1") is False  # under flush_rows
+    assert shards(area) == []  # adding only buffers
+    assert writer.add(["call-2:0"], np.array([[4.0, 5.0]]), "2") is True  # a shard is due
+    writer.flush()
     [shard] = shards(area)
     assert re.fullmatch(r"\d{8}", shard.parent.name) and shard.parent.parent == area_path(area)
-    assert re.fullmatch(r"\d{12}-[0-9a-f]{8}\.csv", shard.name)
-    assert shard.read_text().splitlines() == ["id,a,b", "call-1:0,0.5,1.0", "call-1:1,2.0,-3.25", "call-2:0,4.0,5.0"]
+    assert re.fullmatch(r"\d{12}-[0-9a-f]{8}\.npz", shard.name)
+    captured = area.read(shard)
+    assert (captured.ids, captured.feature_names, captured.versions) == (("call-1:0", "call-1:1", "call-2:0"), FEATURES, ("1", "1", "2"))
+    np.testing.assert_array_equal(captured.features, [[0.5, 1.0], [2.0, -3.25], [4.0, 5.0]])
+    assert all(re.fullmatch(ISO_MILLIS, t) for t in captured.captured_at)
     meta = json.loads(shard.with_name(shard.name + ".meta.json").read_text())
     assert {k: meta[k] for k in ("model", "model_versions", "rows")} == {"model": "m", "model_versions": ["1", "2"], "rows": 3}
     assert re.fullmatch(ISO_MILLIS, meta["first_captured_at"]) and meta["first_captured_at"] <= meta["last_captured_at"]
@@ -66,25 +70,28 @@ def test_flush_writes_what_is_buffered_and_returns_where(area):
     assert [str(p) for p in shards(area)] == [written]
 
 
-def test_rows_older_than_flush_seconds_are_written_with_the_next_add(area):
+def test_rows_older_than_flush_seconds_make_a_shard_due(area):
     writer = area.writer(FEATURES, flush_rows=100, flush_seconds=0)
-    writer.add(["e:0"], np.array([[1.0, 2.0]]), "1")
-    writer.add(["f:0"], np.array([[3.0, 4.0]]), "1")
+    assert writer.due() is False  # nothing buffered
+    assert writer.add(["e:0"], np.array([[1.0, 2.0]]), "1") is True
+    writer.flush()
+    assert writer.due() is False
+    assert writer.add(["f:0"], np.array([[3.0, 4.0]]), "1") is True
+    writer.flush()
     assert len(shards(area)) == 2
 
 
 def test_captured_shards_are_not_training_data_until_labelled(area):
     writer = area.writer(FEATURES, flush_rows=1)
-    writer.add(["e:0", "e:1"], np.array([[1.0, 2.0], [3.0, 4.0]]), "1")
+    writer.add(["e:0", "e:1"], np.array([[1.0, 2.0], [3.0, 4.0 + 1e-12]]), "1")
+    writer.flush()
     [shard] = shards(area)
     assert area.labelled_shards() == []
-    lines = shard.read_text().splitlines()
-    named = shard.with_name("labelled.csv")
-    named.write_text("\n".join([lines[0] + ",label"] + [line + ",x" for line in lines[1:]]) + "\n")
+    named = area.add_labelled(area.read(shard).labelled(["x", "y"]))
     assert area.labelled_shards() == [named]
     data = load_dataset(str(named), target="label")
-    assert (data.ids.tolist(), data.labels.tolist()) == (["e:0", "e:1"], ["x", "x"])
-    np.testing.assert_array_equal(data.features, [[1.0, 2.0], [3.0, 4.0]])
+    assert (data.ids.tolist(), data.labels.tolist()) == (["e:0", "e:1"], ["x", "y"])
+    np.testing.assert_array_equal(data.features, [[1.0, 2.0], [3.0, 4.0 + 1e-12]])  # exactly as captured
 
 
 def test_added_labelled_rows_are_a_shard_that_load_dataset_reads_back(area):

@@ -174,21 +174,30 @@ def test_alarms_survive_a_sink_outage_and_a_restart_and_arrive_once_each(setup, 
         sink.close()
 
 
+def captured(registry: Path) -> list:
+    """Every captured shard's rows, oldest first."""
+    area = ModelRegistry(registry).captures("leaf")
+    return [area.read(shard) for shard in area.captured_shards()]
+
+
 def test_captured_rows_become_training_data_once_labelled(watch, setup):
     service, _ = watch
     registry = ModelRegistry(setup["registry"])
+    area = registry.captures("leaf")
     rows = setup["rows"][:50]
-    post(service, event(rows, event_id="cap"))
-    shards = sorted((setup["registry"] / "leaf" / "captures").rglob("*.csv"))
-    assert shards
-    shard = shards[-1]
-    lines = shard.read_text().splitlines()
-    assert lines[0].split(",")[:2] == ["id", registry.metadata("leaf", "1")["feature_names"][0]]
-    assert lines[1].startswith("cap:0,")
-    labelled = shard.with_name("labelled.csv")
-    labelled.write_text("\n".join([lines[0] + ",label"] + [line + ",x" for line in lines[1:]]))
+    post(service, event(rows, event_id="cap"))  # 50 rows: a shard is due, and written off the request path
+    deadline = time.time() + 10
+    while time.time() < deadline and not any(c.ids[0] == "cap:0" for c in captured(setup["registry"])):
+        time.sleep(0.1)
+    shard = next(c for c in captured(setup["registry"]) if c.ids[0] == "cap:0")
+    assert shard.ids == tuple(f"cap:{i}" for i in range(50)) and set(shard.versions) == {"1"}
+    assert list(shard.feature_names) == registry.metadata("leaf", "1")["feature_names"]
+    np.testing.assert_array_equal(shard.features, rows)  # exactly as received
+    labelled = area.add_labelled(shard.labelled(["x"] * 50))
+    assert labelled in area.labelled_shards()
     data = load_dataset(str(labelled), target="label")
-    np.testing.assert_allclose(data.features, rows)
+    np.testing.assert_array_equal(data.features, rows)
+    assert data.ids.tolist() == list(shard.ids)
 
 
 def test_the_watch_follows_the_production_version(watch, setup):
@@ -246,8 +255,7 @@ def test_a_redelivered_event_is_counted_once_also_across_a_restart(setup, tmp_pa
     finally:
         service.stop()
         sink.close()
-    captured = "".join(path.read_text() for path in (setup["registry"] / "leaf" / "captures").rglob("*.csv"))
-    ids = [line.split(",", 1)[0] for line in captured.splitlines() if line.startswith("once")]
+    ids = [row_id for shard in captured(setup["registry"]) for row_id in shard.ids if row_id.startswith("once")]
     assert len(ids) == len(set(ids)) == 6  # the second request's rows got ids of their own
 
 
