@@ -7,7 +7,8 @@ is never raised itself: the class decides what happens next.
 class                       status  what the caller does
 ==========================  ======  =============================================
 :class:`InputError`         400     fix the input (a request, data, a policy, a
-                                    manifest); never retried
+                                    manifest); never retried (413: too large,
+                                    415: not JSON)
 :class:`NotFoundError`      404     ask for something that exists
 :class:`ConflictError`      409     re-read the current state and ask again
 :class:`TemporaryError`     502/3   retry with back-off (a server, a sink, a
@@ -39,11 +40,13 @@ __all__ = [
     "KfloopError",
     "ManifestError",
     "NotFoundError",
+    "PayloadTooLarge",
     "PermanentError",
     "PipelineError",
     "PolicyError",
     "RegistryError",
     "TemporaryError",
+    "UnsupportedMediaType",
     "UpstreamError",
     "VersionMismatch",
     "describe_validation_errors",
@@ -102,6 +105,18 @@ class DataError(InputError):
         self.source = source
         self.row = row
         self.column = column
+
+
+class PayloadTooLarge(InputError):
+    """A request body is over the server's size limit (refused before it is read whole)."""
+
+    status = 413
+
+
+class UnsupportedMediaType(InputError):
+    """A JSON API was sent another content type (which also closes the cross-site form-post path)."""
+
+    status = 415
 
 
 class PolicyError(InputError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -30,13 +31,35 @@ import fsspec
 from kfloop.bundle import METADATA, PREPROCESSOR, ModelBundle
 from kfloop.captures import CAPTURES, CaptureArea
 from kfloop.durable import atomic_write
-from kfloop.errors import RegistryError
+from kfloop.errors import InputError, RegistryError
 from kfloop.preprocessing import Preprocessor
 
 PRODUCTION_POINTER = "production.json"
 STATUS_CANDIDATE = "candidate"
 STATUS_PROMOTED = "promoted"
 STATUS_REJECTED = "rejected"
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def checked_version(version: str) -> str:
+    """``version`` if it can name a registry version (whole digits), else an :class:`InputError`.
+
+    Versions arrive from outside -- admin calls, routes, a predictor's 409
+    header, CloudEvents, the command line -- and become paths: nothing but
+    digits may (``../other/1`` must not reach another folder).
+    """
+    if not isinstance(version, str) or not version.isdigit() or not version.isascii() or len(version) > 12:
+        raise InputError(f"version {version!r} is not a registry version: versions are whole numbers (1, 2, ...)")
+    return version
+
+
+def checked_model(model: str) -> str:
+    """``model`` if it can name a registry model (letters, digits, ``.``, ``_``, ``-``), else an :class:`InputError`."""
+    if not isinstance(model, str) or not _MODEL_NAME.match(model) or ".." in model:
+        raise InputError(f"model name {model!r} is not allowed: letters, digits, '.', '_' and '-', at most 63")
+    return model
 
 
 def utc_now() -> str:
@@ -55,6 +78,9 @@ class ModelRegistry:
 
     def uri(self, model: str, version: str | None = None) -> str:
         """The URI of a model, or of one version (what KServe's storageUri points at)."""
+        checked_model(model)
+        if version is not None:
+            checked_version(version)
         if self.is_local:
             base = str(Path(self._root_path).resolve() / model)
         else:
@@ -90,7 +116,7 @@ class ModelRegistry:
         return sorted(found, key=int)
 
     def metadata(self, model: str, version: str) -> dict[str, Any]:
-        path = self._path(model, version, METADATA)
+        path = self._path(checked_model(model), checked_version(version), METADATA)
         if not self.fs.exists(path):
             known = ", ".join(self.versions(model)) or "none"
             raise RegistryError(f"model {model!r} has no version {version!r} in {self.root} (versions: {known})")

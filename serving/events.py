@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.errors import InputError, KfloopError, to_http
 from kfloop.serving.deliveries import delivery_key
+from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, read_limited_body
 
 __all__ = [
     "IGNORED_HEADER",
@@ -161,8 +162,8 @@ class EventApp:
     """The ASGI app :func:`create_event_app` returns."""
 
     def __init__(self, title: str, service: EventService, *, on_startup: Callable[[], Awaitable[None]] | None,
-                 on_shutdown: Callable[[], Awaitable[None]] | None, offload: bool) -> None:
-        self.title, self.service = title, service
+                 on_shutdown: Callable[[], Awaitable[None]] | None, offload: bool, max_body_bytes: int) -> None:
+        self.title, self.service, self.max_body_bytes = title, service, max_body_bytes
         self.on_startup, self.on_shutdown, self.offload = on_startup, on_shutdown, offload
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -184,9 +185,9 @@ class EventApp:
             await _reply(send, 404, orjson.dumps({"error": f"no route {method} {path}; try POST /, GET /status, /healthz, /metrics"}))
 
     async def _event(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        body = await _read_body(receive)
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         try:
+            body = await read_limited_body(scope, receive, self.max_body_bytes)
             if self.offload:
                 reply = await asyncio.get_running_loop().run_in_executor(None, self._handle, headers, body)
             else:
@@ -216,15 +217,6 @@ class EventApp:
                 return
 
 
-async def _read_body(receive: ASGIReceive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
 async def _reply(send: ASGISend, status: int, content: bytes, *, headers: dict[str, str] | None = None,
                  content_type: str | None = "application/json") -> None:
     raw = [(b"content-length", str(len(content)).encode())]
@@ -242,10 +234,13 @@ def create_event_app(
     on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     offload: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> EventApp:
     """The app: ``POST /`` events to ``service.handle``; ``GET /status``, ``/healthz``, ``/metrics``.
 
     With ``offload`` the handler runs in a worker thread, so a slow event
-    (file I/O) never blocks the event loop and ``/healthz``.
+    (file I/O) never blocks the event loop and ``/healthz``. A body over
+    ``max_body_bytes`` gets 413 before it is read whole.
     """
-    return EventApp(title, service, on_startup=on_startup, on_shutdown=on_shutdown, offload=offload)
+    return EventApp(title, service, on_startup=on_startup, on_shutdown=on_shutdown, offload=offload,
+                    max_body_bytes=max_body_bytes)

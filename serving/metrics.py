@@ -3,6 +3,7 @@
 ``kfloop_requests_total{model, version, component, status_class}`` counts every
 inference request by outcome (2xx / 4xx / 5xx) on REST and gRPC alike, so the
 failure-rate policy can tell server failures (5xx) from client mistakes (4xx).
+Requests for model names the server does not serve count as ``model="unknown"``.
 :class:`RequestCounter` is a plain ASGI middleware (no per-request task or
 body copy) and :class:`GrpcRequestCounter` its gRPC twin.
 """
@@ -34,7 +35,15 @@ UPSTREAM_REQUESTS = Counter(
 )
 
 _MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)(?:/versions/[^/]+)?(?::predict|/infer)$")
-VersionOf = Callable[[str], str]
+VersionOf = Callable[[str], "str | None"]  # the served version of a model name; None: not served here
+UNKNOWN_MODEL = "unknown"  # the model label of requests for names this server does not serve
+
+
+def _labels(model: str, version_of: VersionOf) -> tuple[str, str]:
+    """(model, version) labels: a name that is not served is counted as ``unknown``, so that made-up
+    names in URLs cannot make new series."""
+    version = version_of(model)
+    return (model, version) if version is not None else (UNKNOWN_MODEL, "")
 
 
 def status_class(status: int) -> str:
@@ -66,7 +75,7 @@ class RequestCounter:
         try:
             await self.app(scope, receive, capture)
         finally:
-            REQUESTS.labels(model, self.version_of(model), self.component, status_class(status)).inc()
+            REQUESTS.labels(*_labels(model, self.version_of), self.component, status_class(status)).inc()
 
 
 _GRPC_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE}
@@ -100,7 +109,7 @@ class GrpcRequestCounter(ServerInterceptor):
                 outcome = _grpc_class(code)
                 raise
             finally:
-                REQUESTS.labels(request.model_name, version_of(request.model_name), component, outcome).inc()
+                REQUESTS.labels(*_labels(request.model_name, version_of), component, outcome).inc()
 
         return grpc.unary_unary_rpc_method_handler(
             counted,

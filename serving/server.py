@@ -2,7 +2,8 @@
 
 On top of ``kserve.ModelServer`` this binds REST and gRPC to ``host``
 (127.0.0.1 unless told otherwise; kserve hard-codes 0.0.0.0 and [::]),
-answers every :class:`~kfloop.errors.KfloopError` and request-validation
+refuses bodies over the size limit with 413 before reading them whole
+(:mod:`kfloop.serving.limits`), answers every :class:`~kfloop.errors.KfloopError` and request-validation
 failure in the protocol's error format (``{"error": ...}`` with the error's
 status; gRPC INVALID_ARGUMENT / NOT_FOUND / UNAVAILABLE), reports the model
 version in V2 metadata, leaves out the ``null`` fields kserve emits (the Open
@@ -42,6 +43,7 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
 
 from kfloop.errors import InputError, KfloopError, describe_validation_errors, to_http
+from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
 
 DEFAULT_HOST = "127.0.0.1"
@@ -183,11 +185,13 @@ def _json_infer_request(body: bytes, model_name: str) -> InferRequest:
 
 
 class _KfloopModelServer(ModelServer):
-    def __init__(self, *, host: str, component: str, version_of: Callable[[str], str], configure_app: Callable[[FastAPI], None] | None, **kwargs: Any) -> None:
+    def __init__(self, *, host: str, component: str, version_of: Callable[[str], str | None], configure_app: Callable[[FastAPI], None] | None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **kwargs: Any) -> None:
         super().__init__(enable_latency_logging=False, **kwargs)
         self.host = host
         self.component = component
         self.version_of = version_of
+        self.max_body_bytes = max_body_bytes
         self.configure_app = configure_app
         self.dataplane = _VersionedDataPlane(model_registry=self.registered_models)
 
@@ -197,6 +201,7 @@ class _KfloopModelServer(ModelServer):
         logging.getLogger(KSERVE_TRACE_LOGGER_NAME).setLevel(logging.WARNING)
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
         kserve_app.add_middleware(OmitNulls)
+        kserve_app.add_middleware(BodyLimit, limit=self.max_body_bytes)
         kserve_app.add_middleware(RequestCounter, component=self.component, version_of=self.version_of)
         kserve_app.add_exception_handler(KfloopError, _kfloop_error)
         kserve_app.add_exception_handler(RequestValidationError, _validation_error)
@@ -258,8 +263,8 @@ def run_model_server(
     """Load ``model`` and serve it until SIGTERM/SIGINT."""
     model.load()
 
-    def version_of(name: str) -> str:
-        return str(getattr(model, "version", "")) if name == model.name else ""
+    def version_of(name: str) -> str | None:
+        return str(getattr(model, "version", "")) if name == model.name else None
 
     server = _KfloopModelServer(
         host=host, component=component, version_of=version_of, configure_app=configure_app,

@@ -42,7 +42,7 @@ import orjson
 from fastapi import FastAPI, Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
-from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UpstreamError
+from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UnsupportedMediaType, UpstreamError
 from kfloop.preprocessing import Preprocessor
 from kfloop.event_types import REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.serving.payloads import PayloadLogger
@@ -243,6 +243,8 @@ class ForestTransformer(Model):
             return {"routes": [r.describe() for r in self.split.routes], "in_flight": dict(self.in_flight)}
 
         async def put_routes(request: Request) -> dict[str, Any]:
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                raise UnsupportedMediaType("send the routes as application/json")
             try:
                 body = orjson.loads(await request.body())
             except orjson.JSONDecodeError:

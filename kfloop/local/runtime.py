@@ -30,7 +30,9 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kfloop.errors import InputError, KfloopError, NotFoundError, UpstreamError, to_http
+from kfloop.errors import (
+    InputError, KfloopError, NotFoundError, PayloadTooLarge, UnsupportedMediaType, UpstreamError, to_http,
+)
 from kfloop.durable import atomic_write
 from kfloop.local.supervisor import ManagedProcess, free_port
 from kfloop.registry import ModelRegistry
@@ -40,6 +42,7 @@ __all__ = ["AdminServer", "Replica", "ServingRuntime", "TrafficShare"]
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
+ADMIN_MAX_BODY = 64 * 1024  # bytes: admin calls are a few numbers
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -83,6 +86,7 @@ class ServingRuntime:
         max_batch: int = 1024,
         fault_injection: bool = False,
         prometheus_targets: Path | None = None,
+        max_replicas: int = 100,
     ) -> None:
         self.registry = ModelRegistry(registry_uri)
         if not self.registry.is_local:
@@ -98,6 +102,7 @@ class ServingRuntime:
         self.max_batch = max_batch
         self.fault_injection = fault_injection
         self.prometheus_targets = prometheus_targets
+        self.max_replicas = max_replicas  # the policy's bound: no admin call scales past it
         self.shares: list[TrafficShare] = []
         self.transformer: ManagedProcess | None = None
         self._lock = threading.RLock()
@@ -159,8 +164,8 @@ class ServingRuntime:
 
     def scale(self, replicas: int) -> int:
         """Set the number of predictor replicas of the main version (at least 1)."""
-        if replicas < 1:
-            raise InputError(f"replicas must be at least 1, got {replicas}")
+        if not 1 <= replicas <= self.max_replicas:
+            raise InputError(f"replicas must be between 1 and {self.max_replicas} (the policy's max_replicas), got {replicas}")
         with self._lock:
             share = max(self.shares, key=lambda s: s.weight)
             if replicas > len(share.replicas):
@@ -390,8 +395,15 @@ class AdminServer:
 
             def do_POST(self) -> None:  # noqa: N802
                 try:
+                    if self.headers.get_content_type() != "application/json":
+                        raise UnsupportedMediaType(f"send the body as application/json, not {self.headers.get_content_type()!r}")
                     length = int(self.headers.get("content-length", 0))
+                    if length > ADMIN_MAX_BODY:
+                        self.close_connection = True
+                        raise PayloadTooLarge(f"admin request body of {length} bytes is over the limit of {ADMIN_MAX_BODY}")
                     body = json.loads(self.rfile.read(length) or b"{}")
+                    if not isinstance(body, dict):
+                        raise InputError("the body must be a JSON object")
                     if self.path == "/replicas":
                         self._reply(200, {"replicas": runtime.scale(int(body["replicas"]))})
                     elif self.path == "/version":

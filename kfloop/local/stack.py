@@ -100,7 +100,8 @@ class LocalStack:
         try:
             self.runtime = ServingRuntime(self.registry_uri, self.model, version=version, replicas=replicas, host=self.host,
                                           http_port=self.ports.http, grpc_port=self.ports.grpc, logger_url=logger_url,
-                                          log_dir=self.logs, fault_injection=fault_injection)
+                                          log_dir=self.logs, fault_injection=fault_injection,
+                                          max_replicas=self.policy.scaling.max_replicas)
             self.runtime.start()
             self.admin = AdminServer(self.runtime, self.ports.admin)
             self.admin.start()

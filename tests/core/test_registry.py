@@ -68,3 +68,22 @@ def test_missing_version_and_missing_production_are_registry_errors(tmp_path, fi
     registry.register("m", files, {})
     with pytest.raises(RegistryError, match=r"model 'm' has no version '9' .* \(versions: 1\)"):
         registry.metadata("m", "9")
+
+
+@pytest.mark.parametrize("version", ["../other/1", "1/../2", "", "one", "-1", "1.0", "٣"])
+def test_a_version_that_is_not_whole_digits_never_becomes_a_path(tmp_path, version):
+    from kfloop.errors import InputError
+
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(InputError, match="not a registry version"):
+        registry.metadata("leaf", version)
+    with pytest.raises(InputError, match="not a registry version"):
+        registry.uri("leaf", version)
+
+
+@pytest.mark.parametrize("model", ["../leaf", "a/b", "..", ""])
+def test_a_model_name_with_path_parts_is_refused(tmp_path, model):
+    from kfloop.errors import InputError
+
+    with pytest.raises(InputError, match="model name"):
+        ModelRegistry(tmp_path / "registry").uri(model)

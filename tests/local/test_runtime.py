@@ -107,3 +107,29 @@ def test_kfloop_serve_stops_every_process_it_started_on_sigterm(stack, tmp_path)
     assert serve.returncode == 0
     alive = [pid for pid in set(pids) if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
     assert alive == []
+
+
+def test_admin_calls_are_bounded_json_and_name_registry_versions_only(stack):
+    from kfloop.local.runtime import AdminServer
+
+    runtime = stack["runtime"]
+    admin = AdminServer(runtime, free_port())
+    admin.start()
+    try:
+        before = runtime.status()
+        too_many = httpx.post(admin.url + "/replicas", json={"replicas": runtime.max_replicas + 1})
+        assert too_many.status_code == 400 and f"between 1 and {runtime.max_replicas}" in too_many.json()["error"]
+        as_form = httpx.post(admin.url + "/replicas", content=b"replicas=50", headers={"content-type": "application/x-www-form-urlencoded"})
+        assert as_form.status_code == 415
+        as_text = httpx.post(admin.url + "/traffic", content=b'{"weights": {"1": 100}}', headers={"content-type": "text/plain"})
+        assert as_text.status_code == 415
+        for version in ("../other/1", "x"):
+            answer = httpx.post(admin.url + "/version", json={"version": version})
+            assert answer.status_code == 400 and "not a registry version" in answer.json()["error"], version
+        huge = httpx.post(admin.url + "/traffic", content=b"{" + b" " * (1024 * 1024) + b"}", headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+        after = runtime.status()
+        assert [(s["version"], s["weight"], len(s["replicas"])) for s in after["traffic"]] == \
+            [(s["version"], s["weight"], len(s["replicas"])) for s in before["traffic"]]
+    finally:
+        admin.stop()

@@ -216,3 +216,16 @@ def test_the_startup_and_shutdown_hooks_run_with_the_server():
     finally:
         served.stop()
     assert service.lifecycle == ["startup", "shutdown"]
+
+
+def test_a_body_over_the_limit_is_refused_413_before_the_service_sees_it():
+    service = Recorder()
+    served = Served(create_event_app("test events", service, max_body_bytes=1000))
+    try:
+        headers, body = to_binary(event(data={"rows": [[0.0] * 400]}))
+        answer = deliver(served, (headers, body))
+        assert answer.status_code == 413 and "over the limit of 1000 bytes" in answer.json()["error"]
+        assert service.events == [] and [type(e).__name__ for e in service.refusals] == ["PayloadTooLarge"]
+        assert deliver(served, to_binary(event())).status_code == 202
+    finally:
+        served.stop()

@@ -114,3 +114,49 @@ def test_requests_are_counted_by_status_class_and_version(stack):
     v1(stack, {"instances": stack["holdout"].holdout_features[:1].tolist()})
     v1(stack, {"instances": []})
     assert (count("2xx") - ok, count("4xx") - client_errors) == (1.0, 1.0)
+
+
+def rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read_and_the_server_keeps_serving(stack):
+    url = stack["runtime"].endpoints["v2"]
+    huge = b'{"inputs": [' + b"0.0," * (32 * 1024 * 1024 // 4) + b"0.0]}"  # 32 MiB, over the 16 MiB limit
+    declared = httpx.post(url, content=huge, headers={"content-type": "application/json"}, timeout=30)
+    assert declared.status_code == 413 and "over the limit" in declared.json()["error"]
+
+    def chunks():  # no Content-Length: refused once the limit is passed
+        for start in range(0, len(huge), 1024 * 1024):
+            yield huge[start:start + 1024 * 1024]
+
+    streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert streamed.status_code == 413
+    peak_mb = rss_kb(stack["runtime"].transformer.pid) / 1024
+    assert peak_mb < 600, f"transformer peak RSS {peak_mb:.0f} MB"
+    assert v1(stack, {"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200
+
+
+def test_made_up_model_names_do_not_make_new_metric_series(stack):
+    rest = stack["runtime"].endpoints["rest"]
+    for index in range(50):
+        assert httpx.post(f"{rest}/v2/models/made-up-{index}/infer", json={"inputs": []}).status_code == 404
+    series = [line for line in httpx.get(rest + "/metrics").text.splitlines() if line.startswith("kfloop_requests_total{")]
+    assert not [line for line in series if "made-up" in line]
+    assert any('model="unknown"' in line and 'status_class="4xx"' in line for line in series)
+
+
+def test_route_administration_refuses_other_content_types_and_versions_that_are_not_registry_versions(stack):
+    routes = stack["runtime"].endpoints["rest"] + "/kfloop/routes"
+    current = httpx.get(routes).json()["routes"]
+    upstreams = current[0]["upstreams"]
+    as_text = httpx.put(routes, content=b'{"routes": []}', headers={"content-type": "text/plain"})
+    assert as_text.status_code == 415
+    for version in ("../other/1", "1/../../x", "one"):
+        answer = httpx.put(routes, json={"routes": [{"version": version, "weight": 100, "upstreams": upstreams}]})
+        assert answer.status_code == 400 and "not a registry version" in answer.json()["error"], version
+    assert httpx.get(routes).json()["routes"] == current
+    assert v1(stack, {"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200
