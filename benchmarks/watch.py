@@ -22,7 +22,7 @@ Shifts tested (each on clean rows drawn the same way):
 Targets: false alarms per tested window <= alpha in every row; detection rate >= 0.95 with the
 maximum delay within one window (rows from the first shifted row to the alarm).
 
-Throughput (same run, same machine, wrk on loopback at concurrency 16): the transformer -> predictor
+Throughput (same run, same machine, wrk on loopback: 2 threads, concurrency 16): the transformer -> predictor
 chain's single-row V2 requests/s against the watch's ingestion of single-row payload CloudEvents
 (unique ids, over HTTP, the real app) -- target >= 4x -- and /healthz latency while the watch is
 saturated (target p99 <= 100 ms).
@@ -116,7 +116,7 @@ def wrk(url: str, lua: str, concurrency: int, seconds: int, work: Path) -> float
     """Requests/s of wrk running ``lua`` against ``url``; any non-2xx answer or socket error aborts."""
     script = work / f"load-{abs(hash(lua))}.lua"
     script.write_text(lua)
-    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), url],
+    out = subprocess.run(["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"errors under load at {url}:\n{out}")

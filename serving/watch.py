@@ -109,6 +109,7 @@ class WatchService:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfloop-watch")  # tests, writes, alarms
         self._counted = {outcome: EVENTS.labels(config.model, outcome) for outcome in ("accepted", "duplicate")}
         self._rows_scored = ROWS.labels(config.model)
+        self._capture_flush_queued = False
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.last_alarm: dict[str, Any] | None = None
         self.watched = self._load(self.registry.resolve(config.model))
@@ -166,8 +167,10 @@ class WatchService:
             self._counted["accepted"].inc()
             if self.capture is not None:
                 prefix = self._capture_prefix(str(event["id"]), key)
-                if self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version):
-                    self._background(self.capture.flush)
+                due = self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version)
+                if due and not self._capture_flush_queued:
+                    self._capture_flush_queued = True  # one queued flush takes every row buffered until it runs
+                    self._background(self._flush_capture)
             self._rows_scored.inc(len(rows))
             for start in range(0, len(rows), self.config.stride or 1):  # a big batch is tested stride by stride
                 self.monitor.append(rows[start:start + (self.config.stride or 1)], now)
@@ -175,6 +178,12 @@ class WatchService:
                 if snapshot is not None:
                     self._background(self._tester(self.monitor, snapshot))
         return EventReply(202)
+
+    def _flush_capture(self) -> None:
+        with self._lock:
+            self._capture_flush_queued = False
+        if self.capture is not None:
+            self.capture.flush()
 
     def _background(self, work: Callable[[], object]) -> None:
         """Run ``work`` on the service's one worker thread, in order, off the request path."""
