@@ -27,7 +27,7 @@ values in both samples, and the KS test with ties is conservative.
 
 Backends: ``scipy`` (KS from SciPy, Mahalanobis distance with a Ledoit-Wolf
 covariance; no alibi-detect) and ``alibi`` (alibi-detect's ``KSDrift`` and
-``IForest``; alibi-detect is BSL 1.1 -- production use needs a licence from
+``GMM``; alibi-detect is BSL 1.1 -- production use needs a licence from
 Seldon -- so it is an optional extra, imported only by
 :mod:`kfloop.drift.alibi`).
 """
