@@ -98,7 +98,8 @@ def test_kfloop_serve_stops_every_process_it_started_on_sigterm(stack, tmp_path)
         pids = [status["transformer"]["pid"]] + [r["pid"] for s in status["traffic"] for r in s["replicas"]]
         assert len(pids) == 3
         assert httpx.post(f"http://127.0.0.1:{http_port}/v1/models/leaf:predict", json={"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200
-        scaled = httpx.post(f"http://127.0.0.1:{admin_port}/replicas", json={"replicas": 3}).json()
+        # The call returns once the new replica is ready: seconds on a busy machine.
+        scaled = httpx.post(f"http://127.0.0.1:{admin_port}/replicas", json={"replicas": 3}, timeout=120).json()
         assert scaled == {"replicas": 3}
         pids += [r["pid"] for s in httpx.get(f"http://127.0.0.1:{admin_port}/status").json()["traffic"] for r in s["replicas"]]
     finally:
