@@ -182,7 +182,8 @@ class EventApp:
         elif method in ("GET", "HEAD") and path == "/metrics":
             await _reply(send, 200, generate_latest(), content_type=CONTENT_TYPE_LATEST)
         else:
-            await _reply(send, 404, orjson.dumps({"error": f"no route {method} {path}; try POST /, GET /status, /healthz, /metrics"}))
+            await _reply(send, 404, orjson.dumps({"error": f"{self.title}: no route {method} {path}; "
+                                                           "try POST /, GET /status, /healthz, /metrics"}))
 
     async def _event(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}

@@ -5,7 +5,8 @@
 body sent without one is refused as soon as it passes the limit, so a client
 cannot make a server buffer (and parse) gigabytes. :class:`BodyLimit` is the
 same rule as ASGI middleware, for apps that read the body themselves (the
-KServe ModelServer's).
+KServe ModelServer's): a body that declares a length within the limit passes
+untouched, and only a body without one is read here, counted and replayed.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
+        declared = _declared_length(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD") or (declared is not None and declared <= self.limit):
+            await self.app(scope, receive, send)  # the server reads no more than a declared length: nothing to count
             return
         try:
             body = await read_limited_body(scope, receive, self.limit)

@@ -172,8 +172,9 @@ class WatchService:
                     self._capture_flush_queued = True  # one queued flush takes every row buffered until it runs
                     self._background(self._flush_capture)
             self._rows_scored.inc(len(rows))
-            for start in range(0, len(rows), self.config.stride or 1):  # a big batch is tested stride by stride
-                self.monitor.append(rows[start:start + (self.config.stride or 1)], now)
+            stride = self.monitor.stride
+            for start in range(0, len(rows), stride):  # a big batch is tested stride by stride
+                self.monitor.append(rows[start:start + stride], now)
                 snapshot = self.monitor.take(now)
                 if snapshot is not None:
                     self._background(self._tester(self.monitor, snapshot))

@@ -12,10 +12,13 @@ import signal
 import threading
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from kfloop.serving.entrypoints import ServerAddress
 
 __all__ = [
     "DEFAULT_HOME", "DataOption", "GrpcPortOption", "HomeOption", "HostOption", "HttpPortOption", "ImageOption",
@@ -123,3 +126,9 @@ class ServerOptions:
     no_grpc: NoGrpcOption = False
     max_batch: MaxBatchOption = 1024
     workers: WorkersOption = 1
+
+    def address(self) -> "ServerAddress":
+        """Where the server listens, as the entry points take it."""
+        from kfloop.serving.entrypoints import ServerAddress
+
+        return ServerAddress(self.host, self.http_port, self.grpc_port, not self.no_grpc)

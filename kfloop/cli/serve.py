@@ -27,9 +27,9 @@ def predictor(
 ) -> None:
     """Serve one model version: V1 and V2 REST + gRPC on scaled features (the KServe predictor)."""
     from kfloop.registry import ModelRegistry
-    from kfloop.serving.entrypoints import ServerAddress, run_predictor
+    from kfloop.serving.entrypoints import run_predictor
 
-    address = ServerAddress(server.host, server.http_port, server.grpc_port, not server.no_grpc)
+    address = server.address()
     if model_dir is not None:
         run_predictor(model or model_dir.parent.name, str(model_dir), address, max_batch=server.max_batch, fault_injection=fault_injection)
         return
@@ -57,14 +57,14 @@ def transformer(
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Serve the transformer: validate and scale raw rows, call the predictor, name the classes."""
-    from kfloop.serving.entrypoints import ServerAddress, run_transformer
+    from kfloop.serving.entrypoints import run_transformer
 
     if predictor_protocol not in ("v2", "rest-v2"):
         raise typer.BadParameter(f"predictor protocol {predictor_protocol!r} is not supported; use v2")
     hosts = [h.strip().removeprefix("http://") for h in predictor_host.split(",") if h.strip()]
     run_transformer(
         model, registry_uri(registry, home), version, hosts,
-        ServerAddress(server.host, server.http_port, server.grpc_port, not server.no_grpc), max_batch=server.max_batch, logger_url=logger_url, inference_service=inference_service, namespace=namespace,
+        server.address(), max_batch=server.max_batch, logger_url=logger_url, inference_service=inference_service, namespace=namespace,
         admin=not no_admin,
     )
 
