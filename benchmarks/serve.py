@@ -121,7 +121,7 @@ def main() -> None:
         finally:
             predictor.stop()
 
-        with ServingRuntime(str(work / "registry"), "leaf", http_port=free_port(), grpc_port=free_port(), log_dir=work / "logs") as runtime:
+        with ServingRuntime(str(work / "registry"), "leaf", home=work / "home", http_port=free_port(), grpc_port=free_port(), log_dir=work / "logs") as runtime:
             results["kfloop transformer -> predictor"] = {c: wrk(runtime.endpoints["v2"], body, c, args.seconds, work) for c in (1, 16)}
 
         peer_body = {"inputs": [{"name": "predict", "shape": [1, len(row)], "datatype": "FP64", "data": row}]}

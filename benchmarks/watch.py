@@ -169,7 +169,7 @@ def throughput_table(args: argparse.Namespace, console: Console) -> None:
     with tempfile.TemporaryDirectory(prefix="kfloop-bench-watch-") as tmp:
         work = Path(tmp)
         _, row = train(str(SHARED / "kaggle_leaf_train.csv"), work / "registry", work)
-        with ServingRuntime(str(work / "registry"), "leaf", http_port=free_port(), grpc_port=free_port(), log_dir=work / "logs") as runtime:
+        with ServingRuntime(str(work / "registry"), "leaf", home=work / "home", http_port=free_port(), grpc_port=free_port(), log_dir=work / "logs") as runtime:
             chain = wrk(runtime.endpoints["v2"], inference_lua(row), 16, args.seconds, work)
         sink = free_port()  # nothing listens: alarms wait in the outbox, as with a broker outage
         port = free_port()

@@ -9,6 +9,8 @@ class                       status  what the caller does
 :class:`InputError`         400     fix the input (a request, data, a policy, a
                                     manifest); never retried (413: too large,
                                     415: not JSON)
+:class:`AccessError`       401/3   present the right credentials (401: none or
+                                    unreadable, 403: valid but not allowed here)
 :class:`NotFoundError`      404     ask for something that exists
 :class:`ConflictError`      409     re-read the current state and ask again
 :class:`TemporaryError`     502/3   retry with back-off (a server, a sink, a
@@ -18,7 +20,8 @@ class                       status  what the caller does
 ==========================  ======  =============================================
 
 Each class also inherits the built-in exception callers already catch
-(``ValueError``, ``LookupError``, ``ConnectionError``, ``RuntimeError``) and
+(``ValueError``, ``PermissionError``, ``LookupError``, ``ConnectionError``,
+``RuntimeError``) and
 carries the context a user needs (file, row, column, field) in its message.
 :func:`to_http` is how every kfloop server turns an error into an answer; the
 CLI prints the message and exits 1 (:mod:`kfloop.cli`).
@@ -31,9 +34,11 @@ from typing import Any, Mapping, Sequence
 
 __all__ = [
     "MODEL_VERSION_HEADER",
+    "AccessError",
     "ClusterError",
     "ConflictError",
     "DataError",
+    "Forbidden",
     "HttpAnswer",
     "InjectedFailure",
     "InputError",
@@ -46,6 +51,7 @@ __all__ = [
     "PolicyError",
     "RegistryError",
     "TemporaryError",
+    "Unauthenticated",
     "UnsupportedMediaType",
     "UpstreamError",
     "VersionMismatch",
@@ -125,6 +131,29 @@ class PolicyError(InputError):
 
 class ManifestError(InputError):
     """Cluster objects cannot be rendered or do not match their upstream schema (image, names, CRDs)."""
+
+
+# --- the caller is not (known to be) allowed: 401 / 403, never retried as is ------------------------
+
+
+class AccessError(KfloopError, PermissionError):
+    """The request lacks the credentials this action needs."""
+
+    status = 403
+
+
+class Unauthenticated(AccessError):
+    """No credentials, or ones that cannot be checked (malformed, expired, wrong signature or audience)."""
+
+    status = 401
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="kfloop"'}
+
+
+class Forbidden(AccessError):
+    """Credentials that were checked and are not allowed this action (a wrong token, another subject or host)."""
 
 
 class NotFoundError(KfloopError, LookupError):

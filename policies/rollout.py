@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import httpx
 
+from kfloop.credentials import bearer
 from kfloop.errors import UpstreamError
 from kfloop.kube import load_kube_config
 from kfloop.policies.signals import REQUESTS_METRIC
@@ -45,11 +46,12 @@ class Deployer:
 
 
 class LocalDeployer(Deployer):
-    """The local serving runtime, through its admin API (``kfloop serve --admin-port``)."""
+    """The local serving runtime, through its admin API (``kfloop serve --admin-port``), with the home's token."""
 
-    def __init__(self, admin_url: str, model: str) -> None:
+    def __init__(self, admin_url: str, model: str, token: str) -> None:
         self.admin_url = admin_url.rstrip("/")
         self.model = model
+        self.headers = bearer(token)
 
     def _status(self) -> dict[str, Any]:
         return httpx.get(f"{self.admin_url}/status", timeout=10.0).json()
@@ -58,7 +60,7 @@ class LocalDeployer(Deployer):
         return str(self._status()["version"])
 
     def set_traffic(self, weights: dict[str, float]) -> None:
-        answer = httpx.post(f"{self.admin_url}/traffic", json={"weights": weights}, timeout=120.0)
+        answer = httpx.post(f"{self.admin_url}/traffic", json={"weights": weights}, headers=self.headers, timeout=120.0)
         if answer.status_code != 200:
             raise UpstreamError(f"runtime refused traffic {weights}: {answer.text}")
 

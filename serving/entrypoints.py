@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,40 @@ class ServerAddress:
     enable_grpc: bool = True
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may call a server: the control port (on loopback, behind the home's token) and opt-in inference credentials.
+
+    ``control_port`` None: no control routes at all. ``inference_token_file`` None: inference is open.
+    """
+
+    home: Path
+    control_port: int | None = None
+    inference_token_file: Path | None = None
+
+
 def _quiet_kserve_argv() -> None:
     sys.argv = sys.argv[:1]
 
 
-def run_predictor(name: str, version_dir: str, address: ServerAddress, *, max_batch: int, fault_injection: bool = False) -> None:
-    """Serve one registry version folder as model ``name``."""
+def _guards(access: Access, configure_control: object) -> dict[str, object]:
+    """``run_model_server``'s ``control`` and ``inference_auth`` for ``access``."""
+    from kfloop.credentials import local_token, read_token
+    from kfloop.serving.auth import LocalToken
+    from kfloop.serving.server import ControlPlane
+
+    control = None
+    if access.control_port is not None and configure_control is not None:
+        control = ControlPlane(configure_control, access.control_port, LocalToken(local_token(access.home)))
+    inference_auth = None
+    if access.inference_token_file is not None:  # any client host may call inference: no Host check
+        inference_auth = LocalToken(read_token(access.inference_token_file), loopback_only=False)
+    return {"control": control, "inference_auth": inference_auth}
+
+
+def run_predictor(name: str, version_dir: str, address: ServerAddress, access: Access, *, max_batch: int,
+                  fault_injection: bool = False) -> None:
+    """Serve one registry version folder as model ``name`` (fault injection on the control port, if asked)."""
     _quiet_kserve_argv()
     from kfloop.serving.predictor import ForestPredictor
     from kfloop.serving.server import run_model_server
@@ -36,7 +65,7 @@ def run_predictor(name: str, version_dir: str, address: ServerAddress, *, max_ba
     predictor = ForestPredictor(name, version_dir, max_batch=max_batch)
     run_model_server(
         predictor,
-        configure_app=predictor.install_fault_injection if fault_injection else None,
+        **_guards(access, predictor.install_fault_injection if fault_injection else None),
         component="predictor",
         host=address.host,
         http_port=address.http_port,
@@ -51,14 +80,19 @@ def run_transformer(
     version: str | None,
     predictor_hosts: list[str],
     address: ServerAddress,
+    access: Access,
     *,
     max_batch: int,
     logger_url: str | None,
+    logger_token_file: Path | None = None,
     inference_service: str | None = None,
     namespace: str = "",
-    admin: bool = True,
 ) -> None:
-    """Serve model ``name`` of the registry (``version``, or production) in front of ``predictor_hosts``."""
+    """Serve model ``name`` of the registry (``version``, or production) in front of ``predictor_hosts``.
+
+    Payload events go to ``logger_url`` with the token in ``logger_token_file`` (none: without credentials,
+    as KServe's logger sends them).
+    """
     _quiet_kserve_argv()
     from kfloop.registry import ModelRegistry
     from kfloop.serving.payloads import EventContext, PayloadLogger
@@ -79,7 +113,7 @@ def run_transformer(
             inference_service=inference_service or name,
             namespace=namespace,
         )
-        payload_logger = PayloadLogger(logger_url, context, name)
+        payload_logger = PayloadLogger(logger_url, context, name, token_file=logger_token_file)
     transformer = ForestTransformer(name, split, load_preprocessor, max_batch=max_batch, payload_logger=payload_logger)
     run_model_server(
         transformer,
@@ -88,5 +122,5 @@ def run_transformer(
         http_port=address.http_port,
         grpc_port=address.grpc_port,
         enable_grpc=address.enable_grpc,
-        configure_app=transformer.install_admin_routes if admin else None,
+        **_guards(access, transformer.install_control),
     )

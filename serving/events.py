@@ -4,7 +4,9 @@
 ``POST /`` parses the delivery as a CloudEvent (binary or structured mode;
 anything else is an :class:`~kfloop.errors.InputError`) and hands it to the
 service; ``GET /status``, ``GET /healthz`` and ``GET /metrics`` answer for the
-service. Every :class:`~kfloop.errors.KfloopError` becomes an answer through
+service. ``POST /`` needs the app's :class:`~kfloop.serving.auth.Authenticator`
+when it has one (checked before the body is read: 401 without credentials, 403
+with wrong ones). Every :class:`~kfloop.errors.KfloopError` becomes an answer through
 :func:`kfloop.errors.to_http` (``{"error": ...}`` with the error's status).
 
 The app is plain ASGI rather than a web framework's: it is the watch's hot
@@ -30,6 +32,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.errors import InputError, KfloopError, to_http
+from kfloop.serving.auth import Authenticator
 from kfloop.serving.deliveries import delivery_key
 from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, read_limited_body
 
@@ -162,8 +165,10 @@ class EventApp:
     """The ASGI app :func:`create_event_app` returns."""
 
     def __init__(self, title: str, service: EventService, *, on_startup: Callable[[], Awaitable[None]] | None,
-                 on_shutdown: Callable[[], Awaitable[None]] | None, offload: bool, max_body_bytes: int) -> None:
+                 on_shutdown: Callable[[], Awaitable[None]] | None, offload: bool, max_body_bytes: int,
+                 authenticator: Authenticator | None) -> None:
         self.title, self.service, self.max_body_bytes = title, service, max_body_bytes
+        self.authenticator = authenticator
         self.on_startup, self.on_shutdown, self.offload = on_startup, on_shutdown, offload
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -188,6 +193,8 @@ class EventApp:
     async def _event(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         try:
+            if self.authenticator is not None:
+                self.authenticator.check(headers)
             body = await read_limited_body(scope, receive, self.max_body_bytes)
             if self.offload:
                 reply = await asyncio.get_running_loop().run_in_executor(None, self._handle, headers, body)
@@ -236,12 +243,15 @@ def create_event_app(
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     offload: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    authenticator: Authenticator | None,
 ) -> EventApp:
     """The app: ``POST /`` events to ``service.handle``; ``GET /status``, ``/healthz``, ``/metrics``.
 
     With ``offload`` the handler runs in a worker thread, so a slow event
     (file I/O) never blocks the event loop and ``/healthz``. A body over
-    ``max_body_bytes`` gets 413 before it is read whole.
+    ``max_body_bytes`` gets 413 before it is read whole. ``authenticator``
+    guards ``POST /``; ``None`` is a deliberate choice (a cluster's watch,
+    where a NetworkPolicy admits only the transformer's pods).
     """
     return EventApp(title, service, on_startup=on_startup, on_shutdown=on_shutdown, offload=offload,
-                    max_body_bytes=max_body_bytes)
+                    max_body_bytes=max_body_bytes, authenticator=authenticator)

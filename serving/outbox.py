@@ -51,6 +51,7 @@ from cloudevents.exceptions import GenericException
 from cloudevents.http import CloudEvent
 from prometheus_client import Counter, Gauge
 
+from kfloop.credentials import TokenFile
 from kfloop.durable import atomic_write, fsync_folder
 from kfloop.errors import InputError, is_temporary
 
@@ -84,8 +85,13 @@ log = logging.getLogger(__name__)
 
 
 def is_permanent_refusal(status: int) -> bool:
-    """Whether a sink's answer means "never": a 4xx other than 408 (timeout) and 429 (too many requests)."""
-    return 400 <= status < 500 and status not in (408, 429)
+    """Whether a sink's answer means "never": a 4xx other than 401/403, 408 (timeout) and 429 (too many requests).
+
+    A refusal of the sender's credentials (401, 403) is mended by fixing them (a
+    rotated token, an EventPolicy that becomes ready), not by changing the event:
+    the event waits and is retried.
+    """
+    return 400 <= status < 500 and status not in (401, 403, 408, 429)
 
 
 class _Corrupt(Exception):
@@ -123,6 +129,7 @@ class Outbox:
         timeout: float = 10.0,
         error_pause: float = 1.0,
         rescan: float = 30.0,
+        credentials: TokenFile | None = None,
     ) -> None:
         if not backoff or any(step <= 0 for step in backoff):
             raise InputError(f"backoff must be one or more delays > 0 s, not {backoff!r}")
@@ -133,6 +140,7 @@ class Outbox:
         self.dead_letter_folder = self.folder / DEAD_LETTER
         self.quarantine_folder = self.folder / QUARANTINE
         self.sink_url = sink_url
+        self.credentials = credentials  # the bearer token every POST carries (re-read when its file changes)
         self.name = name
         self.backoff = tuple(float(step) for step in backoff)
         self.jitter = jitter
@@ -224,9 +232,11 @@ class Outbox:
             self._quarantine(path, str(exc))
             return
         try:
+            if self.credentials is not None:
+                headers.update(self.credentials.headers())
             response = await client.post(self.sink_url, headers=headers, content=body)
         except Exception as exc:
-            if not (isinstance(exc, httpx.TransportError) or is_temporary(exc)):
+            if not (isinstance(exc, (httpx.TransportError, InputError)) or is_temporary(exc)):  # InputError: no token file
                 log.exception("outbox %s: unexpected error posting %s", self.name, path.name)
             self._failed(path.name, f"{self.sink_url} unreachable ({type(exc).__name__}: {exc})")
             return

@@ -14,7 +14,9 @@ call.
 
 Events wait in a bounded queue and a background task posts them, so logging
 never slows or fails an inference; when the queue is full the event is dropped
-and counted.
+and counted. On one machine the events carry the watch's local bearer token
+(``token_file``); KServe's logger sends none, so in a cluster a NetworkPolicy
+decides who may post to the watch.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
+from kfloop.credentials import TokenFile
+from kfloop.errors import InputError
 from kfloop.serving.metrics import PAYLOAD_EVENTS, PAYLOAD_QUEUE
 
 __all__ = ["EventContext", "PayloadLogger"]
@@ -53,8 +58,10 @@ def _now() -> str:
 class PayloadLogger:
     """Queue of payload events and the task that posts them to ``url``."""
 
-    def __init__(self, url: str, context: EventContext, model: str, queue_size: int = 1000, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, context: EventContext, model: str, queue_size: int = 1000, timeout: float = 5.0, *,
+                 token_file: Path | None = None) -> None:
         self.url = url
+        self.credentials = TokenFile(token_file) if token_file is not None else None  # the watch's local token
         self.context = context
         self.model = model
         self.queue_size = queue_size
@@ -104,12 +111,13 @@ class PayloadLogger:
                 event_type, event_id, payload, content_type, traceparent, client_id, time = await self._queue.get()
                 PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
                 body = _serialise(payload)
+                headers = self.headers(event_type, event_id, content_type, traceparent, time, client_id)
                 try:
-                    response = await client.post(
-                        self.url, content=body, headers=self.headers(event_type, event_id, content_type, traceparent, time, client_id)
-                    )
+                    if self.credentials is not None:
+                        headers.update(self.credentials.headers())
+                    response = await client.post(self.url, content=body, headers=headers)
                     outcome = "sent" if response.status_code < 300 else "failed"
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, InputError) as exc:  # InputError: the token file cannot be read
                     log.warning("payload event %s to %s failed: %s", event_id, self.url, exc)
                     outcome = "failed"
                 PAYLOAD_EVENTS.labels(self.model, outcome).inc()

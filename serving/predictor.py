@@ -71,15 +71,15 @@ class ForestPredictor(Model):
         ]
 
     def install_fault_injection(self, app: FastAPI) -> None:
-        """``PUT /kfloop/faults {"failure_rate": 0.5}``: answer that share of requests with HTTP 503."""
+        """``PUT /kfloop/faults {"failure_rate": 0.5}`` (control port): answer that share of requests with HTTP 503."""
+        from kfloop.serving.server import control_json
 
         async def set_faults(request: Request) -> dict[str, float]:
-            body = await request.json()
-            rate = float(body.get("failure_rate", 0.0))
-            if not 0.0 <= rate <= 1.0:
-                raise InputError(f"failure_rate must be between 0 and 1, got {rate}")
-            self.failure_rate = rate
-            return {"failure_rate": rate}
+            rate = (await control_json(request)).get("failure_rate", 0.0)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+                raise InputError(f"failure_rate must be a number between 0 and 1, got {rate!r}")
+            self.failure_rate = float(rate)
+            return {"failure_rate": self.failure_rate}
 
         app.add_api_route("/kfloop/faults", set_faults, methods=["PUT"])
 

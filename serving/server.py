@@ -10,6 +10,12 @@ version in V2 metadata, leaves out the ``null`` fields kserve emits (the Open
 Inference Protocol schema does not allow them), counts requests by status
 class, and turns off per-request access and latency logging.
 
+Two opt-ins guard it (:mod:`kfloop.serving.auth`): ``inference_auth``
+requires credentials on inference calls (REST ``:predict``/``/infer`` and
+gRPC ``ModelInfer``; health, metadata and ``/metrics`` stay open), and a
+:class:`ControlPlane` serves a small admin app on its own loopback port, every
+route behind the local token -- control never shares the client-facing port.
+
 ``import kserve`` parses ``sys.argv`` at import time, so callers import this
 module only from a process entry point, after setting ``sys.argv``.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
@@ -41,14 +48,31 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
+import uvicorn
 
-from kfloop.errors import InputError, KfloopError, describe_validation_errors, to_http
+from kfloop.errors import InputError, KfloopError, NotFoundError, UnsupportedMediaType, describe_validation_errors, to_http
+from kfloop.serving.auth import Authenticator, GrpcCredentials, RequireCredentials, inference_path
 from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
 
 DEFAULT_HOST = "127.0.0.1"
 GRPC_MAX_MESSAGE = 8 * 1024 * 1024
-_GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED}
+CONTROL_MAX_BODY = 64 * 1024  # bytes: control calls are a few routes
+_GRPC_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    """A server's admin routes, served on their own port (loopback) behind ``authenticator``."""
+
+    configure: Callable[[FastAPI], None]
+    port: int
+    authenticator: Authenticator
+    host: str = DEFAULT_HOST
 
 
 class _VersionedDataPlane(DataPlane):
@@ -82,6 +106,24 @@ def _answer(exc: KfloopError) -> ORJSONResponse:
 
 async def _kfloop_error(_: Request, exc: KfloopError) -> ORJSONResponse:
     return _answer(exc)
+
+
+async def control_json(request: Request) -> dict[str, Any]:
+    """A control call's body: a JSON object sent as ``application/json`` (415 otherwise, 400 if not an object)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(f"send the body as application/json, not {content_type or 'nothing'!r}")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object")
+    return body
+
+
+async def _no_route(request: Request, _: Exception) -> ORJSONResponse:
+    return _answer(NotFoundError(f"no route {request.method} {request.url.path}"))
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
@@ -186,6 +228,7 @@ def _json_infer_request(body: bytes, model_name: str) -> InferRequest:
 
 class _KfloopModelServer(ModelServer):
     def __init__(self, *, host: str, component: str, version_of: Callable[[str], str | None], configure_app: Callable[[FastAPI], None] | None,
+                 control: ControlPlane | None, inference_auth: Authenticator | None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **kwargs: Any) -> None:
         super().__init__(enable_latency_logging=False, **kwargs)
         self.host = host
@@ -193,6 +236,8 @@ class _KfloopModelServer(ModelServer):
         self.version_of = version_of
         self.max_body_bytes = max_body_bytes
         self.configure_app = configure_app
+        self.control = control
+        self.inference_auth = inference_auth
         self.dataplane = _VersionedDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list[Any]) -> None:
@@ -202,6 +247,8 @@ class _KfloopModelServer(ModelServer):
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
         kserve_app.add_middleware(OmitNulls)
         kserve_app.add_middleware(BodyLimit, limit=self.max_body_bytes)
+        if self.inference_auth is not None:
+            kserve_app.add_middleware(RequireCredentials, authenticator=self.inference_auth, protects=inference_path)
         kserve_app.add_middleware(RequestCounter, component=self.component, version_of=self.version_of)
         kserve_app.add_exception_handler(KfloopError, _kfloop_error)
         kserve_app.add_exception_handler(RequestValidationError, _validation_error)
@@ -218,14 +265,32 @@ class _KfloopModelServer(ModelServer):
         self.servers.append(rest.start())
         if self.enable_grpc:
             self.servers.append(self._serve_grpc())
+        if self.control is not None:
+            self.servers.append(self._serve_control(self.control))
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve())
 
+    async def _serve_control(self, control: ControlPlane) -> None:
+        """The admin app on its own port; it stops with the REST server (uvicorn passes the signal on)."""
+        app = FastAPI(title=f"kfloop {self.component} control", openapi_url=None, docs_url=None, redoc_url=None)
+        app.add_exception_handler(KfloopError, _kfloop_error)
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(404, _no_route)
+        control.configure(app)
+        guarded = RequireCredentials(BodyLimit(app, limit=CONTROL_MAX_BODY), authenticator=control.authenticator,
+                                     protects=lambda _: True)
+        config = uvicorn.Config(guarded, host=control.host, port=control.port, log_level="warning", access_log=False,
+                                lifespan="off")
+        await uvicorn.Server(config).serve()
+
     async def _serve_grpc(self) -> None:
+        interceptors: tuple[Any, ...] = (GrpcRequestCounter(self.component, self.version_of), _KfloopErrorToStatus())
+        if self.inference_auth is not None:
+            interceptors += (GrpcCredentials(self.inference_auth),)
         server = aio.server(
             futures.ThreadPoolExecutor(max_workers=self.max_threads),
-            interceptors=(GrpcRequestCounter(self.component, self.version_of), _KfloopErrorToStatus()),
+            interceptors=interceptors,
             options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE), ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE)],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -258,16 +323,19 @@ def run_model_server(
     enable_grpc: bool = True,
     predictor_config: PredictorConfig | None = None,
     configure_app: Callable[[FastAPI], None] | None = None,
+    control: ControlPlane | None = None,
+    inference_auth: Authenticator | None = None,
     grace_period: int = 10,
 ) -> None:
-    """Load ``model`` and serve it until SIGTERM/SIGINT."""
+    """Load ``model`` and serve it until SIGTERM/SIGINT (``configure_app`` adds routes to the client-facing app)."""
     model.load()
 
     def version_of(name: str) -> str | None:
         return str(getattr(model, "version", "")) if name == model.name else None
 
     server = _KfloopModelServer(
-        host=host, component=component, version_of=version_of, configure_app=configure_app,
+        host=host, component=component, version_of=version_of, configure_app=configure_app, control=control,
+        inference_auth=inference_auth,
         http_port=http_port, grpc_port=grpc_port, enable_grpc=enable_grpc,
         predictor_config=predictor_config or PredictorConfig(predictor_host=None), grace_period=grace_period,
     )

@@ -9,8 +9,9 @@ V2 one ``[n, features]`` tensor or one tensor per feature; gRPC too) and get
 Traffic goes through a :class:`TrafficSplit` of :class:`Route` s: a route is
 one model version (its preprocessor) and the predictor replicas serving it,
 called round-robin over kept-alive connections. The local runtime swaps the
-split through ``PUT /kfloop/routes`` to add or drain replicas, switch versions
-and run canaries; in a cluster the split is the single route given on the
+split through ``PUT /kfloop/routes`` on the transformer's control port
+(loopback, behind the local token; never the client-facing port) to add or
+drain replicas, switch versions and run canaries; in a cluster the split is the single route given on the
 command line, one Service whose pods change version in a rolling update.
 
 So that rows are never scaled for one version and scored by another, every
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 import secrets
 import threading
 import time
@@ -42,8 +44,9 @@ import orjson
 from fastapi import FastAPI, Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
-from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UnsupportedMediaType, UpstreamError
+from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UpstreamError
 from kfloop.preprocessing import Preprocessor
+from kfloop.registry import checked_version
 from kfloop.event_types import REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.serving.payloads import PayloadLogger
 from kfloop.serving.metrics import UPSTREAM_REQUESTS
@@ -57,7 +60,8 @@ from kfloop.serving.protocol import (
     versioned_input,
 )
 
-ADMIN_ROUTES_PATH = "/kfloop/routes"
+ROUTES_PATH = "/kfloop/routes"  # on the control port
+_UPSTREAM = re.compile(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}")
 VERSION_RETRIES = 3  # new versions a call may learn from predictors' 409 answers
 VERSION_IDLE_SECONDS = 120.0
 PreprocessorLoader = Callable[[str], Preprocessor]
@@ -227,8 +231,12 @@ class ForestTransformer(Model):
         for spec in specs:
             try:
                 version, upstreams, weight = str(spec["version"]), list(spec["upstreams"]), float(spec.get("weight", 100))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, AttributeError):
                 raise InputError('each route needs "version" and "upstreams" (list of host:port), optional "weight"') from None
+            checked_version(version)
+            bad = [u for u in upstreams if not isinstance(u, str) or not _UPSTREAM.fullmatch(u)]
+            if bad or not 0.0 <= weight <= 100.0:
+                raise InputError(f"route {version}: upstreams must be host:port and weight 0..100 (got {bad or weight!r})")
             preprocessor = known.get(version) or self.load_preprocessor(version)
             if preprocessor.feature_names != self._schema.feature_names:
                 raise InputError(f"version {version} expects other features than the served model")
@@ -236,25 +244,22 @@ class ForestTransformer(Model):
         self.split = TrafficSplit(tuple(routes))
         return self.split
 
-    def install_admin_routes(self, app: FastAPI) -> None:
-        """``GET|PUT /kfloop/routes``: the runtime's control of replicas, versions and canaries."""
+    def install_control(self, app: FastAPI) -> None:
+        """``GET|PUT /kfloop/routes`` (control port): the runtime's control of replicas, versions and canaries."""
+        from kfloop.serving.server import control_json
 
         async def get_routes() -> dict[str, Any]:
             return {"routes": [r.describe() for r in self.split.routes], "in_flight": dict(self.in_flight)}
 
         async def put_routes(request: Request) -> dict[str, Any]:
-            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-                raise UnsupportedMediaType("send the routes as application/json")
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError:
-                raise InputError('body must be JSON: {"routes": [{"version": ..., "upstreams": [...]}]}') from None
-            specs = body.get("routes") if isinstance(body, dict) else None
-            split = await asyncio.get_running_loop().run_in_executor(None, self.set_routes, specs or [])
+            specs = (await control_json(request)).get("routes")
+            if not isinstance(specs, list):
+                raise InputError('body must be {"routes": [{"version": ..., "upstreams": [...]}]}')
+            split = await asyncio.get_running_loop().run_in_executor(None, self.set_routes, specs)
             return {"routes": [r.describe() for r in split.routes]}
 
-        app.add_api_route(ADMIN_ROUTES_PATH, get_routes, methods=["GET"])
-        app.add_api_route(ADMIN_ROUTES_PATH, put_routes, methods=["PUT"])
+        app.add_api_route(ROUTES_PATH, get_routes, methods=["GET"])
+        app.add_api_route(ROUTES_PATH, put_routes, methods=["PUT"])
 
     # --- inference ---------------------------------------------------------------------------
 

@@ -5,7 +5,10 @@
 :class:`~kfloop.policies.retraining.RetrainingService`, which admits it (or
 not) and runs the retraining and rollout. Replies never carry a CloudEvent:
 202 with the admission outcome in ``x-kfloop-outcome``, 204 for events not
-handled (``x-kfloop-ignored``), 400 for malformed events. ``GET /status``
+handled (``x-kfloop-ignored``), 400 for malformed events, 401/403 for a sender
+without the right credentials (the local token; on a cluster the Knative
+Trigger's OIDC token). An alarm can start a retraining run, so the trigger
+never runs without an authenticator. ``GET /status``
 lists pending and recent runs.
 """
 
@@ -13,10 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-
-
 from kfloop.errors import KfloopError
 from kfloop.policies.retraining import RetrainingService
+from kfloop.serving.auth import Authenticator
 from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
 
 __all__ = ["OUTCOME_HEADER", "TriggerApp", "create_app"]
@@ -49,8 +51,9 @@ class TriggerApp:
         return {"status": "ok"}
 
 
-def create_app(service: RetrainingService) -> EventApp:
-    """``POST /`` alarms, ``GET /status``, ``GET /healthz``, ``GET /metrics``; the worker runs while the app does."""
+def create_app(service: RetrainingService, authenticator: Authenticator) -> EventApp:
+    """``POST /`` alarms (only from senders ``authenticator`` admits), ``GET /status``, ``/healthz``, ``/metrics``;
+    the worker runs while the app does."""
 
     async def start_worker() -> None:
         service.start()
@@ -59,4 +62,5 @@ def create_app(service: RetrainingService) -> EventApp:
         service.stop()
 
     # Admission writes the state file: off the event loop.
-    return create_event_app("kfloop trigger", TriggerApp(service), on_startup=start_worker, on_shutdown=stop_worker, offload=True)
+    return create_event_app("kfloop trigger", TriggerApp(service), on_startup=start_worker, on_shutdown=stop_worker, offload=True,
+                            authenticator=authenticator)

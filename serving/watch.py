@@ -44,6 +44,8 @@ from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot, make_detector,
 )
 from kfloop.serving.deliveries import DeliveryMemory
+from kfloop.credentials import TokenFile
+from kfloop.serving.auth import Authenticator
 from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
@@ -82,6 +84,7 @@ class WatchConfig:
     capture_flush_rows: int = 500
     follow_seconds: float = 5.0
     source: str = "kfloop/watch"
+    sink_token_file: Path | None = None  # the bearer token alarms carry (local: HOME/token; cluster: a projected SA token)
 
     def __post_init__(self) -> None:
         if self.window < 10:
@@ -104,7 +107,8 @@ class WatchService:
     def __init__(self, config: WatchConfig) -> None:
         self.config = config
         self.registry = ModelRegistry(config.registry_uri)
-        self.outbox = Outbox(Path(config.state_dir) / "outbox", config.sink_url)
+        self.outbox = Outbox(Path(config.state_dir) / "outbox", config.sink_url,
+                             credentials=TokenFile(config.sink_token_file) if config.sink_token_file else None)
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfloop-watch")  # tests, writes, alarms
         self._counted = {outcome: EVENTS.labels(config.model, outcome) for outcome in ("accepted", "duplicate")}
@@ -319,7 +323,7 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def create_app(service: WatchService) -> EventApp:
+def create_app(service: WatchService, authenticator: Authenticator | None) -> EventApp:
     """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``.
 
     An event is parsed and added to the window on the event loop (a fraction of
@@ -343,7 +347,7 @@ def create_app(service: WatchService) -> EventApp:
             task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, service.close)
 
-    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks)
+    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, authenticator=authenticator)
 
 
 async def _every(seconds: float, work: Callable[[], object], what: str) -> None:
@@ -356,9 +360,9 @@ async def _every(seconds: float, work: Callable[[], object], what: str) -> None:
             log.exception("%s failed; trying again in %.1f s", what, seconds)
 
 
-def run_watch(config: WatchConfig, host: str = "127.0.0.1", port: int = 8085) -> None:
-    """Serve the watch service until SIGTERM/SIGINT."""
+def run_watch(config: WatchConfig, authenticator: Authenticator | None, host: str = "127.0.0.1", port: int = 8085) -> None:
+    """Serve the watch service until SIGTERM/SIGINT; payload events must pass ``authenticator`` (None: open)."""
     import uvicorn
 
     service = WatchService(config)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(service, authenticator), host=host, port=port, log_level="warning", access_log=False)

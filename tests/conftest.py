@@ -115,7 +115,7 @@ def stack(tmp_path_factory, serving_data):
     register_version(registry, "leaf", serving_data, n_estimators=30, work=root / "v2", promote=False)
     sink = EventSink()
     runtime = ServingRuntime(
-        str(registry), "leaf", replicas=2, http_port=free_port(), grpc_port=free_port(),
+        str(registry), "leaf", home=root / "home", replicas=2, http_port=free_port(), grpc_port=free_port(),
         logger_url=sink.url, log_dir=root / "logs",
     )
     runtime.start()

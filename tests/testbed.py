@@ -21,6 +21,7 @@ import yaml
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
+from kfloop.credentials import bearer, local_token
 from kfloop.local.supervisor import free_port
 
 DRIFT = "io.kfloop.drift.detected"
@@ -138,13 +139,15 @@ class Trigger:
                 "--target", "digit", "--http-port", str(self.port), "--home", str(home), "--state-dir", str(home / "trigger")]
         if admin_url:
             argv += ["--admin-url", admin_url]
+        self.auth = bearer(local_token(home))  # what the watch sends on one machine
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until_answering(self.url + "/healthz", "trigger", 60)
 
-    def alarm(self, event_id: str | None = None, event_type: str = DRIFT) -> httpx.Response:
+    def alarm(self, event_id: str | None = None, event_type: str = DRIFT, *, auth: dict[str, str] | None = None) -> httpx.Response:
+        """A drift alarm as the watch sends it (with the home's token, unless ``auth`` says otherwise)."""
         attributes = {"type": event_type, "source": "kfloop/watch/digits", "id": event_id or str(uuid.uuid4())}
         headers, body = to_binary(CloudEvent(attributes, {"model": "digits", "kind": "drift"}))
-        return httpx.post(self.url + "/", headers=headers, content=body, timeout=30)
+        return httpx.post(self.url + "/", headers=headers | (self.auth if auth is None else auth), content=body, timeout=30)
 
     def status(self) -> dict:
         return httpx.get(self.url + "/status").json()

@@ -32,7 +32,7 @@ app.add_typer(train.models_app, name="models")
 for command in (serve.predictor, serve.transformer, serve.serve, watch.watch):
     app.command()(command)
 app.add_typer(act.policy_app, name="policy")
-for command in (act.trigger, loop.up, loop.demo, loop.status, loop.down, cluster.manifests, cluster.deploy):
+for command in (act.trigger, loop.up, loop.demo, loop.status, loop.down, loop.token, cluster.manifests, cluster.deploy):
     app.command()(command)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +13,15 @@ from kfloop.cli.options import (
     registry_uri,
 )
 
-__all__ = ["policy_app", "trigger"]
+__all__ = ["AlarmAuth", "policy_app", "trigger"]
+
+
+class AlarmAuth(str, Enum):
+    """Who the trigger service takes alarms from."""
+
+    token = "token"
+    oidc = "oidc"
+
 
 policy_app = typer.Typer(help="Compile the policy to cluster objects.", no_args_is_help=True)
 
@@ -56,6 +65,11 @@ def trigger(
     admin_url: Annotated[Optional[str], typer.Option("--admin-url", help="Admin API of the local serving runtime (kfloop serve) for canary rollouts; without it (and without --inference-service) a promoted version is only recorded.")] = None,
     kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", envvar="KFLOOP_KFP_HOST", help="Run the pipeline on this Kubeflow Pipelines API instead of kfp.local.")] = None,
     token: Annotated[Optional[str], typer.Option("--token", envvar="KFLOOP_KFP_TOKEN", help="Bearer token for --kfp-host.")] = None,
+    kfp_allow_http: Annotated[bool, typer.Option("--kfp-allow-http", help="Send the --token to a plain-http --kfp-host (in-cluster Service traffic only).")] = False,
+    alarm_auth: Annotated[AlarmAuth, typer.Option("--alarm-auth", help="Who may send alarms: 'token' (HOME's bearer token, one machine) or 'oidc' (a Knative Trigger's ServiceAccount JWT, cluster).")] = AlarmAuth.token,
+    oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", help="With --alarm-auth oidc: the audience the Triggers set (spec.subscriber.audience).")] = None,
+    oidc_subject: Annotated[Optional[list[str]], typer.Option("--oidc-subject", help="With --alarm-auth oidc: an admitted subject, system:serviceaccount:NS:TRIGGER-oidc-eventing.knative.dev-trigger (repeat per Trigger).")] = None,
+    oidc_issuer_url: Annotated[str, typer.Option("--oidc-issuer-url", help="With --alarm-auth oidc: where the cluster's OIDC discovery document is served.")] = "https://kubernetes.default.svc",
     image: ImageOption = "",
     inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="Roll out by patching this InferenceService (cluster).")] = None,
     namespace: Annotated[str, typer.Option("--namespace", help="Namespace of --inference-service.")] = "default",
@@ -68,20 +82,32 @@ def trigger(
     """Retrain on drift/outlier alarms (cooldown, dedup, budget, one run at a time) and roll out via canary."""
     import uvicorn
 
+    from kfloop.credentials import local_token
     from kfloop.components.training import DEFAULT_IMAGE
     from kfloop.pipelines.cluster import KfpEndpoint
     from kfloop.policies import load_policy
     from kfloop.policies.retraining import ClusterRetrainer, LocalRetrainer, Retrainer, RetrainingConfig, RetrainingService
     from kfloop.policies.rollout import Deployer, KServeDeployer, LocalDeployer
+    from kfloop.serving.auth import Authenticator, LocalToken, is_loopback
     from kfloop.serving.trigger import create_app
 
+    authenticator: Authenticator
+    if alarm_auth is AlarmAuth.oidc:
+        if not oidc_audience or not oidc_subject:
+            raise typer.BadParameter("--alarm-auth oidc needs --oidc-audience and at least one --oidc-subject")
+        from kfloop.serving.oidc import ServiceAccountTokens
+
+        authenticator = ServiceAccountTokens(oidc_audience, oidc_subject, issuer_url=oidc_issuer_url)
+    else:
+        authenticator = LocalToken(local_token(home), loopback_only=is_loopback(host))
     loaded = load_policy(policy)
     name = model or loaded.model
     registry_root = registry_uri(registry, home)
     config = RetrainingConfig(name, registry_root, loaded, state_dir or home / "trigger" / name, target=target)
     retrainer: Retrainer
     if kfp_host:
-        retrainer = ClusterRetrainer(loaded, KfpEndpoint(kfp_host, token), registry_root, model=name, image=image or DEFAULT_IMAGE)
+        retrainer = ClusterRetrainer(loaded, KfpEndpoint(kfp_host, token, allow_plain_http=kfp_allow_http), registry_root,
+                                     model=name, image=image or DEFAULT_IMAGE)
     else:
         retrainer = LocalRetrainer(loaded, registry_root, home, model=name)
     deployer: Deployer | None = None
@@ -91,6 +117,6 @@ def trigger(
             raise typer.BadParameter("--inference-service needs --prometheus-url (or scaling.prometheus_url in the policy)")
         deployer = KServeDeployer(namespace, inference_service, registry_root, name, url)
     elif admin_url:
-        deployer = LocalDeployer(admin_url, name)
-    uvicorn.run(create_app(RetrainingService(config, retrainer, deployer)), host=host, port=http_port,
+        deployer = LocalDeployer(admin_url, name, local_token(home))
+    uvicorn.run(create_app(RetrainingService(config, retrainer, deployer), authenticator), host=host, port=http_port,
                 log_level="warning", access_log=False)

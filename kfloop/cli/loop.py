@@ -10,11 +10,11 @@ import typer
 from rich.table import Table
 
 from kfloop.cli.options import (
-    DEFAULT_HOME, DataOption, HomeOption, PolicyOption, RegistryOption, TargetOption, absolute_if_local, err, out,
+    DEFAULT_HOME, AuthTokenFileOption, DataOption, HomeOption, PolicyOption, RegistryOption, TargetOption, absolute_if_local, err, out,
     registry_uri, wait_for_stop_signal,
 )
 
-__all__ = ["demo", "down", "status", "up"]
+__all__ = ["demo", "down", "status", "token", "up"]
 
 
 def up(
@@ -27,15 +27,19 @@ def up(
     admin_port: Annotated[int, typer.Option("--admin-port", help="Serving runtime admin API.")] = 8090,
     watch_port: Annotated[int, typer.Option("--watch-port", help="Drift/outlier service.")] = 8085,
     trigger_port: Annotated[int, typer.Option("--trigger-port", help="Trigger service.")] = 8095,
+    auth_token_file: AuthTokenFileOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Start the whole loop locally (train if needed, serve, watch, trigger, autoscale) until Ctrl-C or 'kfloop down'."""
+    """Start the whole loop locally (train if needed, serve, watch, trigger, autoscale) until Ctrl-C or 'kfloop down'.
+
+    Control calls, payload events and alarms need HOME's token (kfloop token prints it)."""
     from kfloop.local.stack import LocalStack, StackPorts
     from kfloop.policies import load_policy
 
     loaded = load_policy(policy)
     stack = LocalStack(loaded, policy, home, registry_uri(registry, home), data_uri=absolute_if_local(data), target=target,
-                       ports=StackPorts(http_port, grpc_port, admin_port, watch_port, trigger_port))
+                       ports=StackPorts(http_port, grpc_port, admin_port, watch_port, trigger_port),
+                       inference_token_file=auth_token_file)
     with err.status(f"training {loaded.model} (no production version yet)"):
         trained = stack.ensure_model()
     if trained is not None:
@@ -154,3 +158,10 @@ def down(home: HomeOption = DEFAULT_HOME, timeout: Annotated[float, typer.Option
     err.print(f"stopped the loop (pid {pid})")
 
 
+
+
+def token(home: HomeOption = DEFAULT_HOME) -> None:
+    """Print HOME's bearer token (created at first use, mode 0600): send it as 'Authorization: Bearer <token>'."""
+    from kfloop.credentials import local_token
+
+    typer.echo(local_token(home))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kfloop.serving.entrypoints import ServerAddress
 
 __all__ = [
-    "DEFAULT_HOME", "DataOption", "GrpcPortOption", "HomeOption", "HostOption", "HttpPortOption", "ImageOption",
+    "DEFAULT_HOME", "AuthTokenFileOption", "ControlPortOption", "DataOption", "GrpcPortOption", "HomeOption", "HostOption", "HttpPortOption", "ImageOption",
     "MaxBatchOption", "ModelOption", "NoGrpcOption", "PolicyOption", "RegistryOption", "TargetOption", "WorkersOption",
     "ServerOptions", "absolute_if_local", "err", "out", "registry_uri", "wait_for_stop_signal", "with_options",
 ]
@@ -57,6 +57,14 @@ MaxBatchOption = Annotated[int, typer.Option("--max-batch", help="Largest batch 
 HttpPortOption = Annotated[int, typer.Option("--http-port", "--http_port", help="REST port.")]
 GrpcPortOption = Annotated[int, typer.Option("--grpc-port", "--grpc_port", help="gRPC port.")]
 NoGrpcOption = Annotated[bool, typer.Option("--no-grpc", help="Serve REST only.")]
+ControlPortOption = Annotated[
+    Optional[int],
+    typer.Option("--control-port", help="Serve the control routes (/kfloop/...) on this loopback port, behind HOME's token (kfloop token)."),
+]
+AuthTokenFileOption = Annotated[
+    Optional[Path],
+    typer.Option("--auth-token-file", help="Require 'Authorization: Bearer <the token in this file>' on inference calls (REST and gRPC); health and metrics stay open."),
+]
 WorkersOption = Annotated[int, typer.Option("--workers", hidden=True, help="Accepted for KServe; kfloop scales by replicas.")]
 
 

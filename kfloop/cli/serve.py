@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from kfloop.cli.options import (
-    DEFAULT_HOME, HomeOption, HostOption, PolicyOption, RegistryOption, ServerOptions, err, registry_uri,
+    DEFAULT_HOME, AuthTokenFileOption, ControlPortOption, HomeOption, HostOption, PolicyOption, RegistryOption, ServerOptions, err, registry_uri,
     wait_for_stop_signal, with_options,
 )
 
@@ -22,16 +22,22 @@ def predictor(
     registry: RegistryOption = None,
     model: Annotated[Optional[str], typer.Option("--model", "--model_name", help="Model name clients use (the registry model name).")] = None,
     version: Annotated[Optional[str], typer.Option("--version", help="Registry version (default: production).")] = None,
-    fault_injection: Annotated[bool, typer.Option("--fault-injection", help="Expose PUT /kfloop/faults to make this predictor fail on purpose (drills).")] = False,
+    fault_injection: Annotated[bool, typer.Option("--fault-injection", help="Expose PUT /kfloop/faults on --control-port to make this predictor fail on purpose (drills).")] = False,
+    control_port: ControlPortOption = None,
+    auth_token_file: AuthTokenFileOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Serve one model version: V1 and V2 REST + gRPC on scaled features (the KServe predictor)."""
     from kfloop.registry import ModelRegistry
-    from kfloop.serving.entrypoints import run_predictor
+    from kfloop.serving.entrypoints import Access, run_predictor
 
+    if fault_injection and control_port is None:
+        raise typer.BadParameter("--fault-injection needs --control-port (control never shares the client port)")
     address = server.address()
+    access = Access(home, control_port, auth_token_file)
     if model_dir is not None:
-        run_predictor(model or model_dir.parent.name, str(model_dir), address, max_batch=server.max_batch, fault_injection=fault_injection)
+        run_predictor(model or model_dir.parent.name, str(model_dir), address, access, max_batch=server.max_batch,
+                      fault_injection=fault_injection)
         return
     if model is None:
         raise typer.BadParameter("give --model-dir, or --model with --registry")
@@ -39,7 +45,7 @@ def predictor(
     if not store.is_local:
         raise typer.BadParameter("--registry must be a local path here; for remote storage mount the version and use --model-dir")
     resolved = store.resolve(model, version)
-    run_predictor(model, store.uri(model, resolved), address, max_batch=server.max_batch, fault_injection=fault_injection)
+    run_predictor(model, store.uri(model, resolved), address, access, max_batch=server.max_batch, fault_injection=fault_injection)
 
 
 @with_options(ServerOptions)
@@ -51,21 +57,23 @@ def transformer(
     version: Annotated[Optional[str], typer.Option("--version", help="Registry version (default: production).")] = None,
     predictor_protocol: Annotated[str, typer.Option("--predictor-protocol", "--predictor_protocol", help="Only v2 is supported.")] = "v2",
     logger_url: Annotated[Optional[str], typer.Option("--logger-url", help="Send payload CloudEvents here (local stand-in for KServe's logger).")] = None,
+    logger_token_file: Annotated[Optional[Path], typer.Option("--logger-token-file", help="Send payload events with this bearer token (the watch's: HOME/token on one machine).")] = None,
     inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="ce-inferenceservicename of payload events (default: the model name).")] = None,
     namespace: Annotated[str, typer.Option("--namespace", help="ce-namespace of payload events.")] = "",
-    no_admin: Annotated[bool, typer.Option("--no-admin", help="Do not expose GET/PUT /kfloop/routes.")] = False,
+    control_port: ControlPortOption = None,
+    auth_token_file: AuthTokenFileOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Serve the transformer: validate and scale raw rows, call the predictor, name the classes."""
-    from kfloop.serving.entrypoints import run_transformer
+    from kfloop.serving.entrypoints import Access, run_transformer
 
     if predictor_protocol not in ("v2", "rest-v2"):
         raise typer.BadParameter(f"predictor protocol {predictor_protocol!r} is not supported; use v2")
     hosts = [h.strip().removeprefix("http://") for h in predictor_host.split(",") if h.strip()]
     run_transformer(
-        model, registry_uri(registry, home), version, hosts,
-        server.address(), max_batch=server.max_batch, logger_url=logger_url, inference_service=inference_service, namespace=namespace,
-        admin=not no_admin,
+        model, registry_uri(registry, home), version, hosts, server.address(), Access(home, control_port, auth_token_file),
+        max_batch=server.max_batch, logger_url=logger_url, logger_token_file=logger_token_file,
+        inference_service=inference_service, namespace=namespace,
     )
 
 
@@ -80,17 +88,20 @@ def serve(
     admin_port: Annotated[int, typer.Option("--admin-port", help="Runtime admin API (GET /status, /metrics, POST /replicas|/version|/traffic); 0 picks a free port.")] = 8090,
     autoscale: Annotated[bool, typer.Option("--autoscale", help="Scale predictor replicas by the policy's scaling rules (Prometheus if the policy names one, else the servers' /metrics).")] = False,
     host: HostOption = "127.0.0.1",
+    auth_token_file: AuthTokenFileOption = None,
     policy: PolicyOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Serve a model locally: predictor replica(s) + transformer as supervised processes, until Ctrl-C."""
+    """Serve a model locally: predictor replica(s) + transformer as supervised processes, until Ctrl-C.
+
+    The admin API's changes need HOME's token (kfloop token prints it)."""
     from kfloop.local.stack import LocalStack, StackPorts
     from kfloop.policies import load_policy
 
     loaded_policy = load_policy(policy)
     name = model or loaded_policy.model
     stack = LocalStack(loaded_policy, policy, home, registry_uri(registry, home), model=name, host=host,
-                       ports=StackPorts(http=http_port, grpc=grpc_port, admin=admin_port))
+                       ports=StackPorts(http=http_port, grpc=grpc_port, admin=admin_port), inference_token_file=auth_token_file)
     stop = wait_for_stop_signal()
     with err.status(f"starting {replicas} predictor replica(s) and the transformer for {name}"):
         stack.start_serving(version=version, replicas=replicas, logger_url=logger_url, autoscale=autoscale)

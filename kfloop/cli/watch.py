@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,15 @@ import typer
 
 from kfloop.cli.options import DEFAULT_HOME, HomeOption, HostOption, PolicyOption, RegistryOption, registry_uri
 
-__all__ = ["watch"]
+__all__ = ["EventAuth", "watch"]
+
+
+class EventAuth(str, Enum):
+    """Who the watch takes payload events from."""
+
+    token = "token"
+    none = "none"
+
 
 def watch(
     sink: Annotated[str, typer.Option("--sink", help="Where alarms (CloudEvents) go: a Knative Broker, or the trigger service.")],
@@ -27,6 +36,8 @@ def watch(
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not write payload rows to the registry's capture area.")] = False,
     capture_rows: Annotated[int, typer.Option("--capture-rows", min=1, help="Rows per capture shard (a shard is also written every 30 s).")] = 500,
     follow_seconds: Annotated[float, typer.Option("--follow-seconds", help="How often to check the registry's production version.")] = 5.0,
+    event_auth: Annotated[EventAuth, typer.Option("--event-auth", help="Who may post payload events: 'token' (HOME's bearer token) or 'none' (a cluster, where a NetworkPolicy admits only the transformer's pods: KServe's logger sends no credentials).")] = EventAuth.token,
+    sink_token_file: Annotated[Optional[Path], typer.Option("--sink-token-file", help="Alarms carry the bearer token in this file, re-read when it changes (default: HOME/token; a cluster: the projected ServiceAccount token for the Broker).")] = None,
     host: HostOption = "127.0.0.1",
     policy: PolicyOption = None,
     home: HomeOption = DEFAULT_HOME,
@@ -34,6 +45,8 @@ def watch(
     """Watch payload CloudEvents for drift and outliers; send alarms to --sink."""
     from kfloop.policies import load_policy
     from kfloop.drift.detectors import BACKENDS, DetectorConfig
+    from kfloop.credentials import local_token, token_path
+    from kfloop.serving.auth import LocalToken, is_loopback
     from kfloop.serving.watch import WatchConfig, run_watch
 
     if backend not in BACKENDS:
@@ -48,7 +61,11 @@ def watch(
         state_dir=state_dir or home / "watch" / name, window=window, stride=stride, stride_seconds=stride_seconds,
         max_batch=max_batch, backend=backend,
         detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
+        sink_token_file=sink_token_file or token_path(home),
     )
-    run_watch(config, host=host, port=http_port)
+    if event_auth is EventAuth.token or sink_token_file is None:
+        token = local_token(home)  # created at first use
+    authenticator = LocalToken(token, loopback_only=is_loopback(host)) if event_auth is EventAuth.token else None
+    run_watch(config, authenticator, host=host, port=http_port)
 
 

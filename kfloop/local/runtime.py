@@ -8,9 +8,15 @@ process that dies (with back-off), and stops every process it started by PID.
 
 Changes never fail a request: a new replica or version is started and made
 ready first, then the transformer's traffic split is swapped
-(``PUT /kfloop/routes``), then the old replicas are drained (no request in
-flight to them) and stopped. The same operations are exposed over a small
-JSON admin API (:class:`AdminServer`) for other processes.
+(``PUT /kfloop/routes`` on the transformer's control port), then the old
+replicas are drained (no request in flight to them) and stopped. The same
+operations are exposed over a small JSON admin API (:class:`AdminServer`) for
+other processes.
+
+Every control call -- the admin API's changes, the transformer's routes, the
+predictors' fault injection -- needs the bearer token of the runtime's home
+folder (:mod:`kfloop.credentials`) and a loopback ``Host``; inference needs
+credentials only when the runtime was given an ``inference_token_file``.
 
 Processes are :class:`~kfloop.local.supervisor.ManagedProcess` es.
 """
@@ -30,12 +36,14 @@ from typing import Any
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kfloop.credentials import bearer, local_token, token_path
 from kfloop.errors import (
     InputError, KfloopError, NotFoundError, PayloadTooLarge, UnsupportedMediaType, UpstreamError, to_http,
 )
 from kfloop.durable import atomic_write
 from kfloop.local.supervisor import ManagedProcess, free_port
-from kfloop.registry import ModelRegistry
+from kfloop.registry import ModelRegistry, checked_version
+from kfloop.serving.auth import Authenticator, LocalToken
 
 __all__ = ["AdminServer", "Replica", "ServingRuntime", "TrafficShare"]
 
@@ -53,6 +61,7 @@ class Replica:
     version: str
     port: int
     process: ManagedProcess
+    control_port: int | None = None  # fault injection, when the runtime has it on
 
     @property
     def address(self) -> str:
@@ -76,6 +85,7 @@ class ServingRuntime:
         registry_uri: str,
         model: str,
         *,
+        home: Path,
         version: str | None = None,
         replicas: int = 1,
         host: str = "127.0.0.1",
@@ -87,6 +97,7 @@ class ServingRuntime:
         fault_injection: bool = False,
         prometheus_targets: Path | None = None,
         max_replicas: int = 100,
+        inference_token_file: Path | None = None,
     ) -> None:
         self.registry = ModelRegistry(registry_uri)
         if not self.registry.is_local:
@@ -99,6 +110,10 @@ class ServingRuntime:
         self.grpc_port = grpc_port
         self.logger_url = logger_url
         self.log_dir = Path(log_dir)
+        self.home = Path(home)
+        self.control_headers = bearer(local_token(self.home))  # what this runtime sends on every control call
+        self.inference_token_file = inference_token_file
+        self.transformer_control_port = free_port()  # kept across transformer restarts
         self.max_batch = max_batch
         self.fault_injection = fault_injection
         self.prometheus_targets = prometheus_targets
@@ -180,13 +195,13 @@ class ServingRuntime:
 
     def set_traffic(self, weights: dict[str, float]) -> None:
         """Send ``weights`` (version -> percent) of requests to each version; starts and drains replicas."""
-        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise InputError(f"traffic weights must be non-negative and not all zero, got {weights}")
+        if not weights or not all(0.0 <= w <= 100.0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise InputError(f"traffic weights must be percentages (0 to 100), not all zero, got {weights}")
         with self._lock:
             replicas_each = max(1, self.replica_count())
             kept, dropped = [], []
             for version, weight in weights.items():
-                self.registry.metadata(self.model, version)
+                self.registry.metadata(self.model, checked_version(version))
                 current = next((s for s in self.shares if s.version == version), None)
                 if weight == 0:
                     continue
@@ -231,17 +246,19 @@ class ServingRuntime:
         started = []
         for _ in range(count):
             port = free_port()
+            control_port = free_port() if self.fault_injection else None
+            control = ["--fault-injection", "--control-port", str(control_port)] if control_port else []
             process = ManagedProcess(
                 name=f"predictor {self.model} v{version} :{port}",
                 argv=self._kfloop(
                     "predictor", "--model-dir", version_dir, "--model", self.model, "--http-port", str(port),
-                    "--no-grpc", "--max-batch", str(self.max_batch), *(["--fault-injection"] if self.fault_injection else []),
+                    "--no-grpc", "--max-batch", str(self.max_batch), "--home", str(self.home), *control,
                 ),
                 ready_url=f"http://127.0.0.1:{port}/v2/models/{self.model}/ready",
                 log_path=self.log_dir / f"predictor-{self.model}-v{version}-{port}.log",
             )
             process.spawn()
-            started.append(Replica(version, port, process))
+            started.append(Replica(version, port, process, control_port))
         try:
             for replica in started:
                 replica.process.wait_ready()
@@ -256,9 +273,12 @@ class ServingRuntime:
             "transformer", "--model", self.model, "--registry", self.registry.root, "--version", version,
             "--predictor-host", ",".join(upstreams), "--host", self.host,
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--max-batch", str(self.max_batch),
+            "--home", str(self.home), "--control-port", str(self.transformer_control_port),
         )
-        if self.logger_url:
-            argv += ["--logger-url", self.logger_url]
+        if self.logger_url:  # the watch on this machine takes events with the home's token
+            argv += ["--logger-url", self.logger_url, "--logger-token-file", str(token_path(self.home))]
+        if self.inference_token_file is not None:
+            argv += ["--auth-token-file", str(self.inference_token_file)]
         return ManagedProcess(
             name=f"transformer {self.model}",
             argv=argv,
@@ -267,7 +287,7 @@ class ServingRuntime:
         )
 
     def _routes_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}/kfloop/routes"
+        return f"http://127.0.0.1:{self.transformer_control_port}/kfloop/routes"
 
     def metrics_urls(self) -> list[str]:
         """``/metrics`` of every predictor replica (what a Prometheus would scrape)."""
@@ -281,7 +301,8 @@ class ServingRuntime:
         with self._lock:
             replicas = [r for s in self.shares for r in s.replicas if version is None or s.version == version]
         for replica in replicas:
-            answer = httpx.put(f"http://{replica.address}/kfloop/faults", json={"failure_rate": rate}, timeout=5.0)
+            answer = httpx.put(f"http://127.0.0.1:{replica.control_port}/kfloop/faults", json={"failure_rate": rate},
+                               headers=self.control_headers, timeout=5.0)
             if answer.status_code != 200:
                 raise UpstreamError(f"replica {replica.address} refused fault injection: {answer.text}")
 
@@ -295,7 +316,7 @@ class ServingRuntime:
     def _apply_routes(self) -> None:
         self._write_prometheus_targets()
         routes = [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas]} for s in self.shares]
-        response = httpx.put(self._routes_url(), json={"routes": routes}, timeout=30.0)
+        response = httpx.put(self._routes_url(), json={"routes": routes}, headers=self.control_headers, timeout=30.0)
         if response.status_code != 200:
             raise UpstreamError(f"transformer refused the new routes: HTTP {response.status_code} {response.text}")
 
@@ -304,7 +325,7 @@ class ServingRuntime:
         addresses = {r.address for r in replicas}
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while addresses and time.monotonic() < deadline:
-            in_flight = httpx.get(self._routes_url(), timeout=5.0).json()["in_flight"]
+            in_flight = httpx.get(self._routes_url(), headers=self.control_headers, timeout=5.0).json()["in_flight"]
             if not any(in_flight.get(a, 0) for a in addresses):
                 break
             time.sleep(0.05)
@@ -344,11 +365,15 @@ class AdminServer:
 
     ``GET /status``; ``GET /metrics``; ``POST /replicas`` ``{"replicas": n}``; ``POST /version``
     ``{"version": "3"}``; ``POST /traffic`` ``{"weights": {"2": 90, "3": 10}}``.
+    The ``POST`` s change what is served: they need ``authenticator`` (the
+    runtime's home token and a loopback ``Host``); the ``GET`` s only read.
     Errors come back as ``{"error": ...}`` with the error's HTTP status.
     """
 
-    def __init__(self, runtime: ServingRuntime, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, runtime: ServingRuntime, port: int, host: str = "127.0.0.1",
+                 authenticator: Authenticator | None = None) -> None:
         self.runtime = runtime
+        self.authenticator = authenticator or LocalToken(local_token(runtime.home))
         self.server = ThreadingHTTPServer((host, port), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, name="kfloop-admin", daemon=True)
 
@@ -365,20 +390,22 @@ class AdminServer:
         self.server.server_close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        runtime = self.runtime
+        runtime, authenticator = self.runtime, self.authenticator
 
         class Handler(BaseHTTPRequestHandler):
-            def _reply(self, status: int, body: dict[str, Any]) -> None:
+            def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
             def _answer(self, exc: KfloopError) -> None:
                 answer = to_http(exc)
-                self._reply(answer.status, answer.body)
+                self._reply(answer.status, answer.body, answer.headers)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 if self.path == "/status":
@@ -395,31 +422,57 @@ class AdminServer:
 
             def do_POST(self) -> None:  # noqa: N802
                 try:
+                    authenticator.check({name.lower(): value for name, value in self.headers.items()})
                     if self.headers.get_content_type() != "application/json":
                         raise UnsupportedMediaType(f"send the body as application/json, not {self.headers.get_content_type()!r}")
-                    length = int(self.headers.get("content-length", 0))
+                    declared = self.headers.get("content-length", "0")
+                    if not declared.isdigit():
+                        self.close_connection = True
+                        raise InputError("send the body with a Content-Length (a whole number of bytes)")
+                    length = int(declared)
                     if length > ADMIN_MAX_BODY:
                         self.close_connection = True
                         raise PayloadTooLarge(f"admin request body of {length} bytes is over the limit of {ADMIN_MAX_BODY}")
-                    body = json.loads(self.rfile.read(length) or b"{}")
+                    try:
+                        body = json.loads(self.rfile.read(length) or b"{}")
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        raise InputError(f"the body is not JSON: {exc}") from None
                     if not isinstance(body, dict):
                         raise InputError("the body must be a JSON object")
                     if self.path == "/replicas":
-                        self._reply(200, {"replicas": runtime.scale(int(body["replicas"]))})
+                        self._reply(200, {"replicas": runtime.scale(_whole_number(body, "replicas"))})
                     elif self.path == "/version":
-                        runtime.switch_version(str(body["version"]))
+                        runtime.switch_version(checked_version(str(body["version"])))
                         self._reply(200, runtime.status())
                     elif self.path == "/traffic":
-                        runtime.set_traffic({str(k): float(v) for k, v in body["weights"].items()})
+                        weights = body["weights"]
+                        if not isinstance(weights, dict):
+                            raise InputError('"weights" must be an object: {"2": 90, "3": 10}')
+                        runtime.set_traffic({checked_version(str(k)): _number(v, f"weights.{k}") for k, v in weights.items()})
                         self._reply(200, runtime.status())
                     else:
                         self._answer(NotFoundError(f"no route {self.path}; try /replicas, /version or /traffic"))
                 except KfloopError as exc:
+                    self.close_connection = True  # the body may be unread: never parse it as the next request
                     self._answer(exc)
-                except (KeyError, TypeError, ValueError) as exc:
-                    self._answer(InputError(f"bad request body: {exc!r}"))
+                except KeyError as exc:
+                    self._answer(InputError(f"the body lacks the field {exc}"))
 
             def log_message(self, *args: Any) -> None:
                 pass
 
         return Handler
+
+
+def _number(value: Any, field: str) -> float:
+    """A JSON number (not a boolean, not NaN or infinite) from an admin body."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _whole_number(body: dict[str, Any], field: str) -> int:
+    value = body[field]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{field} must be a whole number, got {value!r}")
+    return value

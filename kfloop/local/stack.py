@@ -55,8 +55,10 @@ class LocalStack:
 
     def __init__(self, policy: Policy, policy_path: Path | None, home: Path, registry_uri: str, *,
                  model: str | None = None, data_uri: str | None = None, target: str | None = None,
-                 ports: StackPorts = StackPorts(), host: str = "127.0.0.1", watch_alpha: float | None = None) -> None:
+                 ports: StackPorts = StackPorts(), host: str = "127.0.0.1", watch_alpha: float | None = None,
+                 inference_token_file: Path | None = None) -> None:
         self.policy, self.policy_path, self.home = policy, policy_path, Path(home)
+        self.inference_token_file = inference_token_file  # inference needs this token (None: open)
         self.watch_alpha = watch_alpha  # false-alarm rate per window of the watch (None: its default)
         self.registry_uri, self.data_uri, self.target, self.ports, self.host = registry_uri, data_uri, target, ports, host
         self.model = model or policy.model
@@ -98,7 +100,8 @@ class LocalStack:
                       autoscale: bool = True, fault_injection: bool = False) -> None:
         """The serving runtime, its admin API and (with ``autoscale``) the autoscaler."""
         try:
-            self.runtime = ServingRuntime(self.registry_uri, self.model, version=version, replicas=replicas, host=self.host,
+            self.runtime = ServingRuntime(self.registry_uri, self.model, home=self.home, version=version, replicas=replicas,
+                                          host=self.host, inference_token_file=self.inference_token_file,
                                           http_port=self.ports.http, grpc_port=self.ports.grpc, logger_url=logger_url,
                                           log_dir=self.logs, fault_injection=fault_injection,
                                           max_replicas=self.policy.scaling.max_replicas)

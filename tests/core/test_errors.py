@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kfloop import errors
 from kfloop.errors import (
+    AccessError,
     ClusterError,
     ConflictError,
     DataError,
+    Forbidden,
     HttpAnswer,
     InjectedFailure,
     InputError,
@@ -29,6 +31,7 @@ from kfloop.errors import (
     PolicyError,
     RegistryError,
     TemporaryError,
+    Unauthenticated,
     UnsupportedMediaType,
     UpstreamError,
     VersionMismatch,
@@ -48,6 +51,9 @@ TAXONOMY = {
     ManifestError: (400, ValueError, False),
     PayloadTooLarge: (413, ValueError, False),
     UnsupportedMediaType: (415, ValueError, False),
+    AccessError: (403, PermissionError, False),
+    Unauthenticated: (401, PermissionError, False),
+    Forbidden: (403, PermissionError, False),
     NotFoundError: (404, LookupError, False),
     RegistryError: (404, LookupError, False),
     ConflictError: (409, LookupError, False),
@@ -107,7 +113,8 @@ def test_a_permanent_error_is_not_retried_although_it_is_a_runtime_error():
 @pytest.mark.parametrize("cls", list(TAXONOMY), ids=lambda cls: cls.__name__)
 def test_every_error_becomes_its_status_and_an_error_body(cls):
     answer = to_http(make(cls, "no model 'leaf'"))
-    expected_headers = {"x-kfloop-model-version": "3"} if cls is VersionMismatch else {}
+    expected_headers = {VersionMismatch: {"x-kfloop-model-version": "3"},
+                        Unauthenticated: {"www-authenticate": 'Bearer realm="kfloop"'}}.get(cls, {})
     assert answer == HttpAnswer(TAXONOMY[cls][0], {"error": "no model 'leaf'"}, expected_headers)
 
 

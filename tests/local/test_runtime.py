@@ -5,6 +5,7 @@ stops every process it started."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from testbed import tensor, v1
+from kfloop.credentials import bearer, local_token
 from kfloop.local.supervisor import free_port
 
 pytestmark = pytest.mark.slow
@@ -77,12 +79,15 @@ def test_a_crashed_replica_is_restarted_and_requests_keep_succeeding(stack):
     assert (replica["restarts"], replica["alive"]) == (1, True)
 
 
-def test_kfloop_serve_stops_every_process_it_started_on_sigterm(stack, tmp_path):
+def test_kfloop_serve_with_inference_credentials_stops_every_process_it_started_on_sigterm(stack, tmp_path):
     registry = stack["registry"]
-    http_port, admin_port = free_port(), free_port()
+    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    client_token = tmp_path / "client-token"
+    client_token.write_text("client-secret\n")
     serve = subprocess.Popen(
         [sys.executable, "-m", "kfloop", "serve", "--registry", registry.root, "--model", "leaf", "--replicas", "2",
-         "--http-port", str(http_port), "--grpc-port", str(free_port()), "--admin-port", str(admin_port), "--home", str(tmp_path)],
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--admin-port", str(admin_port), "--home", str(tmp_path),
+         "--auth-token-file", str(client_token)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -97,9 +102,17 @@ def test_kfloop_serve_stops_every_process_it_started_on_sigterm(stack, tmp_path)
         assert status is not None, serve.stdout.read() if serve.poll() is not None else "not up"
         pids = [status["transformer"]["pid"]] + [r["pid"] for s in status["traffic"] for r in s["replicas"]]
         assert len(pids) == 3
-        assert httpx.post(f"http://127.0.0.1:{http_port}/v1/models/leaf:predict", json={"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200
+        predict = functools.partial(httpx.post, f"http://127.0.0.1:{http_port}/v1/models/leaf:predict",
+                                    json={"instances": stack["holdout"].holdout_features[:1].tolist()})
+        assert predict().status_code == 401
+        assert predict(headers={"authorization": "Bearer wrong"}).status_code == 403
+        assert predict(headers=bearer("client-secret")).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{http_port}/v2/models/leaf/ready").status_code == 200  # health stays open
+        assert grpc_infer_status(f"127.0.0.1:{grpc_port}", stack["holdout"].holdout_features[:1], None) == "UNAUTHENTICATED"
+        assert grpc_infer_status(f"127.0.0.1:{grpc_port}", stack["holdout"].holdout_features[:1], "client-secret") == "OK"
         # The call returns once the new replica is ready: seconds on a busy machine.
-        scaled = httpx.post(f"http://127.0.0.1:{admin_port}/replicas", json={"replicas": 3}, timeout=120).json()
+        scaled = httpx.post(f"http://127.0.0.1:{admin_port}/replicas", json={"replicas": 3}, timeout=120,
+                            headers=bearer(local_token(tmp_path))).json()
         assert scaled == {"replicas": 3}
         pids += [r["pid"] for s in httpx.get(f"http://127.0.0.1:{admin_port}/status").json()["traffic"] for r in s["replicas"]]
     finally:
@@ -110,27 +123,67 @@ def test_kfloop_serve_stops_every_process_it_started_on_sigterm(stack, tmp_path)
     assert alive == []
 
 
-def test_admin_calls_are_bounded_json_and_name_registry_versions_only(stack):
+def test_admin_calls_need_the_home_token_are_bounded_json_and_name_registry_versions_only(stack):
     from kfloop.local.runtime import AdminServer
 
     runtime = stack["runtime"]
     admin = AdminServer(runtime, free_port())
     admin.start()
+    auth = bearer(local_token(runtime.home))
     try:
         before = runtime.status()
-        too_many = httpx.post(admin.url + "/replicas", json={"replicas": runtime.max_replicas + 1})
+        for path, body in (("/replicas", {"replicas": 2}), ("/version", {"version": "2"}), ("/traffic", {"weights": {"2": 100}})):
+            anonymous = httpx.post(admin.url + path, json=body)
+            assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer"), path
+            assert httpx.post(admin.url + path, json=body, headers={"authorization": "Bearer guessed"}).status_code == 403
+            rebound = httpx.post(admin.url + path, json=body, headers=auth | {"host": "evil.example"})
+            assert rebound.status_code == 403 and "loopback" in rebound.json()["error"]
+        # A web page's cross-site form post carries no token: refused before its content type even matters.
+        assert httpx.post(admin.url + "/replicas", content=b"replicas=50", headers={"content-type": "text/plain"}).status_code == 401
+        assert httpx.get(admin.url + "/status").status_code == 200  # reading stays open
+        post = functools.partial(httpx.post, headers=auth)
+        too_many = post(admin.url + "/replicas", json={"replicas": runtime.max_replicas + 1})
         assert too_many.status_code == 400 and f"between 1 and {runtime.max_replicas}" in too_many.json()["error"]
-        as_form = httpx.post(admin.url + "/replicas", content=b"replicas=50", headers={"content-type": "application/x-www-form-urlencoded"})
+        as_form = httpx.post(admin.url + "/replicas", content=b"replicas=50",
+                             headers=auth | {"content-type": "application/x-www-form-urlencoded"})
         assert as_form.status_code == 415
-        as_text = httpx.post(admin.url + "/traffic", content=b'{"weights": {"1": 100}}', headers={"content-type": "text/plain"})
+        as_text = httpx.post(admin.url + "/traffic", content=b'{"weights": {"1": 100}}', headers=auth | {"content-type": "text/plain"})
         assert as_text.status_code == 415
         for version in ("../other/1", "x"):
-            answer = httpx.post(admin.url + "/version", json={"version": version})
+            answer = post(admin.url + "/version", json={"version": version})
             assert answer.status_code == 400 and "not a registry version" in answer.json()["error"], version
-        huge = httpx.post(admin.url + "/traffic", content=b"{" + b" " * (1024 * 1024) + b"}", headers={"content-type": "application/json"})
+            answer = post(admin.url + "/traffic", json={"weights": {version: 100}})
+            assert answer.status_code == 400 and "not a registry version" in answer.json()["error"], version
+        assert post(admin.url + "/version", json={"version": "99"}).status_code == 404  # digits, but no such version
+        for weights in (b'{"weights": {"1": NaN}}', b'{"weights": {"1": 1e999}}', b'{"weights": {"1": 101}}', b'{"weights": [1]}'):
+            answer = post(admin.url + "/traffic", content=weights, headers=auth | {"content-type": "application/json"})
+            assert answer.status_code == 400, (weights, answer.text)
+        for replicas in (True, 2.5, "3", 0):
+            assert post(admin.url + "/replicas", json={"replicas": replicas}).status_code == 400, replicas
+        assert post(admin.url + "/replicas", json={}).status_code == 400
+        assert post(admin.url + "/replicas", content=b"{nope", headers=auth | {"content-type": "application/json"}).status_code == 400
+        huge = httpx.post(admin.url + "/traffic", content=b"{" + b" " * (1024 * 1024) + b"}",
+                          headers=auth | {"content-type": "application/json"})
         assert huge.status_code == 413
         after = runtime.status()
         assert [(s["version"], s["weight"], len(s["replicas"])) for s in after["traffic"]] == \
             [(s["version"], s["weight"], len(s["replicas"])) for s in before["traffic"]]
     finally:
         admin.stop()
+
+
+def grpc_infer_status(address: str, rows, token: str | None) -> str:
+    """The gRPC status code name of one V2 ModelInfer call, with ``authorization`` metadata when ``token`` is given."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name="leaf", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="features", datatype="FP32", shape=list(rows.shape), contents=pb.InferTensorContents(fp32_contents=rows.ravel().tolist()))])
+    with grpc.insecure_channel(address) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=[("authorization", f"Bearer {token}")] if token else None, timeout=30)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import subprocess
 import sys
 import time
@@ -30,8 +32,15 @@ def test_up_trains_serves_and_down_stops_every_process(tmp_path, kfloop_cli, sma
         while time.time() < deadline and not (home / "stack.json").exists():
             assert up.poll() is None, "kfloop up exited"
             time.sleep(0.5)
-        answer = httpx.post(f"http://127.0.0.1:{ports['http']}/v1/models/digits:predict", json={"instances": [[0.0] * 64]})
+        predict = functools.partial(httpx.post, f"http://127.0.0.1:{ports['http']}/v1/models/digits:predict",
+                                    json={"instances": [[0.0] * 64]})
+        answer = predict()
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+        probe_every_control_surface_without_the_token(home, ports)
+        assert predict().status_code == 200  # still serving
+        printed = kfloop_cli("token", "--home", str(home))
+        assert printed.code == 0 and printed.stdout.strip() == (home / "token").read_text().strip()
+        assert (home / "token").stat().st_mode & 0o777 == 0o600
         status = kfloop_cli("status", "--home", str(home), "--json")
         assert status.code == 0, status.stderr
         state = status.json()
@@ -48,3 +57,28 @@ def test_up_trains_serves_and_down_stops_every_process(tmp_path, kfloop_cli, sma
     assert alive == [] and not (home / "stack.json").exists()
     again = kfloop_cli("status", "--home", str(home))
     assert again.code == 1 and "no loop is running" in again.stderr
+
+
+def probe_every_control_surface_without_the_token(home: Path, ports: dict[str, int]) -> None:
+    """What a curious user on this machine tries: none of it acts, and what is stored stays."""
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    before = {name: httpx.get(url[name] + "/status").json() for name in ("admin", "watch", "trigger")}
+    hijack = {"routes": [{"version": "1", "weight": 100, "upstreams": ["127.0.0.1:9"]}]}
+    assert httpx.put(url["http"] + "/kfloop/routes", json=hijack).status_code == 404  # not on the client port
+    for path, body in (("/traffic", {"weights": {"1": 100}}), ("/replicas", {"replicas": 3}), ("/version", {"version": "1"})):
+        assert httpx.post(url["admin"] + path, json=body).status_code == 401, path
+    alarm = {"specversion": "1.0", "id": "forged", "source": "me", "type": "io.kfloop.drift.detected", "data": {"model": "digits"}}
+    as_text = httpx.post(url["trigger"] + "/", content=json.dumps(alarm).encode(), headers={"content-type": "text/plain"})
+    structured = httpx.post(url["trigger"] + "/", json=alarm, headers={"content-type": "application/cloudevents+json"})
+    assert (as_text.status_code, structured.status_code) == (401, 401)
+    assert "x-kfloop-outcome" not in as_text.headers and "x-kfloop-outcome" not in structured.headers
+    forged_rows = httpx.post(url["watch"] + "/", json={"instances": [[99.0] * 64] * 50}, headers={
+        "ce-specversion": "1.0", "ce-id": "forged", "ce-source": "me", "ce-type": "org.kubeflow.serving.inference.request"})
+    assert forged_rows.status_code == 401
+    wrong = httpx.post(url["trigger"] + "/", json=alarm, headers={"content-type": "application/cloudevents+json",
+                                                                  "authorization": "Bearer guessed"})
+    assert wrong.status_code == 403
+    after = {name: httpx.get(url[name] + "/status").json() for name in ("admin", "watch", "trigger")}
+    assert after["trigger"]["runs"] == before["trigger"]["runs"] and after["trigger"]["pending"] == []
+    assert after["watch"]["rows_in_window"] < before["watch"]["rows_in_window"] + 50  # (the client's own row may land)
+    assert after["admin"]["traffic"] == before["admin"]["traffic"]

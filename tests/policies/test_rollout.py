@@ -17,6 +17,7 @@ from testbed import Trigger, register_version, write_policy
 from kfloop.policies import Policy
 from kfloop.registry import ModelRegistry
 from kfloop.local.runtime import AdminServer, ServingRuntime
+from kfloop.credentials import local_token
 from kfloop.local.supervisor import free_port
 
 
@@ -24,7 +25,7 @@ from kfloop.local.supervisor import free_port
 @pytest.mark.heavy
 def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse_or_failing_versions_do_not_stay(tmp_path, registry_with_weak_v1):
     registry, small, full = registry_with_weak_v1
-    runtime = ServingRuntime(str(registry), "digits", http_port=free_port(), grpc_port=free_port(),
+    runtime = ServingRuntime(str(registry), "digits", home=tmp_path / "home", http_port=free_port(), grpc_port=free_port(),
                              log_dir=tmp_path / "logs", fault_injection=True)
     runtime.start()
     admin = AdminServer(runtime, free_port())
@@ -107,7 +108,8 @@ def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_
     from kfloop.policies.rollout import LocalDeployer, roll_out
 
     registry, _, full = registry_with_weak_v1
-    runtime = ServingRuntime(str(registry), "digits", http_port=free_port(), grpc_port=free_port(), log_dir=tmp_path / "logs")
+    runtime = ServingRuntime(str(registry), "digits", home=tmp_path / "home", http_port=free_port(), grpc_port=free_port(),
+                             log_dir=tmp_path / "logs")
     runtime.start()
     admin = AdminServer(runtime, free_port())
     admin.start()
@@ -115,7 +117,7 @@ def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_
         new = register_version(registry, "digits", full, n_estimators=20, work=tmp_path / "v2", target="digit")
         policy = Policy.model_validate({"model": "digits", "rollout": {
             "canary_percent": 50, "observe_seconds": 1, "min_canary_answers": 20, "max_observe_seconds": 4}})
-        deployer = LocalDeployer(admin.url, "digits")
+        deployer = LocalDeployer(admin.url, "digits", local_token(tmp_path / "home"))
         body = {"instances": [[0.0] * 64]}
         statuses: list[int] = []
         done = threading.Event()

@@ -132,7 +132,7 @@ def test_prometheus_driven_scaling_out_in_and_holding_and_the_embedded_engine_ag
     root, rows = model
     policy = ScalingPolicy(min_replicas=1, max_replicas=3, evaluation_seconds=2, cooldown_seconds=8, rules=[RATE])
     targets = tmp_path / "targets.json"
-    runtime = ServingRuntime(str(root / "registry"), "leaf", http_port=free_port(), grpc_port=free_port(),
+    runtime = ServingRuntime(str(root / "registry"), "leaf", home=tmp_path / "home", http_port=free_port(), grpc_port=free_port(),
                              log_dir=tmp_path / "logs", prometheus_targets=targets)
     runtime.start()
     prometheus = Prometheus(tmp_path, targets)
@@ -194,7 +194,7 @@ def test_prometheus_driven_scaling_out_in_and_holding_and_the_embedded_engine_ag
 def test_predictor_failures_scale_out_and_client_errors_do_not(model, tmp_path):
     root, rows = model
     policy = ScalingPolicy(min_replicas=1, max_replicas=3, evaluation_seconds=2, cooldown_seconds=60, rules=[FAILURES])
-    runtime = ServingRuntime(str(root / "registry"), "leaf", http_port=free_port(), grpc_port=free_port(),
+    runtime = ServingRuntime(str(root / "registry"), "leaf", home=tmp_path / "home", http_port=free_port(), grpc_port=free_port(),
                              log_dir=tmp_path / "logs", fault_injection=True)
     runtime.start()
     scaler = Autoscaler("leaf", runtime, policy, LocalMetricsSource("leaf", runtime.metrics_urls))

@@ -25,6 +25,8 @@ from kfloop.errors import (
     UpstreamError,
     VersionMismatch,
 )
+from kfloop.credentials import bearer
+from kfloop.serving.auth import LocalToken
 from kfloop.serving.events import Delivery, IGNORED_HEADER, EventReply, create_event_app
 
 REFUSALS: dict[str, KfloopError] = {
@@ -91,7 +93,7 @@ class Served:
 def app(request):
     """A fresh service behind a served app, handling events on the event loop (inline) or beside it (offload)."""
     service = Recorder()
-    served = Served(create_event_app("test events", service, offload=request.param))
+    served = Served(create_event_app("test events", service, offload=request.param, authenticator=None))
     yield service, served
     service.release.set()
     served.stop()
@@ -184,7 +186,7 @@ def test_status_healthz_and_metrics_answer_for_the_service(app):
 
 def test_an_offloaded_slow_event_does_not_block_healthz():
     service = Recorder()
-    served = Served(create_event_app("test events", service, offload=True))
+    served = Served(create_event_app("test events", service, offload=True, authenticator=None))
     answers: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answers.append(deliver(served, to_binary(event("test.slow")))))
     sender.start()
@@ -209,7 +211,7 @@ def test_the_startup_and_shutdown_hooks_run_with_the_server():
     async def stopped() -> None:
         service.lifecycle.append("shutdown")
 
-    served = Served(create_event_app("test events", service, on_startup=started, on_shutdown=stopped))
+    served = Served(create_event_app("test events", service, on_startup=started, on_shutdown=stopped, authenticator=None))
     try:
         assert httpx.get(served.url + "healthz").status_code == 200
         assert service.lifecycle == ["startup"]
@@ -220,12 +222,32 @@ def test_the_startup_and_shutdown_hooks_run_with_the_server():
 
 def test_a_body_over_the_limit_is_refused_413_before_the_service_sees_it():
     service = Recorder()
-    served = Served(create_event_app("test events", service, max_body_bytes=1000))
+    served = Served(create_event_app("test events", service, max_body_bytes=1000, authenticator=None))
     try:
         headers, body = to_binary(event(data={"rows": [[0.0] * 400]}))
         answer = deliver(served, (headers, body))
         assert answer.status_code == 413 and "over the limit of 1000 bytes" in answer.json()["error"]
         assert service.events == [] and [type(e).__name__ for e in service.refusals] == ["PayloadTooLarge"]
         assert deliver(served, to_binary(event())).status_code == 202
+    finally:
+        served.stop()
+
+
+def test_with_an_authenticator_only_events_with_the_token_reach_the_service_and_refusals_come_before_the_body():
+    service = Recorder()
+    served = Served(create_event_app("test events", service, max_body_bytes=1000, authenticator=LocalToken("s3cret")))
+    try:
+        headers, body = to_binary(event())
+        missing = httpx.post(served.url, headers=headers, content=body)
+        assert missing.status_code == 401 and no_cloudevent(missing)
+        assert missing.headers["www-authenticate"] == 'Bearer realm="kfloop"'
+        assert httpx.post(served.url, headers=headers | {"authorization": "Bearer s3cre"}, content=body).status_code == 403
+        # An over-size body without credentials is answered 401, not 413: nobody learns the limit without the token.
+        big = httpx.post(served.url, headers=headers, content=b"x" * 5000)
+        assert big.status_code == 401
+        assert service.events == [] and [type(e).__name__ for e in service.refusals] == ["Unauthenticated", "Forbidden", "Unauthenticated"]
+        assert httpx.post(served.url, headers=headers | bearer("s3cret"), content=body).status_code == 202
+        assert [e["id"] for e in service.events] == ["e-1"]
+        assert httpx.get(served.url + "healthz").status_code == 200  # health stays open
     finally:
         served.stop()

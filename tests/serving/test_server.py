@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from kfloop.credentials import bearer, local_token
 from testbed import tensor, v1, v2
 
 pytestmark = pytest.mark.slow
@@ -149,14 +150,28 @@ def test_made_up_model_names_do_not_make_new_metric_series(stack):
     assert any('model="unknown"' in line and 'status_class="4xx"' in line for line in series)
 
 
-def test_route_administration_refuses_other_content_types_and_versions_that_are_not_registry_versions(stack):
-    routes = stack["runtime"].endpoints["rest"] + "/kfloop/routes"
-    current = httpx.get(routes).json()["routes"]
+def test_route_administration_is_off_the_client_port_behind_the_token_json_only_and_names_registry_versions(stack):
+    runtime = stack["runtime"]
+    client_routes = runtime.endpoints["rest"] + "/kfloop/routes"
+    hijack = {"routes": [{"version": "1", "weight": 100, "upstreams": ["127.0.0.1:9"]}]}
+    assert httpx.put(client_routes, json=hijack).status_code == 404  # the client-facing port has no control routes
+    assert httpx.get(client_routes).status_code == 404
+    routes = f"http://127.0.0.1:{runtime.transformer_control_port}/kfloop/routes"
+    auth = bearer(local_token(runtime.home))
+    assert httpx.put(routes, json=hijack).status_code == 401
+    assert httpx.get(routes).status_code == 401
+    assert httpx.put(routes, json=hijack, headers={"authorization": "Bearer nope"}).status_code == 403
+    assert httpx.put(routes, json=hijack, headers=auth | {"host": "rebound.example"}).status_code == 403
+    current = httpx.get(routes, headers=auth).json()["routes"]
     upstreams = current[0]["upstreams"]
-    as_text = httpx.put(routes, content=b'{"routes": []}', headers={"content-type": "text/plain"})
+    as_text = httpx.put(routes, content=b'{"routes": []}', headers=auth | {"content-type": "text/plain"})
     assert as_text.status_code == 415
     for version in ("../other/1", "1/../../x", "one"):
-        answer = httpx.put(routes, json={"routes": [{"version": version, "weight": 100, "upstreams": upstreams}]})
+        answer = httpx.put(routes, json={"routes": [{"version": version, "weight": 100, "upstreams": upstreams}]}, headers=auth)
         assert answer.status_code == 400 and "not a registry version" in answer.json()["error"], version
-    assert httpx.get(routes).json()["routes"] == current
+    for bad in ({"routes": "all"}, {"routes": [{"version": "1", "upstreams": ["not a host"]}]}, [1, 2]):
+        assert httpx.put(routes, json=bad, headers=auth).status_code == 400, bad
+    too_big = httpx.put(routes, content=b" " * (200 * 1024), headers=auth | {"content-type": "application/json"})
+    assert too_big.status_code == 413
+    assert httpx.get(routes, headers=auth).json()["routes"] == current
     assert v1(stack, {"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200

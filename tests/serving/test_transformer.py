@@ -107,7 +107,7 @@ def test_a_transformer_before_replicas_of_two_versions_scales_each_row_for_the_v
     common = [sys.executable, "-m", "kfloop"]
     argv = [common + ["predictor", "--registry", str(registry), "--model", "leaf", "--version", version,
                       "--http-port", str(port), "--no-grpc"] for version, port in (("1", ports[0]), ("2", ports[1]))]
-    argv.append(common + ["transformer", "--registry", str(registry), "--model", "leaf", "--no-grpc", "--no-admin",
+    argv.append(common + ["transformer", "--registry", str(registry), "--model", "leaf", "--no-grpc",
                           "--predictor-host", f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", "--http-port", str(ports[2])])
     processes = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a in argv]
     try:

@@ -38,7 +38,30 @@ def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path
         assert trigger.alarm().headers["x-kfloop-outcome"] == "budget"  # also inside the cooldown: the budget is named
         ignored = trigger.alarm(event_type="io.kfloop.something.else")
         assert ignored.status_code == 204 and "does not trigger retraining" in ignored.headers["x-kfloop-ignored"]
-        assert httpx.post(trigger.url + "/", content=b"nope").status_code == 400
+        assert httpx.post(trigger.url + "/", content=b"nope", headers=trigger.auth).status_code == 400
+    finally:
+        trigger.stop()
+
+
+def test_alarms_without_the_local_token_start_nothing(tmp_path, registry_with_weak_v1):
+    registry, _, full = registry_with_weak_v1
+    trigger = Trigger(tmp_path / "home", registry, write_policy(tmp_path / "p.yaml", full))
+    try:
+        missing = trigger.alarm(auth={})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        assert "kfloop token" in missing.json()["error"]
+        assert trigger.alarm(auth={"authorization": "Bearer not-the-token"}).status_code == 403
+        assert trigger.alarm(auth={"authorization": "Basic dXNlcjpwdw=="}).status_code == 401
+        # What a web page can send cross-site without a preflight: a text/plain POST, no credentials.
+        form = httpx.post(trigger.url + "/", content=b'{"specversion": "1.0", "id": "x", "source": "s", '
+                          b'"type": "io.kfloop.drift.detected"}', headers={"content-type": "text/plain"})
+        assert form.status_code == 401 and "x-kfloop-outcome" not in form.headers
+        # DNS rebinding: the right token through a foreign Host name is still refused.
+        rebound = trigger.alarm(auth=trigger.auth | {"host": "attacker.example:8095"})
+        assert rebound.status_code == 403 and "loopback" in rebound.json()["error"]
+        status = trigger.status()
+        assert status["pending"] == [] and status["runs"] == []
+        assert (tmp_path / "home" / "token").stat().st_mode & 0o777 == 0o600
     finally:
         trigger.stop()
 

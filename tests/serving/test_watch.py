@@ -19,6 +19,7 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
 from testbed import wait_until_answering, EventSink, register_version
+from kfloop.credentials import bearer, local_token
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
 from kfloop.local.supervisor import free_port
@@ -37,8 +38,10 @@ class Watch:
     def __init__(self, registry: Path, sink_port: int, state: Path, port: int | None = None, *, max_batch: int = 1024) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
+        home = state.parent / "home"
+        self.auth = bearer(local_token(home))  # what the transformer sends on one machine
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "kfloop", "watch", "--registry", str(registry), "--model", "leaf",
+            [sys.executable, "-m", "kfloop", "watch", "--registry", str(registry), "--model", "leaf", "--home", str(home),
              "--sink", f"http://127.0.0.1:{sink_port}/", "--http-port", str(self.port), "--window", str(WINDOW),
              "--stride", "10", "--stride-seconds", "0", "--max-batch", str(max_batch), "--state-dir", str(state),
              "--capture-rows", "50", "--follow-seconds", "0.5"],
@@ -74,7 +77,7 @@ def event(rows: np.ndarray, *, mode: str = "binary", protocol: str = "v1", event
 
 def post(watch: Watch, headers_body) -> httpx.Response:
     headers, body = headers_body
-    return httpx.post(watch.url, headers=headers, content=body)
+    return httpx.post(watch.url, headers=headers | watch.auth, content=body)
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +113,14 @@ def test_events_in_both_modes_and_protocols_are_accepted_with_no_cloudevent_in_t
 def test_malformed_ignored_and_duplicate_events(watch, setup):
     service, _ = watch
     rows = setup["rows"][:3]
-    not_an_event = httpx.post(service.url, content=b"hello", headers={"content-type": "text/plain"})
+    not_an_event = httpx.post(service.url, content=b"hello", headers={"content-type": "text/plain"} | service.auth)
     assert not_an_event.status_code == 400 and "not a CloudEvent" in not_an_event.json()["error"]
     headers, body = event(rows)
-    no_id = httpx.post(service.url, headers={k: v for k, v in headers.items() if k != "ce-id"}, content=body)
+    no_id = httpx.post(service.url, headers={k: v for k, v in headers.items() if k != "ce-id"} | service.auth, content=body)
     assert no_id.status_code == 400 and no_id.json()["error"].startswith("not a CloudEvent")
     short = post(service, event(rows[:, :10]))
     assert short.status_code == 400 and "instance 0 has 10 values" in short.json()["error"]
-    garbage = httpx.post(service.url, headers=headers | {"ce-id": "g"}, content=b"{nope")
+    garbage = httpx.post(service.url, headers=headers | {"ce-id": "g"} | service.auth, content=b"{nope")
     assert garbage.status_code == 400
     response = post(service, event(rows, event_type="org.kubeflow.serving.inference.response"))
     assert response.status_code == 204 and response.headers["x-kfloop-ignored"] == "response events carry no features"
@@ -317,7 +320,7 @@ def test_no_payload_makes_the_watch_answer_5xx(watch):
     def probe(body: object) -> None:
         attributes = {"type": REQUEST, "source": "fuzz", "id": str(uuid.uuid4()), "datacontenttype": "application/json"}
         headers, content = to_binary(CloudEvent(attributes, body))
-        answer = httpx.post(service.url, headers=headers, content=content)
+        answer = httpx.post(service.url, headers=headers | service.auth, content=content)
         assert answer.status_code in (202, 400), (body, answer.status_code, answer.text)
 
     probe()
