@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kfloop.errors import KfloopError
+import orjson
+
+from kfloop.errors import InputError, KfloopError
 from kfloop.policies.retraining import RetrainingService
 from kfloop.serving.auth import Authenticator
 from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
@@ -36,9 +38,11 @@ class TriggerApp:
         config, event = self.service.config, delivery.event
         if event["type"] not in config.policy.retraining.events:
             return EventReply.ignored(f"event type {event['type']!r} does not trigger retraining")
-        data = event.get_data() if isinstance(event.get_data(), dict) else {}
-        if data.get("model") not in (None, config.model):
-            return EventReply.ignored(f"alarm is for model {data.get('model')!r}, this service retrains {config.model!r}")
+        model = _alarm_data(event.get_data()).get("model")
+        if not isinstance(model, str) or not model:
+            raise InputError('an alarm\'s data must name its model: {"model": "<name>", ...}')
+        if model != config.model:
+            return EventReply.ignored(f"alarm is for model {model!r}, this service retrains {config.model!r}")
         return EventReply(202, {OUTCOME_HEADER: self.service.admit(str(event["id"]), event["type"])})
 
     def refused(self, error: KfloopError) -> None:
@@ -49,6 +53,18 @@ class TriggerApp:
 
     def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+
+def _alarm_data(data: Any) -> dict[str, Any]:
+    """An alarm's data as a JSON object (binary-mode events may come without a JSON content type)."""
+    if isinstance(data, (bytes, str)):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise InputError("an alarm's data must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise InputError("an alarm's data must be a JSON object")
+    return data
 
 
 def create_app(service: RetrainingService, authenticator: Authenticator) -> EventApp:

@@ -345,3 +345,49 @@ def _outcome(tokens: ServiceAccountTokens, token: str) -> int:
     except (Unauthenticated, Forbidden) as exc:
         return exc.status
     return 200
+
+
+def test_kfloop_trigger_with_oidc_takes_alarms_only_from_the_knative_triggers_service_account(issuer: Issuer, tmp_path: Path) -> None:
+    """The cluster mode of ``kfloop trigger`` as a real process: the CLI wires ServiceAccountTokens to ``POST /``."""
+    import subprocess
+    import sys
+
+    import httpx
+    from cloudevents.conversion import to_binary
+    from cloudevents.http import CloudEvent
+
+    from testbed import wait_until_answering
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kfloop", "trigger", "--registry", str(tmp_path / "registry"), "--model", "leaf",
+         "--home", str(tmp_path / "home"), "--http-port", str(port), "--alarm-auth", "oidc",
+         "--oidc-issuer-url", issuer.url, "--oidc-audience", AUDIENCE, "--oidc-subject", TRIGGER],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_answering(url + "/healthz", "trigger", 60)
+        # A drift alarm for another model: admitted past authentication, then ignored (no run can start).
+        headers, body = to_binary(CloudEvent({"type": "io.kfloop.drift.detected", "source": "broker", "id": "a-1"},
+                                             {"model": "someone-else"}))
+
+        def send(extra: dict[str, str]) -> httpx.Response:
+            return httpx.post(url + "/", headers=headers | extra, content=body, timeout=10)
+
+        assert send({}).status_code == 401
+        assert send(bearer(signed(aud=["eventing.knative.dev/broker/ml/default"]))).status_code == 401
+        assert send(bearer(signed(ATTACKER_KEY))).status_code == 401
+        other = send(bearer(signed(sub="system:serviceaccount:ml:watch")))
+        assert other.status_code == 403
+        admitted = send(bearer(signed()))
+        assert admitted.status_code == 204 and "this service retrains 'leaf'" in admitted.headers["x-kfloop-ignored"]
+        for data in (b"", b"not json", b"[1]", b'{"kind": "drift"}'):  # an alarm must name its model
+            unnamed = httpx.post(url + "/", headers=headers | bearer(signed()), content=data, timeout=10)
+            assert unnamed.status_code == 400 and "x-kfloop-outcome" not in unnamed.headers, data
+        # No Host check in cluster mode: broker-filter calls the Service by its cluster DNS name.
+        assert send(bearer(signed()) | {"host": "kfloop-trigger.ml.svc.cluster.local"}).status_code == 204
+        status = httpx.get(url + "/status").json()
+        assert status["pending"] == [] and status["runs"] == []
+    finally:
+        process.terminate()
+        process.wait(30)
