@@ -65,6 +65,10 @@ for file in eventing-crds.yaml eventing-core.yaml in-memory-channel.yaml mt-chan
   "${KUBECTL[@]}" apply -f "https://github.com/knative/eventing/releases/download/$KNATIVE_EVENTING_VERSION/$file"
 done
 "${KUBECTL[@]}" -n knative-eventing wait --for=condition=Available deployment --all --timeout=300s
+# kfloop deploy refuses without OIDC: only the watch may post alarms to the Broker (EventPolicy), and
+# the trigger service verifies the token each Trigger delivery carries (docs/cluster.md).
+"${KUBECTL[@]}" -n knative-eventing patch configmap config-features --type merge \
+  -p '{"data": {"authentication-oidc": "enabled", "default-authorization-mode": "deny-all"}}'
 
 step "Prometheus operator $PROMETHEUS_OPERATOR_VERSION and one Prometheus in 'monitoring' that selects every PodMonitor"
 "${KUBECTL[@]}" create -f "https://github.com/prometheus-operator/prometheus-operator/releases/download/$PROMETHEUS_OPERATOR_VERSION/bundle.yaml" 2>/dev/null \
@@ -153,6 +157,11 @@ EOF
 "${KUBECTL[@]}" -n "$NAMESPACE" annotate --overwrite secret kfloop-storage \
   serving.kserve.io/s3-endpoint=minio.kfloop-storage.svc.cluster.local:9000 \
   serving.kserve.io/s3-usehttps=0 serving.kserve.io/s3-region=us-east-1
+# The client-facing pods (transformer, predictor) get kfloop-storage-readonly. On a real object store
+# give it keys whose policy only reads (docs/cluster.md); MinIO's root keys stand in for them here.
+"${KUBECTL[@]}" -n "$NAMESPACE" get secret kfloop-storage -o json \
+  | python3 -c 'import json, sys; s = json.load(sys.stdin); m = s["metadata"]; print(json.dumps({"apiVersion": "v1", "kind": "Secret", "type": s.get("type", "Opaque"), "data": s["data"], "metadata": {"name": "kfloop-storage-readonly", "namespace": m["namespace"], "annotations": {k: v for k, v in m.get("annotations", {}).items() if k.startswith("serving.kserve.io/")}}}))' \
+  | "${KUBECTL[@]}" apply -f -
 
 step "the kfloop image $IMAGE, built here and loaded into kind (no registry push)"
 docker build -t "$IMAGE" "$ROOT"

@@ -4,8 +4,11 @@
 service account). :meth:`Cluster.apply` server-side-applies objects as field
 manager ``kfloop`` and reports each as ``created``, ``configured`` or
 ``unchanged``; :meth:`Cluster.wait_ready` follows an InferenceService's
-conditions until it is Ready. :func:`apply_objects` and :func:`wait_ready` are
-the one-call forms.
+conditions until it is Ready; :meth:`Cluster.check_eventing_features` reads
+Knative Eventing's feature flags before anything is applied and refuses when
+one the objects need is off. :func:`apply_objects` and :func:`wait_ready` are
+the one-call forms; :func:`feature_patch_command` is the ``kubectl`` line that
+turns flags on.
 
 Every failure is one :class:`~kfloop.errors.ClusterError` line that names the
 kube context: no kube config, an unknown context, an unreachable API server, a
@@ -23,7 +26,7 @@ from typing import Any, Callable
 from kfloop.errors import ClusterError
 from kfloop.kube import first_line, in_cluster
 
-__all__ = ["Change", "Cluster", "apply_objects", "wait_ready"]
+__all__ = ["EVENTING_FEATURES", "Change", "Cluster", "FeatureValues", "apply_objects", "feature_patch_command", "wait_ready"]
 
 IN_CLUSTER = "in-cluster"
 _OPERATORS = {
@@ -34,6 +37,10 @@ _OPERATORS = {
 }
 _VOLATILE_METADATA = ("resourceVersion", "managedFields", "generation", "creationTimestamp", "uid")
 _ISVC_CONDITIONS = ("PredictorReady", "TransformerReady", "IngressReady", "Ready")
+EVENTING_FEATURES = ("knative-eventing", "config-features")  # namespace and name of Knative Eventing's feature flags
+
+FeatureValues = dict[str, tuple[str, ...]]
+"""A Knative Eventing feature flag and the values that satisfy it; the first is the one to set."""
 
 ProgressCallback = Callable[[dict[str, str], str], None]
 """Called on every poll with ``{condition type: "True"|"False"|"Unknown"}`` and the newest message."""
@@ -135,6 +142,54 @@ class Cluster:
         except Exception as exc:  # noqa: BLE001 - discovery failed mid-way
             raise ClusterError(f"cannot reach the cluster of kube context {self.context!r} ({self.server}): {_reason(exc)}") from None
 
+    # --- Knative Eventing features ------------------------------------------------------------
+
+    def eventing_features(self) -> dict[str, str] | None:
+        """Knative Eventing's feature flags (``data`` of ConfigMap knative-eventing/config-features).
+
+        ``{}`` when the ConfigMap does not exist (every flag then has its
+        default); None when this kube context may not read it (a namespace
+        admin on a shared cluster), so the caller can say it could not check.
+        """
+        from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, UnauthorizedError
+
+        namespace, name = EVENTING_FEATURES
+        try:
+            config_map = self._resource("v1", "ConfigMap").get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return {}
+        except (ForbiddenError, UnauthorizedError):
+            return None
+        except Exception as exc:  # noqa: BLE001 - a dropped connection ends the deploy like any other
+            raise ClusterError(f"cannot read ConfigMap {namespace}/{name} in kube context {self.context!r}: {_reason(exc)}") from None
+        return {str(k): str(v) for k, v in (config_map.get("data") or {}).items()}
+
+    def check_eventing_features(self, required: FeatureValues, recommended: FeatureValues) -> list[str]:
+        """Raise :class:`ClusterError` if a ``required`` flag has none of its values; return a warning line per other concern.
+
+        Both map a flag to the values that satisfy it, the first being the one
+        to set. The error is one line naming the flag and the ``kubectl patch``
+        that turns it on. Warnings: ``recommended`` flags at another value, or
+        flags this kube context cannot read. Values compare case-insensitively,
+        as Knative reads them.
+        """
+        namespace, name = EVENTING_FEATURES
+        features = self.eventing_features()
+        if features is None:
+            return [f"cannot read ConfigMap {namespace}/{name} in kube context {self.context!r} to check that "
+                    + ", ".join(f"{flag}={values[0]}" for flag, values in required.items())
+                    + f" (a cluster admin runs: {feature_patch_command(required)})"]
+        off = {flag: values for flag, values in required.items() if not _satisfied(features.get(flag), values)}
+        if off:
+            flag, values = next(iter(off.items()))
+            raise ClusterError(
+                f"Knative Eventing's feature {flag} is {_shown(features.get(flag))} in kube context {self.context!r} "
+                f"(ConfigMap {namespace}/{name}); the loop needs {values[0]!r}: {feature_patch_command(off)}"
+            )
+        return [f"Knative Eventing's feature {flag} is {_shown(features.get(flag))} in kube context {self.context!r}; "
+                f"recommended: {values[0]!r} ({feature_patch_command({flag: values})})"
+                for flag, values in recommended.items() if not _satisfied(features.get(flag), values)]
+
     # --- wait --------------------------------------------------------------------------------
 
     def wait_ready(self, namespace: str, name: str, timeout: float, *, on_progress: ProgressCallback | None = None,
@@ -183,6 +238,23 @@ def wait_ready(namespace: str, name: str, timeout: float, *, context: str | None
                on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Wait until InferenceService ``namespace/name`` is Ready; see :meth:`Cluster.wait_ready`."""
     return Cluster.connect(context).wait_ready(namespace, name, timeout, on_progress=on_progress)
+
+
+def feature_patch_command(flags: FeatureValues) -> str:
+    """The ``kubectl`` command that sets each of ``flags`` to its first value in Knative Eventing's config-features."""
+    import json
+
+    namespace, name = EVENTING_FEATURES
+    patch = json.dumps({"data": {flag: values[0] for flag, values in flags.items()}}, separators=(",", ":"))
+    return f"kubectl -n {namespace} patch configmap {name} --type merge -p '{patch}'"
+
+
+def _satisfied(value: str | None, wanted: tuple[str, ...]) -> bool:
+    return value is not None and value.strip().lower() in {w.lower() for w in wanted}
+
+
+def _shown(value: str | None) -> str:
+    return "not set (Knative's default applies)" if value is None else repr(value)
 
 
 def _action(before: dict[str, Any] | None, after: dict[str, Any], *, dry_run: bool) -> str:

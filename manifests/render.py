@@ -5,25 +5,46 @@
 
 - ServiceAccounts, the trigger service's namespaced Role and RoleBinding, the
   policy as a ConfigMap, NetworkPolicies that open only the loop's paths;
-- the Knative ``Broker``; the ``ServingRuntime`` and the v1beta1
-  ``InferenceService`` (transformer -> predictor on the kfloop image, payload
-  logger on the transformer) with KEDA's ``ScaledObject`` from
-  :func:`~kfloop.policies.compile.compile_scaled_object`;
-- the drift detector (``kfloop watch``) and the trigger service
-  (``kfloop trigger``) as Deployments + Services, the Knative ``Trigger`` s from
-  :func:`~kfloop.policies.compile.compile_triggers`, and a ``PodMonitor`` for
-  every ``/metrics``.
+- the Knative ``Broker`` and the ``EventPolicy`` that lets only the drift
+  detector's ServiceAccount post kfloop's alarm types to it;
+- the drift detector (``kfloop watch``) as a Deployment + Service, before the
+  InferenceService whose payload logger posts to it;
+- the ``ServingRuntime`` and the v1beta1 ``InferenceService`` (transformer ->
+  predictor on the kfloop image, payload logger on the transformer) with KEDA's
+  ``ScaledObject`` from :func:`~kfloop.policies.compile.compile_scaled_object`
+  and a ``PodDisruptionBudget`` for each of its components;
+- the trigger service (``kfloop trigger``) as a Deployment + Service, the
+  alarm ``Trigger`` s from :func:`~kfloop.policies.compile.compile_triggers`
+  (with the OIDC audience the trigger service checks), and a ``PodMonitor``
+  for every ``/metrics``.
+
+Who may send what (docs/cluster.md, "Who may send events"): KServe 0.20's
+payload logger cannot authenticate, so it posts *straight to the watch*, and a
+NetworkPolicy admits only the InferenceService's transformer pods (and
+Prometheus) to the watch's port; the watch posts alarms to the Broker with a
+projected token of its own ServiceAccount (audience :func:`broker_audience`),
+which Knative checks against the EventPolicy (this needs the Knative Eventing
+feature ``authentication-oidc``, see :data:`REQUIRED_EVENTING_FEATURES`); the
+Broker delivers them with a token of each Trigger's ServiceAccount, which the
+trigger service verifies, and a NetworkPolicy admits only Knative's
+broker-filter pods (and Prometheus) to its port.
 
 Everything the objects need from outside is *referenced*, never inlined: the
-storage credentials (Secret :data:`STORAGE_SECRET`) and the Kubeflow Pipelines
-token (Secret :data:`KFP_TOKEN_SECRET`) are created by the operator, as
-``docs/cluster.md`` shows. All values are checked in one place before anything
-is built, and every bad one is reported at once.
+storage credentials (Secrets :data:`STORAGE_SECRET`, read-write, for the watch
+and the trigger service, and :data:`STORAGE_READONLY_SECRET`, read-only, for
+the client-facing transformer and KServe's storage initializer) and the
+Kubeflow Pipelines token (Secret :data:`KFP_TOKEN_SECRET`) are created by the
+operator, as ``docs/cluster.md`` shows. All values are checked in one place
+before anything is built, and every bad one is reported at once.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -34,17 +55,26 @@ from kfloop.policies.signals import signal_of
 from kfloop.policies.spec import Policy, ScalingRule
 
 __all__ = [
+    "BROKER_TOKEN_PATH",
     "DEFAULT_KFP_HOST",
     "KFP_TOKEN_SECRET",
     "PORT",
+    "RECOMMENDED_EVENTING_FEATURES",
+    "REQUIRED_EVENTING_FEATURES",
+    "STORAGE_READONLY_SECRET",
     "STORAGE_SECRET",
+    "broker_audience",
     "broker_ingress_url",
+    "knative_child_name",
     "kustomization",
     "render_objects",
+    "service_account_subject",
+    "trigger_subject",
 ]
 
 PORT = 8080  # every kfloop server's REST port (and /metrics)
-STORAGE_SECRET = "kfloop-storage"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ENDPOINT_URL ...)
+STORAGE_SECRET = "kfloop-storage"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ENDPOINT_URL ...): read-write
+STORAGE_READONLY_SECRET = "kfloop-storage-readonly"  # the same keys, for credentials that can only read the registry
 KFP_TOKEN_SECRET = "kfloop-kfp-token"  # key "token": a bearer token Kubeflow Pipelines accepts
 DEFAULT_KFP_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 MODEL_FORMAT = "kfloop"  # what the ServingRuntime declares it serves: a kfloop registry version folder
@@ -56,6 +86,18 @@ MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 PREDICTOR_CONTAINER = "kserve-container"  # the name KServe merges the runtime and the ISVC container by
 KNATIVE_EVENTING_NAMESPACE = "knative-eventing"
 STORAGE_SCHEMES = ("s3", "gs")  # read by KServe's storage initializer *and* by fsspec in kfloop's pods
+BROKER_TOKEN_DIR = "/var/run/secrets/kfloop/broker"
+BROKER_TOKEN_PATH = f"{BROKER_TOKEN_DIR}/token"  # the watch's projected token for the Broker ingress
+BROKER_TOKEN_SECONDS = 3600  # the kubelet rotates it at 80 % of this; the watch re-reads the file
+SERVICE_NAME_SUFFIXES = (".svc", ".svc.cluster.local")  # in-cluster Service addresses, where plain http may carry a token
+# Knative Eventing's ConfigMap knative-eventing/config-features: what the rendered objects need
+# (the EventPolicy webhook refuses EventPolicies while OIDC is off, and without it nobody is checked)
+# and what docs/cluster.md recommends. Each flag maps to the values that satisfy it, the first being
+# the one to set. transport-encryption "permissive" gives the Broker an https address beside its
+# http one; "strict" is accepted as stronger, but kfloop's own Services speak plain http (not tried
+# against "strict").
+REQUIRED_EVENTING_FEATURES = {"authentication-oidc": ("enabled",)}
+RECOMMENDED_EVENTING_FEATURES = {"default-authorization-mode": ("deny-all",), "transport-encryption": ("permissive", "strict")}
 
 # (cpu request, cpu limit, memory request, memory limit) per component; the overlays resize them.
 _RESOURCES = {
@@ -86,9 +128,11 @@ def render_objects(
     ``storage_uri`` is the registry version to serve, ``<registry_uri>/<model>/<version>``;
     ``prometheus_url`` is what KEDA and the trigger service query;
     ``monitoring_namespace`` is where Prometheus runs (the NetworkPolicies let
-    it scrape). With ``istio`` the predictor's failure-rate rule reads Istio's
-    ``istio_requests_total``, which also counts the 5xx a crashed or
-    unreachable predictor never got to count itself.
+    it scrape); ``kfp_host`` may be ``http://`` only for an in-cluster Service
+    address (the trigger then carries the Kubeflow Pipelines token over plain
+    http with ``--kfp-allow-http``). With ``istio`` the predictor's
+    failure-rate rule reads Istio's ``istio_requests_total``, which also counts
+    the 5xx a crashed or unreachable predictor never got to count itself.
 
     The InferenceService is named after the model. Raises
     :class:`~kfloop.errors.ManifestError` listing every bad value.
@@ -99,23 +143,33 @@ def render_objects(
     scaled_object = compile_scaled_object(policy, namespace=namespace, inference_service=loop.isvc, prometheus_url=prometheus_url)
     if istio:
         _use_istio_failures(scaled_object, policy.scaling.rules, loop.isvc, namespace)
+    # No payload Trigger (drift_service): the payload logger posts to the watch directly (it cannot
+    # authenticate to a Broker with OIDC on); alarms carry a token for the trigger service's audience.
     triggers = compile_triggers(policy, namespace=namespace, broker=broker, trigger_service=loop.name("trigger"),
-                                drift_service=loop.name("watch"), inference_service=loop.isvc)
+                                inference_service=loop.isvc, audience=loop.trigger_audience())
+    subjects = [trigger_subject(namespace, trigger["metadata"]["name"]) for trigger in triggers]
     return [
-        loop.service_account("serving", automount=False, secrets=(STORAGE_SECRET,)),
+        # Predictor (KServe's storage initializer) and transformer only read the registry.
+        loop.service_account("serving", automount=False, secrets=(STORAGE_READONLY_SECRET,)),
+        # No API token: the watch's only credential is its projected Broker token (its own volume).
         loop.service_account("watch", automount=False),
-        loop.service_account("trigger", automount=True),  # the KServe deployer patches the InferenceService
+        # The KServe deployer patches the InferenceService; the token also reads the cluster's
+        # OIDC discovery document, which every ServiceAccount may (system:service-account-issuer-discovery).
+        loop.service_account("trigger", automount=True),
         loop.trigger_role(),
         loop.trigger_role_binding(),
         loop.policy_config_map(),
         *loop.network_policies(monitoring_namespace),
         loop.broker(),
+        loop.alarm_event_policy(),
+        loop.deployment("watch", loop.watch_args(), volumes=(loop.broker_token_volume(),), mounts=(loop.broker_token_mount(),)),
+        loop.service("watch"),
         loop.serving_runtime(),
         loop.inference_service(storage_uri.rstrip("/")),
         scaled_object,
-        loop.deployment("watch", loop.watch_args()),
-        loop.service("watch"),
-        loop.deployment("trigger", loop.trigger_args(kfp_host, prometheus_url), env=(_kfp_token_env(),)),
+        loop.disruption_budget("predictor"),
+        loop.disruption_budget("transformer"),
+        loop.deployment("trigger", loop.trigger_args(kfp_host, prometheus_url, subjects), env=(_kfp_token_env(),)),
         loop.service("trigger"),
         *triggers,
         loop.pod_monitor(),
@@ -127,6 +181,42 @@ def broker_ingress_url(namespace: str, broker: str) -> str:
     return f"http://broker-ingress.{KNATIVE_EVENTING_NAMESPACE}.svc.cluster.local/{namespace}/{broker}"
 
 
+def broker_audience(namespace: str, broker: str) -> str:
+    """The OIDC audience a Broker publishes (``status.address.audience``) and its ingress checks."""
+    return f"eventing.knative.dev/broker/{namespace}/{broker}".lower()
+
+
+def service_account_subject(namespace: str, account: str) -> str:
+    """The ``sub`` of a token Kubernetes issues for a ServiceAccount (what an EventPolicy's ``from.sub`` names)."""
+    return f"system:serviceaccount:{namespace}:{account}"
+
+
+def trigger_subject(namespace: str, trigger: str) -> str:
+    """The ``sub`` of the token Knative's broker-filter sends with the events of Trigger ``trigger``.
+
+    Once ``authentication-oidc`` is on, Knative gives every Trigger its own
+    ServiceAccount, ``kmeta.ChildName(<trigger>, "-oidc-eventing.knative.dev-Trigger")``
+    lower-cased (knative/eventing ``pkg/auth/serviceaccount.go``): that is
+    ``<trigger>-oidc-eventing.knative.dev-trigger`` for a name of at most 29
+    characters, and a truncated name with an MD5 for a longer one (the
+    Trigger shows it in ``status.auth.serviceAccountName``).
+    """
+    return service_account_subject(namespace, knative_child_name(trigger, "-oidc-eventing.knative.dev-Trigger").lower())
+
+
+def knative_child_name(parent: str, suffix: str) -> str:
+    """``knative.dev/pkg/kmeta.ChildName``: ``parent + suffix``, hashed to fit 63 characters when longer."""
+    longest, head = 63, 63 - 32
+    if len(parent) <= longest - len(suffix):
+        return parent + suffix
+    if head - len(suffix) <= 0:
+        digest = hashlib.md5((parent + suffix).encode(), usedforsecurity=False).hexdigest()
+        name = parent[:head] + digest
+        name += suffix[:max(longest - len(name), 0)]
+        return re.sub(r"[^a-zA-Z0-9]+$", "", name)
+    return parent[:head - len(suffix)] + hashlib.md5(parent.encode(), usedforsecurity=False).hexdigest() + suffix
+
+
 def kustomization(files: list[str], namespace: str) -> str:
     """A kustomize base listing ``files`` (YAML text with a header saying where it came from)."""
     body = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": list(files)}
@@ -134,6 +224,8 @@ def kustomization(files: list[str], namespace: str) -> str:
         "# Written by 'kfloop manifests': re-render rather than edit (the renderer is the source of truth).\n"
         f"# Namespace '{namespace}', the image and the storage URI are baked into arguments and URLs:\n"
         "# an overlay must not change them (no 'namespace:' or 'images:' transformers).\n"
+        "# Needs Knative Eventing's " + ", ".join(f"{flag}: {values[0]}" for flag, values in REQUIRED_EVENTING_FEATURES.items())
+        + " (ConfigMap knative-eventing/config-features; 'kfloop deploy --dry-run' prints the command).\n"
         + yaml.safe_dump(body, sort_keys=False)
     )
 
@@ -162,6 +254,20 @@ class _Loop:
 
     def metadata(self, name: str, component: str | None = None) -> dict[str, Any]:
         return {"name": name, "namespace": self.namespace, "labels": self.labels(component)}
+
+    def service_url(self, component: str) -> str:
+        """The in-cluster address of a component's Service (port 80)."""
+        return f"http://{self.name(component)}.{self.namespace}.svc.cluster.local/"
+
+    def trigger_audience(self) -> str:
+        """The OIDC audience of the trigger service: the Triggers ask Knative for tokens with it, the service checks it.
+
+        A plain Service has no audience of its own (only Knative addressables
+        publish one), so Knative sends no token unless the Trigger names one.
+        It is this loop's trigger Service, so a token minted for another
+        loop's trigger service is refused here.
+        """
+        return f"{self.name('trigger')}.{self.namespace}"
 
     def pod_labels(self, component: str) -> dict[str, str]:
         labels = self.labels(component)
@@ -230,11 +336,18 @@ class _Loop:
         """Ingress rules for each of the loop's pods (egress stays open: S3, KFP and the API server are cluster-specific).
 
         transformer: clients, on its port and the payload logger's (KServe's
-        agent, 9081); predictor: the transformer; watch and trigger: the Broker's
-        dispatcher in knative-eventing; all: Prometheus, on ``/metrics``.
+        agent, 9081); predictor: the transformer; watch: the transformer's pods,
+        whose payload logger posts to it directly (the logger sends no
+        credentials, so *this* rule is what keeps forged payloads out);
+        trigger: Knative's broker-filter pods, the only ones that deliver a
+        Trigger's events (a namespace *and* pod selector in one peer: both
+        must match); all: Prometheus, on ``/metrics`` (the same port).
         """
         scrape = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": monitoring_namespace}}}
-        broker = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": KNATIVE_EVENTING_NAMESPACE}}}
+        broker_filter = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": KNATIVE_EVENTING_NAMESPACE}},
+            "podSelector": {"matchLabels": {"eventing.knative.dev/brokerRole": "filter"}},
+        }
         transformer_pods = {"podSelector": {"matchLabels": self._kserve_pods("transformer")}}
         scrape_ports = [PORT, 15020, 15090] if self.istio else [PORT]  # + the sidecar's merged and Envoy stats
         return [
@@ -245,13 +358,14 @@ class _Loop:
                 {"from": [transformer_pods], "ports": _tcp(PORT)},
                 {"from": [scrape], "ports": _tcp(*scrape_ports)},
             ]),
-            *[
-                self._network_policy(component, self._selector(component), [
-                    {"from": [broker], "ports": _tcp(PORT)},
-                    {"from": [scrape], "ports": _tcp(PORT)},
-                ])
-                for component in ("watch", "trigger")
-            ],
+            self._network_policy("watch", self._selector("watch"), [
+                {"from": [transformer_pods], "ports": _tcp(PORT)},
+                {"from": [scrape], "ports": _tcp(PORT)},
+            ]),
+            self._network_policy("trigger", self._selector("trigger"), [
+                {"from": [broker_filter], "ports": _tcp(PORT)},
+                {"from": [scrape], "ports": _tcp(PORT)},
+            ]),
         ]
 
     def _network_policy(self, component: str, pods: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,7 +373,8 @@ class _Loop:
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
             "metadata": self.metadata(self.name(f"{component}-ingress"), component),
-            "spec": {"podSelector": {"matchLabels": pods}, "policyTypes": ["Ingress"], "ingress": rules},
+            # Copied: the peers are shared between policies, and one object's edits must not reach another's.
+            "spec": {"podSelector": {"matchLabels": dict(pods)}, "policyTypes": ["Ingress"], "ingress": copy.deepcopy(rules)},
         }
 
     def _kserve_pods(self, component: str) -> dict[str, str]:
@@ -277,6 +392,26 @@ class _Loop:
             "kind": "Broker",
             "metadata": self.metadata(self.broker_name),
             "spec": {"delivery": {"retry": 5, "backoffPolicy": "exponential", "backoffDelay": "PT0.5S"}},
+        }
+
+    def alarm_event_policy(self) -> dict[str, Any]:
+        """Only the watch's ServiceAccount may post to the Broker, and only the policy's alarm types.
+
+        One policy holds the watch's subject: Knative lets the first policy (by
+        name) whose ``from`` matches decide alone, so a second one could not
+        widen or narrow this. Needs ``authentication-oidc`` (the webhook
+        refuses an EventPolicy without it).
+        """
+        alarm_types = [{"exact": {"type": event}} for event in self.policy.retraining.events]
+        return {
+            "apiVersion": "eventing.knative.dev/v1alpha1",
+            "kind": "EventPolicy",
+            "metadata": self.metadata(self.name("alarms"), "watch"),
+            "spec": {
+                "to": [{"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": self.broker_name}}],
+                "from": [{"sub": service_account_subject(self.namespace, self.name("watch"))}],
+                "filters": [{"any": alarm_types}],
+            },
         }
 
     # --- serving -----------------------------------------------------------------------------
@@ -329,7 +464,7 @@ class _Loop:
         transformer_args = [
             "transformer", "--model", self.model, "--registry", self.registry_uri, "--predictor_protocol", "v2",
             "--host", "0.0.0.0", "--http-port", str(PORT), "--no-grpc",
-            "--no-admin",  # the routes API would let any client re-point the transformer
+            # No --control-port: the routes API, which re-points the transformer, is not served at all.
         ]
         scaling = self.policy.scaling
         return {
@@ -354,10 +489,38 @@ class _Loop:
                     "minReplicas": scaling.min_replicas,
                     "maxReplicas": scaling.max_replicas,
                     # On the transformer, the logger sees the raw client rows: what the drift detector must see.
-                    "logger": {"mode": "request", "url": broker_ingress_url(self.namespace, self.broker_name)},
+                    # It posts to the watch's Service, not the Broker: it sends no credentials (KServe 0.20),
+                    # which an OIDC Broker answers with 401; the watch's NetworkPolicy admits only these pods.
+                    "logger": {"mode": "request", "url": self.service_url("watch")},
                     "containers": [self._container(PREDICTOR_CONTAINER, "transformer", transformer_args, probes=True,
-                                                   storage=True)],
+                                                   storage=STORAGE_READONLY_SECRET)],
                 },
+            },
+        }
+
+    def disruption_budget(self, component: str) -> dict[str, Any]:
+        """At most one pod of an InferenceService component evicted at a time (drains, upgrades).
+
+        ``maxUnavailable: 1`` rather than ``minAvailable``: KEDA may run the
+        predictor (and the policy the transformer) at one replica, where
+        ``minAvailable: 1`` would block every node drain and cluster upgrade
+        until someone deletes the budget. The price is a short outage when the
+        only replica is evicted; set ``scaling.min_replicas`` to 2 for
+        drains without one. ``AlwaysAllow`` lets a drain evict pods that are
+        not Ready anyway (crash-looping ones would otherwise hold it up).
+
+        The watch and the trigger service get none: each runs one replica
+        (strategy Recreate, its state on disk), so a budget could either block
+        every drain or allow the one eviction that happens anyway.
+        """
+        return {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": self.metadata(self.name(f"{component}-budget"), component),
+            "spec": {
+                "maxUnavailable": 1,
+                "selector": {"matchLabels": self._kserve_pods(component)},
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
             },
         }
 
@@ -367,25 +530,55 @@ class _Loop:
         return [
             "watch", "--registry", self.registry_uri, "--model", self.model,
             "--sink", broker_ingress_url(self.namespace, self.broker_name),
+            "--sink-token-file", BROKER_TOKEN_PATH,
+            # Payload events carry no credentials (KServe's logger cannot send any): the
+            # watch's NetworkPolicy, which admits only the transformer's pods, stands in.
+            "--event-auth", "none",
             "--policy", f"{POLICY_DIR}/policy.yaml", "--state-dir", STATE_DIR,
             "--http-port", str(PORT), "--host", "0.0.0.0",
         ]
 
-    def trigger_args(self, kfp_host: str, prometheus_url: str) -> list[str]:
-        return [
+    def trigger_args(self, kfp_host: str, prometheus_url: str, subjects: list[str]) -> list[str]:
+        args = [
             "trigger", "--registry", self.registry_uri, "--model", self.model,
             "--policy", f"{POLICY_DIR}/policy.yaml", "--state-dir", STATE_DIR,
             "--kfp-host", kfp_host, "--image", self.image,
             "--inference-service", self.isvc, "--namespace", self.namespace, "--prometheus-url", prometheus_url,
             "--http-port", str(PORT), "--host", "0.0.0.0",
+            "--alarm-auth", "oidc", "--oidc-audience", self.trigger_audience(),
         ]
+        for subject in subjects:  # one per Trigger: each has its own ServiceAccount
+            args += ["--oidc-subject", subject]
+        if urlsplit(kfp_host).scheme == "http":
+            # Only an in-cluster Service gets here (_check): the token stays on the pod network,
+            # where the KFP API's own NetworkPolicies / mesh apply. A remote host must be https.
+            args.append("--kfp-allow-http")
+        return args
 
-    def deployment(self, component: str, args: list[str], env: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    def broker_token_volume(self) -> dict[str, Any]:
+        """The watch's ServiceAccount token for the Broker ingress, rotated by the kubelet.
+
+        Bound to the Broker's audience, so it is no use against the Kubernetes
+        API or any other service; the ServiceAccount itself mounts no API token.
+        """
+        return {"name": "broker-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": broker_audience(self.namespace, self.broker_name),
+            "expirationSeconds": BROKER_TOKEN_SECONDS,
+            "path": BROKER_TOKEN_PATH.rsplit("/", 1)[1],
+        }}]}}
+
+    def broker_token_mount(self) -> dict[str, Any]:
+        return {"name": "broker-token", "mountPath": BROKER_TOKEN_DIR, "readOnly": True}
+
+    def deployment(self, component: str, args: list[str], env: tuple[dict[str, Any], ...] = (),
+                   volumes: tuple[dict[str, Any], ...] = (), mounts: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
         """One replica, replaced (not rolled): each keeps state (window, outbox, pending runs) in ``STATE_DIR``."""
-        container = self._container(component, component, args, probes=False, storage=True, state=True)
+        container = self._container(component, component, args, probes=False, storage=STORAGE_SECRET, state=True)
         if env:
             container["env"] = [*container["env"], *env]
+        container["volumeMounts"] = [*container["volumeMounts"], *mounts]
         pod = self._pod_fields(component, component, state=True)
+        pod["volumes"] = [*pod["volumes"], *volumes]
         return {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -449,7 +642,8 @@ class _Loop:
         }
 
     def _container(self, name: str, component: str, args: list[str], *, probes: bool,
-                   storage: bool = False, state: bool = False) -> dict[str, Any]:
+                   storage: str | None = None, state: bool = False) -> dict[str, Any]:
+        """One of the loop's containers; ``storage`` names the Secret whose credentials it reads the registry with."""
         cpu_request, cpu_limit, memory_request, memory_limit = _RESOURCES[component]
         mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "home", "mountPath": HOME}]
         if state:
@@ -475,9 +669,9 @@ class _Loop:
             },
             "volumeMounts": mounts,
         }
-        if storage:
+        if storage is not None:
             # The registry (s3:// or gs://) is read through fsspec with these credentials.
-            container["envFrom"] = [{"secretRef": {"name": STORAGE_SECRET}}]
+            container["envFrom"] = [{"secretRef": {"name": storage}}]
         if probes:
             container["readinessProbe"] = _http_probe("/v2/health/ready", period=5, failures=3)
             container["livenessProbe"] = _http_probe("/v2/health/live", period=10, failures=6, delay=20)
@@ -536,6 +730,10 @@ def _check(policy: Policy, **values: str) -> None:
     for field in ("prometheus_url", "kfp_host"):
         if not values[field].startswith(("http://", "https://")):
             problems.append(f"{field} {values[field]!r} must be an http:// or https:// URL")
+    kfp = urlsplit(values["kfp_host"])
+    if kfp.scheme == "http" and not (kfp.hostname or "").endswith(SERVICE_NAME_SUFFIXES):
+        problems.append(f"kfp_host {values['kfp_host']!r} would carry the Kubeflow Pipelines token in clear: "
+                        "use https://, or an in-cluster Service address (NAME.NAMESPACE.svc[.cluster.local])")
     if problems:
         raise ManifestError("cannot render the cluster objects: " + "; ".join(problems))
 

@@ -2,7 +2,8 @@
 
 The API is probed once before ``kfp.Client`` is built, so an unreachable host
 or refused credentials give one clear :class:`~kfloop.errors.ClusterError`
-instead of kfp's five retries.
+instead of kfp's five retries. A token never goes to an ``http://`` host unless
+the endpoint says so (:attr:`KfpEndpoint.allow_plain_http`).
 """
 
 from __future__ import annotations
@@ -15,22 +16,39 @@ from typing import Any
 import httpx
 
 from kfloop.components.training import DEFAULT_IMAGE
-from kfloop.errors import ClusterError
+from kfloop.errors import ClusterError, InputError
 from kfloop.kube import first_line
 from kfloop.pipelines.training import compile_training_pipeline, pipeline_arguments
 from kfloop.policies import Policy
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
+ALLOW_HTTP_FLAG = "--kfp-allow-http"  # how a user says allow_plain_http, in 'kfloop submit' and 'kfloop trigger'
 
 
 @dataclass(frozen=True)
 class KfpEndpoint:
-    """Where the Kubeflow Pipelines API is and how to authenticate."""
+    """Where the Kubeflow Pipelines API is and how to authenticate.
+
+    A ``token`` with an ``http://`` host is refused (:class:`InputError`) unless
+    ``allow_plain_http``: anyone on the path could read and replay it. Allow it
+    only where the path is the cluster's own pod network (the in-cluster
+    ``ml-pipeline`` Service); use https for anything else. Checked when the
+    endpoint is made, so a misconfigured service fails at start rather than at
+    its first retraining run.
+    """
 
     host: str
     token: str | None = None
     namespace: str | None = None
     verify_tls: bool = True
+    allow_plain_http: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token and self.host.lower().startswith("http://") and not self.allow_plain_http:
+            raise InputError(
+                f"refusing to send the Kubeflow Pipelines token over plain http to {self.host}: "
+                f"use https, or pass {ALLOW_HTTP_FLAG} (allow_plain_http) if this is a trusted in-cluster address"
+            )
 
 
 def token_from_kube_config(context: str | None = None) -> str | None:

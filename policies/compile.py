@@ -167,16 +167,21 @@ def compile_triggers(
     namespace: str,
     broker: str,
     trigger_service: str,
-    drift_service: str,
+    drift_service: str | None = None,
     trigger_port: int = 80,
     drift_port: int = 80,
     inference_service: str | None = None,
+    audience: str | None = None,
 ) -> list[dict[str, Any]]:
     """Knative ``eventing.knative.dev/v1`` Triggers on ``broker``.
 
     One per ``retraining.events`` type, delivering that type to the trigger
-    service, and one delivering ``org.kubeflow.serving.inference.request``
-    payloads (of ``inference_service`` only, when given) to the drift service.
+    service -- with ``audience``, Knative (OIDC on) sends each delivery a token
+    for that audience, which the trigger service verifies -- and, only when a
+    ``drift_service`` is named, one delivering ``org.kubeflow.serving.inference.request``
+    payloads (of ``inference_service`` only, when given) to it. kfloop's own
+    manifests name none: KServe's payload logger cannot authenticate to a
+    Broker with OIDC on, so it posts to the watch directly (docs/security.md).
     Every Trigger filters on ``type``: an unfiltered Trigger whose subscriber
     replies with an event would loop it back into the Broker.
 
@@ -187,14 +192,17 @@ def compile_triggers(
     port, by ``uri`` (a Knative reference carries no port).
     """
     for value, what in ((namespace, "namespace"), (broker, "broker"),
-                        (trigger_service, "trigger service"), (drift_service, "drift service")):
+                        (trigger_service, "trigger service"), (drift_service or "unset", "drift service")):
         _dns_label(value, what)
-    retrain_to = _subscriber(trigger_service, namespace, trigger_port)
+    audience_field = {"audience": audience} if audience is not None else {}
     triggers = [
         _trigger(f"{trigger_service}-on-{event.removeprefix(EVENT_PREFIX).replace('.', '-')}",
-                 policy, namespace, broker, {"type": event}, retrain_to)
+                 policy, namespace, broker, {"type": event},
+                 {**_subscriber(trigger_service, namespace, trigger_port), **audience_field})
         for event in policy.retraining.events
     ]
+    if drift_service is None:
+        return triggers
     payloads = {"type": REQUEST_EVENT}
     if inference_service is not None:
         payloads["inferenceservicename"] = inference_service

@@ -1,8 +1,9 @@
 """Kubernetes ServiceAccount tokens as credentials: which cluster identities may send a kfloop server events.
 
 With Knative OIDC on, broker-filter calls a Trigger's subscriber with ``Authorization: Bearer <JWT>``
-for the Trigger's own ServiceAccount (``system:serviceaccount:<ns>:<trigger>-oidc-eventing.knative.dev-trigger``),
-with ``aud`` set to the audience the Trigger names (FACTS g). :class:`ServiceAccountTokens` is the
+for the Trigger's own ServiceAccount (``system:serviceaccount:<ns>:<sa>``, ``<sa>`` being Knative's
+``kmeta.ChildName(<trigger>, "-oidc-eventing.knative.dev-trigger")``: shortened with a hash for long Trigger
+names, see ``kfloop.manifests.render``), with ``aud`` set to the audience the Trigger names. :class:`ServiceAccountTokens` is the
 :class:`~kfloop.serving.auth.Authenticator` that checks such a token the way Knative's own data plane does --
 against the cluster's signing keys found by OIDC discovery, not by TokenReview, so the server needs no
 ``system:auth-delegator`` role -- and then admits only the listed subjects.

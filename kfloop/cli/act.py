@@ -34,7 +34,8 @@ def policy_compile(
     prometheus_url: Annotated[Optional[str], typer.Option("--prometheus-url", help="Prometheus that KEDA queries (default: the policy's scaling.prometheus_url).")] = None,
     broker: Annotated[str, typer.Option("--broker", help="Knative Broker the Triggers listen on.")] = "default",
     trigger_service: Annotated[str, typer.Option("--trigger-service", help="Service that receives the retraining events.")] = "kfloop-trigger",
-    drift_service: Annotated[Optional[str], typer.Option("--drift-service", help="Service that receives the payload events (default: INFERENCE_SERVICE-watch).")] = None,
+    drift_service: Annotated[Optional[str], typer.Option("--drift-service", help="Also route payload events from the Broker to this Service (a Broker without OIDC only; kfloop's manifests have KServe's logger post to the watch directly).")] = None,
+    audience: Annotated[Optional[str], typer.Option("--audience", help="spec.subscriber.audience of the alarm Triggers: Knative (OIDC on) sends the trigger service a token for it.")] = None,
     policy: PolicyOption = None,
 ) -> None:
     """Compile the policy to a KEDA ScaledObject and Knative Triggers; print the paths of the files written."""
@@ -50,7 +51,7 @@ def policy_compile(
         compile_scaled_object(loaded_policy, namespace=namespace, inference_service=inference_service, prometheus_url=url),
         *compile_triggers(
             loaded_policy, namespace=namespace, broker=broker, trigger_service=trigger_service,
-            drift_service=drift_service or f"{inference_service}-watch", inference_service=inference_service,
+            drift_service=drift_service, inference_service=inference_service, audience=audience,
         ),
     ]
     for path in write_objects(objects, output):
@@ -68,7 +69,7 @@ def trigger(
     kfp_allow_http: Annotated[bool, typer.Option("--kfp-allow-http", help="Send the --token to a plain-http --kfp-host (in-cluster Service traffic only).")] = False,
     alarm_auth: Annotated[AlarmAuth, typer.Option("--alarm-auth", help="Who may send alarms: 'token' (HOME's bearer token, one machine) or 'oidc' (a Knative Trigger's ServiceAccount JWT, cluster).")] = AlarmAuth.token,
     oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", help="With --alarm-auth oidc: the audience the Triggers set (spec.subscriber.audience).")] = None,
-    oidc_subject: Annotated[Optional[list[str]], typer.Option("--oidc-subject", help="With --alarm-auth oidc: an admitted subject, system:serviceaccount:NS:TRIGGER-oidc-eventing.knative.dev-trigger (repeat per Trigger).")] = None,
+    oidc_subject: Annotated[Optional[list[str]], typer.Option("--oidc-subject", help="With --alarm-auth oidc: an admitted subject, system:serviceaccount:NS:SA with SA each Trigger's status.auth.serviceAccountName (Knative shortens long names with a hash; kfloop manifests computes them) (repeat per Trigger).")] = None,
     oidc_issuer_url: Annotated[str, typer.Option("--oidc-issuer-url", help="With --alarm-auth oidc: where the cluster's OIDC discovery document is served.")] = "https://kubernetes.default.svc",
     image: ImageOption = "",
     inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="Roll out by patching this InferenceService (cluster).")] = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -89,15 +90,23 @@ def deploy(
     context: Annotated[Optional[str], typer.Option("--context", help="Kube config context (default: the current one).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0, help="Seconds to wait for the InferenceService to be Ready (0: do not wait).")] = 600.0,
 ) -> None:
-    """Apply the loop's objects (server-side apply, field manager kfloop), wait until it serves, report what changed."""
+    """Apply the loop's objects (server-side apply, field manager kfloop), wait until it serves, report what changed.
+
+    Knative Eventing must have authentication-oidc enabled (the Broker then checks who sends alarms):
+    deploy reads knative-eventing/config-features first and refuses, naming the kubectl patch, when it is off.
+    """
     from kfloop.manifests.deploy import Cluster
+    from kfloop.manifests.render import RECOMMENDED_EVENTING_FEATURES, REQUIRED_EVENTING_FEATURES
 
     namespace = options.namespace
     objects = options.render()
     if dry_run:
         out.print(_objects_table(objects, title=f"{len(objects)} objects for namespace {namespace} (dry run: nothing applied)"))
+        _print_features(REQUIRED_EVENTING_FEATURES, RECOMMENDED_EVENTING_FEATURES)
         return
     cluster = Cluster.connect(context)
+    for warning in cluster.check_eventing_features(REQUIRED_EVENTING_FEATURES, RECOMMENDED_EVENTING_FEATURES):
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     with err.status(f"applying {len(objects)} objects to kube context {cluster.context} ({cluster.server})"):
         changes = cluster.apply(objects)
     table = Table(title=f"kube context {cluster.context}: server-side apply (field manager kfloop)")
@@ -123,6 +132,22 @@ def deploy(
         ready = cluster.wait_ready(namespace, name, timeout, on_progress=on_progress)
     url = (ready.get("status") or {}).get("url") or f"http://{name}.{namespace}.svc.cluster.local"
     err.print(f"[green]InferenceService {namespace}/{name} is Ready[/] at {url}")
+
+
+def _print_features(required: dict[str, tuple[str, ...]], recommended: dict[str, tuple[str, ...]]) -> None:
+    """The Knative Eventing feature flags the loop needs and recommends, and the kubectl lines that set them."""
+    from kfloop.manifests.deploy import EVENTING_FEATURES, feature_patch_command
+
+    namespace, name = EVENTING_FEATURES
+    table = Table(title=f"Knative Eventing features (ConfigMap {namespace}/{name})")
+    for column in ("feature", "value", "needed"):
+        table.add_column(column)
+    for flags, need in ((required, "required"), (recommended, "recommended")):
+        for flag, values in flags.items():
+            table.add_row(flag, " or ".join(values), need)
+    out.print(table)
+    for flags, need in ((required, "required"), (recommended, "recommended")):
+        out.print(f"{need}: {feature_patch_command(flags)}", soft_wrap=True, highlight=False, markup=False)
 
 
 def _objects_table(objects: list[dict[str, Any]], *, title: str) -> Table:

@@ -152,13 +152,15 @@ def submit(
     policy: PolicyOption = None,
     image: ImageOption = "",
     wait: Annotated[bool, typer.Option("--wait", help="Block until the run ends.")] = False,
+    kfp_allow_http: Annotated[bool, typer.Option("--kfp-allow-http", help="Send the token even to an http:// --host (only for a trusted network path; use https otherwise).")] = False,
 ) -> None:
     """Submit the training pipeline to a Kubeflow Pipelines cluster (kfp.Client)."""
     from kfloop.components.training import DEFAULT_IMAGE
     from kfloop.pipelines.cluster import KfpEndpoint, submit_training, token_from_kube_config
     from kfloop.policies import load_policy
 
-    endpoint = KfpEndpoint(host=host, token=token or token_from_kube_config(kube_context), namespace=namespace)
+    endpoint = KfpEndpoint(host=host, token=token or token_from_kube_config(kube_context), namespace=namespace,
+                           allow_plain_http=kfp_allow_http)
     outcome = submit_training(
         load_policy(policy), endpoint, registry_uri=registry, data_uri=data, target=target, model=model,
         experiment=experiment, run_name=run_name, image=image or DEFAULT_IMAGE, wait=wait,

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -31,10 +32,14 @@ from kubernetes_validate import utils as kv_utils
 
 from kfloop.errors import ClusterError, ManifestError
 from kfloop.manifests.deploy import Cluster
-from kfloop.manifests.render import STORAGE_SECRET, broker_ingress_url, render_objects
+from kfloop.manifests.render import (
+    BROKER_TOKEN_PATH, KFP_TOKEN_SECRET, RECOMMENDED_EVENTING_FEATURES, REQUIRED_EVENTING_FEATURES,
+    STORAGE_READONLY_SECRET, STORAGE_SECRET, broker_audience, broker_ingress_url, knative_child_name, render_objects,
+    trigger_subject,
+)
 from kfloop.manifests.schemas import validate_manifest
 from kfloop.policies import load_policy
-from kfloop.event_types import REQUEST_EVENT
+from kfloop.event_types import ALARM_EVENTS, REQUEST_EVENT
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "manifests" / "base"
@@ -46,10 +51,10 @@ REGISTRY = "s3://kfloop/registry"
 STORAGE_URI = f"{REGISTRY}/classifier/1"
 PROMETHEUS = "http://prometheus-operated.monitoring.svc.cluster.local:9090"
 RENDER_ARGS = ["--namespace", NAMESPACE, "--storage-uri", STORAGE_URI, "--registry", REGISTRY, "--prometheus-url", PROMETHEUS]
-CRD_KINDS = {"InferenceService", "ScaledObject", "Broker", "Trigger"}  # those whose CRD ../shared/specs holds
+CRD_KINDS = {"InferenceService", "ScaledObject", "Broker", "Trigger", "EventPolicy"}  # those whose CRD ../shared/specs holds
 NO_CRD_HERE = {"ServingRuntime", "PodMonitor"}  # checked by hand below
 CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "NetworkPolicy", "Deployment", "Service",
-              "PersistentVolumeClaim"}
+              "PodDisruptionBudget", "PersistentVolumeClaim"}
 K8S_VERSIONS = ["1.30", ".".join(kv_utils.latest_version().split(".")[:2])]
 CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE", re.IGNORECASE)
 
@@ -92,7 +97,7 @@ def test_the_loop_has_every_kind_the_issue_asks_for_and_nothing_else(objects):
 
 def test_every_custom_resource_matches_its_upstream_crd_with_unknown_fields_rejected(objects, shared_specs):
     checked = [o for o in objects if o["kind"] in CRD_KINDS]
-    assert len(checked) == 6  # InferenceService, ScaledObject, Broker, 3 Triggers
+    assert len(checked) == 6  # InferenceService, ScaledObject, Broker, EventPolicy, 2 Triggers (the alarms')
     for obj in checked:
         validate_manifest(obj, shared_specs)
 
@@ -100,7 +105,7 @@ def test_every_custom_resource_matches_its_upstream_crd_with_unknown_fields_reje
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_core_object_validates_strictly_against_kubernetes(objects, version):
     checked = [o for o in objects if o["kind"] in CORE_KINDS]
-    assert len(checked) == 14
+    assert len(checked) == 16
     for obj in checked:
         kubernetes_validate.validate(obj, version, strict=True)
 
@@ -257,13 +262,49 @@ def test_the_security_walk_fails_on_each_kind_of_weakness(objects, break_it, exp
     assert expected in security_problems(broken)
 
 
+def reachable_secrets(objects: list[dict[str, Any]], pod: dict[str, Any], containers: list[dict[str, Any]]) -> set[str]:
+    """Every Secret a pod's processes can read: env, envFrom, volumes, and those its ServiceAccount lists.
+
+    The ServiceAccount's ``secrets`` are what KServe's storage initializer (an init
+    container of the predictor's pod) takes its credentials from.
+    """
+    names = set()
+    for container in containers:
+        names |= {source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source}
+        names |= {variable["valueFrom"]["secretKeyRef"]["name"] for variable in container.get("env", [])
+                  if "secretKeyRef" in variable.get("valueFrom", {})}
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        names |= {source["secret"]["name"] for source in volume.get("projected", {}).get("sources", []) if "secret" in source}
+    account = one(objects, "ServiceAccount", pod["serviceAccountName"])
+    names |= {secret["name"] for secret in account.get("secrets", []) + account.get("imagePullSecrets", [])}
+    return names
+
+
+def test_the_client_facing_pods_reach_only_the_read_only_storage_secret(objects):
+    reached = {where: reachable_secrets(objects, pod, containers)
+               for where, pod, containers in workloads(objects) if not where.startswith("ServingRuntime")}
+    assert reached == {
+        "InferenceService/classifier.predictor": {STORAGE_READONLY_SECRET},  # KServe's storage initializer
+        "InferenceService/classifier.transformer": {STORAGE_READONLY_SECRET},  # preprocessors from the registry
+        "Deployment/classifier-watch": {STORAGE_SECRET},  # writes captures
+        "Deployment/classifier-trigger": {STORAGE_SECRET, KFP_TOKEN_SECRET},  # moves the production pointer
+    }
+    # ... and no pod may fetch another Secret through the Kubernetes API.
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole")):
+        assert all("secrets" not in rule["resources"] and "*" not in rule["resources"] for rule in role["rules"])
+
+
 def test_credentials_reach_the_pods_only_by_secret_reference(objects):
     serving = one(objects, "ServiceAccount", "classifier-serving")
-    assert serving["secrets"] == [{"name": STORAGE_SECRET}]  # KServe's storage initializer reads these
+    assert serving["secrets"] == [{"name": STORAGE_READONLY_SECRET}]  # KServe's storage initializer reads these
     for where, _, containers in workloads(objects):
         for container in containers:
             if where.endswith("predictor") or where.startswith("ServingRuntime"):
                 assert "envFrom" not in container  # the predictor reads /mnt/models only
+            elif where.endswith("transformer"):
+                assert container["envFrom"] == [{"secretRef": {"name": STORAGE_READONLY_SECRET}}], where
             else:
                 assert container["envFrom"] == [{"secretRef": {"name": STORAGE_SECRET}}], where
     token = [v for v in one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -301,24 +342,35 @@ def test_every_container_command_line_is_accepted_by_kfloops_cli_as_kserve_exten
     # KServe appends these to a custom transformer's arguments (transformer_custom.go).
     injected = ["--model_name", isvc["metadata"]["name"], "--predictor_host", f"classifier-predictor.{NAMESPACE}", "--http_port", "8080"]
     transformer = cli_command(isvc["spec"]["transformer"]["containers"][0]["args"] + injected)
-    assert (transformer["model"], transformer["predictor_protocol"], transformer["registry"], transformer["no_admin"]) == \
-        ("classifier", "v2", REGISTRY, True)
+    assert (transformer["model"], transformer["predictor_protocol"], transformer["registry"], transformer["control_port"]) == \
+        ("classifier", "v2", REGISTRY, None)  # no control routes: nothing can re-point the transformer
     assert (transformer["predictor_host"], transformer["host"], transformer["http_port"]) == (f"classifier-predictor.{NAMESPACE}", "0.0.0.0", 8080)
     watch = cli_command(one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["args"])
     assert (watch["sink"], watch["host"], watch["http_port"], watch["registry"]) == \
         (broker_ingress_url(NAMESPACE, "default"), "0.0.0.0", 8080, REGISTRY)
+    assert (str(watch["sink_token_file"]), watch["event_auth"]) == (BROKER_TOKEN_PATH, "none")
     trigger = cli_command(one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"])
     assert (trigger["inference_service"], trigger["namespace"], trigger["prometheus_url"], trigger["image"], trigger["host"]) == \
         ("classifier", NAMESPACE, PROMETHEUS, IMAGE, "0.0.0.0")
+    alarm_triggers = [o["metadata"]["name"] for o in objects if o["kind"] == "Trigger"]
+    assert (trigger["alarm_auth"], trigger["oidc_audience"], list(trigger["oidc_subject"]), trigger["kfp_allow_http"]) == \
+        ("oidc", f"classifier-trigger.{NAMESPACE}", [trigger_subject(NAMESPACE, name) for name in alarm_triggers], True)
 
 
-def test_the_transformer_names_the_predictor_protocol_and_logs_requests_to_the_broker(objects):
+def test_the_transformer_names_the_predictor_protocol_and_logs_requests_to_the_watch_service(objects):
     isvc = one(objects, "InferenceService")
     args = isvc["spec"]["transformer"]["containers"][0]["args"]
     assert args[args.index("--predictor_protocol") + 1] == "v2"
-    broker = one(objects, "Broker")
+    # Straight to the watch's Service (port 80 -> the watch's http port), not through the Broker:
+    # KServe 0.20's logger sends no credentials, which an OIDC Broker answers with 401.
+    watch = one(objects, "Service", "classifier-watch")
+    assert watch["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     assert isvc["spec"]["transformer"]["logger"] == {
-        "mode": "request", "url": f"http://broker-ingress.knative-eventing.svc.cluster.local/{NAMESPACE}/{broker['metadata']['name']}"}
+        "mode": "request", "url": f"http://classifier-watch.{NAMESPACE}.svc.cluster.local/"}
+    watch_pods = one(objects, "Deployment", "classifier-watch")["spec"]["template"]
+    assert watch["spec"]["selector"].items() <= watch_pods["metadata"]["labels"].items()
+    assert [p["name"] for p in watch_pods["spec"]["containers"][0]["ports"]] == ["http"]
+    assert "broker-ingress" not in json.dumps(isvc)
     assert "logger" not in isvc["spec"]["predictor"]  # the drift detector must see raw rows, not scaled ones
     assert isvc["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard",
                                                "serving.kserve.io/autoscalerClass": "external"}
@@ -364,6 +416,7 @@ def test_values_a_cluster_cannot_use_are_all_reported_at_once(policy):
 
 def test_every_trigger_filters_on_type_and_no_subscriber_receives_what_it_emits(objects, policy):
     triggers = [o for o in objects if o["kind"] == "Trigger"]
+    assert len(triggers) == len(policy.retraining.events)  # payload events no longer pass the Broker
     services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     emits = {"classifier-watch": set(policy.retraining.events), "classifier-trigger": set()}
     received = {}
@@ -375,7 +428,7 @@ def test_every_trigger_filters_on_type_and_no_subscriber_receives_what_it_emits(
         assert ref["kind"] == "Service" and services[ref["name"]]["spec"]["ports"][0]["port"] == 80
         received.setdefault(ref["name"], set()).add(attributes["type"])
         assert attributes["type"] not in emits[ref["name"]]
-    assert received == {"classifier-watch": {REQUEST_EVENT}, "classifier-trigger": set(policy.retraining.events)}
+    assert received == {"classifier-trigger": set(policy.retraining.events)}
 
 
 def test_with_istio_the_failure_rule_reads_istio_telemetry_and_the_request_rule_stays_on_kfloops_counter(policy):
@@ -403,20 +456,314 @@ def test_network_policies_open_only_the_loops_paths(objects):
         return [(json.dumps(rule.get("from"), sort_keys=True), sorted(p["port"] for p in rule["ports"])) for rule in policies[name]["ingress"]]
 
     monitoring = json.dumps([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}], sort_keys=True)
-    eventing = json.dumps([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-eventing"}}}], sort_keys=True)
+    broker_filter = json.dumps([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-eventing"}},
+                                 "podSelector": {"matchLabels": {"eventing.knative.dev/brokerRole": "filter"}}}], sort_keys=True)
     transformer = json.dumps([{"podSelector": {"matchLabels": {"component": "transformer", "serving.kserve.io/inferenceservice": "classifier"}}}], sort_keys=True)
     assert sources("classifier-transformer-ingress") == [("null", [8080, 9081])]  # clients, and KServe's logging agent
     assert sources("classifier-predictor-ingress") == [(transformer, [8080]), (monitoring, [8080])]
-    for service in ("watch", "trigger"):
-        assert sources(f"classifier-{service}-ingress") == [(eventing, [8080]), (monitoring, [8080])]
+    assert sources("classifier-watch-ingress") == [(transformer, [8080]), (monitoring, [8080])]  # the payload logger
+    assert sources("classifier-trigger-ingress") == [(broker_filter, [8080]), (monitoring, [8080])]  # Trigger deliveries
     # Every pod of the loop is selected by exactly one policy.
+    for pod in (p for p in loop_pods(objects) if p.namespace == NAMESPACE):
+        selecting = [n for n, p in policies.items() if p["podSelector"]["matchLabels"].items() <= pod.labels.items()]
+        assert len(selecting) == 1, (pod.name, selecting)
+
+
+# A small NetworkPolicy evaluator (networking.k8s.io/v1 ingress semantics), enough for what the loop renders:
+# a pod is isolated for ingress once a policy of its namespace selects it, and then admits a connection
+# if any rule of any selecting policy matches both the port and the source. A peer with a
+# namespaceSelector *and* a podSelector needs both to match; with a podSelector only, the source must
+# be in the policy's namespace; a rule without ``from`` admits every source, one without ``ports``
+# every port. Anything it does not model (ipBlock, named ports, egress) raises instead of guessing.
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+
+
+def namespace_labels(namespace: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": namespace}  # set on every namespace by Kubernetes itself (1.22+)
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector: every matchLabels pair and every matchExpressions requirement holds; {} selects all."""
+    if not set(selector) <= {"matchLabels", "matchExpressions"}:
+        raise NotImplementedError(f"selector fields {sorted(selector)}")
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for requirement in selector.get("matchExpressions", []):
+        key, operator, values = requirement["key"], requirement["operator"], requirement.get("values", [])
+        holds = {"In": key in labels and labels[key] in values, "NotIn": key not in labels or labels[key] not in values,
+                 "Exists": key in labels, "DoesNotExist": key not in labels}
+        if operator not in holds:
+            raise NotImplementedError(f"operator {operator}")
+        if not holds[operator]:
+            return False
+    return True
+
+
+def peer_admits(peer: dict[str, Any], policy_namespace: str, source: Pod) -> bool:
+    if not set(peer) <= {"podSelector", "namespaceSelector"} or not peer:
+        raise NotImplementedError(f"peer fields {sorted(peer)}")
+    if "namespaceSelector" in peer:
+        namespace_ok = selects(peer["namespaceSelector"], namespace_labels(source.namespace))
+    else:
+        namespace_ok = source.namespace == policy_namespace
+    return namespace_ok and selects(peer.get("podSelector", {}), source.labels)
+
+
+def port_admits(ports: list[dict[str, Any]] | None, port: int, protocol: str = "TCP") -> bool:
+    for entry in ports or [{}]:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in entry:
+            return True
+        if not isinstance(entry["port"], int):
+            raise NotImplementedError(f"named port {entry['port']!r}")
+        if entry["port"] <= port <= entry.get("endPort", entry["port"]):
+            return True
+    return False
+
+
+def admitted(policies: list[dict[str, Any]], source: Pod, target: Pod, port: int) -> bool:
+    """Whether ``policies`` let ``source`` open a TCP connection to ``target`` 's ``port`` (ingress side)."""
+    selecting = []
+    for policy in policies:
+        spec = policy["spec"]
+        types = spec.get("policyTypes", ["Ingress"])
+        if set(types) - {"Ingress"}:
+            raise NotImplementedError(f"policyTypes {types}")
+        if policy["metadata"]["namespace"] == target.namespace and selects(spec["podSelector"], target.labels):
+            selecting.append(policy)
+    if not selecting:
+        return True  # not isolated
+    return any(port_admits(rule.get("ports"), port)
+               and (not rule.get("from") or any(peer_admits(peer, policy["metadata"]["namespace"], source) for peer in rule["from"]))
+               for policy in selecting for rule in policy["spec"].get("ingress", []))
+
+
+def loop_pods(objects: list[dict[str, Any]]) -> list[Pod]:
+    """The pods the rendered loop runs, with the labels they get, plus Knative's broker pods that talk to it.
+
+    KServe adds ``serving.kserve.io/inferenceservice`` and ``component`` to an
+    InferenceService component's pods (FACTS a); the broker-filter and
+    broker-ingress labels are those of knative-eventing's MT broker Deployments (FACTS g).
+    """
+    pods = []
     for where, pod, _ in workloads(objects):
         if where.startswith("ServingRuntime"):
-            continue
-        labels = {**pod["labels"], **({"serving.kserve.io/inferenceservice": "classifier", "component": where.rsplit(".", 1)[-1]}
-                                      if where.startswith("InferenceService") else {})}
-        selecting = [n for n, p in policies.items() if p["podSelector"]["matchLabels"].items() <= labels.items()]
-        assert len(selecting) == 1, (where, selecting)
+            continue  # a template: its pods are the InferenceService predictor's
+        labels = dict(pod["labels"])
+        if where.startswith("InferenceService"):
+            isvc, component = where.split("/", 1)[1].split(".")
+            labels |= {"serving.kserve.io/inferenceservice": isvc, "component": component}
+            name = component
+        else:
+            name = where.rsplit("-", 1)[-1]
+        pods.append(Pod(name, NAMESPACE, labels))
+    return pods + [
+        Pod("broker-filter", "knative-eventing", {"eventing.knative.dev/brokerRole": "filter",
+                                                  "app.kubernetes.io/component": "broker-filter"}),
+        Pod("broker-ingress", "knative-eventing", {"eventing.knative.dev/brokerRole": "ingress",
+                                                   "app.kubernetes.io/component": "broker-ingress"}),
+    ]
+
+
+def outsiders(pods: list[Pod]) -> list[Pod]:
+    """Pods that are not the loop's: Prometheus, a stranger beside the loop, copies of the loop's pods elsewhere."""
+    copies = [Pod(f"{pod.name}-copy", "elsewhere", pod.labels) for pod in pods]
+    return [Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}),
+            Pod("notebook", NAMESPACE, {"app": "notebook"}), *copies]
+
+
+@pytest.mark.parametrize("istio", [False, True])
+def test_the_transformer_is_the_only_pod_of_the_loop_admitted_to_the_watchs_payload_port(policy, istio):
+    objects = render(policy, istio=istio)
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = loop_pods(objects)
+    assert {pod.name for pod in pods} == {"predictor", "transformer", "watch", "trigger", "broker-filter", "broker-ingress"}
+    watch = next(pod for pod in pods if pod.name == "watch")
+    payload_port = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    assert [pod.name for pod in pods if admitted(policies, pod, watch, payload_port)] == ["transformer"]
+    # Beyond the loop: Prometheus (its namespace, for /metrics on the same port), and nobody else;
+    # the transformer's labels outside the loop's namespace do not count.
+    assert [pod.name for pod in outsiders(pods) if admitted(policies, pod, watch, payload_port)] == ["prometheus"]
+    # No other port of the watch is open to anyone.
+    assert not any(admitted(policies, pod, watch, port) for pod in pods + outsiders(pods) for port in (80, 8081, 9081))
+
+
+def test_only_knatives_broker_filter_reaches_the_trigger_service_and_only_the_transformer_the_predictor(objects):
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = {pod.name: pod for pod in loop_pods(objects)}
+
+    def admitted_to(target: str, port: int = 8080) -> list[str]:
+        return [name for name, pod in pods.items() if admitted(policies, pod, pods[target], port)]
+
+    assert admitted_to("trigger") == ["broker-filter"]  # not the broker ingress, not the watch: alarms come via Triggers
+    assert admitted_to("predictor") == ["transformer"]
+    assert sorted(admitted_to("transformer")) == sorted(pods)  # the entry point
+    assert sorted(admitted_to("transformer", 9081)) == sorted(pods)  # KServe's agent in front of it
+    for target in ("trigger", "predictor"):
+        assert [pod.name for pod in outsiders(list(pods.values())) if admitted(policies, pod, pods[target], 8080)] == ["prometheus"]
+
+
+@pytest.mark.parametrize("peers, source, expected", [
+    # namespaceSelector and podSelector in ONE peer: both must match
+    ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ke"}}, "podSelector": {"matchLabels": {"r": "f"}}}],
+     Pod("p", "ke", {"r": "f"}), True),
+    ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ke"}}, "podSelector": {"matchLabels": {"r": "f"}}}],
+     Pod("p", "ke", {"r": "i"}), False),
+    ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ke"}}, "podSelector": {"matchLabels": {"r": "f"}}}],
+     Pod("p", "other", {"r": "f"}), False),
+    # ... as TWO peers: either one suffices (the podSelector peer in the policy's own namespace)
+    ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ke"}}}, {"podSelector": {"matchLabels": {"r": "f"}}}],
+     Pod("p", "ke", {"r": "i"}), True),
+    ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ke"}}}, {"podSelector": {"matchLabels": {"r": "f"}}}],
+     Pod("p", "ns", {"r": "f"}), True),
+    ([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ke"}}}, {"podSelector": {"matchLabels": {"r": "f"}}}],
+     Pod("p", "other", {"r": "f"}), False),
+    # matchLabels is a subset test; {} selects everything; matchExpressions
+    ([{"podSelector": {"matchLabels": {"r": "f", "s": "t"}}}], Pod("p", "ns", {"r": "f"}), False),
+    ([{"podSelector": {}}], Pod("p", "ns", {}), True),
+    ([{"podSelector": {}}], Pod("p", "other", {}), False),
+    ([{"namespaceSelector": {}}], Pod("p", "other", {}), True),
+    ([{"podSelector": {"matchExpressions": [{"key": "r", "operator": "In", "values": ["f", "g"]}]}}], Pod("p", "ns", {"r": "g"}), True),
+    ([{"podSelector": {"matchExpressions": [{"key": "r", "operator": "DoesNotExist"}]}}], Pod("p", "ns", {"r": "g"}), False),
+    (None, Pod("p", "other", {}), True),  # no ``from``: everyone
+])
+def test_the_network_policy_evaluator_follows_the_kubernetes_semantics(peers, source, expected):
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": 8080}]}
+    if peers is not None:
+        rule["from"] = peers
+    policy = {"metadata": {"namespace": "ns"}, "spec": {"podSelector": {"matchLabels": {"app": "t"}}, "policyTypes": ["Ingress"], "ingress": [rule]}}
+    target = Pod("t", "ns", {"app": "t"})
+    assert admitted([policy], source, target, 8080) is expected
+    assert admitted([policy], source, target, 8081) is False  # a port no rule names
+    assert admitted([policy], source, Pod("u", "ns", {"app": "u"}), 9999) is True  # not selected: not isolated
+    assert admitted([{**policy, "spec": {**policy["spec"], "ingress": []}}], source, target, 8080) is False  # isolated, no rule
+    with pytest.raises(NotImplementedError):
+        admitted([{**policy, "spec": {**policy["spec"], "ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}], source, target, 8080)
+
+
+# --- who may send events (Knative OIDC) -------------------------------------------------------
+
+
+def test_only_the_watchs_service_account_may_post_the_policys_alarm_types_to_the_broker(objects, policy, shared_specs):
+    event_policy, broker = one(objects, "EventPolicy"), one(objects, "Broker")
+    validate_manifest(event_policy, shared_specs)
+    assert event_policy["apiVersion"] == "eventing.knative.dev/v1alpha1"
+    assert event_policy["spec"]["to"] == [{"ref": {"apiVersion": broker["apiVersion"], "kind": "Broker", "name": broker["metadata"]["name"]}}]
+    watch_account = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert event_policy["spec"]["from"] == [{"sub": f"system:serviceaccount:{NAMESPACE}:{watch_account}"}]  # no prefix '*'
+    assert event_policy["spec"]["filters"] == [{"any": [{"exact": {"type": event}} for event in policy.retraining.events]}]
+    assert set(policy.retraining.events) <= set(ALARM_EVENTS) and REQUEST_EVENT not in json.dumps(event_policy)
+    # The policy applies once the Broker exists; it comes after it in apply order.
+    kinds = [o["kind"] for o in objects]
+    assert kinds.index("Broker") < kinds.index("EventPolicy")
+
+
+def test_the_watch_posts_alarms_with_a_projected_token_for_the_brokers_audience(objects):
+    template = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in template["volumes"]}
+    (container,) = template["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "broker-token"]
+    assert volumes["broker-token"] == {"name": "broker-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": f"eventing.knative.dev/broker/{NAMESPACE}/default", "expirationSeconds": 3600, "path": "token"}}]}}
+    assert broker_audience("KFloop", "Default") == "eventing.knative.dev/broker/kfloop/default"  # as Knative publishes it
+    assert mount == {"name": "broker-token", "mountPath": "/var/run/secrets/kfloop/broker", "readOnly": True}
+    args = container["args"]
+    assert f"{mount['mountPath']}/token" == BROKER_TOKEN_PATH == args[args.index("--sink-token-file") + 1]
+    assert args[args.index("--sink") + 1] == broker_ingress_url(NAMESPACE, "default")
+    assert args[args.index("--event-auth") + 1] == "none"  # the NetworkPolicy admits only the transformer's pods
+    assert one(objects, "ServiceAccount", template["serviceAccountName"])["automountServiceAccountToken"] is False
+
+
+def test_the_trigger_service_checks_the_audience_and_the_subject_of_each_trigger(objects):
+    triggers = [o for o in objects if o["kind"] == "Trigger"]
+    audiences = {t["spec"]["subscriber"]["audience"] for t in triggers}
+    assert audiences == {f"classifier-trigger.{NAMESPACE}"}
+    args = one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--alarm-auth") + 1] == "oidc"
+    assert args[args.index("--oidc-audience") + 1] in audiences
+    subjects = [args[i + 1] for i, arg in enumerate(args) if arg == "--oidc-subject"]
+    # Knative names each Trigger's ServiceAccount kmeta.ChildName(<trigger>, "-oidc-eventing.knative.dev-Trigger"):
+    # these Trigger names are longer than 29 characters, so the names are truncated and hashed.
+    assert subjects == [f"system:serviceaccount:{NAMESPACE}:" + knative_child_name(t["metadata"]["name"], "-oidc-eventing.knative.dev-Trigger").lower()
+                        for t in triggers]
+    assert subjects == [f"system:serviceaccount:{NAMESPACE}:classifier-trigger-on-drift-det5ad38360105a63786aecb70a40784125",
+                        f"system:serviceaccount:{NAMESPACE}:classifier-trigger-on-outlier-d" + hashlib.md5(
+                            b"classifier-trigger-on-outlier-detected-oidc-eventing.knative.dev-Trigger").hexdigest()]
+    assert trigger_subject("ns", "short") == "system:serviceaccount:ns:short-oidc-eventing.knative.dev-trigger"
+    # Its ServiceAccount mounts its token: it reads the cluster's OIDC discovery (allowed to every
+    # ServiceAccount by the default system:service-account-issuer-discovery binding), no extra RBAC.
+    assert one(objects, "ServiceAccount", "classifier-trigger")["automountServiceAccountToken"] is True
+    assert {o["kind"] for o in objects} & {"ClusterRoleBinding", "ClusterRole"} == set()
+
+
+@pytest.mark.parametrize("parent, suffix, want", [  # knative.dev/pkg kmeta/names_test.go
+    ("asdf", "-deployment", "asdf-deployment"),
+    ("f" * 63, "-deployment", "ffffffffffffffffffff105d7597f637e83cc711605ac3ea4957-deployment"),
+    ("f" * 63, "-deploy", "ffffffffffffffffffffffff105d7597f637e83cc711605ac3ea4957-deploy"),
+    ("f" * 63, "f" * 63, "fffffffffffffffffffffffffffffff0502661254f13c89973cb3a83e0cbec0"),
+    ("a", "f" * 63, "ab5cfd486935decbc0d305799f4ce4414ffffffffffffffffffffffffffffff"),
+    ("b" * 32, "f" * 32, "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb329c7c81b9ab3ba71aa139066aa5625d"),
+    ("aaaa", "b---a" * 20, "aaaa7a3f7966594e3f0849720eced8212c18b---ab---ab---ab---ab---ab"),
+    ("a" * 17, "a.-.-.-.-.-.-.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaaaa1eb10dc911444f8434af83b7225442da"),
+])
+def test_knative_child_names_match_knatives_own_test_vectors(parent, suffix, want):
+    assert knative_child_name(parent, suffix) == want
+
+
+def test_the_kfp_token_goes_over_plain_http_only_to_an_in_cluster_service(policy):
+    def trigger_args(objects):
+        return one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    default = trigger_args(render(policy))
+    assert default[default.index("--kfp-host") + 1] == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    assert "--kfp-allow-http" in default
+    assert "--kfp-allow-http" in trigger_args(render(policy, kfp_host="http://ml-pipeline.kubeflow.svc:8888"))
+    assert "--kfp-allow-http" not in trigger_args(render(policy, kfp_host="https://kubeflow.example.org/pipeline"))
+    with pytest.raises(ManifestError) as caught:
+        render(policy, kfp_host="http://kubeflow.example.org/pipeline")
+    assert ("kfp_host 'http://kubeflow.example.org/pipeline' would carry the Kubeflow Pipelines token in clear: "
+            "use https://, or an in-cluster Service address (NAME.NAMESPACE.svc[.cluster.local])") in str(caught.value)
+
+
+def test_inference_service_pods_have_disruption_budgets_that_never_block_a_drain(objects):
+    budgets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodDisruptionBudget"}
+    assert set(budgets) == {"classifier-predictor-budget", "classifier-transformer-budget"}  # not the one-replica watch/trigger
+    pods = {pod.name: pod for pod in loop_pods(objects)}
+    for component in ("predictor", "transformer"):
+        budget = budgets[f"classifier-{component}-budget"]
+        assert budget["apiVersion"] == "policy/v1"
+        assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert [name for name, pod in pods.items() if selects(budget["spec"]["selector"], pod.labels)] == [component]
+
+
+@pytest.mark.parametrize("break_it, validator", [
+    (lambda o: one(o, "EventPolicy")["spec"]["from"][0].update(subject="x"), "crd"),
+    (lambda o: one(o, "EventPolicy")["spec"].update(form=[]), "crd"),
+    (lambda o: one(o, "EventPolicy")["spec"]["to"][0]["ref"].update(namespace="x"), "crd"),
+    (lambda o: one(o, "Trigger", "classifier-trigger-on-drift-detected")["spec"]["subscriber"].update(audiance="x"), "crd"),
+    (lambda o: one(o, "PodDisruptionBudget", "classifier-predictor-budget")["spec"].update(maxUnavailible=1), "core"),
+    (lambda o: one(o, "NetworkPolicy", "classifier-watch-ingress")["spec"]["ingress"][0]["from"][0].update(podSelecter={}), "core"),
+    (lambda o: one(o, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["volumes"][-1]["projected"]["sources"][0]["serviceAccountToken"].update(expirySeconds=1), "core"),
+])
+def test_a_misspelt_field_in_the_new_objects_is_caught(objects, shared_specs, break_it, validator):
+    broken = copy.deepcopy(objects)
+    break_it(broken)
+    changed = [b for a, b in zip(objects, broken) if a != b]
+    assert len(changed) == 1
+    if validator == "crd":
+        with pytest.raises(ManifestError):
+            validate_manifest(changed[0], shared_specs)
+    else:
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(changed[0], K8S_VERSIONS[0], strict=True)
 
 
 def test_the_policy_reaches_the_pods_unchanged(objects, policy, tmp_path):
@@ -501,10 +848,19 @@ def test_deploy_dry_run_lists_every_object_without_a_cluster(tmp_path, objects):
     result = run_kfloop("deploy", *RENDER_ARGS, "--dry-run", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"^│ \d+", line)]
-    assert len(rows) == len(objects) == 22
+    assert len(rows) == len(objects) == 24
     for row, obj in zip(rows, objects):
         assert obj["kind"] in row and f"{NAMESPACE}/{obj['metadata']['name']}" in row
     assert "dry run: nothing applied" in result.stdout
+    # ... and the Knative Eventing features the objects need, with the commands that turn them on.
+    features = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in result.stdout.splitlines()
+                if re.match(r"^│ [a-z-]+ +│", line)}
+    assert features == {"authentication-oidc": "required", "default-authorization-mode": "recommended",
+                        "transport-encryption": "recommended"}
+    lines = result.stdout.splitlines()
+    assert f"required: {PATCH_OIDC}" in lines
+    assert "recommended: " + PATCH_OIDC.replace(
+        '"authentication-oidc":"enabled"', '"default-authorization-mode":"deny-all","transport-encryption":"permissive"') in lines
 
 
 def test_deploy_without_a_reachable_cluster_fails_with_one_line_naming_the_kube_context(tmp_path):
@@ -535,9 +891,12 @@ class FakeApiServer:
 
     Apply keeps ``resourceVersion`` when nothing changes (as the real one does);
     the InferenceService turns Ready on the ``ready_at``-th GET after an apply.
+    Knative Eventing's ConfigMap knative-eventing/config-features holds ``features``
+    (none: the ConfigMap does not exist); with ``features_forbidden`` reading it gets 403.
     """
 
-    def __init__(self, kinds: list[tuple[str, str]], *, missing_groups: tuple[str, ...] = (), ready_at: int = 3) -> None:
+    def __init__(self, kinds: list[tuple[str, str]], *, missing_groups: tuple[str, ...] = (), ready_at: int = 3,
+                 features: dict[str, str] | None = None, features_forbidden: bool = False) -> None:
         self.resources: dict[str, list[dict[str, Any]]] = {}
         for api_version, kind in sorted(set(kinds)):
             if api_version.rpartition("/")[0] in missing_groups:
@@ -548,6 +907,11 @@ class FakeApiServer:
                 {"name": plural, "singularName": kind.lower(), "namespaced": True, "kind": kind,
                  "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]})
         self.store: dict[str, dict[str, Any]] = {}
+        self.features_path = "/api/v1/namespaces/knative-eventing/configmaps/config-features"
+        self.features_forbidden = features_forbidden
+        if features is not None:
+            self.store[self.features_path] = {"apiVersion": "v1", "kind": "ConfigMap", "data": features, "metadata": {
+                "name": "config-features", "namespace": "knative-eventing", "resourceVersion": "1", "uid": "u-features"}}
         self.version = 0
         self.ready_at = ready_at
         self.isvc_reads = 0
@@ -605,6 +969,9 @@ class FakeApiServer:
                 found = fake._discovery(path)
                 if found is not None:
                     return self._send(200, found)
+                if path == fake.features_path and fake.features_forbidden:
+                    return self._send(403, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                                            "message": 'configmaps "config-features" is forbidden: User cannot get resource "configmaps"'})
                 with fake.lock:
                     obj = copy.deepcopy(fake.store.get(path))
                     if obj is not None and obj["kind"] == "InferenceService":
@@ -658,11 +1025,16 @@ class FakeApiServer:
                 ]}
 
 
+OIDC_ON = {"authentication-oidc": "enabled", "default-authorization-mode": "deny-all", "transport-encryption": "permissive"}
+PATCH_OIDC = """kubectl -n knative-eventing patch configmap config-features --type merge -p '{"data":{"authentication-oidc":"enabled"}}'"""
+
+
 @pytest.fixture
 def fake_cluster(objects):
     servers = []
 
     def start(**options: Any) -> FakeApiServer:
+        options.setdefault("features", OIDC_ON)
         server = FakeApiServer([(o["apiVersion"], o["kind"]) for o in objects], **options)
         servers.append(server)
         return server
@@ -726,8 +1098,46 @@ def test_kfloop_deploy_applies_waits_and_reports_what_changed(objects, fake_clus
     first = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "60", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("created") == len(objects)
-    assert "22 created, 0 configured, 0 unchanged" in first.stderr
+    assert "24 created, 0 configured, 0 unchanged" in first.stderr
+    assert "warning" not in first.stderr
     assert f"InferenceService {NAMESPACE}/classifier is Ready at http://classifier.{NAMESPACE}.example.com" in first.stderr
     second = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "0", env=env)
     assert second.returncode == 0, second.stderr
-    assert "0 created, 0 configured, 22 unchanged" in second.stderr
+    assert "0 created, 0 configured, 24 unchanged" in second.stderr
+
+
+@pytest.mark.parametrize("features, shown", [
+    ({"authentication-oidc": "disabled"}, "'disabled'"),
+    ({"transport-encryption": "strict"}, "not set (Knative's default applies)"),
+    (None, "not set (Knative's default applies)"),  # no ConfigMap: every flag has its default
+])
+def test_kfloop_deploy_refuses_in_one_line_while_knatives_oidc_is_off_and_applies_nothing(fake_cluster, tmp_path, features, shown):
+    server = fake_cluster(features=features)
+    result = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "0", env={"KUBECONFIG": str(kube_config(tmp_path / "config", server.url))})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [(
+        f"error: Knative Eventing's feature authentication-oidc is {shown} in kube context 'kind-kfloop' "
+        f"(ConfigMap knative-eventing/config-features); the loop needs 'enabled': {PATCH_OIDC}")]
+    assert server.applied == []
+
+
+def test_kfloop_deploy_warns_about_recommended_features_and_applies(fake_cluster, tmp_path, objects):
+    server = fake_cluster(features={"authentication-oidc": "Enabled", "transport-encryption": "strict"})
+    result = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "0", env={"KUBECONFIG": str(kube_config(tmp_path / "config", server.url))})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    patch = PATCH_OIDC.replace('"authentication-oidc":"enabled"', '"default-authorization-mode":"deny-all"')
+    assert warnings == [(
+        "warning: Knative Eventing's feature default-authorization-mode is not set (Knative's default applies) in kube context "
+        f"'kind-kfloop'; recommended: 'deny-all' ({patch})")]
+    assert server.applied == [object_id(o) for o in objects]
+
+
+def test_a_kube_context_that_cannot_read_knatives_features_is_warned_not_refused(fake_cluster, tmp_path, monkeypatch):
+    server = fake_cluster(features_forbidden=True)
+    monkeypatch.setenv("KUBECONFIG", str(kube_config(tmp_path / "config", server.url)))
+    cluster = Cluster.connect()
+    assert cluster.eventing_features() is None
+    assert cluster.check_eventing_features(REQUIRED_EVENTING_FEATURES, RECOMMENDED_EVENTING_FEATURES) == [(
+        "cannot read ConfigMap knative-eventing/config-features in kube context 'kind-kfloop' to check that "
+        f"authentication-oidc=enabled (a cluster admin runs: {PATCH_OIDC})")]

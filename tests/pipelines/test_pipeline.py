@@ -152,7 +152,7 @@ def test_submit_with_refused_credentials_says_so(kfloop_cli):
     thread.start()
     try:
         host = f"http://127.0.0.1:{server.server_port}"
-        result = kfloop_cli("submit", "--host", host, "--token", "wrong", "--registry", "s3://b/r")
+        result = kfloop_cli("submit", "--host", host, "--token", "wrong", "--registry", "s3://b/r", "--kfp-allow-http")
     finally:
         server.shutdown()
         server.server_close()

@@ -268,11 +268,13 @@ def test_two_objects_with_the_same_kind_and_name_are_not_written(scaled_object, 
     assert not (tmp_path / "out").exists()
 
 
-def test_the_cli_writes_the_scaled_object_and_triggers_and_prints_their_paths(tmp_path, shared_specs):
+@pytest.mark.parametrize("extra", [[], ["--drift-service", "leaf-watch", "--audience", "kfloop-trigger.ml"]],
+                         ids=["alarms only", "with the broker payload route and an audience"])
+def test_the_cli_writes_the_scaled_object_and_triggers_and_prints_their_paths(tmp_path, shared_specs, extra):
     out = tmp_path / "manifests"
     completed = subprocess.run(
         [sys.executable, "-m", "kfloop", "policy", "compile", "-o", str(out), "--namespace", "ml",
-         "--inference-service", "leaf", "--prometheus-url", PROMETHEUS],
+         "--inference-service", "leaf", "--prometheus-url", PROMETHEUS, *extra],
         capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
@@ -280,12 +282,16 @@ def test_the_cli_writes_the_scaled_object_and_triggers_and_prints_their_paths(tm
     assert sorted(printed) == sorted(out.iterdir())
     assert [p.name for p in printed] == [
         "scaledobject-leaf-predictor.yaml", "trigger-kfloop-trigger-on-drift-detected.yaml",
-        "trigger-kfloop-trigger-on-outlier-detected.yaml", "trigger-leaf-watch-requests.yaml",
+        "trigger-kfloop-trigger-on-outlier-detected.yaml", *(["trigger-leaf-watch-requests.yaml"] if extra else []),
     ]
     for path in printed:
         validate_manifest(yaml.safe_load(path.read_text()), shared_specs)
-    drift = yaml.safe_load(printed[-1].read_text())
-    assert drift["spec"]["filter"]["attributes"]["inferenceservicename"] == "leaf"
+    alarm = yaml.safe_load(printed[1].read_text())
+    assert alarm["spec"]["subscriber"].get("audience") == ("kfloop-trigger.ml" if extra else None)
+    if extra:
+        payloads = yaml.safe_load(printed[-1].read_text())
+        assert payloads["spec"]["filter"]["attributes"]["inferenceservicename"] == "leaf"
+        assert "audience" not in payloads["spec"]["subscriber"]
 
 
 def test_the_cli_without_a_prometheus_url_says_where_to_give_one(tmp_path):
