@@ -21,6 +21,7 @@ KServe servers' control and, when asked, inference routes);
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 import grpc
@@ -52,8 +53,13 @@ class Authenticator(Protocol):
 
 
 def is_loopback(host: str) -> bool:
-    """Whether a listening address is loopback only."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """Whether ``host`` names loopback: ``localhost`` or a loopback IP address (``127.0.0.2`` yes, ``127.evil.example`` no)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_name(host_header: str) -> str:
@@ -85,8 +91,7 @@ class LocalToken:
 
     def check(self, headers: Mapping[str, str]) -> None:
         if self.loopback_only:
-            host = _host_name(headers.get("host", ""))
-            if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+            if not is_loopback(_host_name(headers.get("host", ""))):
                 raise Forbidden(f"Host {headers.get('host', '')!r} is not a loopback name; this server answers "
                                 "control calls for localhost, 127.0.0.1 or [::1] only")
         if not hmac.compare_digest(bearer_token(headers).encode(), self._token):

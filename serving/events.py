@@ -95,7 +95,9 @@ class EventReply:
 
     @classmethod
     def ignored(cls, reason: str) -> "EventReply":
-        return cls(204, {IGNORED_HEADER: reason})
+        """204 with the reason in a header: printable ASCII, at most 300 characters (it may quote the event)."""
+        printable = "".join(c if " " <= c <= "~" else "?" for c in reason)
+        return cls(204, {IGNORED_HEADER: printable if len(printable) <= 300 else printable[:297] + "..."})
 
 
 class EventService(Protocol):

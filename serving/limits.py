@@ -7,6 +7,13 @@ cannot make a server buffer (and parse) gigabytes. :class:`BodyLimit` is the
 same rule as ASGI middleware, for apps that read the body themselves (the
 KServe ModelServer's): a body that declares a length within the limit passes
 untouched, and only a body without one is read here, counted and replayed.
+
+Headers come before any of that: uvicorn's HTTP parser buffers a request's
+header section whole before the app sees it, whatever its size (a 64 MB header
+took 12 s and 125 MB before the 401). :class:`HeaderLimitedHttp` is uvicorn's
+httptools protocol with a bound on the header section: past
+:data:`MAX_HEADER_BYTES` the answer is 431 and the connection is closed. Every
+kfloop server runs with it (``http=HeaderLimitedHttp``).
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kfloop.errors import PayloadTooLarge, to_http
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "BodyLimit", "read_limited_body"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "MAX_HEADER_BYTES", "BodyLimit", "HeaderLimitedHttp", "read_limited_body"]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # a full batch (1024 rows x 192 features) as V1 JSON is about 4 MiB
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; CloudEvents' ce-* attributes are a few hundred bytes
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -84,3 +93,30 @@ class BodyLimit:
             return await receive()  # after the body: disconnect messages
 
         await self.app(scope, replay, send)
+
+
+class HeaderLimitedHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering 431 once a request's header section passes :data:`MAX_HEADER_BYTES`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_bytes = 0  # bytes received since the last request's headers were complete
+        self._in_body = False
+
+    def on_headers_complete(self) -> None:
+        self._in_body = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body, self._header_bytes = False, 0
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_body:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if not self._in_body and self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            body = b"request headers are over the limit of %d bytes" % MAX_HEADER_BYTES
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()

@@ -90,6 +90,7 @@ def trigger(
     from kfloop.policies.retraining import ClusterRetrainer, LocalRetrainer, Retrainer, RetrainingConfig, RetrainingService
     from kfloop.policies.rollout import Deployer, KServeDeployer, LocalDeployer
     from kfloop.serving.auth import Authenticator, LocalToken, is_loopback
+    from kfloop.serving.limits import HeaderLimitedHttp
     from kfloop.serving.trigger import create_app
 
     authenticator: Authenticator
@@ -120,4 +121,5 @@ def trigger(
     elif admin_url:
         deployer = LocalDeployer(admin_url, name, local_token(home))
     uvicorn.run(create_app(RetrainingService(config, retrainer, deployer), authenticator), host=host, port=http_port,
+                http=HeaderLimitedHttp,
                 log_level="warning", access_log=False)

@@ -59,6 +59,12 @@ def test_alarms_without_the_local_token_start_nothing(tmp_path, registry_with_we
         # DNS rebinding: the right token through a foreign Host name is still refused.
         rebound = trigger.alarm(auth=trigger.auth | {"host": "attacker.example:8095"})
         assert rebound.status_code == 403 and "loopback" in rebound.json()["error"]
+        # A name that only starts like a loopback address is a DNS name an attacker can rebind.
+        assert trigger.alarm(auth=trigger.auth | {"host": "127.0.0.1.nip.io"}).status_code == 403
+        # Headers are bounded before anything is parsed: 431 and the connection closed, the server unharmed.
+        padded = httpx.post(trigger.url + "/", content=b"{}", headers={"x-pad": "x" * (1 << 20)})
+        assert padded.status_code == 431
+        assert httpx.get(trigger.url + "/healthz").status_code == 200
         status = trigger.status()
         assert status["pending"] == [] and status["runs"] == []
         assert (tmp_path / "home" / "token").stat().st_mode & 0o777 == 0o600
