@@ -8,13 +8,39 @@ for ``observe_seconds`` and until it has ``min_canary_answers`` answers, then
 sends it all traffic -- or rolls back (traffic and the production pointer)
 when its 5xx share exceeds ``rollback_failure_rate`` or it still has too few
 answers after ``max_observe_seconds``.
+
+A rollout is a small state machine, so that a restarted trigger can carry on
+with the canary that is running instead of starting again. Each step, once
+done, is handed to the caller's ``on_step`` (which persists it), and
+``resume`` takes the facts persisted last:
+
+==========  ====================================================================
+step        done, and the facts recorded with it
+==========  ====================================================================
+gated       old version known, production pointer on it (the pipeline's gate
+            may have moved it): ``version``, ``old_version``
+canary      ``canary_percent`` to the new version: ``canary_started``,
+            ``weights``, ``canary_baseline`` (its 5xx and answers before)
+judged      the canary judged: ``canary_failure_rate``, ``canary_answers``,
+            ``rollback_reason`` (None: promote)
+==========  ====================================================================
+
+It ends ``promoted`` (the new version at 100 %, the pointer on it) or
+``rolled_back`` (the old version at 100 %, the pointer on it, the new version's
+status ``rolled_back``). An exception in any step -- the deployer, the
+registry, ``on_step`` itself -- also ends in ``rolled_back``, with the step and
+the error as ``rollback_reason``; traffic and pointer are each tried
+:class:`Retries` times. If even that fails the outcome is
+``failed_inconsistent`` (``error`` says what could not be undone), and the
+caller tries :func:`roll_back` again later.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypeVar
 
 import httpx
 
@@ -24,11 +50,27 @@ from kfloop.kube import load_kube_config
 from kfloop.policies.signals import REQUESTS_METRIC
 from kfloop.policies.spec import RolloutPolicy
 from kfloop.prometheus_text import sum_samples
-from kfloop.registry import STATUS_PROMOTED, ModelRegistry
+from kfloop.registry import ModelRegistry
 
-__all__ = ["CANARY_POLL_SECONDS", "Deployer", "KServeDeployer", "LocalDeployer", "RolloutOutcome", "canary_patch", "roll_out"]
+__all__ = [
+    "CANARY_POLL_SECONDS",
+    "ROLLOUT_STEPS",
+    "Deployer",
+    "KServeDeployer",
+    "LocalDeployer",
+    "Retries",
+    "RolloutOutcome",
+    "canary_patch",
+    "roll_back",
+    "roll_out",
+]
 
 CANARY_POLL_SECONDS = 1.0  # how often the canary's answer count is read once observe_seconds have passed
+ROLLOUT_STEPS = ("gated", "canary", "judged")  # what on_step is given, in order (the end is the outcome)
+STATUS_ROLLED_BACK = "rolled_back"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Deployer:
@@ -128,40 +170,149 @@ class KServeDeployer(Deployer):
 
 
 @dataclass(frozen=True)
-class RolloutOutcome:
-    """How a rollout ended; :meth:`record` is what the run's record keeps."""
+class Retries:
+    """How often an action that puts things back (traffic, the production pointer) is tried: ``attempts`` tries,
+    waiting ``backoff_seconds`` after the first failure and twice as long after each next one."""
 
-    promoted: bool
+    attempts: int = 3
+    backoff_seconds: float = 1.0
+
+    def call(self, action: Callable[[], T], what: str) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action()
+            except Exception as exc:
+                if attempt >= self.attempts:
+                    raise
+                log.warning("%s failed (try %d of %d), trying again: %s: %s", what, attempt, self.attempts, type(exc).__name__, exc)
+                time.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")  # attempts < 1
+
+
+@dataclass(frozen=True)
+class RolloutOutcome:
+    """How a rollout ended (``promoted``, ``rolled_back`` or ``failed_inconsistent``); :meth:`record` is what the
+    run's record keeps."""
+
+    outcome: str
+    version: str
+    old_version: str | None = None
     canary_failure_rate: float | None = None
     canary_answers: float | None = None
     canary_started: float | None = None
     ended: float | None = None
     rollback_reason: str | None = None
+    error: str | None = None
     note: str | None = None
 
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promoted"
+
     def record(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"outcome": self.outcome, "version": self.version, "old_version": self.old_version}
         if self.note is not None:
-            return {"outcome": "promoted", "rollout": self.note}
-        judged = {"canary_failure_rate": self.canary_failure_rate, "canary_answers": self.canary_answers,
-                  "canary_started": self.canary_started}
-        if self.promoted:
-            return {"outcome": "promoted", **judged, "full_traffic": self.ended}
-        return {"outcome": "rolled_back", "rollback_reason": self.rollback_reason, **judged, "rolled_back": self.ended}
+            return {**facts, "step": self.outcome, "rollout": self.note}
+        facts.update(canary_failure_rate=self.canary_failure_rate, canary_answers=self.canary_answers,
+                     canary_started=self.canary_started)
+        if self.outcome == "promoted":
+            return {**facts, "step": "promoted", "full_traffic": self.ended}
+        if self.outcome == "rolled_back":
+            return {**facts, "step": "rolled_back", "rollback_reason": self.rollback_reason, "rolled_back": self.ended}
+        return {**facts, "rollback_reason": self.rollback_reason, "error": self.error}  # the step stays the last one reached
 
 
 def roll_out(deployer: Deployer, registry: ModelRegistry, model: str, policy: RolloutPolicy, new: str, old: str | None,
-             *, clock: Callable[[], float] = time.time) -> RolloutOutcome:
-    """Canary -> observe -> all traffic to ``new``, or everything back to ``old``."""
-    old = old or deployer.serving_version()
-    if old == new:
-        return RolloutOutcome(promoted=True, note="already serving")
-    failed_before, total_before = deployer.failure_counts(new)
-    deployer.set_traffic({old: 100.0 - policy.canary_percent, new: policy.canary_percent})
-    canary_started = clock()
-    observed_since = time.monotonic()
-    time.sleep(policy.observe_seconds)
+             *, clock: Callable[[], float] = time.time, resume: Mapping[str, Any] | None = None,
+             on_step: Callable[[dict[str, Any]], None] | None = None, retries: Retries = Retries()) -> RolloutOutcome:
+    """Canary -> observe -> all traffic to ``new``, or everything back to ``old`` (None: what ``deployer`` serves).
+
+    ``on_step`` is given each step's facts once it is done (see the module docstring); ``resume`` -- the facts
+    persisted last, e.g. the run's record -- carries on from the step it names: a running canary is judged
+    from its recorded start and baseline, not started again.
+    """
+    facts: dict[str, Any] = dict(resume or {})
+    reached = ROLLOUT_STEPS.index(facts["step"]) + 1 if facts.get("step") in ROLLOUT_STEPS else 0
+    old = facts.get("old_version") if reached else old
+    steps = (*ROLLOUT_STEPS, "promoted")
+    step = steps[reached]  # the step under way, named in the reason if it fails
+
+    def advance(name: str, update: dict[str, Any]) -> None:
+        nonlocal step
+        facts.update(update, step=name)
+        if on_step is not None:
+            on_step({**update, "step": name})
+        step = steps[steps.index(name) + 1]
+
+    try:
+        if reached < 1:
+            old = old or deployer.serving_version()
+            if old == new:
+                _point(registry, model, new)
+                return RolloutOutcome("promoted", new, old, ended=clock(), note="already serving")
+            _point(registry, model, old)  # the pointer moves to the new version only once it has earned it
+            advance("gated", {"version": new, "old_version": old})
+        if reached < 2:
+            baseline = deployer.failure_counts(new)
+            weights = {old: 100.0 - policy.canary_percent, new: policy.canary_percent}
+            deployer.set_traffic(weights)
+            advance("canary", {"canary_started": clock(), "weights": weights, "canary_baseline": list(baseline)})
+        if reached < 3:
+            advance("judged", _judge(deployer, policy, new, facts, clock))
+        judged = _judged(facts)
+        if facts.get("rollback_reason") is None:
+            deployer.set_traffic({new: 100.0})
+            _point(registry, model, new)
+            return RolloutOutcome("promoted", new, old, **judged, ended=clock())
+        reason = str(facts["rollback_reason"])
+    except Exception as exc:  # any failure ends in a defined state: everything back on the old version
+        if old is None:
+            raise  # nothing was changed yet (the old version is not even known): the caller's failure
+        log.exception("rollout of %s version %s failed in step %r: rolling back to version %s", model, new, step, old)
+        reason = f"step {step!r} failed: {type(exc).__name__}: {exc}"
+    return roll_back(deployer, registry, model, new, str(old), reason, retries=retries, clock=clock, facts=facts)
+
+
+def roll_back(deployer: Deployer, registry: ModelRegistry, model: str, new: str, old: str, reason: str, *,
+              retries: Retries = Retries(), clock: Callable[[], float] = time.time,
+              facts: Mapping[str, Any] | None = None) -> RolloutOutcome:
+    """All traffic to ``old``, the production pointer on it, ``new`` marked ``rolled_back`` -- each tried per ``retries``.
+
+    ``rolled_back`` when traffic and pointer are back, else ``failed_inconsistent`` (logged as an error) with what
+    could not be undone in ``error``: call it again later. ``facts`` are the rollout's recorded facts, kept in the outcome.
+    """
+    judged = _judged(facts or {})
+    errors = []
+    for what, action in ((f"traffic back to version {old}", lambda: deployer.set_traffic({old: 100.0})),
+                         (f"production pointer back to version {old}", lambda: _point(registry, model, old))):
+        try:
+            retries.call(action, what)
+        except Exception as exc:
+            errors.append(f"{what}: {type(exc).__name__}: {exc}")
+    if errors:
+        error = f"could not roll back after {retries.attempts} tries: " + "; ".join(errors)
+        log.error("rollout of %s version %s left inconsistent: %s (rolling back because %s)", model, new, error, reason)
+        return RolloutOutcome("failed_inconsistent", new, old, **judged, rollback_reason=reason, error=error)
+    rollback = {"reason": reason, "failure_rate": judged["canary_failure_rate"], "answers": judged["canary_answers"]}
+    try:
+        retries.call(lambda: registry.update_metadata(model, new, status=STATUS_ROLLED_BACK, rollback=rollback),
+                     f"marking version {new} rolled back")
+    except Exception:  # traffic and pointer are back: the version's own record is only information
+        log.exception("could not mark %s version %s as rolled back", model, new)
+    return RolloutOutcome("rolled_back", new, old, **judged, ended=clock(), rollback_reason=reason)
+
+
+def _judge(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Mapping[str, Any],
+           clock: Callable[[], float]) -> dict[str, Any]:
+    """Observe the running canary (from its recorded start) and judge it: ``rollback_reason`` None means promote."""
+    failed_before, total_before = (float(n) for n in facts["canary_baseline"])
+    elapsed = max(0.0, clock() - float(facts["canary_started"]))  # > 0 when a restarted service resumes the canary
+    observed_since = time.monotonic() - elapsed
+    time.sleep(max(0.0, policy.observe_seconds - elapsed))
     while True:
         failed, total = deployer.failure_counts(new)
+        if total < total_before or failed < failed_before:  # the canary's predictors restarted: their counts begin at 0
+            failed_before = total_before = 0.0
         answers = total - total_before
         if answers >= policy.min_canary_answers or time.monotonic() - observed_since >= policy.max_observe_seconds:
             break
@@ -174,13 +325,14 @@ def roll_out(deployer: Deployer, registry: ModelRegistry, model: str, policy: Ro
         reason = f"canary 5xx share {rate:.1%} over rollback_failure_rate {policy.rollback_failure_rate:.1%}"
     else:
         reason = None
-    if reason is not None:
-        deployer.set_traffic({old: 100.0})
-        registry.set_production(model, old)
-        registry.update_metadata(model, new, status="rolled_back",
-                                 rollback={"failure_rate": rate, "answers": answers, "reason": reason})
-        return RolloutOutcome(False, rate, answers, canary_started, clock(), rollback_reason=reason)
-    deployer.set_traffic({new: 100.0})
-    if registry.metadata(model, new).get("status") != STATUS_PROMOTED:
-        registry.set_production(model, new)
-    return RolloutOutcome(True, rate, answers, canary_started, clock())
+    return {"canary_failure_rate": rate, "canary_answers": answers, "rollback_reason": reason}
+
+
+def _judged(facts: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: facts.get(name) for name in ("canary_failure_rate", "canary_answers", "canary_started")}
+
+
+def _point(registry: ModelRegistry, model: str, version: str) -> None:
+    """The production pointer on ``version`` (written only if it is elsewhere)."""
+    if registry.production_version(model) != version:
+        registry.set_production(model, version)

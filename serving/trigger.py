@@ -7,9 +7,11 @@ not) and runs the retraining and rollout. Replies never carry a CloudEvent:
 202 with the admission outcome in ``x-kfloop-outcome``, 204 for events not
 handled (``x-kfloop-ignored``), 400 for malformed events, 401/403 for a sender
 without the right credentials (the local token; on a cluster the Knative
-Trigger's OIDC token). An alarm can start a retraining run, so the trigger
-never runs without an authenticator. ``GET /status``
-lists pending and recent runs.
+Trigger's OIDC token), 503 when the alarm could not be recorded (the state
+file could not be written: nothing is remembered of it, so the sender's retry
+is admitted). The 202 comes only once the alarm is on disk. An alarm can start
+a retraining run, so the trigger never runs without an authenticator.
+``GET /status`` lists pending and recent runs.
 """
 
 from __future__ import annotations
@@ -77,6 +79,6 @@ def create_app(service: RetrainingService, authenticator: Authenticator) -> Even
     async def stop_worker() -> None:
         service.stop()
 
-    # Admission writes the state file: off the event loop.
+    # Admission writes (and fsyncs) the state file before it answers: off the event loop, in a worker thread.
     return create_event_app("kfloop trigger", TriggerApp(service), on_startup=start_worker, on_shutdown=stop_worker, offload=True,
                             authenticator=authenticator)
