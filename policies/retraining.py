@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADMISSION_OUTCOMES",
+    "FINISHED_OUTCOMES",
     "ClusterRetrainer",
     "LocalRetrainer",
     "ResumableRetrainer",
@@ -92,6 +93,8 @@ __all__ = [
     "RetrainingState",
 ]
 
+# How a run ends (its record's ``outcome``); ``pending`` and ``running`` come before.
+FINISHED_OUTCOMES = ("promoted", "rejected", "rolled_back", "failed", "failed_inconsistent", "abandoned")
 ADMISSIONS = Counter("kfloop_trigger_events", "Alarms by admission outcome.", ["model", "outcome"])
 RUNS = Counter("kfloop_trigger_runs", "Retraining runs by outcome.", ["model", "outcome"])
 SEEN_IDS = 10_000

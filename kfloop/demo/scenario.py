@@ -38,6 +38,7 @@ import numpy as np
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import PermanentError, PolicyError
 from kfloop.policies import Policy, ScalingRule
+from kfloop.policies.retraining import FINISHED_OUTCOMES
 from kfloop.policies.signals import signal_of
 from kfloop.registry import ModelRegistry
 from kfloop.demo.traffic import RequestRecord, Traffic, shift
@@ -47,7 +48,6 @@ PHASES = ("train", "clean", "load", "calm", "fault", "drift", "done")
 SAMPLE_SECONDS = 0.5
 DEMO_WATCH_ALPHA = 0.001  # false alarms per tested window: clean traffic must not start a retraining mid-scenario
 LABELLED_FRACTION = 0.5  # share of the training split that arrives shifted and labelled
-FINISHED_RUN = ("promoted", "rejected", "rolled_back", "failed")
 # Client request rates of the phases, as multiples of the request-rate rule's threshold (per replica).
 # The fault phase runs at the clean rate so that only the failure-rate rule has a reason to scale out.
 CLEAN_RATE, LOAD_RATE, FAULT_RATE, DRIFT_RATE = 0.5, 4.0, 0.5, 1.5
@@ -354,7 +354,7 @@ class Demo:
                                                data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
         start = time.time()
         traffic.set(DRIFT_RATE * self._rule("request_rate").threshold, shift(holdout_rows, train_rows), holdout_labels)
-        self.wait_for(lambda: any(r.get("outcome") in FINISHED_RUN and r.get("queued", 0) >= start
+        self.wait_for(lambda: any(r.get("outcome") in FINISHED_OUTCOMES and r.get("queued", 0) >= start
                                   for r in self._trigger_runs()), 900, "a retraining run and its rollout")
         time.sleep(self.seconds(50))
 
