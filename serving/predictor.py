@@ -12,6 +12,10 @@ A V2 request may instead carry one tensor per model version,
 transformer sends, since replicas behind one address may serve different
 versions during a rollout): the predictor uses its own version's tensor, and
 refuses a request without one (HTTP 409 naming its version).
+
+A V2 or gRPC request pinned to a version (``/v2/models/leaf/versions/1/infer``,
+gRPC ``model_version``) is answered only when that is the predictor's version;
+any other pin is a 404 (gRPC NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from kfloop.serving.protocol import (
     PROBA_OUTPUT,
     VERSIONED_INPUT_PREFIX,
     InputSchema,
+    pinned_version,
+    version_not_served,
     versioned_input,
 )
 
@@ -58,6 +64,10 @@ class ForestPredictor(Model):
         self.version = self.bundle.version
         self.ready = True
         return True
+
+    def served_versions(self) -> tuple[str, ...]:
+        """The one version this predictor serves (:class:`~kfloop.serving.protocol.ServesVersions`)."""
+        return (self.version,)
 
     def get_input_types(self) -> list[dict]:
         return [{"name": FEATURES_INPUT, "datatype": "FP32", "shape": [-1, self.schema.n_features]}]
@@ -84,6 +94,9 @@ class ForestPredictor(Model):
         app.add_api_route("/kfloop/faults", set_faults, methods=["PUT"])
 
     def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        pinned = pinned_version(payload)
+        if pinned is not None and pinned != self.version:
+            raise version_not_served(self.name, pinned, self.served_versions())
         if self.failure_rate and random.random() < self.failure_rate:
             raise InjectedFailure("injected failure: fault injection is on for this predictor")
         if isinstance(payload, InferRequest):

@@ -11,16 +11,22 @@ what is expected. It accepts:
 
 The same parser reads the payloads that KServe's logger (or kfloop's) sends as
 CloudEvents, so the drift service sees exactly what the model saw.
+
+A V2 request may be pinned to one model version (the Open Inference
+Protocol's ``/v2/models/{m}/versions/{v}/...`` routes, gRPC ``model_version``):
+:func:`pinned_version` reads the pin, a model that serves versions says which
+(:class:`ServesVersions`), and :func:`version_not_served` is the one 404 for
+a pin it cannot honour.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
-from kfloop.errors import InputError
+from kfloop.errors import InputError, NotFoundError
 
 FEATURES_INPUT = "features"
 LABEL_OUTPUT = "label"
@@ -239,3 +245,32 @@ VERSIONED_INPUT_PREFIX = f"{FEATURES_INPUT}@"
 def versioned_input(version: str) -> str:
     """The name of the input tensor that holds features scaled for model ``version``."""
     return VERSIONED_INPUT_PREFIX + version
+
+
+@runtime_checkable
+class ServesVersions(Protocol):
+    """A model that can say which of its versions a request may pin (the OIP ``versions`` of its metadata)."""
+
+    def served_versions(self) -> tuple[str, ...]:
+        """Every version a request pinned to it is answered by, in version order."""
+        raise NotImplementedError
+
+
+def pinned_version(payload: Any) -> str | None:
+    """The version a V2 request is pinned to, or None.
+
+    The pin travels in kserve's own field, ``InferRequest.model_version``:
+    gRPC ``ModelInfer`` fills it from the request (``""`` when unset), and the
+    versioned REST route (:mod:`kfloop.serving.server`) sets it from the URL.
+    So one field carries it to ``preprocess``/``predict`` on both protocols,
+    with no header a client could also send. V1 requests cannot be pinned.
+    """
+    return getattr(payload, "model_version", None) or None
+
+
+def version_not_served(model: str, version: str, served: Iterable[str]) -> NotFoundError:
+    """The answer to a request pinned to a version this server does not serve: 404, whatever the version
+    looks like. A version that is not digits is a well-formed name (OIP versions are strings) of a version
+    that does not exist here -- the same 404 as version 3 of a model with two -- not a malformed request."""
+    shown = version if len(version) <= 64 else version[:64] + "..."
+    return NotFoundError(f"model {model!r} has no version {shown!r} here; versions served: {', '.join(served) or 'none'}")

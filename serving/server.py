@@ -5,10 +5,19 @@ On top of ``kserve.ModelServer`` this binds REST and gRPC to ``host``
 refuses bodies over the size limit with 413 before reading them whole
 (:mod:`kfloop.serving.limits`), answers every :class:`~kfloop.errors.KfloopError` and request-validation
 failure in the protocol's error format (``{"error": ...}`` with the error's
-status; gRPC INVALID_ARGUMENT / NOT_FOUND / UNAVAILABLE), reports the model
-version in V2 metadata, leaves out the ``null`` fields kserve emits (the Open
+status; gRPC INVALID_ARGUMENT / NOT_FOUND / UNAVAILABLE; Starlette's own
+404/405/400 answers too), leaves out the ``null`` fields kserve emits (the Open
 Inference Protocol schema does not allow them), counts requests by status
 class, and turns off per-request access and latency logging.
+
+It serves the Open Inference Protocol's versioned routes, to which kserve 0.20
+answers 501: ``GET /v2/models/{m}/versions/{v}`` (metadata),
+``GET .../versions/{v}/ready`` and ``POST .../versions/{v}/infer``, and gRPC
+``ModelReady``/``ModelMetadata``/``ModelInfer`` with a version. A model says
+which versions it serves (:class:`~kfloop.serving.protocol.ServesVersions`;
+V2 metadata lists them as ``versions``); any other version is a 404 (gRPC
+NOT_FOUND). The pinned version reaches the model in
+``InferRequest.model_version`` (:func:`~kfloop.serving.protocol.pinned_version`).
 
 Two opt-ins guard it (:mod:`kfloop.serving.auth`): ``inference_auth``
 requires credentials on inference calls (REST ``:predict``/``/infer`` and
@@ -42,18 +51,21 @@ from kserve.logging import KSERVE_TRACE_LOGGER_NAME
 from kserve.model_server import FASTAPI_APP_IMPORT_STRING
 from kserve.model_server import app as kserve_app
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 import uvicorn
 
 from kfloop.errors import InputError, KfloopError, NotFoundError, UnsupportedMediaType, describe_validation_errors, to_http
 from kfloop.serving.auth import Authenticator, GrpcCredentials, RequireCredentials, inference_path
-from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, HeaderLimitedHttp
 from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
+from kfloop.serving.protocol import ServesVersions, version_not_served
 
 DEFAULT_HOST = "127.0.0.1"
 GRPC_MAX_MESSAGE = 8 * 1024 * 1024
@@ -76,14 +88,49 @@ class ControlPlane:
 
 
 class _VersionedDataPlane(DataPlane):
-    """Adds ``versions`` (the model's registry version) to V2 model metadata."""
+    """kserve's data plane, with model versions: V2 metadata lists the versions a request may pin, and
+    metadata and readiness can be asked of one version (404 for a version the model does not serve)."""
 
-    async def model_metadata(self, model_name: str) -> dict:
+    def versions_of(self, model_name: str) -> tuple[str, ...]:
+        """The versions ``model_name`` serves (none for a model that cannot say); ModelNotFound (404) if not served."""
+        model = self.get_model_from_registry(model_name)
+        return model.served_versions() if isinstance(model, ServesVersions) else ()
+
+    def check_version(self, model_name: str, version: str) -> None:
+        """Nothing if ``model_name`` serves ``version``, else a 404 (the model's, or the version's)."""
+        served = self.versions_of(model_name)
+        if version not in served:
+            raise version_not_served(model_name, version, served)
+
+    async def model_metadata(self, model_name: str, model_version: str | None = None) -> dict:
+        if model_version is not None:
+            self.check_version(model_name, model_version)
         metadata = await super().model_metadata(model_name)
-        version = getattr(self.get_model_from_registry(model_name), "version", None)
-        if version:
-            metadata["versions"] = [str(version)]
+        versions = self.versions_of(model_name)
+        if versions:
+            metadata["versions"] = list(versions)
         return metadata
+
+    async def version_ready(self, model_name: str, model_version: str) -> bool:
+        self.check_version(model_name, model_version)
+        return await self.model_ready(model_name)
+
+
+class _VersionedServicer(InferenceServicer):
+    """kserve's gRPC servicer, with the version in ``ModelReady`` and ``ModelMetadata`` honoured (and
+    ``versions`` in metadata); ``ModelInfer`` carries its version to the model in ``InferRequest.model_version``."""
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:  # noqa: N802
+        if request.version:
+            return pb.ModelReadyResponse(ready=await self._data_plane.version_ready(request.name, request.version))
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> pb.ModelMetadataResponse:  # noqa: N802
+        metadata = await self._data_plane.model_metadata(request.name, request.version or None)
+        return pb.ModelMetadataResponse(
+            name=metadata["name"], versions=metadata.get("versions", []), platform=metadata["platform"],
+            inputs=metadata["inputs"], outputs=metadata["outputs"],
+        )
 
 
 class _KfloopErrorToStatus(AsyncExceptionToStatusInterceptor):
@@ -128,6 +175,14 @@ async def _no_route(request: Request, _: Exception) -> ORJSONResponse:
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
     return _answer(InputError(f"invalid request body: {describe_validation_errors(exc.errors(), show_input=False)}"))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    """Starlette's own answers (no route, method not allowed, a body FastAPI cannot parse) in the
+    protocol's error format rather than ``{"detail": ...}``."""
+    if exc.status_code == 404:
+        return await _no_route(request, exc)
+    return ORJSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
 
 
 def _without_nulls(value: Any) -> Any:
@@ -180,17 +235,25 @@ class OmitNulls:
         await self.app(scope, receive, rewrite)
 
 
-def install_v2_infer(app: FastAPI, dataplane: DataPlane) -> None:
-    """V2 ``/infer`` without FastAPI's generic response encoding.
+def install_v2_infer(app: FastAPI, dataplane: _VersionedDataPlane) -> None:
+    """V2 ``/infer`` and ``/versions/{v}/infer`` without FastAPI's generic response encoding.
 
     Same steps as kserve's handler (decode, ``dataplane.infer``, encode) but the
     JSON answer is written with orjson, nulls left out: kserve's route spends
     about a sixth of a predictor's CPU in ``jsonable_encoder``. Registered
     before kserve's routes, so it takes precedence; binary-tensor requests
     still go through kserve's own decoder.
+
+    The versioned route answers 404 for a version the model does not serve
+    before it reads the body, and hands the version to the model in
+    ``InferRequest.model_version`` -- the field gRPC fills too -- so the model
+    (which may change its versions meanwhile: the transformer's routes) has
+    the last word.
     """
 
-    async def v2_infer(model_name: str, request: Request) -> Response:
+    async def infer(model_name: str, model_version: str | None, request: Request) -> Response:
+        if model_version is not None:
+            dataplane.check_version(model_name, model_version)
         body = await request.body()
         headers = dict(request.headers.items())
         if not await dataplane.model_ready(model_name, True):
@@ -199,6 +262,8 @@ def install_v2_infer(app: FastAPI, dataplane: DataPlane) -> None:
             infer_request, _ = dataplane.decode(body, headers, protocol_version="v2", model_name=model_name)
         else:
             infer_request = _json_infer_request(body, model_name)
+        if model_version is not None:
+            infer_request.model_version = model_version
         response, response_headers = await dataplane.infer(model_name=model_name, request=infer_request, headers=headers)
         response, encode_headers = dataplane.encode(model_name=model_name, response=response, headers=headers, req_attributes={})
         response_headers.update(encode_headers)
@@ -212,7 +277,33 @@ def install_v2_infer(app: FastAPI, dataplane: DataPlane) -> None:
             media_type="application/json",
         )
 
+    async def v2_infer(model_name: str, request: Request) -> Response:
+        return await infer(model_name, None, request)
+
+    async def v2_version_infer(model_name: str, model_version: str, request: Request) -> Response:
+        return await infer(model_name, model_version, request)
+
     app.add_api_route("/v2/models/{model_name}/infer", v2_infer, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", v2_version_infer, methods=["POST"],
+                      include_in_schema=False)
+
+
+def install_v2_versions(app: FastAPI, dataplane: _VersionedDataPlane) -> None:
+    """V2 metadata and readiness of one model version (kserve 0.20 answers 501 to both); registered
+    before kserve's routes, so they take precedence. 404 for a version the model does not serve."""
+
+    async def version_metadata(model_name: str, model_version: str) -> ORJSONResponse:
+        return ORJSONResponse(_without_nulls(await dataplane.model_metadata(model_name, model_version)))
+
+    async def version_ready(model_name: str, model_version: str) -> ORJSONResponse:
+        if not await dataplane.version_ready(model_name, model_version):
+            raise ModelNotReady(model_name)
+        return ORJSONResponse({"name": model_name, "ready": True})
+
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}", version_metadata, methods=["GET"],
+                      include_in_schema=False)
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/ready", version_ready, methods=["GET"],
+                      include_in_schema=False)
 
 
 def _json_infer_request(body: bytes, model_name: str) -> InferRequest:
@@ -252,7 +343,9 @@ class _KfloopModelServer(ModelServer):
         kserve_app.add_middleware(RequestCounter, component=self.component, version_of=self.version_of)
         kserve_app.add_exception_handler(KfloopError, _kfloop_error)
         kserve_app.add_exception_handler(RequestValidationError, _validation_error)
+        kserve_app.add_exception_handler(StarletteHTTPException, _http_error)
         install_v2_infer(kserve_app, self.dataplane)
+        install_v2_versions(kserve_app, self.dataplane)
         if self.configure_app is not None:
             self.configure_app(kserve_app)
         rest = RESTServer(
@@ -260,6 +353,7 @@ class _KfloopModelServer(ModelServer):
             grace_period=self.grace_period, timeout_keep_alive=self.timeout_keep_alive,
         )
         rest.config.host = self.host
+        rest.config.http = HeaderLimitedHttp  # uvicorn reads it when the server starts (Config.load)
         rest.config.access_log = False
         self._rest_server = rest
         self.servers.append(rest.start())
@@ -281,6 +375,7 @@ class _KfloopModelServer(ModelServer):
         guarded = RequireCredentials(BodyLimit(app, limit=CONTROL_MAX_BODY), authenticator=control.authenticator,
                                      protects=lambda _: True)
         config = uvicorn.Config(guarded, host=control.host, port=control.port, log_level="warning", access_log=False,
+                                http=HeaderLimitedHttp,
                                 lifespan="off")
         await uvicorn.Server(config).serve()
 
@@ -294,7 +389,7 @@ class _KfloopModelServer(ModelServer):
             options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE), ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE)],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.model_repository_extension), server
+            _VersionedServicer(self.dataplane, self.model_repository_extension), server
         )
         server.add_insecure_port(f"{self.host}:{self.grpc_port}")
         self._grpc_server = _GrpcStopper(server, self.grace_period)

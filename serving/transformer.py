@@ -23,6 +23,14 @@ the route and asks again. A version no replica has answered for
 ``VERSION_IDLE_SECONDS`` is dropped again (when that is the route's own
 version, the version whose answer noticed it takes its place). An answer
 from a version the call did not carry is refused (HTTP 502).
+
+A request pinned to a version (the Open Inference Protocol's
+``/v2/models/{m}/versions/{v}/infer``, gRPC ``model_version``; see
+:func:`~kfloop.serving.protocol.pinned_version`) skips the weighted pick: it
+takes the route that serves that version -- production, canary or a weight-0
+shadow route, as its own version or one in ``also`` -- and its rows are scaled
+for that version alone, so only a replica of that version can answer it. A
+version no route serves is a 404.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from kfloop.serving.protocol import (
     LABEL_OUTPUT,
     PROBA_OUTPUT,
     InputSchema,
+    pinned_version,
+    version_not_served,
     versioned_input,
 )
 
@@ -160,6 +170,7 @@ class _Call:
     client_id: str | None = None
     requested: set[str] | None = None
     from_grpc: bool = False
+    pinned: str | None = None  # the version the client asked for; only its replicas may answer
     version: str | None = None  # the version that answered
     indices: np.ndarray | None = None
     proba: np.ndarray | None = None
@@ -203,8 +214,13 @@ class ForestTransformer(Model):
 
     @property
     def version(self) -> str:
-        """The version taking the most traffic (what metrics and metadata report)."""
+        """The version taking the most traffic (what metrics report; metadata lists :meth:`served_versions`)."""
         return max(self.split.routes, key=lambda r: r.weight).version
+
+    def served_versions(self) -> tuple[str, ...]:
+        """Every version a request may pin: each route's own and those its replicas were found to serve."""
+        versions = {version for route in self.split.routes for version in route.preprocessors()}
+        return tuple(sorted(versions, key=lambda v: (len(v), v)))  # registry versions are digits: numeric order
 
     def load(self) -> bool:
         self.ready = True
@@ -268,7 +284,8 @@ class ForestTransformer(Model):
 
     def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> _Call:
         headers = headers or {}
-        route = self.split.pick()
+        pinned = pinned_version(payload)
+        route, preprocessors = self._route_for(pinned)
         schema = self._schema
         if isinstance(payload, InferRequest):
             rows = schema.rows_from_v2(payload.inputs)
@@ -286,7 +303,6 @@ class ForestTransformer(Model):
             raise InputError("request body is not JSON: send Content-Type: application/json")
         # Every request gets its own id (clients may reuse theirs); the client's id travels beside it.
         inference_id = str(uuid.uuid4())
-        preprocessors = route.preprocessors()
         call = _Call(
             protocol=protocol,
             request_id=client_id or inference_id,
@@ -299,16 +315,34 @@ class ForestTransformer(Model):
             traceparent=child_traceparent(headers.get("traceparent")),
             requested=requested,
             from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
+            pinned=pinned,
         )
         if self.payload_logger is not None:  # logged only now that its rows are valid
             self.payload_logger.log(REQUEST_EVENT, inference_id, _event_body(payload), "application/json", call.traceparent,
                                     client_id=client_id)
         return call
 
+    def _route_for(self, pinned: str | None) -> tuple[Route, dict[str, Preprocessor]]:
+        """The route a call takes and the versions its rows are scaled for.
+
+        Unpinned: the weighted pick, and every version its replicas serve. Pinned:
+        the route serving that version (the one whose own version it is first,
+        whatever its weight), and that version alone.
+        """
+        split = self.split  # one snapshot: PUT /kfloop/routes swaps the split
+        if pinned is None:
+            route = split.pick()
+            return route, route.preprocessors()
+        for route in sorted(split.routes, key=lambda r: r.version != pinned):
+            preprocessor = route.preprocessors().get(pinned)
+            if preprocessor is not None:
+                return route, {pinned: preprocessor}
+        raise version_not_served(self.name, pinned, self.served_versions())
+
     async def predict(self, call: _Call, headers: dict[str, str] | None = None) -> _Call:
         route = call.route
         tried: set[str] = set()
-        learned = 0
+        learned = misses = 0
         body = self._body(call)
         while True:
             upstream = route.next_upstream(avoid=tried)
@@ -326,7 +360,13 @@ class ForestTransformer(Model):
                 UPSTREAM_REQUESTS.labels(self.name, upstream, "error").inc()
                 raise UpstreamError(f"predictor {upstream} failed: {type(exc).__name__}") from None
             UPSTREAM_REQUESTS.labels(self.name, upstream, "ok" if status < 500 else "error").inc()
-            if status == 409 and served and served not in call.scaled and learned < VERSION_RETRIES:
+            if status == 409 and call.pinned is not None and misses < max(len(route.upstreams), VERSION_RETRIES):
+                # A replica of another version (a route mid-rollout): a pinned call is not rescaled for it
+                # but asked of another replica -- behind a Service, the same address reaches another pod.
+                misses += 1
+                tried.add(upstream)
+                continue
+            if status == 409 and served and served not in call.scaled and call.pinned is None and learned < VERSION_RETRIES:
                 learned += 1
                 await self._learn_version(call, served)
                 body = self._body(call)

@@ -11,7 +11,7 @@ from kserve.protocol.infer_type import RequestedOutput
 
 from testbed import register_version
 from kfloop.data import load_dataset
-from kfloop.errors import HttpAnswer, InjectedFailure, InputError, VersionMismatch, is_temporary, to_http
+from kfloop.errors import HttpAnswer, InjectedFailure, InputError, NotFoundError, VersionMismatch, is_temporary, to_http
 from kfloop.registry import ModelRegistry
 from kfloop.serving.predictor import ForestPredictor
 
@@ -93,6 +93,20 @@ def test_rows_scaled_only_for_other_versions_are_refused_naming_the_version_serv
         predictor.predict(request)
     message = "this predictor serves version 1; the request has features scaled for version(s) ['2', '3']"
     assert to_http(caught.value) == HttpAnswer(409, {"error": message}, {"x-kfloop-model-version": "1"})
+
+
+def test_a_request_pinned_to_the_predictors_version_is_answered(predictor, version):
+    assert predictor.served_versions() == ("1",)
+    body = answer(predictor, InferRequest("iris", [features(version["scaled"])], model_version="1"))
+    assert body["model_version"] == "1"
+    assert next(o for o in body["outputs"] if o["name"] == "label")["data"] == version["labels"]
+
+
+@pytest.mark.parametrize("pinned", ["2", "latest"])
+def test_a_request_pinned_to_another_version_is_not_found(predictor, version, pinned):
+    with pytest.raises(NotFoundError) as caught:
+        predictor.predict(InferRequest("iris", [features(version["scaled"])], model_version=pinned))
+    assert to_http(caught.value) == HttpAnswer(404, {"error": f"model 'iris' has no version '{pinned}' here; versions served: 1"})
 
 
 @pytest.mark.parametrize(("payload", "message"), [

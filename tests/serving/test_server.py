@@ -1,6 +1,7 @@
 """The KServe model servers kfloop starts (transformer and predictors, on REST and gRPC): answers that
-validate against the Open Inference Protocol, every bad input answered with its status and reason, and
-requests counted by status class and version."""
+validate against the Open Inference Protocol, every bad input answered with its status and reason,
+requests counted by status class and version, and the protocol's versioned routes (REST and gRPC) answered
+for the version served and 404 for any other."""
 
 from __future__ import annotations
 
@@ -136,6 +137,8 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read_and_the_server_keeps_s
 
     streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
     assert streamed.status_code == 413
+    padded = httpx.post(url, content=b"{}", headers={"content-type": "application/json", "x-pad": "x" * (1 << 20)}, timeout=30)
+    assert padded.status_code == 431  # headers are bounded too, before the app sees the request
     peak_mb = rss_kb(stack["runtime"].transformer.pid) / 1024
     assert peak_mb < 600, f"transformer peak RSS {peak_mb:.0f} MB"
     assert v1(stack, {"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200
@@ -175,3 +178,68 @@ def test_route_administration_is_off_the_client_port_behind_the_token_json_only_
     assert too_big.status_code == 413
     assert httpx.get(routes, headers=auth).json()["routes"] == current
     assert v1(stack, {"instances": stack["holdout"].holdout_features[:1].tolist()}).status_code == 200
+
+
+@pytest.mark.parametrize("server", ["transformer", "predictor"])
+def test_versioned_routes_answer_for_the_version_served_and_404_for_any_other(stack, oip, server):
+    runtime = stack["runtime"]
+    base = runtime.endpoints["rest"] if server == "transformer" else f"http://{runtime.status()['traffic'][0]['replicas'][0]['address']}"
+    rows = stack["holdout"].holdout_features[:5]
+    metadata = httpx.get(f"{base}/v2/models/leaf/versions/1")
+    assert metadata.status_code == 200
+    oip("metadata_model_response").validate(metadata.json())
+    assert (metadata.json()["name"], metadata.json()["versions"]) == ("leaf", ["1"])
+    assert httpx.get(f"{base}/v2/models/leaf/versions/1/ready").json() == {"name": "leaf", "ready": True}
+    if server == "transformer":
+        answer = httpx.post(f"{base}/v2/models/leaf/versions/1/infer", json=tensor(rows))
+        oip("inference_response").validate(answer.json())
+        assert answer.json()["model_version"] == "1"
+        offline, _ = stack["registry"].load("leaf", "1").predict(rows)
+        assert next(o["data"] for o in answer.json()["outputs"] if o["name"] == "label") == offline.tolist()
+    else:  # a predictor takes rows already scaled for its version
+        scaled = stack["registry"].load("leaf", "1").preprocessor.transform(rows)
+        answer = httpx.post(f"{base}/v2/models/leaf/versions/1/infer", json=tensor(scaled))
+        assert (answer.status_code, answer.json()["model_version"]) == (200, "1")
+    for path in ("leaf/versions/2", "leaf/versions/3", "leaf/versions/latest", "leaf/versions/01"):
+        for method, url in (("GET", f"{base}/v2/models/{path}"), ("GET", f"{base}/v2/models/{path}/ready"),
+                            ("POST", f"{base}/v2/models/{path}/infer")):
+            refused = httpx.request(method, url, json=tensor(rows))
+            assert refused.status_code == 404, (method, url, refused.text)
+            assert refused.json()["error"].startswith("model 'leaf' has no version") and "versions served: 1" in refused.json()["error"]
+    for method, url in (("GET", f"{base}/v2/models/other/versions/1"), ("GET", f"{base}/v2/models/other/versions/1/ready"),
+                        ("POST", f"{base}/v2/models/other/versions/1/infer")):
+        refused = httpx.request(method, url, json=tensor(rows))
+        assert (refused.status_code, "other" in refused.json()["error"]) == (404, True), (method, url, refused.text)
+
+
+def test_grpc_honours_the_version_in_model_infer_ready_and_metadata(stack):
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    rows = stack["holdout"].holdout_features[:3]
+
+    async def infer(version: str) -> str:
+        client = InferenceGRPCClient(stack["runtime"].endpoints["grpc"])
+        request = InferRequest(model_name="leaf", infer_inputs=[InferInput("features", list(rows.shape), "FP32")], model_version=version)
+        request.inputs[0].set_data_from_numpy(rows.astype(np.float32))
+        try:
+            return f"OK {(await client.infer(request)).model_version}"
+        except Exception as exc:  # InferenceGRPCClient re-raises grpc's AioRpcError
+            return f"{exc.code().name}: {exc.details()}"
+        finally:
+            await client.close()
+
+    assert asyncio.run(infer("1")) == "OK 1"
+    assert asyncio.run(infer("3")) == "NOT_FOUND: model 'leaf' has no version '3' here; versions served: 1"
+    with grpc.insecure_channel(stack["runtime"].endpoints["grpc"]) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="leaf", version="1")).ready is True
+        assert list(stub.ModelMetadata(pb.ModelMetadataRequest(name="leaf", version="1")).versions) == ["1"]
+        assert list(stub.ModelMetadata(pb.ModelMetadataRequest(name="leaf")).versions) == ["1"]
+        for call, request in ((stub.ModelReady, pb.ModelReadyRequest(name="leaf", version="3")),
+                              (stub.ModelMetadata, pb.ModelMetadataRequest(name="leaf", version="latest"))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND

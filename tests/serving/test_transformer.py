@@ -1,6 +1,7 @@
 """The transformer as a real process before real predictor replicas: V1, V2 REST and gRPC agree with the
 registry's model, and rows are scaled for the version of the replica that answers (one pinned version,
-replicas of two versions behind one address)."""
+replicas of two versions behind one address); a request pinned to a version (OIP ``/versions/{v}/infer``,
+gRPC ``model_version``) is answered by that version in a canary, a shadow route or a route mid-rollout."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from testbed import register_version, tensor, v1, v2
+from kfloop.credentials import bearer, local_token
 from kfloop.registry import ModelRegistry
 from kfloop.local.supervisor import free_port
 
@@ -135,3 +137,85 @@ def test_a_transformer_before_replicas_of_two_versions_scales_each_row_for_the_v
             process.terminate()
         for process in processes:
             process.wait(30)
+
+
+def pinned(stack, version: str, rows: np.ndarray, model: str = "leaf") -> httpx.Response:
+    return httpx.post(f"{stack['runtime'].endpoints['rest']}/v2/models/{model}/versions/{version}/infer", json=tensor(rows))
+
+
+def labels_and_proba(answer: httpx.Response) -> tuple[str, list, np.ndarray]:
+    """(model_version, labels, probabilities) of a V2 answer."""
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    proba = np.reshape(outputs["probabilities"]["data"], outputs["probabilities"]["shape"])
+    return answer.json()["model_version"], outputs["label"]["data"], proba
+
+
+def test_during_a_canary_a_request_pinned_to_a_version_is_answered_by_that_version_with_rows_scaled_for_it(stack):
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    runtime, registry = stack["runtime"], stack["registry"]
+    rows = stack["holdout"].holdout_features[:8]
+    offline = {version: registry.load("leaf", version).predict(rows) for version in ("1", "2")}
+    assert not np.allclose(offline["1"][1], offline["2"][1], atol=1e-3)  # the versions' probabilities differ
+    runtime.set_traffic({"1": 90, "2": 10})
+    try:
+        rest = runtime.endpoints["rest"]
+        assert httpx.get(f"{rest}/v2/models/leaf").json()["versions"] == ["1", "2"]
+        assert httpx.get(f"{rest}/v2/models/leaf/versions/2").json()["versions"] == ["1", "2"]
+        assert httpx.get(f"{rest}/v2/models/leaf/versions/2/ready").json() == {"name": "leaf", "ready": True}
+        for version, times in (("2", 20), ("1", 5)):  # 20 calls at 10 %: unpinned, some would go to version 1
+            for _ in range(times):
+                answered, labels, proba = labels_and_proba(pinned(stack, version, rows))
+                assert (answered, labels) == (version, offline[version][0].tolist())
+                np.testing.assert_allclose(proba, offline[version][1], atol=1e-5)
+        for version, model in (("3", "leaf"), ("latest", "leaf"), ("1", "other")):
+            refused = pinned(stack, version, rows, model)
+            assert refused.status_code == 404 and "error" in refused.json(), refused.text
+        assert pinned(stack, "3", rows).json() == {"error": "model 'leaf' has no version '3' here; versions served: 1, 2"}
+
+        async def grpc_pinned(version: str) -> str:
+            client = InferenceGRPCClient(runtime.endpoints["grpc"])
+            request = InferRequest(model_name="leaf", infer_inputs=[InferInput("features", list(rows.shape), "FP32")],
+                                   model_version=version)
+            request.inputs[0].set_data_from_numpy(rows.astype(np.float32))
+            try:
+                return (await client.infer(request)).model_version
+            finally:
+                await client.close()
+
+        assert {asyncio.run(grpc_pinned("2")) for _ in range(10)} == {"2"}
+    finally:
+        runtime.set_traffic({"1": 100})
+    assert httpx.get(f"{runtime.endpoints['rest']}/v2/models/leaf").json()["versions"] == ["1"]
+    assert pinned(stack, "2", rows).status_code == 404
+
+
+def test_a_pinned_request_reaches_a_shadow_route_and_a_version_found_behind_a_routes_address(stack):
+    runtime = stack["runtime"]
+    rows = stack["holdout"].holdout_features[:4]
+    routes_url = f"http://127.0.0.1:{runtime.transformer_control_port}/kfloop/routes"
+    auth = bearer(local_token(runtime.home))
+    runtime.set_traffic({"1": 90, "2": 10})  # starts replicas of version 2
+    try:
+        upstreams = {route["version"]: route["upstreams"] for route in httpx.get(routes_url, headers=auth).json()["routes"]}
+        shadow = {"routes": [{"version": "1", "weight": 100, "upstreams": upstreams["1"]},
+                             {"version": "2", "weight": 0, "upstreams": upstreams["2"]}]}
+        assert httpx.put(routes_url, json=shadow, headers=auth).status_code == 200
+        assert {v2(stack, tensor(rows)).json()["model_version"] for _ in range(20)} == {"1"}  # no traffic to the shadow
+        assert {pinned(stack, "2", rows).json()["model_version"] for _ in range(5)} == {"2"}
+
+        # One route, one version on record, replicas of both behind it (a Service mid-rollout): unpinned calls
+        # learn that version 2 answers there too; a call pinned to 2 is then answered by a version 2 replica only.
+        mixed = {"routes": [{"version": "1", "weight": 100, "upstreams": upstreams["1"] + upstreams["2"]}]}
+        assert httpx.put(routes_url, json=mixed, headers=auth).status_code == 200
+        assert pinned(stack, "2", rows).status_code == 404  # not known to be served there yet
+        for _ in range(20):
+            assert v2(stack, tensor(rows)).status_code == 200
+        assert httpx.get(routes_url, headers=auth).json()["routes"][0]["also"] == ["2"]
+        offline, _ = stack["registry"].load("leaf", "2").predict(rows)
+        for _ in range(10):
+            answered, labels, _ = labels_and_proba(pinned(stack, "2", rows))
+            assert (answered, labels) == ("2", offline.tolist())
+    finally:
+        runtime.set_traffic({"1": 100})
+    assert [route["version"] for route in httpx.get(routes_url, headers=auth).json()["routes"]] == ["1"]
