@@ -132,11 +132,12 @@ def inference_lua(row: list[float]) -> str:
     return 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n' + _lua_body(body)
 
 
-def event_lua(row: list[float]) -> str:
-    """Binary-mode payload CloudEvents, one row each, each with an id of its own."""
+def event_lua(row: list[float], token: str) -> str:
+    """Binary-mode payload CloudEvents, one row each, each with an id of its own, with the home's token."""
     body = {"inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32", "data": row}]}
     return (
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
         'wrk.headers["ce-specversion"] = "1.0"\n'
         f'wrk.headers["ce-type"] = "{REQUEST_EVENT}"\nwrk.headers["ce-source"] = "benchmark"\n'
         + _lua_body(body)
@@ -161,6 +162,7 @@ def healthz_latency(url: str, seconds: float) -> list[float]:
 
 def throughput_table(args: argparse.Namespace, console: Console) -> None:
     from kfloop.local.runtime import ServingRuntime
+    from kfloop.credentials import local_token
     from kfloop.local.supervisor import ManagedProcess, free_port
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -175,7 +177,8 @@ def throughput_table(args: argparse.Namespace, console: Console) -> None:
         port = free_port()
         watch = ManagedProcess(
             "watch", [sys.executable, "-m", "kfloop", "watch", "--registry", str(work / "registry"), "--model", "leaf",
-                      "--sink", f"http://127.0.0.1:{sink}/", "--http-port", str(port), "--state-dir", str(work / "watch")],
+                      "--sink", f"http://127.0.0.1:{sink}/", "--http-port", str(port), "--state-dir", str(work / "watch"),
+                      "--home", str(work / "home")],
             f"http://127.0.0.1:{port}/healthz", work / "watch.log",
         )
         watch.spawn()
@@ -186,7 +189,7 @@ def throughput_table(args: argparse.Namespace, console: Console) -> None:
             prober = threading.Thread(target=lambda: busy.extend(
                 healthz_latency(f"http://127.0.0.1:{port}/healthz", args.seconds - 2)))
             threading.Timer(1.0, prober.start).start()
-            ingest = wrk(f"http://127.0.0.1:{port}/", event_lua(row), 16, args.seconds, work)
+            ingest = wrk(f"http://127.0.0.1:{port}/", event_lua(row, local_token(work / "home")), 16, args.seconds, work)
             time.sleep(1.5)
             prober.join()
         finally:

@@ -1,4 +1,4 @@
-"""Crash-safe files: the one way kfloop replaces a file on a local disk.
+"""Crash-safe files: the one way kfloop replaces a file on a local disk, and appends a record whole.
 
 :func:`atomic_write` writes a temporary file beside the target, fsyncs it,
 renames it into place and fsyncs the folder, so after a crash at any moment
@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_folder"]
+__all__ = ["TornAppend", "append_whole", "atomic_write", "fsync_folder"]
 
 
 def fsync_folder(folder: Path) -> None:
@@ -40,3 +40,27 @@ def atomic_write(path: Path | str, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+
+class TornAppend(OSError):
+    """An append failed and the file could not be cut back: it ends in a partial record."""
+
+
+def append_whole(fd: int, data: bytes, size: int) -> None:
+    """Append ``data`` to the file open at ``fd`` (now ``size`` bytes long) in full, or leave it as it was.
+
+    On an ``OSError`` (a full disk) the file is cut back to ``size`` and the
+    error raised; if even that fails, :class:`TornAppend` is raised, and the
+    caller must not append to that file again.
+    """
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            raise TornAppend(exc.errno, f"append failed ({exc.strerror}) and the file could not be cut back") from exc
+        raise

@@ -9,12 +9,14 @@ the file, e.g. ``policy.yaml: training.selection_metric: Input should be
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from kfloop.captures import CaptureRetention
 from kfloop.errors import PolicyError, describe_validation_errors
 from kfloop.event_types import ALARM_EVENTS
 
@@ -166,6 +168,40 @@ class RolloutPolicy(_Spec):
         return self
 
 
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def _byte_size(value: object) -> object:
+    """``"2GiB"`` -> 2147483648; numbers pass as they are; other text is refused with the units allowed."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.match(value)
+    if match is None or match.group(2) not in _BYTE_UNITS:
+        raise ValueError(f"a size is a number of bytes, optionally with a unit: {', '.join(u for u in _BYTE_UNITS if u)}")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
+ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=2**20)]
+
+
+class CapturePolicy(_Spec):
+    """How much of the model's captures area (captured and labelled shards) is kept.
+
+    ``max_bytes`` (a number of bytes or text such as ``1GiB``; at least 1 MiB) and
+    ``max_age_days``: null for no limit. Older shards go first; to meet ``max_bytes``
+    captured shards go before labelled ones (:mod:`kfloop.captures`).
+    """
+
+    max_bytes: ByteSize | None = 2**30
+    max_age_days: float | None = Field(default=30.0, gt=0)
+
+    def retention(self) -> CaptureRetention:
+        """What :meth:`kfloop.captures.CaptureArea.enforce` applies."""
+        return CaptureRetention(max_bytes=self.max_bytes, max_age_days=self.max_age_days)
+
+
 class Policy(_Spec):
     """The whole policy file."""
 
@@ -174,6 +210,7 @@ class Policy(_Spec):
     scaling: ScalingPolicy = ScalingPolicy()
     retraining: RetrainingPolicy = RetrainingPolicy()
     rollout: RolloutPolicy = RolloutPolicy()
+    captures: CapturePolicy = CapturePolicy()
 
     def time_scaled(self, speed: float) -> "Policy":
         """This policy with its windows, periods and cooldowns divided by ``speed`` (for demos).

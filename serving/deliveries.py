@@ -9,20 +9,25 @@ that reuses a request id) have different bodies, and both count.
 :class:`DeliveryMemory` keeps the last ``limit`` keys in memory and appends
 new keys to a file (``<folder>/deliveries.log``, one key a line) when
 :meth:`~DeliveryMemory.flush` is called (the watch does so five times a
-second, off its request path, and on shutdown), so a restarted service
-remembers what it took; the file is rewritten whole
-(:func:`kfloop.durable.atomic_write`) from the keys in memory when it has
-grown to twice the limit, so it stays bounded too.
+second, off its request path, and before it deletes the journal of rows
+already in a capture shard), so a restarted service remembers what it took;
+the file is rewritten whole (:func:`kfloop.durable.atomic_write`) from the
+keys in memory when it has grown to twice the limit, so it stays bounded too.
+A flush that fails (a full disk) leaves no partial line behind and keeps its
+keys for the next one; :attr:`~DeliveryMemory.unwritten` says how many wait.
+A key taken by mistake -- its event could not be kept after all -- is
+:meth:`~DeliveryMemory.forget`-ten, so the sender's retry is processed.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import threading
 from pathlib import Path
 
-from kfloop.durable import atomic_write
+from kfloop.durable import append_whole, atomic_write
 
 __all__ = ["DeliveryMemory", "delivery_key"]
 
@@ -57,7 +62,11 @@ class DeliveryMemory:
                     self._ids[_event_id(key)] += 1
         self._appended = len(self._keys)
         self._unwritten: list[str] = []
-        self._log = open(self.path, "a", encoding="utf-8")
+        self._rewrite = False  # a forgotten key is in the file: the next flush rewrites it
+        self._log = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -66,6 +75,11 @@ class DeliveryMemory:
     def __len__(self) -> int:
         with self._lock:
             return len(self._keys)
+
+    @property
+    def unwritten(self) -> int:
+        """Keys remembered but not in the file yet."""
+        return len(self._unwritten)
 
     def remember(self, key: str) -> bool:
         """Record ``key``; False if it was already known (then nothing changes)."""
@@ -80,17 +94,47 @@ class DeliveryMemory:
             self._unwritten.append(key)
             return True
 
-    def flush(self) -> None:
-        """Append the keys remembered since the last flush to the file (compacting it when it is due)."""
+    def forget(self, key: str) -> None:
+        """Take back a key just remembered (its event was not kept after all), so that a redelivery counts."""
         with self._lock:
+            if self._keys.pop(key, False) is False:  # not known (the value of a known key is None)
+                return
+            self._forget_id(_event_id(key))
+            if self._unwritten and self._unwritten[-1] == key:
+                self._unwritten.pop()
+            elif key in self._unwritten:
+                self._unwritten.remove(key)
+            else:
+                self._rewrite = True
+
+    def flush(self) -> None:
+        """Append the keys remembered since the last flush to the file (compacting it when it is due).
+
+        On failure (an ``OSError``: a full disk) the file is cut back to where it was, the keys wait
+        for the next flush, and the error is raised.
+        """
+        with self._lock:
+            if self._rewrite:
+                self._compact()
+                return
             if not self._unwritten:
                 return
-            keys, self._unwritten = self._unwritten, []
-            self._log.write("".join(f"{key}\n" for key in keys))
-            self._log.flush()
-            self._appended += len(keys)
+            data = "".join(f"{key}\n" for key in self._unwritten).encode()
+            size = os.fstat(self._log).st_size
+            append_whole(self._log, data, size)  # a torn last line would read as a key nobody sends
+            self._appended += len(self._unwritten)
+            self._unwritten = []
             if self._appended >= 2 * self.limit:
                 self._compact()
+
+    def sync(self) -> None:
+        """Make the flushed keys durable (fsync)."""
+        with self._lock:
+            handle = os.dup(self._log)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
     def deliveries_of(self, event_id: str) -> int:
         """How many distinct deliveries (bodies) with this event id are remembered."""
@@ -103,12 +147,17 @@ class DeliveryMemory:
             del self._ids[event_id]
 
     def _compact(self) -> None:
-        self._log.close()
+        """Rewrite the file from the keys in memory (raises, and changes nothing, when that fails)."""
         atomic_write(self.path, "".join(f"{key}\n" for key in self._keys))
-        self._log = open(self.path, "a", encoding="utf-8")
+        os.close(self._log)
+        self._log = self._open()
         self._appended = len(self._keys)
+        self._unwritten = []
+        self._rewrite = False
 
     def close(self) -> None:
-        self.flush()
-        with self._lock:
-            self._log.close()
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                os.close(self._log)

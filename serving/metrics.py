@@ -24,7 +24,7 @@ REQUESTS = Counter(
 )
 PAYLOAD_EVENTS = Counter(
     "kfloop_payload_events",
-    "Payload CloudEvents by outcome: sent, failed (sink error) or dropped (queue full).",
+    "Payload CloudEvents by outcome: sent, failed (sink error after retries), dropped (queue full) or error (could not be built).",
     ["model", "outcome"],
 )
 PAYLOAD_QUEUE = Gauge("kfloop_payload_queue_depth", "Payload CloudEvents waiting to be sent.", ["model"])

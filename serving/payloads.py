@@ -14,9 +14,16 @@ call.
 
 Events wait in a bounded queue and a background task posts them, so logging
 never slows or fails an inference; when the queue is full the event is dropped
-and counted. On one machine the events carry the watch's local bearer token
-(``token_file``); KServe's logger sends none, so in a cluster a NetworkPolicy
-decides who may post to the watch.
+and counted. An answer that says "later" -- 5xx, 408, 429, or the sink not
+reachable -- is retried with capped back-off for up to ``retry_seconds`` (the
+watch answers 503 when it cannot keep an event, e.g. on a full disk, and
+processes the retry); events behind it wait in the queue meanwhile. Other
+refusals count as ``failed``. The task never stops on its own: an event that
+raises anything unexpected (its payload cannot be serialised, say) is logged,
+counted as ``error`` and skipped, and should the task end anyway, the next
+event starts a new one. On one machine the events carry the watch's local
+bearer token (``token_file``); KServe's logger sends none, so in a cluster a
+NetworkPolicy decides who may post to the watch.
 """
 
 from __future__ import annotations
@@ -59,13 +66,16 @@ class PayloadLogger:
     """Queue of payload events and the task that posts them to ``url``."""
 
     def __init__(self, url: str, context: EventContext, model: str, queue_size: int = 1000, timeout: float = 5.0, *,
-                 token_file: Path | None = None) -> None:
+                 token_file: Path | None = None, retry_seconds: float = 30.0,
+                 backoff: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> None:
         self.url = url
         self.credentials = TokenFile(token_file) if token_file is not None else None  # the watch's local token
         self.context = context
         self.model = model
         self.queue_size = queue_size
         self.timeout = timeout
+        self.retry_seconds = retry_seconds
+        self.backoff = backoff  # the n-th retry of one event waits backoff[n-1] seconds (the last value repeats)
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
 
@@ -75,6 +85,9 @@ class PayloadLogger:
         ``client_id``, the id the client gave its request, travels as the ``clientrequestid`` extension."""
         if self._queue is None:
             self._queue = asyncio.Queue(maxsize=self.queue_size)
+        if self._worker is None or self._worker.done():  # first use, or the task ended after all: start it (again)
+            if self._worker is not None and not self._worker.cancelled() and self._worker.exception() is not None:
+                log.error("payload events to %s: the sending task had stopped (%r); started again", self.url, self._worker.exception())
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         try:
             self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, client_id, _now()))
@@ -105,22 +118,51 @@ class PayloadLogger:
         return headers
 
     async def _drain(self) -> None:
+        """Send queued events one after the other, forever: one event's failure never ends the loop."""
         assert self._queue is not None
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            while True:
-                event_type, event_id, payload, content_type, traceparent, client_id, time = await self._queue.get()
-                PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
-                body = _serialise(payload)
-                headers = self.headers(event_type, event_id, content_type, traceparent, time, client_id)
-                try:
-                    if self.credentials is not None:
-                        headers.update(self.credentials.headers())
-                    response = await client.post(self.url, content=body, headers=headers)
-                    outcome = "sent" if response.status_code < 300 else "failed"
-                except (httpx.HTTPError, InputError) as exc:  # InputError: the token file cannot be read
-                    log.warning("payload event %s to %s failed: %s", event_id, self.url, exc)
-                    outcome = "failed"
-                PAYLOAD_EVENTS.labels(self.model, outcome).inc()
+        while True:
+            try:
+                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                    while True:
+                        item = await self._queue.get()
+                        PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
+                        try:
+                            outcome = await self._send(client, *item)
+                        except Exception:  # not CancelledError (a BaseException): cancelling still stops the task
+                            log.exception("payload event %s to %s could not be sent; skipped", item[1], self.url)
+                            outcome = "error"
+                        PAYLOAD_EVENTS.labels(self.model, outcome).inc()
+            except Exception:  # the client itself failed: a new one, after a breath
+                log.exception("payload events to %s: the sending loop failed; carrying on", self.url)
+                await asyncio.sleep(1.0)
+
+    async def _send(self, client: httpx.AsyncClient, event_type: str, event_id: str, payload: Any, content_type: str,
+                    traceparent: str | None, client_id: str | None, time: str) -> str:
+        """Post one event, retrying what may pass for up to ``retry_seconds``; returns the outcome to count."""
+        body = _serialise(payload)
+        headers = self.headers(event_type, event_id, content_type, traceparent, time, client_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_seconds
+        attempt = 0
+        while True:
+            try:
+                if self.credentials is not None:
+                    headers.update(self.credentials.headers())
+                response = await client.post(self.url, content=body, headers=headers)
+                if response.status_code < 300:
+                    return "sent"
+                problem = f"HTTP {response.status_code}"
+                retry = response.status_code >= 500 or response.status_code in (408, 429)
+            except (httpx.TransportError, InputError) as exc:  # InputError: the token file cannot be read (yet)
+                problem, retry = f"{type(exc).__name__}: {exc}", True
+            except httpx.HTTPError as exc:
+                problem, retry = f"{type(exc).__name__}: {exc}", False
+            delay = self.backoff[min(attempt, len(self.backoff) - 1)]
+            if not retry or loop.time() + delay > deadline:
+                log.warning("payload event %s to %s failed after %d attempts: %s", event_id, self.url, attempt + 1, problem)
+                return "failed"
+            await asyncio.sleep(delay)
+            attempt += 1
 
 
 def _header_value(text: str) -> str:

@@ -15,7 +15,28 @@ durable outbox and from there to the sink; the window then starts afresh.
 
 Replies never carry a CloudEvent (:mod:`kfloop.serving.events`): 202 accepted
 (a duplicate too), 204 ignored (response events, other types; the reason in
-``x-kfloop-ignored``), 400 malformed (``{"error": reason}``).
+``x-kfloop-ignored``), 400 malformed (``{"error": reason}``), 503 not kept
+(``{"error": reason}``: retry later).
+
+**An event is taken only once its effect is durable.** 202 means: its rows
+are in the capture journal on the watch's disk (:class:`~kfloop.captures.PayloadCapture`:
+one ``write`` per event, fsynced five times a second; the journal is replayed
+into the next shard after a restart, and carries the event's delivery key, so a
+redelivery after a crash is still a duplicate), and in the window. Only then is
+the delivery remembered as seen. When the rows cannot be kept -- the journal
+cannot be written (a full disk), or shards have failed so long that
+``max_buffered_rows`` rows wait -- the answer is 503 (a
+:class:`~kfloop.errors.TemporaryError`), nothing of the event was kept, and
+the sender's retry is processed as new. Window tests run off the request path;
+an alarm that the outbox cannot store (a full disk) is kept in memory, tried
+again five times a second, and until it is stored every event is answered 503,
+so nothing is taken on top of an alarm that is not durable. What a crash still
+loses: the window's untested rows (they are captured; the next window starts
+afresh), and an alarm in the milliseconds between its test and its outbox file
+or while the outbox cannot take it (the same shift raises it again in the next
+window). A failed shard keeps its rows (and retries with back-off); the
+captures area's retention (the policy's ``captures`` section) is enforced after
+shards are written.
 
 The service follows the registry's production pointer: when it moves, the
 reference and detectors switch to the new version and the window restarts.
@@ -27,6 +48,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +59,8 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from kfloop.bundle import REFERENCE
-from kfloop.errors import InputError, KfloopError
+from kfloop.captures import CaptureRetention
+from kfloop.errors import InputError, KfloopError, TemporaryError
 from kfloop.event_types import DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.registry import ModelRegistry
 from kfloop.drift.detectors import (
@@ -47,11 +70,16 @@ from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
 from kfloop.serving.auth import Authenticator
 from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
+from kfloop.serving.limits import HeaderLimitedHttp
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
+from kfloop.policies.spec import CapturePolicy
 
 SEEN_DELIVERIES = 100_000
-FLUSH_SECONDS = 0.2  # how often buffered deliveries and due capture shards are written
+MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that cannot be written: then events are refused
+FLUSH_SECONDS = 0.2  # how often delivery keys are written, the capture journal fsynced, due shards queued
+CAPTURE_JOURNAL = "capture-journal"  # under the state folder
+RELEASE_SECONDS = 1.0  # the journal of rows in shards is deleted at most this often (it costs an fsync)
 
 EVENTS = Counter("kfloop_watch_events", "CloudEvents received, by outcome.", ["model", "outcome"])
 ROWS = Counter("kfloop_watch_rows_scored", "Rows added to the drift window.", ["model"])
@@ -62,6 +90,7 @@ DRIFT = Gauge("kfloop_watch_drift", "1 if the last window showed drift.", ["mode
 OUTLIERS = Gauge("kfloop_watch_outliers", "Rows above the outlier threshold in the last window.", ["model", "version"])
 OUTLIER_ALARM = Gauge("kfloop_watch_outlier_alarm", "1 if the last window had too many outliers.", ["model", "version"])
 ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "kind"])
+UNSTORED = Gauge("kfloop_watch_alarms_unstored", "Alarms the outbox could not store yet (events are refused meanwhile).", ["model"])
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +111,7 @@ class WatchConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     capture: bool = True
     capture_flush_rows: int = 500
+    capture_retention: CaptureRetention | None = field(default_factory=lambda: CapturePolicy().retention())  # the policy's captures
     follow_seconds: float = 5.0
     source: str = "kfloop/watch"
     sink_token_file: Path | None = None  # the bearer token alarms carry (local: HOME/token; cluster: a projected SA token)
@@ -101,6 +131,17 @@ class _Watched:
     detector: WindowDetector
 
 
+@dataclass(frozen=True)
+class _Alarm:
+    """An alarm on its way to the outbox (its id is fixed first, so a stored retry keeps it)."""
+
+    id: str
+    type: str
+    source: str
+    kind: str
+    data: dict[str, Any]
+
+
 class WatchService:
     """The state of one model's watch: version, window, dedup memory, outbox."""
 
@@ -114,14 +155,24 @@ class WatchService:
         self._counted = {outcome: EVENTS.labels(config.model, outcome) for outcome in ("accepted", "duplicate")}
         self._rows_scored = ROWS.labels(config.model)
         self._capture_flush_queued = False
+        self._released_at = float("-inf")
+        self._alarm_lock = threading.Lock()  # the alarms not stored yet; held while storing them, in order
+        self._unstored: list[_Alarm] = []
+        self._unstored_queued = False
+        self._failing: dict[str, str] = {}  # what the flush timer could not do, by part (logged once per error)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.last_alarm: dict[str, Any] | None = None
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
         self.capture = (
-            self.registry.captures(config.model).writer(self.watched.schema.feature_names, flush_rows=config.capture_flush_rows)
+            self.registry.captures(config.model).writer(
+                self.watched.schema.feature_names, flush_rows=config.capture_flush_rows,
+                journal=Path(config.state_dir) / CAPTURE_JOURNAL, retention=config.capture_retention)
             if config.capture else None
         )
+        if self.capture is not None:
+            for tag in self.capture.recovered_tags:  # deliveries whose rows were journaled before a restart
+                self.deliveries.remember(tag)
 
     def _load(self, version: str) -> _Watched:
         with self.registry.local_version(self.config.model, version) as folder:
@@ -140,12 +191,15 @@ class WatchService:
         with self._lock:
             self.watched = watched
             self.monitor = WindowMonitor(watched.detector, self.config.window, self.config.stride, stride_seconds=self.config.stride_seconds)
+            if self.capture is not None:
+                self.capture.follow(watched.schema.feature_names)  # new shards carry the new version's features
         return True
 
     # --- events ------------------------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> EventReply:
-        """One payload event: 202 accepted (a redelivery too), 204 ignored, or an :class:`InputError`.
+        """One payload event: 202 accepted (a redelivery too), 204 ignored, an :class:`InputError` (400),
+        or a :class:`TemporaryError` (503) when it cannot be kept -- then nothing of it was.
 
         A redelivery (same id, same body) is taken once; two requests that share
         an id are two requests, and the second one's rows get ids of their own.
@@ -162,19 +216,27 @@ class WatchService:
         if key in self.deliveries:
             self._counted["duplicate"].inc()
             return EventReply(202)
-        rows = self._rows(event.get_data(), delivery.content_type)
+        watched = self.watched
+        rows = self._rows(event.get_data(), delivery.content_type, watched.schema)
         now = time.time()
         with self._lock:
+            if watched is not self.watched:  # the version changed meanwhile (rare): read the rows with its schema
+                rows = self._rows(event.get_data(), delivery.content_type, self.watched.schema)
+            self._check_intake()
             if not self.deliveries.remember(key):  # a concurrent delivery of the same event won
                 self._counted["duplicate"].inc()
                 return EventReply(202)
-            self._counted["accepted"].inc()
             if self.capture is not None:
                 prefix = self._capture_prefix(str(event["id"]), key)
-                due = self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version)
+                try:  # journaled before anything else changes: a failure leaves the event untaken
+                    due = self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version, tag=key)
+                except TemporaryError:
+                    self.deliveries.forget(key)
+                    raise
                 if due and not self._capture_flush_queued:
                     self._capture_flush_queued = True  # one queued flush takes every row buffered until it runs
                     self._background(self._flush_capture)
+            self._counted["accepted"].inc()
             self._rows_scored.inc(len(rows))
             stride = self.monitor.stride
             for start in range(0, len(rows), stride):  # a big batch is tested stride by stride
@@ -184,11 +246,44 @@ class WatchService:
                     self._background(self._tester(self.monitor, snapshot))
         return EventReply(202)
 
-    def _flush_capture(self) -> None:
+    def _check_intake(self) -> None:
+        """Refuse (503) while what the watch takes could not be made durable (caller holds the lock)."""
+        if "alarms" in self._failing and self._unstored:  # not while one is being stored: only once that failed
+            raise TemporaryError(f"alarm {self._unstored[0].id} of {self.config.model} could not be stored in the outbox "
+                                 f"({self._failing.get('alarms')}); events are refused until it is")
+        if self.deliveries.unwritten >= MAX_UNWRITTEN_DELIVERIES:
+            raise TemporaryError(f"{self.deliveries.unwritten} delivery keys of {self.config.model} wait for "
+                                 f"{self.deliveries.path} ({self._failing.get('deliveries', 'unknown error')}); try again later")
+
+    def _flush_capture(self, *, release: bool = False) -> None:
+        """Write the buffered rows as shards; then (at most every :data:`RELEASE_SECONDS`, or when ``release``)
+        the journal of rows in shards goes, once their keys are in the delivery memory's file, which a restart
+        reads instead."""
         with self._lock:
             self._capture_flush_queued = False
-        if self.capture is not None:
+        if self.capture is None:
+            return
+        try:
             self.capture.flush()
+        except Exception as exc:  # OSError, or a remote store's own error: the rows stay buffered and journaled
+            self._failed("shards", f"{type(exc).__name__}: {exc}")
+            return
+        self._recovered("shards")
+        if release or time.monotonic() - self._released_at >= RELEASE_SECONDS:
+            self._released_at = time.monotonic()
+            self._attempt("deliveries", self._release_journal)
+
+    def _release_journal(self) -> None:
+        assert self.capture is not None
+        self._flush_deliveries()
+        self.deliveries.sync()
+        self.capture.release()
+
+    def _flush_deliveries(self) -> None:
+        # Under the service's lock: a key remembered and then forgotten (its rows could not be journaled)
+        # never reaches the file in between.
+        with self._lock:
+            self.deliveries.flush()
 
     def _background(self, work: Callable[[], object]) -> None:
         """Run ``work`` on the service's one worker thread, in order, off the request path."""
@@ -222,12 +317,12 @@ class WatchService:
         return f"{event_id}~{key.rsplit(' ', 1)[-1][:12]}"
 
     def refused(self, error: KfloopError) -> None:
-        EVENTS.labels(self.config.model, "invalid").inc()
+        EVENTS.labels(self.config.model, "invalid" if error.status < 500 else "refused").inc()
 
     def health(self) -> dict[str, str]:
         return {"status": "ok", "version": self.watched.version}
 
-    def _rows(self, data: Any, content_type: str) -> np.ndarray:
+    def _rows(self, data: Any, content_type: str, schema: InputSchema) -> np.ndarray:
         if isinstance(data, (bytes, bytearray)):
             if "json" not in content_type and content_type:
                 raise InputError(f"payload of content type {content_type!r} is not supported: send JSON (V1 or V2)")
@@ -235,20 +330,48 @@ class WatchService:
                 data = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
                 raise InputError(f"payload is not JSON: {exc}") from None
-        return self.watched.schema.rows_from_body(data)
+        return schema.rows_from_body(data)
 
     def test_due(self) -> None:
         """Test rows that arrived faster than one test per ``stride_seconds`` (the timer's call)."""
         with self._lock:
             snapshot, monitor = self.monitor.take(time.time(), timer=True), self.monitor
         if snapshot is not None:
-            self._tester(monitor, snapshot)()
+            self._background(self._tester(monitor, snapshot))  # on the worker, like every test: alarms in order
 
     def flush(self) -> None:
-        """Write what is buffered: the delivery memory, and captured rows once a shard is due."""
-        self.deliveries.flush()
-        if self.capture is not None and self.capture.due():
-            self.capture.flush()
+        """The timer's call: write the delivery memory, fsync the capture journal, queue a due shard and
+        the alarms the outbox did not take yet. A failure is logged once (and its end), and tried next time."""
+        self._attempt("deliveries", self._flush_deliveries)
+        if self.capture is not None:
+            self._attempt("journal", self.capture.sync)
+            with self._lock:
+                queue = self.capture.due() and not self._capture_flush_queued
+                self._capture_flush_queued |= queue
+            if queue:
+                self._background(self._flush_capture)
+        with self._alarm_lock:
+            queue = bool(self._unstored) and not self._unstored_queued
+            self._unstored_queued |= queue
+        if queue:
+            self._background(self._store_unstored)
+
+    def _attempt(self, part: str, work: Callable[[], object]) -> None:
+        try:
+            work()
+        except OSError as exc:
+            self._failed(part, f"{type(exc).__name__}: {exc}")
+            return
+        self._recovered(part)
+
+    def _failed(self, part: str, error: str) -> None:
+        if self._failing.get(part) != error:
+            log.error("watch of %s: %s failed: %s; trying again", self.config.model, part, error)
+        self._failing[part] = error
+
+    def _recovered(self, part: str) -> None:
+        if self._failing.pop(part, None) is not None:
+            log.warning("watch of %s: %s working again", self.config.model, part)
 
     def _export(self, result: WindowResult, version: str) -> None:
         model = self.config.model
@@ -260,6 +383,7 @@ class WatchService:
         OUTLIER_ALARM.labels(model, version).set(int(result.outlier_alarm))
 
     def _raise(self, alarm: WindowAlarm, version: str) -> None:
+        """Store the alarm in the outbox (after any stored before it); if the outbox cannot take it, keep it."""
         result, model = alarm.result, self.config.model
         names = self.watched.schema.feature_names
         first = alarm.first_drifted
@@ -285,18 +409,46 @@ class WatchService:
             "first_drifted_row_time": _iso(alarm.times[first]),
         }
         event_type = DRIFT_EVENT if result.drift else OUTLIER_EVENT
-        event_id = self.outbox.put(event_type, f"{self.config.source}/{model}", data)
-        ALARMS.labels(model, alarm.kind).inc()
-        self.last_alarm = {"id": event_id, "type": event_type, **data}
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
+        with self._alarm_lock:
+            self._unstored.append(_Alarm(str(uuid.uuid4()), event_type, f"{self.config.source}/{model}", alarm.kind, data))
+        self._store_unstored()
+
+    def _store_unstored(self) -> None:
+        """Put waiting alarms into the outbox, oldest first; stop at the first that fails (it stays first)."""
+        model = self.config.model
+        with self._alarm_lock:
+            self._unstored_queued = False
+            while self._unstored:
+                alarm = self._unstored[0]
+                try:
+                    self.outbox.put(alarm.type, alarm.source, alarm.data, event_id=alarm.id)
+                except OSError as exc:
+                    UNSTORED.labels(model).set(len(self._unstored))
+                    self._failed("alarms", f"{type(exc).__name__}: {exc}")  # from now on events are refused
+                    return
+                self._unstored.pop(0)
+                ALARMS.labels(model, alarm.kind).inc()
+                self.last_alarm = {"id": alarm.id, "type": alarm.type, **alarm.data}
+            UNSTORED.labels(model).set(0)
+            self._recovered("alarms")
 
     def close(self) -> None:
-        """Finish the worker's work and write every buffer (on shutdown)."""
+        """Finish the worker's work and write every buffer (on shutdown); rows that cannot be written stay
+        journaled for the next start."""
         self._worker.shutdown(wait=True)
+        self._store_unstored()
+        if self._unstored:
+            log.error("watch of %s: %d alarms could not be stored in the outbox and are lost on shutdown: %s",
+                      self.config.model, len(self._unstored), ", ".join(alarm.id for alarm in self._unstored))
         if self.capture is not None:
-            self.capture.flush()
-        self.deliveries.close()
+            self._flush_capture(release=True)  # rows it cannot write stay journaled (and it logs why)
+            self.capture.close()
+        try:
+            self.deliveries.close()
+        except OSError:  # keys of journaled rows come back from the journal; the others may count twice
+            log.exception("watch of %s: the delivery memory could not be written on shutdown", self.config.model)
 
     def status(self) -> dict[str, Any]:
         result = self.monitor.last_result
@@ -314,6 +466,11 @@ class WatchService:
             },
             "last_alarm": self.last_alarm,
             "outbox": len(self.outbox.pending()),
+            "unstored_alarms": len(self._unstored),
+            "capture": None if self.capture is None else {
+                "buffered_rows": self.capture.buffered, "last_error": self.capture.last_error,
+            },
+            "failing": dict(self._failing),
         }
 
 
@@ -365,4 +522,5 @@ def run_watch(config: WatchConfig, authenticator: Authenticator | None, host: st
     import uvicorn
 
     service = WatchService(config)
-    uvicorn.run(create_app(service, authenticator), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(service, authenticator), host=host, port=port, log_level="warning", access_log=False,
+                http=HeaderLimitedHttp)

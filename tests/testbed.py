@@ -1,4 +1,5 @@
-"""The real parts tests build on: trained registry versions, CSV data, an event sink, a trigger process, request bodies.
+"""The real parts tests build on: trained registry versions, CSV data, an event sink, a trigger process, request
+bodies, a small real disk to fill.
 
 Plain functions and classes (the fixtures are in ``conftest.py``), imported by test modules in every
 folder as ``from testbed import ...``: ``tests/conftest.py`` puts this folder on ``sys.path``.
@@ -6,7 +7,9 @@ folder as ``from testbed import ...``: ``tests/conftest.py`` puts this folder on
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import os
 import signal
 import subprocess
 import sys
@@ -14,9 +17,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
+import pytest
 import yaml
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
@@ -165,3 +170,25 @@ class Trigger:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(30)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A real, size-limited file system (tmpfs) at ``folder``; skips the test where mounting is not permitted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (a full disk is not simulated otherwise)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the disk is full; delete it to free the disk again."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 4096)
+    return filler

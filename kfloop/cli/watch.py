@@ -32,7 +32,7 @@ def watch(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest batch (rows) one payload event may carry: the model's batch limit.")] = 1024,
     alpha: Annotated[float, typer.Option("--alpha", help="False-alarm rate per tested window (split between drift and outlier tests).")] = 0.05,
     correction: Annotated[str, typer.Option("--correction", help="Multiple-testing correction over features: fdr (Benjamini-Hochberg) or bonferroni.")] = "fdr",
-    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Outbox folder (default: HOME/watch/MODEL).")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="State folder: alarm outbox, delivery memory, capture journal (default: HOME/watch/MODEL).")] = None,
     no_capture: Annotated[bool, typer.Option("--no-capture", help="Do not write payload rows to the registry's capture area.")] = False,
     capture_rows: Annotated[int, typer.Option("--capture-rows", min=1, help="Rows per capture shard (a shard is also written every 30 s).")] = 500,
     follow_seconds: Annotated[float, typer.Option("--follow-seconds", help="How often to check the registry's production version.")] = 5.0,
@@ -51,7 +51,8 @@ def watch(
 
     if backend not in BACKENDS:
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    name = model or load_policy(policy).model
+    loaded = load_policy(policy)
+    name = model or loaded.model
     try:
         detector = DetectorConfig(alpha=alpha, correction=correction)
     except ValueError as exc:
@@ -61,7 +62,7 @@ def watch(
         state_dir=state_dir or home / "watch" / name, window=window, stride=stride, stride_seconds=stride_seconds,
         max_batch=max_batch, backend=backend,
         detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
-        sink_token_file=sink_token_file or token_path(home),
+        sink_token_file=sink_token_file or token_path(home), capture_retention=loaded.captures.retention(),
     )
     if event_auth is EventAuth.token or sink_token_file is None:
         token = local_token(home)  # created at first use

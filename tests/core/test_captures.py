@@ -1,17 +1,25 @@
 """The registry's captures area: captured rows written as shards with meta files, labelled shards that are
-training data, and training sets of base data plus labelled shards whose base is found again."""
+training data, and training sets of base data plus labelled shards whose base is found again; rows kept
+through failed writes and restarts (the journal), retention, and shards that follow the version's features."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
-from kfloop.captures import BASE_SHARD, CaptureArea, assemble_training_set, training_base
+from testbed import fill, small_disk
+from kfloop.captures import BASE_SHARD, CaptureArea, CaptureRetention, assemble_training_set, training_base
 from kfloop.data import LabelledData, load_dataset
+from kfloop.errors import TemporaryError
 from kfloop.registry import ModelRegistry
 
 FEATURES = ("a", "b")
@@ -169,3 +177,196 @@ def test_the_base_of_a_training_set_is_its_base_shard_alone(tmp_path, iris_shard
 @pytest.mark.parametrize(("source", "target"), [("builtin:iris", None), ("/data/leaf.csv", "species"), ("s3://b/train/", "label")])
 def test_any_other_source_is_its_own_base(source, target):
     assert training_base(source, target) == (source, target)
+
+
+# --- rows are not lost: failed writes, the journal, restarts -------------------------------------------
+
+
+def in_the_way(area: CaptureArea) -> Path:
+    """A file where today's shard folder must go: writing a shard fails (NotADirectoryError / FileExistsError)."""
+    blocker = area_path(area) / f"{datetime.now(timezone.utc):%Y%m%d}"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    return blocker
+
+
+def test_a_failed_flush_keeps_its_rows_and_a_later_flush_writes_them_all(area):
+    writer = area.writer(FEATURES, flush_rows=2, flush_seconds=3600)
+    writer.add(["a:0", "a:1"], np.array([[1.0, 2.0], [3.0, 4.0]]), "1")
+    blocker = in_the_way(area)
+    with pytest.raises(OSError):
+        writer.flush()
+    assert writer.buffered == 2 and "Error" in writer.last_error
+    assert writer.due() is False  # a back-off before the next attempt
+    writer.add(["b:0"], np.array([[5.0, 6.0]]), "1")
+    blocker.unlink()
+    writer.flush()
+    [shard] = shards(area)
+    assert area.read(shard).ids == ("a:0", "a:1", "b:0")  # in order, none lost, none twice
+    assert writer.buffered == 0 and writer.last_error is None
+
+
+def test_journaled_rows_survive_a_restart_and_their_tags_come_back(tmp_path, area):
+    journal = tmp_path / "journal"
+    first = area.writer(FEATURES, flush_rows=100, journal=journal)
+    first.add(["e:0", "e:1"], np.array([[1.0, 2.0], [3.0, 4.0]]), "1", tag="e key")
+    first.add(["f:0"], np.array([[5.0, 6.0]]), "2", tag="f key")
+    first.close()  # or a crash: nothing was flushed
+    assert shards(area) == []
+    second = area.writer(FEATURES, flush_rows=100, journal=journal)
+    assert second.recovered_tags == ["e key", "f key"] and second.buffered == 3
+    second.flush()
+    [shard] = shards(area)
+    rows = area.read(shard)
+    assert (rows.ids, rows.versions) == (("e:0", "e:1", "f:0"), ("1", "1", "2"))
+    np.testing.assert_array_equal(rows.features, [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    third = area.writer(FEATURES, flush_rows=100, journal=journal)  # written rows are not buffered again ...
+    assert third.buffered == 0 and third.recovered_tags == ["e key", "f key"]  # ... but their tags count until released
+    third.release()
+    assert area.writer(FEATURES, journal=journal).recovered_tags == []
+    assert len(shards(area)) == 1
+
+
+def test_a_torn_journal_record_is_skipped_and_the_records_before_it_are_kept(tmp_path, area):
+    journal = tmp_path / "journal"
+    writer = area.writer(FEATURES, journal=journal)
+    writer.add(["e:0"], np.array([[1.0, 2.0]]), "1", tag="e")
+    writer.add(["f:0"], np.array([[3.0, 4.0]]), "1", tag="f")
+    writer.close()
+    [segment] = journal.glob("*.wal")
+    segment.write_bytes(segment.read_bytes()[:-5])  # a crash in the middle of the last write
+    again = area.writer(FEATURES, journal=journal)
+    assert again.recovered_tags == ["e"] and again.buffered == 1
+    again.add(["g:0"], np.array([[5.0, 6.0]]), "1", tag="g")  # into a new segment: the torn one is never appended to
+    again.flush()
+    assert area.read(shards(area)[0]).ids == ("e:0", "g:0")
+
+
+def test_rows_that_cannot_be_journaled_are_refused_and_nothing_is_buffered(tmp_path, area):
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        writer = area.writer(FEATURES, journal=disk / "journal")
+        writer.add(["e:0"], np.array([[1.0, 2.0]]), "1", tag="e")
+        filler = fill(disk)
+        with pytest.raises(TemporaryError, match="cannot be journaled") as refused:
+            writer.add([f"f:{i}" for i in range(1000)], np.random.rand(1000, 2), "1", tag="f")  # 16 KB: new pages
+        assert isinstance(refused.value.__cause__, OSError) and refused.value.__cause__.errno == errno.ENOSPC
+        assert writer.buffered == 1
+        filler.unlink()
+        writer.add(["f:0"], np.array([[3.0, 4.0]]), "1", tag="f")  # the retry is taken
+        writer.close()
+        assert area.writer(FEATURES, journal=disk / "journal").recovered_tags == ["e", "f"]  # no torn record between
+
+
+def test_rows_waiting_for_a_shard_that_cannot_be_written_are_bounded(area):
+    writer = area.writer(FEATURES, flush_rows=2)
+    assert writer.max_buffered_rows == 40
+    in_the_way(area)
+    for start in range(0, 40, 2):
+        writer.add([f"e:{start}", f"e:{start + 1}"], np.zeros((2, 2)), "1")
+    with pytest.raises(OSError):
+        writer.flush()
+    with pytest.raises(TemporaryError, match="40 rows wait for a shard that cannot be written"):
+        writer.add(["f:0"], np.zeros((1, 2)), "1")
+
+
+# --- the schema follows the serving version ----------------------------------------------------------
+
+
+def test_rows_after_a_version_change_are_written_with_the_new_versions_features(tmp_path, area):
+    writer = area.writer(("a", "b"), flush_rows=100, journal=tmp_path / "journal")
+    writer.add(["v1:0"], np.array([[1.0, 2.0]]), "1")
+    writer.follow(("a", "b", "c"))
+    writer.add(["v2:0"], np.array([[3.0, 4.0, 5.0]]), "2")
+    writer.close()
+    writer = area.writer(("a", "b", "c"), flush_rows=100, journal=tmp_path / "journal")  # after a restart too
+    writer.flush()
+    first, second = (area.read(shard) for shard in shards(area))
+    by_version = {rows.versions[0]: rows for rows in (first, second)}
+    assert by_version["1"].feature_names == ("a", "b") and by_version["2"].feature_names == ("a", "b", "c")
+    np.testing.assert_array_equal(by_version["2"].features, [[3.0, 4.0, 5.0]])
+    labelled_shard = area.add_labelled(by_version["2"].labelled(["x"]))
+    assert labelled_shard.read_text().splitlines()[0] == "id,label,a,b,c"
+
+
+def test_a_training_set_aligns_shards_to_the_bases_features_and_leaves_out_those_that_lack_some(tmp_path, area):
+    base = tmp_path / "base.csv"
+    base.write_text("id,label,a,b\nr1,x,1,2\nr2,y,3,4\n")
+    reordered = area.add_labelled(labelled([[6.0, 7.0, 5.0]], ["y"], ["cap:1"], names=("b", "c", "a")))
+    older = area.add_labelled(labelled([[9.0]], ["x"], ["cap:2"], names=("a",)))  # labelled for a version without b
+    same = area.add_labelled(labelled([[10.0, 11.0]], ["x"], ["cap:3"]))
+    uri, target = assemble_training_set(str(base), "label", [reordered, older, same], tmp_path / "set")
+    data = load_dataset(uri, target=target)
+    assert data.feature_names == ("a", "b")
+    assert data.ids.tolist() == ["r1", "r2", "cap:1", "cap:3"]
+    np.testing.assert_array_equal(data.features[2:], [[5.0, 6.0], [10.0, 11.0]])
+    assert training_base(uri, target) == (str(tmp_path / "set" / BASE_SHARD), "label")
+
+
+# --- retention -------------------------------------------------------------------------------------
+
+
+def sample(name: str, model: str = "m", **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": model, **labels}) or 0.0
+
+
+def aged(path: Path, days: float) -> Path:
+    stamp = time.time() - days * 86400
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def captured_shard(area: CaptureArea, row_id: str, rows: int = 50) -> Path:
+    writer = area.writer(FEATURES, flush_rows=rows)
+    writer.add([f"{row_id}:{i}" for i in range(rows)], np.random.rand(rows, 2), "1")
+    return Path(writer.flush())
+
+
+def test_retention_removes_shards_older_than_max_age_of_both_kinds_and_counts_them(tmp_path):
+    area = ModelRegistry(tmp_path / "registry").captures("aging")
+    old = aged(captured_shard(area, "old"), 10)
+    aged(old.with_name(old.name + ".meta.json"), 10)
+    young = captured_shard(area, "young")
+    old_label = aged(area.add_labelled(labelled([[1.0, 2.0]], ["x"], ["l:0"])), 10)
+    young_label = area.add_labelled(labelled([[1.0, 2.0]], ["x"], ["l:1"]))
+    sweep = area.enforce(CaptureRetention(max_age_days=7))
+    assert sweep.removed_shards == 2 and sweep.kept_shards == 2
+    assert shards(area) == [young] and area.labelled_shards() == [young_label]
+    assert not old.with_name(old.name + ".meta.json").exists() and not old_label.exists()
+    assert sample("kfloop_capture_retention_removed_shards_total", "aging", kind="captured") == 1
+    assert sample("kfloop_capture_retention_removed_shards_total", "aging", kind="labelled") == 1
+    assert sample("kfloop_capture_retention_removed_bytes_total", "aging", kind="captured") > 0
+    assert sample("kfloop_capture_stored_shards", "aging") == 2
+    assert sample("kfloop_capture_stored_bytes", "aging") == sweep.kept_bytes
+
+
+def test_over_max_bytes_the_oldest_captured_shards_go_first_and_labelled_ones_only_when_those_do_not_suffice(tmp_path):
+    area = ModelRegistry(tmp_path / "registry").captures("budget")
+    label = aged(area.add_labelled(labelled(np.random.rand(50, 2), ["x"] * 50, [f"l:{i}" for i in range(50)])), 3)
+    captured = [aged(captured_shard(area, f"c{i}"), 2 - i) for i in range(3)]  # c0 the oldest
+    sizes = {path: path.stat().st_size + path.with_name(path.name + ".meta.json").stat().st_size for path in captured}
+    total = sum(sizes.values()) + label.stat().st_size
+    area.enforce(CaptureRetention(max_bytes=total - 1))
+    assert shards(area) == captured[1:] and area.labelled_shards() == [label]  # the oldest captured one, not the label
+    area.enforce(CaptureRetention(max_bytes=label.stat().st_size))
+    assert shards(area) == [] and area.labelled_shards() == [label]
+    area.enforce(CaptureRetention(max_bytes=label.stat().st_size - 1))
+    assert area.labelled_shards() == []
+    assert not [p for p in area_path(area).iterdir() if p.is_dir() and p.name.isdigit()]  # empty day folders go too
+
+
+def test_the_writer_enforces_retention_after_a_shard_breaks_max_bytes(tmp_path):
+    area = ModelRegistry(tmp_path / "registry").captures("writer")
+    one = captured_shard(area, "probe")
+    shard_bytes = one.stat().st_size + one.with_name(one.name + ".meta.json").stat().st_size
+    writer = area.writer(FEATURES, flush_rows=50, retention=CaptureRetention(max_bytes=int(shard_bytes * 1.5)))
+    for batch in range(4):
+        writer.add([f"b{batch}:{i}" for i in range(50)], np.random.rand(50, 2), "1")
+        writer.flush()
+    kept = shards(area)
+    assert len(kept) == 1 and area.read(kept[0]).ids[0] == "b3:0"  # the newest
+    assert sample("kfloop_capture_retention_removed_shards_total", "writer", kind="captured") == 4  # the probe too
+
+
+def test_a_remote_area_is_not_swept():
+    remote = CaptureArea("s3://bucket/registry/m/captures", "m", is_local=False)
+    assert remote.enforce(CaptureRetention(max_bytes=1)).removed_shards == 0

@@ -113,42 +113,33 @@ def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse
 
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_serving(tmp_path, registry_with_weak_v1):
-    registry, _, full = registry_with_weak_v1
-    runtime = ServingRuntime(str(registry), "digits", home=tmp_path / "home", http_port=free_port(), grpc_port=free_port(),
-                             log_dir=tmp_path / "logs")
-    runtime.start()
-    admin = AdminServer(runtime, free_port())
-    admin.start()
+def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_serving(tmp_path, serving_v1):
+    registry, full, runtime, admin = serving_v1
+    new = register_version(registry, "digits", full, n_estimators=20, work=tmp_path / "v2", target="digit")
+    policy = Policy.model_validate({"model": "digits", "rollout": {
+        "canary_percent": 50, "observe_seconds": 1, "min_canary_answers": 20, "max_observe_seconds": 4}})
+    deployer = LocalDeployer(admin.url, "digits", local_token(tmp_path / "home"))
+    body = {"instances": [[0.0] * 64]}
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def trickle() -> None:  # 2 req/s: half of them to the canary, far fewer than 20 in 4 s
+        while not done.wait(0.5):
+            statuses.append(httpx.post(runtime.endpoints["v1"], json=body, timeout=10).status_code)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
     try:
-        new = register_version(registry, "digits", full, n_estimators=20, work=tmp_path / "v2", target="digit")
-        policy = Policy.model_validate({"model": "digits", "rollout": {
-            "canary_percent": 50, "observe_seconds": 1, "min_canary_answers": 20, "max_observe_seconds": 4}})
-        deployer = LocalDeployer(admin.url, "digits", local_token(tmp_path / "home"))
-        body = {"instances": [[0.0] * 64]}
-        statuses: list[int] = []
-        done = threading.Event()
-
-        def trickle() -> None:  # 2 req/s: half of them to the canary, far fewer than 20 in 4 s
-            while not done.wait(0.5):
-                statuses.append(httpx.post(runtime.endpoints["v1"], json=body, timeout=10).status_code)
-
-        sender = threading.Thread(target=trickle)
-        sender.start()
-        try:
-            result = roll_out(deployer, ModelRegistry(registry), "digits", policy.rollout, new, "1").record()
-        finally:
-            done.set()
-            sender.join()
-        assert result["outcome"] == "rolled_back" and result["rolled_back"] - result["canary_started"] >= 4
-        assert 0 < result["canary_answers"] < 20
-        assert "canary answers in 4 s, fewer than min_canary_answers (20)" in result["rollback_reason"]
-        assert runtime.version == "1" and ModelRegistry(registry).production_version("digits") == "1"
-        assert ModelRegistry(registry).metadata("digits", new)["status"] == "rolled_back"
-        assert statuses and set(statuses) == {200}
+        result = roll_out(deployer, ModelRegistry(registry), "digits", policy.rollout, new, "1").record()
     finally:
-        admin.stop()
-        runtime.stop()
+        done.set()
+        sender.join()
+    assert result["outcome"] == "rolled_back" and result["rolled_back"] - result["canary_started"] >= 4
+    assert 0 < result["canary_answers"] < 20
+    assert "canary answers in 4 s, fewer than min_canary_answers (20)" in result["rollback_reason"]
+    assert runtime.version == "1" and ModelRegistry(registry).production_version("digits") == "1"
+    assert ModelRegistry(registry).metadata("digits", new)["status"] == "rolled_back"
+    assert statuses and set(statuses) == {200}
 
 
 def test_a_kserve_rollout_is_a_storage_uri_and_canary_percentage_patch():

@@ -1,12 +1,15 @@
-"""The policy file: defaults encode the automation table; every bad field is reported with what is allowed."""
+"""The policy file: defaults encode the automation table; every bad field is reported with what is allowed;
+the captures section bounds what the captures area keeps."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
+from kfloop.captures import CaptureRetention
 from kfloop.errors import PolicyError
 from kfloop.policies import load_policy
+from kfloop.policies.spec import CapturePolicy
 
 
 def test_default_policy_has_eight_candidates_most_expensive_first():
@@ -70,3 +73,34 @@ def test_a_time_scaled_policy_divides_windows_periods_and_cooldowns_but_not_rate
     assert load_policy(scaled.save(tmp_path / "scaled.yaml")) == scaled
     with pytest.raises(PolicyError, match="speed must be > 0"):
         load_policy().time_scaled(0)
+
+
+def test_capture_retention_defaults_to_one_gib_and_thirty_days_and_a_policy_without_the_section_stays_valid(tmp_path):
+    assert load_policy().captures.retention() == CaptureRetention(max_bytes=2**30, max_age_days=30.0)
+    older = tmp_path / "older.yaml"
+    older.write_text(yaml.safe_dump({"model": "leaf", "retraining": {"cooldown_seconds": 60}}))
+    assert load_policy(older).captures == CapturePolicy()
+
+
+@pytest.mark.parametrize(("written", "max_bytes"), [
+    ("2GiB", 2 * 2**30), ("1.5 GB", 1_500_000_000), ("500MiB", 500 * 2**20), (5_000_000, 5_000_000), (None, None),
+])
+def test_capture_max_bytes_takes_bytes_or_a_size_with_a_unit(tmp_path, written, max_bytes):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"captures": {"max_bytes": written, "max_age_days": None}}))
+    assert load_policy(path).captures.retention() == CaptureRetention(max_bytes=max_bytes, max_age_days=None)
+
+
+def test_bad_capture_retention_fields_are_each_reported_with_what_is_allowed(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"captures": {"max_bytes": "10 parsecs", "max_age_days": 0, "max_rows": 5}}))
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    message = str(caught.value)
+    assert ("captures.max_bytes: Value error, a size is a number of bytes, optionally with a unit: "
+            "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (got '10 parsecs')") in message
+    assert "captures.max_age_days: Input should be greater than 0 (got 0)" in message
+    assert "captures.max_rows: unknown field" in message
+    path.write_text(yaml.safe_dump({"captures": {"max_bytes": 1000}}))
+    with pytest.raises(PolicyError, match=r"captures.max_bytes: Input should be greater than or equal to 1048576 \(got 1000\)"):
+        load_policy(path)

@@ -1,12 +1,19 @@
-"""Payload CloudEvents of real requests, caught by a real HTTP sink: KServe-shaped, with the caller's trace."""
+"""Payload CloudEvents of real requests, caught by a real HTTP sink: KServe-shaped, with the caller's trace;
+and a logger that never stops sending: an event it cannot serialise is counted and skipped, and one the
+sink cannot take yet is retried."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
-from testbed import v1
+from testbed import EventSink, v1
+from kfloop.event_types import REQUEST_EVENT
+from kfloop.local.supervisor import free_port
+from kfloop.serving.payloads import EventContext, PayloadLogger
 
 pytestmark = pytest.mark.slow
 
@@ -36,3 +43,61 @@ def test_payload_events_are_kserve_shaped_cloudevents_with_the_trace_and_an_id_p
             assert event["inferenceservicename"] == "leaf" and event["component"] == "transformer"
             assert event["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
             assert event["traceparent"] != trace  # a child span of the caller's
+
+
+def payload_events(model: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("kfloop_payload_events_total", {"model": model, "outcome": outcome}) or 0.0
+
+
+async def until(check, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+class Unserialisable:
+    def to_json(self) -> bytes:
+        raise RuntimeError("this payload cannot be serialised")
+
+
+def test_an_event_that_cannot_be_serialised_is_counted_and_later_events_are_still_sent():
+    sink = EventSink()
+    model = "payload-serialisation"
+
+    async def scenario() -> None:
+        logger = PayloadLogger(sink.url, EventContext("test", model), model)
+        logger.log(REQUEST_EVENT, "broken", Unserialisable(), "application/json", None)
+        logger.log(REQUEST_EVENT, "odd", {"not json": object()}, "application/json", None)  # orjson's TypeError
+        for number in range(3):
+            logger.log(REQUEST_EVENT, f"good-{number}", {"instances": [[number]]}, "application/json", None)
+        await until(lambda: payload_events(model, "sent") == 3)  # counted once the sink has answered
+        assert not logger._worker.done()  # still there for the next event
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        sink.close()
+    assert [e["id"] for e in sink.events] == ["good-0", "good-1", "good-2"]
+    assert [e.data for e in sink.events] == [{"instances": [[n]]} for n in range(3)]
+    assert (payload_events(model, "error"), payload_events(model, "sent")) == (2, 3)
+
+
+def test_an_event_the_sink_cannot_take_yet_is_retried_until_it_can():
+    port = free_port()
+    model = "payload-retry"
+    sinks: list[EventSink] = []
+
+    async def scenario() -> None:
+        logger = PayloadLogger(f"http://127.0.0.1:{port}/", EventContext("test", model), model, backoff=(0.1,))
+        logger.log(REQUEST_EVENT, "early", {"instances": [[1.0]]}, "application/json", None)
+        await asyncio.sleep(0.5)  # nothing listens yet: the event waits and is tried again
+        sinks.append(EventSink(port))
+        await until(lambda: payload_events(model, "sent") == 1)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for sink in sinks:
+            sink.close()
+    assert [e["id"] for e in sinks[0].events] == ["early"]
+    assert (payload_events(model, "sent"), payload_events(model, "failed")) == (1, 0)

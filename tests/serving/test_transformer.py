@@ -61,7 +61,7 @@ def test_a_transformer_pinned_to_one_version_learns_the_version_its_predictor_se
     base = [sys.executable, "-m", "kfloop"]
     processes = [
         subprocess.Popen(base + ["predictor", "--model-dir", registry.uri("leaf", "2"), "--model", "leaf", "--http-port", str(predictor_port), "--no-grpc"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen(base + ["transformer", "--model", "leaf", "--registry", registry.root, "--version", "1", "--predictor-host", f"127.0.0.1:{predictor_port}", "--http-port", str(transformer_port), "--no-grpc", "--logger-url", f"http://127.0.0.1:{free_port()}/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(base + ["transformer", "--model", "leaf", "--registry", registry.root, "--version", "1", "--predictor-host", f"127.0.0.1:{predictor_port}", "--http-port", str(transformer_port), "--no-grpc", "--logger-url", f"http://127.0.0.1:{predictor_port}/"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
         deadline = time.time() + 60
@@ -82,7 +82,8 @@ def test_a_transformer_pinned_to_one_version_learns_the_version_its_predictor_se
         offline, _ = registry.load("leaf", "2").predict(rows)
         assert document["model_version"] == "2"
         assert next(o["data"] for o in document["outputs"] if o["name"] == "label") == offline.tolist()
-        # Its payload sink is down: the request event could not be delivered, and that is only counted.
+        # Its payload sink refuses events for good (the predictor's port answers POST / with 404): the request
+        # event could not be delivered, and that is only counted.
         time.sleep(1.0)
         metrics = httpx.get(f"http://127.0.0.1:{transformer_port}/metrics").text
         assert 'kfloop_payload_events_total{model="leaf",outcome="failed"} ' in metrics

@@ -1,8 +1,12 @@
 """The watch service driven over HTTP with real CloudEvents: accepted, ignored and malformed events, drift
-alarms at a real sink (through an outage and a restart), captured rows, and the production version followed."""
+alarms at a real sink (through an outage and a restart), captured rows, and the production version followed;
+and what it takes being durable first: a full disk (a real small tmpfs) answers 503 and the retry is processed,
+an alarm the outbox cannot store holds events back, shards that cannot be written keep their rows, and rows
+taken before a crash are written after it."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +22,7 @@ from hypothesis import strategies as st
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
-from testbed import wait_until_answering, EventSink, register_version
+from testbed import fill, small_disk, wait_until_answering, EventSink, register_version
 from kfloop.credentials import bearer, local_token
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
@@ -35,7 +39,8 @@ WINDOW = 40
 class Watch:
     """A real ``kfloop watch`` process."""
 
-    def __init__(self, registry: Path, sink_port: int, state: Path, port: int | None = None, *, max_batch: int = 1024) -> None:
+    def __init__(self, registry: Path, sink_port: int, state: Path, port: int | None = None, *, max_batch: int = 1024,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         home = state.parent / "home"
@@ -44,13 +49,17 @@ class Watch:
             [sys.executable, "-m", "kfloop", "watch", "--registry", str(registry), "--model", "leaf", "--home", str(home),
              "--sink", f"http://127.0.0.1:{sink_port}/", "--http-port", str(self.port), "--window", str(WINDOW),
              "--stride", "10", "--stride-seconds", "0", "--max-batch", str(max_batch), "--state-dir", str(state),
-             "--capture-rows", "50", "--follow-seconds", "0.5"],
+             "--capture-rows", "50", "--follow-seconds", "0.5", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until_answering(self.url + "healthz", "watch", 60)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+    def crash(self) -> None:
+        self.process.kill()  # SIGKILL: no shutdown work at all
         self.process.wait(30)
 
     def status(self) -> dict:
@@ -325,3 +334,136 @@ def test_no_payload_makes_the_watch_answer_5xx(watch):
 
     probe()
     assert httpx.get(service.url + "healthz").status_code == 200
+
+
+# --- an event is taken only once its effect is durable ---------------------------------------------------
+
+
+def eventually(check, seconds: float = 15, what: str = "condition"):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not met within {seconds:.0f} s")
+
+
+def captured_ids(registry: Path, prefix: str) -> list[str]:
+    return [row_id for shard in captured(registry) for row_id in shard.ids if row_id.startswith(prefix)]
+
+
+def test_a_full_disk_answers_503_and_the_retry_is_processed_with_its_rows_and_its_alarm(setup, tmp_path):
+    sink = EventSink()
+    rows = setup["rows"]
+    tag = f"full-{uuid.uuid4().hex[:6]}"
+    with small_disk(tmp_path / "disk") as disk:
+        service = Watch(setup["registry"], sink.server.server_port, disk / "state")
+        try:
+            for start in range(0, WINDOW, 10):
+                assert post(service, event(rows[start:start + 10], event_id=f"{tag}-clean-{start}")).status_code == 202
+            shifted = [event(rows[start:start + 10] * 1.5 + 0.01, event_id=f"{tag}-shift-{start}") for start in range(0, WINDOW, 10)]
+            filler = fill(disk)
+            for delivery in shifted:
+                answer = post(service, delivery)
+                assert answer.status_code == 503, answer.text
+                assert "cannot be journaled" in answer.json()["error"] and "try again later" in answer.json()["error"]
+            assert service.metric('kfloop_watch_events_total{model="leaf",outcome="refused"}') == len(shifted)
+            assert service.metric("kfloop_watch_rows_scored_total") == WINDOW  # nothing of them was taken
+            filler.unlink()
+            for delivery in shifted:  # the sender's retries
+                assert post(service, delivery).status_code == 202
+            assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 0
+            assert service.metric("kfloop_watch_rows_scored_total") == 2 * WINDOW
+            alarm = eventually(lambda: sink.events, what="an alarm at the sink")[0]
+            assert alarm["type"] == "io.kfloop.drift.detected" and alarm.data["window"]["last_row"] > WINDOW  # the retried rows'
+        finally:
+            service.stop()
+            sink.close()
+    ids = captured_ids(setup["registry"], f"{tag}-shift-")
+    assert len(ids) == len(set(ids)) == WINDOW  # each retried event's rows once
+
+
+def test_an_alarm_the_outbox_cannot_store_holds_events_back_until_it_is_stored(setup, tmp_path):
+    sink = EventSink()
+    rows = setup["rows"]
+    with small_disk(tmp_path / "disk") as disk:
+        service = Watch(setup["registry"], sink.server.server_port, disk / "state", extra=("--no-capture",))
+        try:
+            for start in range(0, WINDOW, 10):
+                assert post(service, event(rows[start:start + 10])).status_code == 202
+            filler = fill(disk)
+            statuses = [post(service, event(rows[start:start + 10] * 1.5 + 0.01)).status_code for start in range(0, WINDOW, 10)]
+            assert statuses[0] == 202 and set(statuses) <= {202, 503}  # rows are not captured: taken, and they raise an alarm
+
+            def refused():
+                answer = post(service, event(rows[:1]))
+                return answer if answer.status_code == 503 else None
+
+            answer = eventually(refused, what="a refusal while the alarm is not stored")
+            assert "could not be stored in the outbox" in answer.json()["error"]
+            assert "No space left on device" in answer.json()["error"]
+            assert service.status()["unstored_alarms"] == 1 and not sink.events
+            assert service.metric('kfloop_watch_alarms_unstored{model="leaf"}') == 1
+            filler.unlink()
+            alarm = eventually(lambda: sink.events, what="the alarm at the sink")[0]
+            assert alarm["type"] == "io.kfloop.drift.detected" and service.status()["last_alarm"]["id"] == alarm["id"]
+            retry = event(rows[:1], event_id="after-the-alarm")
+            eventually(lambda: post(service, retry).status_code == 202, 5, "events taken again")
+            assert service.status()["unstored_alarms"] == 0
+            assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 0
+        finally:
+            service.stop()
+            sink.close()
+    assert len({e["id"] for e in sink.events}) == len(sink.events) == 1
+
+
+def test_shards_that_cannot_be_written_keep_their_rows_and_a_full_buffer_answers_503(setup, tmp_path):
+    registry = tmp_path / "registry"
+    shutil.copytree(setup["registry"], registry, ignore=shutil.ignore_patterns("captures"))
+    sink = EventSink()
+    rows = setup["rows"][:50]
+    with small_disk(registry / "leaf" / "captures") as disk:
+        service = Watch(registry, sink.server.server_port, tmp_path / "state")
+        try:
+            filler = fill(disk)
+            for number in range(20):  # 50 rows each: a shard is due after every event, and none can be written
+                assert post(service, event(rows, event_id=f"kept-{number}")).status_code == 202
+            status = eventually(lambda: (s := service.status())["capture"]["last_error"] and s, what="a failed shard")
+            assert "No space left on device" in status["capture"]["last_error"]
+            assert status["capture"]["buffered_rows"] == 1000
+            last = event(rows, event_id="kept-20")
+            answer = post(service, last)
+            assert answer.status_code == 503 and "1000 rows wait for a shard that cannot be written" in answer.json()["error"]
+            filler.unlink()
+            eventually(lambda: service.status()["capture"]["buffered_rows"] == 0, 20, "the buffered rows written")
+            assert post(service, last).status_code == 202
+        finally:
+            service.stop()
+            sink.close()
+        ids = captured_ids(registry, "kept-")
+        assert len(ids) == len(set(ids)) == 21 * 50
+
+
+def test_rows_taken_before_a_crash_are_written_after_the_restart_and_a_redelivery_stays_a_duplicate(setup, tmp_path):
+    sink = EventSink()
+    rows = setup["rows"]
+    tag = f"crash-{uuid.uuid4().hex[:6]}"
+    deliveries = [event(rows[i * 5:(i + 1) * 5], event_id=f"{tag}-{i}") for i in range(3)]  # 15 rows: no shard due
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    try:
+        for delivery in deliveries:
+            assert post(service, delivery).status_code == 202
+    finally:
+        service.crash()
+    assert captured_ids(setup["registry"], tag) == []
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    try:
+        assert post(service, deliveries[1]).status_code == 202  # the sender never heard back, say
+        assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1
+        assert service.metric("kfloop_watch_rows_scored_total") == 0
+    finally:
+        service.stop()
+        sink.close()
+    ids = captured_ids(setup["registry"], tag)
+    assert sorted(ids) == sorted(f"{tag}-{i}:{j}" for i in range(3) for j in range(5))
