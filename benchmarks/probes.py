@@ -113,6 +113,9 @@ def run_probes(stack: LocalStack, home: Path, body_mb: int, console: Console) ->
     seconds = time.perf_counter() - start
     table.add_row(f"{len(body) / 2**20:.0f} MiB JSON body to the transformer", str(answer.status_code),
                   f"{seconds:.2f} s; transformer peak RSS {peak_rss_mb(pid):.0f} MB")
+    padded = httpx.post(v1_url, content=b"{}", headers={"content-type": "application/json", "x-pad": "x" * (64 << 20)},
+                        timeout=120)
+    table.add_row("64 MiB header to the transformer", str(padded.status_code), f"transformer peak RSS {peak_rss_mb(pid):.0f} MB")
     shape = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, n], "data": row * 5000}]}
     table.add_row('V2 "shape": [-1, n] with 5000 rows (batch limit 1024)', str(httpx.post(v2_url, json=shape).status_code), "-")
     answer = httpx.post(v1_url, json={"instances": [[1e39] + row[1:]]})
