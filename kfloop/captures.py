@@ -93,7 +93,7 @@ from prometheus_client import Counter, Gauge
 
 from kfloop.data import ID_COLUMN, LABEL_COLUMN, LabelledData, load_dataset, save_csv
 from kfloop.durable import TornAppend, append_whole, atomic_write, fsync_folder
-from kfloop.errors import TemporaryError
+from kfloop.errors import InputError, TemporaryError
 
 __all__ = [
     "BASE_SHARD",
@@ -345,7 +345,7 @@ class PayloadCapture:
                                      f"written ({self.last_error or 'none written yet'}); try again later")
             names = self.feature_names
             if rows.shape[1] != len(names):  # never let a row of another schema into a shard
-                raise ValueError(f"captures of {self.model}: rows have {rows.shape[1]} features, the schema {len(names)}")
+                raise InputError(f"captures of {self.model}: rows have {rows.shape[1]} features, the schema {len(names)}")
             if self._journal is not None:
                 try:
                     self._journal.append(names, ids, rows, version, stamp, tag)

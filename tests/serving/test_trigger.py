@@ -16,11 +16,13 @@ from testbed import Trigger, write_policy
 
 pytestmark = pytest.mark.slow
 
+COOLDOWN = 40  # seconds: longer than a run with its rollout takes on a busy 2-core machine
+
 
 @pytest.mark.heavy
 def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path, registry_with_weak_v1):
     registry, _, full = registry_with_weak_v1
-    policy = write_policy(tmp_path / "p.yaml", full, cooldown_seconds=25, max_runs_per_day=2)
+    policy = write_policy(tmp_path / "p.yaml", full, cooldown_seconds=COOLDOWN, max_runs_per_day=2)
     trigger = Trigger(tmp_path / "home", registry, policy)
     try:
         ids = [str(uuid.uuid4()) for _ in range(50)]
@@ -32,7 +34,7 @@ def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path
         runs = trigger.wait_idle(1)
         assert len(runs) == 1 and runs[0]["outcome"] == "promoted" and runs[0]["version"] == "2"
         assert trigger.alarm().headers["x-kfloop-outcome"] == "cooldown"
-        time.sleep(max(0.0, runs[0]["started"] + 25 - time.time()) + 1)
+        time.sleep(max(0.0, runs[0]["started"] + COOLDOWN - time.time()) + 1)
         assert trigger.alarm().headers["x-kfloop-outcome"] == "started"
         assert len(trigger.wait_idle(2)) == 2
         assert trigger.alarm().headers["x-kfloop-outcome"] == "budget"  # also inside the cooldown: the budget is named
