@@ -15,8 +15,9 @@
   and a ``PodDisruptionBudget`` for each of its components;
 - the trigger service (``kfloop trigger``) as a Deployment + Service, the
   alarm ``Trigger`` s from :func:`~kfloop.policies.compile.compile_triggers`
-  (with the OIDC audience the trigger service checks), and a ``PodMonitor``
-  for every ``/metrics``.
+  (with the OIDC audience the trigger service checks, and the policy's
+  retries with the watch's dead-letter port as their ``deadLetterSink``), and
+  a ``PodMonitor`` for every ``/metrics``.
 
 Who may send what (docs/cluster.md, "Who may send events"): KServe 0.20's
 payload logger cannot authenticate, so it posts *straight to the watch*, and a
@@ -27,7 +28,12 @@ which Knative checks against the EventPolicy (this needs the Knative Eventing
 feature ``authentication-oidc``, see :data:`REQUIRED_EVENTING_FEATURES`); the
 Broker delivers them with a token of each Trigger's ServiceAccount, which the
 trigger service verifies, and a NetworkPolicy admits only Knative's
-broker-filter pods (and Prometheus) to its port.
+broker-filter pods (and Prometheus) to its port. An alarm the trigger service
+has not taken after the policy's retries comes back from broker-filter -- with
+a token of the Trigger's ServiceAccount for :meth:`_Loop.dead_letter_audience`
+-- to the watch's second port, :data:`DEAD_LETTER_PORT`, which verifies it; a
+NetworkPolicy admits only broker-filter pods to that port, so the payload
+port still admits only the transformer's.
 
 Everything the objects need from outside is *referenced*, never inlined: the
 storage credentials (Secrets :data:`STORAGE_SECRET`, read-write, for the watch
@@ -56,6 +62,7 @@ from kfloop.policies.spec import Policy, ScalingRule
 
 __all__ = [
     "BROKER_TOKEN_PATH",
+    "DEAD_LETTER_PORT",
     "DEFAULT_KFP_HOST",
     "KFP_TOKEN_SECRET",
     "PORT",
@@ -73,6 +80,7 @@ __all__ = [
 ]
 
 PORT = 8080  # every kfloop server's REST port (and /metrics)
+DEAD_LETTER_PORT = 8081  # the watch's port for alarms the Triggers could not deliver (their deadLetterSink)
 STORAGE_SECRET = "kfloop-storage"  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ AWS_ENDPOINT_URL ...): read-write
 STORAGE_READONLY_SECRET = "kfloop-storage-readonly"  # the same keys, for credentials that can only read the registry
 KFP_TOKEN_SECRET = "kfloop-kfp-token"  # key "token": a bearer token Kubeflow Pipelines accepts
@@ -146,13 +154,16 @@ def render_objects(
     # No payload Trigger (drift_service): the payload logger posts to the watch directly (it cannot
     # authenticate to a Broker with OIDC on); alarms carry a token for the trigger service's audience.
     triggers = compile_triggers(policy, namespace=namespace, broker=broker, trigger_service=loop.name("trigger"),
-                                inference_service=loop.isvc, audience=loop.trigger_audience())
+                                inference_service=loop.isvc, audience=loop.trigger_audience(),
+                                dead_letter_service=loop.name("watch"), dead_letter_port=DEAD_LETTER_PORT,
+                                dead_letter_audience=loop.dead_letter_audience())
     subjects = [trigger_subject(namespace, trigger["metadata"]["name"]) for trigger in triggers]
     return [
         # Predictor (KServe's storage initializer) and transformer only read the registry.
         loop.service_account("serving", automount=False, secrets=(STORAGE_READONLY_SECRET,)),
-        # No API token: the watch's only credential is its projected Broker token (its own volume).
-        loop.service_account("watch", automount=False),
+        # Its API token only reads the cluster's OIDC discovery document, to check the tokens dead
+        # letters carry (no Role binds it); alarms go to the Broker with its projected Broker token.
+        loop.service_account("watch", automount=True),
         # The KServe deployer patches the InferenceService; the token also reads the cluster's
         # OIDC discovery document, which every ServiceAccount may (system:service-account-issuer-discovery).
         loop.service_account("trigger", automount=True),
@@ -162,8 +173,9 @@ def render_objects(
         *loop.network_policies(monitoring_namespace),
         loop.broker(),
         loop.alarm_event_policy(),
-        loop.deployment("watch", loop.watch_args(), volumes=(loop.broker_token_volume(),), mounts=(loop.broker_token_mount(),)),
-        loop.service("watch"),
+        loop.deployment("watch", loop.watch_args(subjects), volumes=(loop.broker_token_volume(),),
+                        mounts=(loop.broker_token_mount(),), ports=(_port("dead-letters", DEAD_LETTER_PORT),)),
+        loop.service("watch", ports=(_port("dead-letters", DEAD_LETTER_PORT),)),
         loop.serving_runtime(),
         loop.inference_service(storage_uri.rstrip("/")),
         scaled_object,
@@ -269,6 +281,15 @@ class _Loop:
         """
         return f"{self.name('trigger')}.{self.namespace}"
 
+    def dead_letter_audience(self) -> str:
+        """The OIDC audience of the watch's dead-letter port: the Triggers' ``deadLetterSink.audience``, the watch checks it.
+
+        Knative forwards a dead letter with a token of the Trigger's own
+        ServiceAccount, minted for the sink's audience -- which a plain URI
+        lacks unless the Trigger names one.
+        """
+        return f"{self.name('watch')}.{self.namespace}"
+
     def pod_labels(self, component: str) -> dict[str, str]:
         labels = self.labels(component)
         if self.istio:
@@ -339,9 +360,10 @@ class _Loop:
         agent, 9081); predictor: the transformer; watch: the transformer's pods,
         whose payload logger posts to it directly (the logger sends no
         credentials, so *this* rule is what keeps forged payloads out);
-        trigger: Knative's broker-filter pods, the only ones that deliver a
-        Trigger's events (a namespace *and* pod selector in one peer: both
-        must match); all: Prometheus, on ``/metrics`` (the same port).
+        trigger, and the watch's dead-letter port: Knative's broker-filter pods,
+        the only ones that deliver a Trigger's events and dead letters (a
+        namespace *and* pod selector in one peer: both must match); all:
+        Prometheus, on ``/metrics`` (the same port).
         """
         scrape = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": monitoring_namespace}}}
         broker_filter = {
@@ -361,6 +383,7 @@ class _Loop:
             self._network_policy("watch", self._selector("watch"), [
                 {"from": [transformer_pods], "ports": _tcp(PORT)},
                 {"from": [scrape], "ports": _tcp(PORT)},
+                {"from": [broker_filter], "ports": _tcp(DEAD_LETTER_PORT)},  # the Triggers' dead letters
             ]),
             self._network_policy("trigger", self._selector("trigger"), [
                 {"from": [broker_filter], "ports": _tcp(PORT)},
@@ -526,8 +549,8 @@ class _Loop:
 
     # --- watch and trigger -------------------------------------------------------------------
 
-    def watch_args(self) -> list[str]:
-        return [
+    def watch_args(self, subjects: list[str]) -> list[str]:
+        args = [
             "watch", "--registry", self.registry_uri, "--model", self.model,
             "--sink", broker_ingress_url(self.namespace, self.broker_name),
             "--sink-token-file", BROKER_TOKEN_PATH,
@@ -536,7 +559,13 @@ class _Loop:
             "--event-auth", "none",
             "--policy", f"{POLICY_DIR}/policy.yaml", "--state-dir", STATE_DIR,
             "--http-port", str(PORT), "--host", "0.0.0.0",
+            # Dead letters come from broker-filter with a token of the Trigger's ServiceAccount.
+            "--dead-letter-port", str(DEAD_LETTER_PORT), "--dead-letter-auth", "oidc",
+            "--oidc-audience", self.dead_letter_audience(),
         ]
+        for subject in subjects:  # one per Trigger: each has its own ServiceAccount
+            args += ["--oidc-subject", subject]
+        return args
 
     def trigger_args(self, kfp_host: str, prometheus_url: str, subjects: list[str]) -> list[str]:
         args = [
@@ -571,11 +600,17 @@ class _Loop:
         return {"name": "broker-token", "mountPath": BROKER_TOKEN_DIR, "readOnly": True}
 
     def deployment(self, component: str, args: list[str], env: tuple[dict[str, Any], ...] = (),
-                   volumes: tuple[dict[str, Any], ...] = (), mounts: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
-        """One replica, replaced (not rolled): each keeps state (window, outbox, pending runs) in ``STATE_DIR``."""
+                   volumes: tuple[dict[str, Any], ...] = (), mounts: tuple[dict[str, Any], ...] = (),
+                   ports: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+        """One replica, replaced (not rolled): each keeps state (window, outbox, pending runs) in ``STATE_DIR``.
+
+        ``ports`` are container ports beside ``http`` (``name`` and ``port``).
+        """
         container = self._container(component, component, args, probes=False, storage=STORAGE_SECRET, state=True)
         if env:
             container["env"] = [*container["env"], *env]
+        container["ports"] = [*container["ports"], *({"name": p["name"], "containerPort": p["port"], "protocol": "TCP"}
+                                                     for p in ports)]
         container["volumeMounts"] = [*container["volumeMounts"], *mounts]
         pod = self._pod_fields(component, component, state=True)
         pod["volumes"] = [*pod["volumes"], *volumes]
@@ -594,15 +629,16 @@ class _Loop:
             },
         }
 
-    def service(self, component: str) -> dict[str, Any]:
-        """Port 80, so a Knative Trigger can name the Service as its subscriber ``ref``."""
+    def service(self, component: str, ports: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+        """Port 80, so a Knative Trigger can name the Service as its subscriber ``ref``; ``ports`` on their own numbers."""
         return {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": self.metadata(self.name(component), component),
             "spec": {
                 "selector": self._selector(component),
-                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                          *({"name": p["name"], "port": p["port"], "targetPort": p["name"], "protocol": "TCP"} for p in ports)],
             },
         }
 
@@ -687,6 +723,11 @@ def _http_probe(path: str, *, period: int, failures: int, delay: int = 0) -> dic
     if delay:
         probe["initialDelaySeconds"] = delay
     return probe
+
+
+def _port(name: str, port: int) -> dict[str, Any]:
+    """A named port of a container and of its Service (the same number on both)."""
+    return {"name": name, "port": port}
 
 
 def _tcp(*ports: int) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ Pure functions, no cluster access:
 - :func:`compile_kserve_autoscaling` -- ``scaling`` as KServe's own
   ``autoScaling`` fragment, for when KServe should create the ScaledObject;
 - :func:`compile_triggers` -- ``retraining.events`` (and the payload feed of the
-  drift detector) as Knative Eventing ``Trigger`` objects;
+  drift detector) as Knative Eventing ``Trigger`` objects, with
+  ``retraining.delivery`` as the alarm Triggers' retries and dead-letter sink;
 - :func:`write_objects` -- one YAML file per object.
 
 The PromQL of every rule comes from :mod:`kfloop.policies.signals`, the single
@@ -18,6 +19,7 @@ by :func:`kfloop.manifests.schemas.validate_manifest`; what no schema checks
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import yaml
 from kfloop.errors import PolicyError
 from kfloop.kube import dns_label_problem
 from kfloop.policies import signals
-from kfloop.policies.spec import Policy, ScalingPolicy
+from kfloop.policies.spec import DeliveryPolicy, Policy, ScalingPolicy
 from kfloop.event_types import REQUEST_EVENT
 
 __all__ = ["compile_kserve_autoscaling", "compile_scaled_object", "compile_triggers", "write_objects"]
@@ -172,6 +174,9 @@ def compile_triggers(
     drift_port: int = 80,
     inference_service: str | None = None,
     audience: str | None = None,
+    dead_letter_service: str | None = None,
+    dead_letter_port: int = 80,
+    dead_letter_audience: str | None = None,
 ) -> list[dict[str, Any]]:
     """Knative ``eventing.knative.dev/v1`` Triggers on ``broker``.
 
@@ -185,20 +190,30 @@ def compile_triggers(
     Every Trigger filters on ``type``: an unfiltered Trigger whose subscriber
     replies with an event would loop it back into the Broker.
 
+    Every alarm Trigger carries ``retraining.delivery`` as its ``spec.delivery``
+    (retries and back-off) and, when a ``dead_letter_service`` is named, a
+    ``deadLetterSink`` on its ``dead_letter_port`` (the watch's dead-letter
+    port: it stores what the trigger service did not take in its outbox and
+    sends it again); with ``dead_letter_audience`` Knative (OIDC on) sends each
+    dead letter a token of the Trigger's own ServiceAccount for that audience.
+    Without a sink an alarm that outlasts the retries is dropped.
+
     A Trigger is named after its subscriber and what it receives, so models
     sharing one trigger service compile the *same* Trigger (applying it again is
     harmless) rather than two that would each deliver every alarm.
     Services are reached as ``ref`` to a ``v1`` Service (port 80) or, on another
     port, by ``uri`` (a Knative reference carries no port).
     """
-    for value, what in ((namespace, "namespace"), (broker, "broker"),
-                        (trigger_service, "trigger service"), (drift_service or "unset", "drift service")):
+    for value, what in ((namespace, "namespace"), (broker, "broker"), (trigger_service, "trigger service"),
+                        (drift_service or "unset", "drift service"), (dead_letter_service or "unset", "dead-letter service")):
         _dns_label(value, what)
-    audience_field = {"audience": audience} if audience is not None else {}
+    delivery = _delivery(policy.retraining.delivery)
+    if dead_letter_service is not None:
+        delivery["deadLetterSink"] = _destination(dead_letter_service, namespace, dead_letter_port, dead_letter_audience)
     triggers = [
         _trigger(f"{trigger_service}-on-{event.removeprefix(EVENT_PREFIX).replace('.', '-')}",
                  policy, namespace, broker, {"type": event},
-                 {**_subscriber(trigger_service, namespace, trigger_port), **audience_field})
+                 _destination(trigger_service, namespace, trigger_port, audience), delivery=delivery)
         for event in policy.retraining.events
     ]
     if drift_service is None:
@@ -207,7 +222,7 @@ def compile_triggers(
     if inference_service is not None:
         payloads["inferenceservicename"] = inference_service
     triggers.append(_trigger(f"{drift_service}-requests", policy, namespace, broker, payloads,
-                             _subscriber(drift_service, namespace, drift_port)))
+                             _destination(drift_service, namespace, drift_port)))
     return triggers
 
 
@@ -224,19 +239,36 @@ def write_objects(objects: list[dict[str, Any]], directory: str | Path) -> list[
 
 
 def _trigger(name: str, policy: Policy, namespace: str, broker: str, attributes: dict[str, str],
-             subscriber: dict[str, Any]) -> dict[str, Any]:
+             subscriber: dict[str, Any], delivery: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"broker": broker, "filter": {"attributes": attributes}, "subscriber": subscriber}
+    if delivery is not None:
+        spec["delivery"] = copy.deepcopy(delivery)  # each Trigger its own: one object's edits must not reach another's
     return {
         "apiVersion": "eventing.knative.dev/v1",
         "kind": "Trigger",
         "metadata": {"name": _dns_label(name, "Trigger name"), "namespace": namespace, "labels": _labels(policy)},
-        "spec": {"broker": broker, "filter": {"attributes": attributes}, "subscriber": subscriber},
+        "spec": spec,
     }
 
 
-def _subscriber(service: str, namespace: str, port: int) -> dict[str, Any]:
+def _delivery(delivery: DeliveryPolicy) -> dict[str, Any]:
+    """The policy's retries as a Knative ``DeliverySpec`` (``backoffDelay`` an ISO-8601 duration)."""
+    return {"retry": delivery.retries, "backoffPolicy": delivery.backoff_policy, "backoffDelay": delivery.backoff_delay()}
+
+
+def _destination(service: str, namespace: str, port: int, audience: str | None = None) -> dict[str, Any]:
+    """A Knative ``Destination``: a ``ref`` to a ``v1`` Service on port 80, else a ``uri`` (a reference carries no port).
+
+    A plain Service publishes no OIDC audience, so Knative sends a token only when
+    the destination names one.
+    """
     if port == 80:
-        return {"ref": {"apiVersion": "v1", "kind": "Service", "name": service}}
-    return {"uri": f"http://{service}.{namespace}.svc.cluster.local:{port}/"}
+        destination: dict[str, Any] = {"ref": {"apiVersion": "v1", "kind": "Service", "name": service}}
+    else:
+        destination = {"uri": f"http://{service}.{namespace}.svc.cluster.local:{port}/"}
+    if audience is not None:
+        destination["audience"] = audience
+    return destination
 
 
 def _labels(policy: Policy) -> dict[str, str]:

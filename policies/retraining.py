@@ -71,7 +71,7 @@ from prometheus_client import Counter
 
 from kfloop.captures import assemble_training_set, training_base
 from kfloop.durable import atomic_write, fsync_folder
-from kfloop.errors import ClusterError, PipelineError, TemporaryError, is_temporary
+from kfloop.errors import ClusterError, DataError, PipelineError, TemporaryError, is_temporary
 from kfloop.policies.rollout import Deployer, Retries, roll_back, roll_out
 from kfloop.policies.spec import Policy
 from kfloop.registry import ModelRegistry
@@ -297,16 +297,16 @@ def _still_counts(run: dict[str, Any], now: float) -> bool:
 
 
 def _check_shape(data: Any) -> None:
-    """Raise ``ValueError`` unless ``data`` is a state this service wrote."""
+    """Raise :class:`~kfloop.errors.DataError` unless ``data`` is a state this service wrote."""
     if not isinstance(data, dict):
-        raise ValueError(f"the state must be a JSON object, not {type(data).__name__}")
+        raise DataError(f"the state must be a JSON object, not {type(data).__name__}")
     seen = data.setdefault("seen", [])
     if not isinstance(seen, list) or not all(isinstance(i, str) for i in seen):
-        raise ValueError('"seen" must be a list of event ids')
+        raise DataError('"seen" must be a list of event ids')
     for name in ("pending", "runs"):
         records = data.setdefault(name, [])
         if not isinstance(records, list) or not all(_is_run(r) for r in records):
-            raise ValueError(f'"{name}" must be a list of runs, each with an "id", an "outcome" and numeric times')
+            raise DataError(f'"{name}" must be a list of runs, each with an "id", an "outcome" and numeric times')
 
 
 def _is_run(record: Any) -> bool:

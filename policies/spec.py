@@ -133,8 +133,45 @@ class ScalingPolicy(_Spec):
         return self
 
 
+MAX_RETRY_SECONDS = 86_400  # Knative keeps an alarm in memory while it retries: at most a day
+
+
+class DeliveryPolicy(_Spec):
+    """How a cluster's Knative Triggers deliver each alarm to the trigger service (the Triggers' ``spec.delivery``).
+
+    After a failed attempt Knative retries ``retries`` times, waiting
+    ``backoff_delay_seconds * 2**n`` (``exponential``) or ``backoff_delay_seconds * n``
+    (``linear``) before retry ``n`` (counted from 0, as its dispatcher does: 1, 2,
+    4, ... s by default, 255 s in all); an alarm still not taken then goes to the
+    Triggers' dead-letter sink, the watch, which stores it in its outbox and sends
+    it again. On one machine the watch posts alarms to the trigger service itself
+    and its outbox retries, so this section is used on a cluster only.
+    """
+
+    retries: int = Field(default=8, ge=0, le=100)
+    backoff_delay_seconds: float = Field(default=1.0, ge=0.001)
+    backoff_policy: Literal["exponential", "linear"] = "exponential"
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "DeliveryPolicy":
+        if self.retry_seconds() > MAX_RETRY_SECONDS:
+            raise ValueError(f"the retries wait {self.retry_seconds():.0f} s in all, more than a day ({MAX_RETRY_SECONDS} s): "
+                             "Knative keeps the alarm in memory meanwhile; use fewer retries or a shorter delay")
+        return self
+
+    def retry_seconds(self) -> float:
+        """How long Knative waits in all before it dead-letters an alarm that is never taken."""
+        if self.backoff_policy == "exponential":
+            return self.backoff_delay_seconds * (2 ** self.retries - 1)
+        return self.backoff_delay_seconds * self.retries * (self.retries - 1) / 2
+
+    def backoff_delay(self) -> str:
+        """``backoff_delay_seconds`` as the ISO-8601 duration Knative reads: ``1`` -> ``"PT1S"``, ``0.5`` -> ``"PT0.5S"``."""
+        return f"PT{self.backoff_delay_seconds:.3f}".rstrip("0").rstrip(".") + "S"
+
+
 class RetrainingPolicy(_Spec):
-    """When drift or outlier alarms rerun the training pipeline, and on what data."""
+    """When drift or outlier alarms rerun the training pipeline, and on what data, and how alarms reach it on a cluster."""
 
     events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected"]] = Field(  # kfloop.event_types.ALARM_EVENTS
         default=list(ALARM_EVENTS), min_length=1
@@ -143,6 +180,7 @@ class RetrainingPolicy(_Spec):
     max_runs_per_day: int = Field(default=4, ge=1)
     base_data: str | None = None  # data URI of the base training set (default: the one of the serving version)
     include_captures: bool = True  # add labelled capture shards (<registry>/<model>/captures/**/labelled*.csv)
+    delivery: DeliveryPolicy = DeliveryPolicy()
 
 
 class RolloutPolicy(_Spec):
@@ -179,7 +217,7 @@ def _byte_size(value: object) -> object:
         return value
     match = _SIZE.match(value)
     if match is None or match.group(2) not in _BYTE_UNITS:
-        raise ValueError(f"a size is a number of bytes, optionally with a unit: {', '.join(u for u in _BYTE_UNITS if u)}")
+        raise PolicyError(f"a size is a number of bytes, optionally with a unit: {', '.join(u for u in _BYTE_UNITS if u)}")
     return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
 
 

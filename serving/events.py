@@ -44,6 +44,7 @@ __all__ = [
     "EventService",
     "ReceivedEvent",
     "create_event_app",
+    "json_object",
     "parse_cloudevent",
 ]
 
@@ -156,6 +157,18 @@ def _json_or_bytes(body: bytes, content_type: str) -> Any:
         except orjson.JSONDecodeError:
             return body  # the service says what it thinks of data that is not JSON
     return body
+
+
+def json_object(data: Any, what: str) -> dict[str, Any]:
+    """An event's data as a JSON object (binary-mode events may come without a JSON content type), or an InputError."""
+    if isinstance(data, (bytes, bytearray, str)):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise InputError(f"{what} must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} must be a JSON object")
+    return data
 
 
 def error_body(exc: KfloopError) -> tuple[int, bytes, dict[str, str]]:

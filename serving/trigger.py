@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 
 from kfloop.errors import InputError, KfloopError
 from kfloop.policies.retraining import RetrainingService
 from kfloop.serving.auth import Authenticator
-from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
+from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app, json_object
 
 __all__ = ["OUTCOME_HEADER", "TriggerApp", "create_app"]
 
@@ -40,7 +39,7 @@ class TriggerApp:
         config, event = self.service.config, delivery.event
         if event["type"] not in config.policy.retraining.events:
             return EventReply.ignored(f"event type {event['type']!r} does not trigger retraining")
-        model = _alarm_data(event.get_data()).get("model")
+        model = json_object(event.get_data(), "an alarm's data").get("model")
         if not isinstance(model, str) or not model:
             raise InputError('an alarm\'s data must name its model: {"model": "<name>", ...}')
         if model != config.model:
@@ -55,18 +54,6 @@ class TriggerApp:
 
     def health(self) -> dict[str, str]:
         return {"status": "ok"}
-
-
-def _alarm_data(data: Any) -> dict[str, Any]:
-    """An alarm's data as a JSON object (binary-mode events may come without a JSON content type)."""
-    if isinstance(data, (bytes, str)):
-        try:
-            data = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise InputError("an alarm's data must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise InputError("an alarm's data must be a JSON object")
-    return data
 
 
 def create_app(service: RetrainingService, authenticator: Authenticator) -> EventApp:

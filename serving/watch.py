@@ -40,11 +40,26 @@ shards are written.
 
 The service follows the registry's production pointer: when it moves, the
 reference and detectors switch to the new version and the window restarts.
+
+**Dead letters** (a cluster): an alarm a Knative Trigger could not deliver to
+the trigger service within the policy's retries (``retraining.delivery``)
+comes back from Knative's broker-filter to a second port of the watch
+(:class:`DeadLetters`, served on its own thread so that its token checks
+never hold up payload events). This model's alarms are stored in the outbox
+again with their id, type, source and data, so the outbox sends them to the
+Broker once more and the trigger service, which deduplicates by id, takes each
+once; 202 means stored, 503 that it could not be (Knative retries). Other
+types and other models' alarms are answered 204. An alarm the trigger service
+refused with an answer Knative does not retry (400, 401, 403, 413, ...) is
+dead-lettered at once, so sending it again would circle through the Broker
+with no delay: it is logged as an error and answered 204, not stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import threading
 import time
@@ -61,7 +76,7 @@ from prometheus_client import Counter, Gauge
 from kfloop.bundle import REFERENCE
 from kfloop.captures import CaptureRetention
 from kfloop.errors import InputError, KfloopError, TemporaryError
-from kfloop.event_types import DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.event_types import ALARM_EVENTS, DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.registry import ModelRegistry
 from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot, make_detector,
@@ -69,7 +84,7 @@ from kfloop.drift.detectors import (
 from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
 from kfloop.serving.auth import Authenticator
-from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app
+from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app, json_object
 from kfloop.serving.limits import HeaderLimitedHttp
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
@@ -91,6 +106,8 @@ OUTLIERS = Gauge("kfloop_watch_outliers", "Rows above the outlier threshold in t
 OUTLIER_ALARM = Gauge("kfloop_watch_outlier_alarm", "1 if the last window had too many outliers.", ["model", "version"])
 ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "kind"])
 UNSTORED = Gauge("kfloop_watch_alarms_unstored", "Alarms the outbox could not store yet (events are refused meanwhile).", ["model"])
+DEAD_LETTERS = Counter("kfloop_watch_dead_letters", "Alarms Knative dead-lettered back to the watch, by outcome "
+                       "(requeued / dropped / ignored / invalid / failed).", ["model", "outcome"])
 
 log = logging.getLogger(__name__)
 
@@ -474,23 +491,156 @@ class WatchService:
         }
 
 
+def knative_retries(status: int) -> bool:
+    """Whether Knative's dispatcher retries a delivery that got ``status`` (``kncloudevents.SelectiveRetry``).
+
+    No answer at all (``status <= 0``), 404, 408, 409, 429 and 5xx are retried
+    with the Trigger's back-off; anything else goes to the dead-letter sink at once.
+    """
+    return status <= 0 or status >= 500 or status in (404, 408, 409, 429)
+
+
+class DeadLetters:
+    """The dead-letter port's service: this model's alarms that a Knative Trigger could not deliver, back into the outbox.
+
+    A dead letter carries Knative's ``knativeerrorcode`` (the trigger service's
+    answer, or 500 when there was none) and ``knativeerrordata`` (its body,
+    base64). It is stored again -- same id, type, source and data -- only when
+    Knative had retried it: then each round through the Broker takes at least
+    the Trigger's whole back-off, while one refused at once would come straight
+    back.
+    """
+
+    def __init__(self, watch: WatchService) -> None:
+        self.watch = watch
+
+    def handle(self, delivery: Delivery) -> EventReply:
+        """202 stored in the outbox, 204 not an alarm of this model or refused for good, 400 malformed, 503 not stored."""
+        event, model = delivery.event, self.watch.config.model
+        event_id, event_type = str(event["id"]), event["type"]
+        if event_type not in ALARM_EVENTS:
+            return self._ignored("ignored", f"event type {event_type!r} is not an alarm ({', '.join(ALARM_EVENTS)}); "
+                                            "only alarms come back here")
+        data = json_object(event.get_data(), "a dead-lettered alarm's data")
+        named = data.get("model")
+        if not isinstance(named, str) or not named:
+            raise InputError('an alarm\'s data must name its model: {"model": "<name>", ...}')
+        if named != model:
+            return self._ignored("ignored", f"alarm is for model {named!r}, this watch is {model!r}'s")
+        status = _error_code(event)
+        if status is not None and not knative_retries(status):
+            log.error("alarm %s (%s) of %s was refused by %s with %d, which Knative does not retry: not sent again "
+                      "(it would come straight back); the answer was: %s", event_id, event_type, model,
+                      event.get("knativeerrordest", "the trigger service"), status, _error_data(event))
+            return self._ignored("dropped", f"alarm {event_id} was refused with {status}, which Knative does not retry: "
+                                            "not sent again")
+        try:
+            self.watch.outbox.put(event_type, event["source"], data, event_id=event_id)
+        except OSError as exc:
+            raise TemporaryError(f"dead-lettered alarm {event_id} of {model} could not be stored in the outbox "
+                                 f"({type(exc).__name__}: {exc}); try again later") from None
+        DEAD_LETTERS.labels(model, "requeued").inc()
+        log.warning("alarm %s (%s) of %s came back undelivered (%s); stored in the outbox to be sent again",
+                    event_id, event_type, model, "no answer" if status is None else f"last answer {status}")
+        return EventReply(202)
+
+    def _ignored(self, outcome: str, reason: str) -> EventReply:
+        DEAD_LETTERS.labels(self.watch.config.model, outcome).inc()
+        return EventReply.ignored(reason)
+
+    def refused(self, error: KfloopError) -> None:
+        DEAD_LETTERS.labels(self.watch.config.model, "invalid" if error.status < 500 else "failed").inc()
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.watch.config.model, "outbox": len(self.watch.outbox.pending())}
+
+    def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def _error_code(event: Any) -> int | None:
+    """The status Knative recorded for the failed delivery (``knativeerrorcode``), if it is a number."""
+    try:
+        return int(str(event.get("knativeerrorcode", "")).strip())
+    except ValueError:
+        return None
+
+
+def _error_data(event: Any) -> str:
+    """The start of the refusal's body (``knativeerrordata``, base64), printable."""
+    encoded = event.get("knativeerrordata")
+    if not encoded:
+        return "(none recorded)"
+    try:
+        text = base64.b64decode(encoded, validate=False).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        text = str(encoded)
+    return text[:300].replace("\n", " ")
+
+
 def _iso(epoch: float) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def create_app(service: WatchService, authenticator: Authenticator | None) -> EventApp:
+@dataclass(frozen=True)
+class DeadLetterPort:
+    """Where the watch takes back the alarms a Knative Trigger could not deliver, and from whom (None: anyone)."""
+
+    port: int
+    authenticator: Authenticator | None
+
+
+class Listener:
+    """One more port of the process, served by its own uvicorn server on its own thread and event loop.
+
+    The socket is bound here, at construction, so a port in use stops the start
+    rather than a thread; uvicorn leaves signals to the main thread's server,
+    whose shutdown stops this one.
+    """
+
+    def __init__(self, app: EventApp, host: str, port: int) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
+                                                    access_log=False, http=HeaderLimitedHttp))
+        self.socket = self.server.config.bind_socket()
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       name=f"kfloop-listener-{port}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        self.socket.close()
+
+
+def create_dead_letter_app(service: WatchService, authenticator: Authenticator | None) -> EventApp:
+    """The dead-letter port's app: ``POST /`` dead letters (:class:`DeadLetters`), ``GET /healthz``, ``/status``, ``/metrics``.
+
+    Storing into the outbox fsyncs, so events are handled on a worker thread.
+    """
+    return create_event_app("kfloop watch (dead letters)", DeadLetters(service), offload=True, authenticator=authenticator)
+
+
+def create_app(service: WatchService, authenticator: Authenticator | None, dead_letters: Listener | None = None) -> EventApp:
     """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``.
 
     An event is parsed and added to the window on the event loop (a fraction of
     a millisecond); the window tests, file writes and alarms run on the
     service's worker thread, so ``/healthz`` answers while the service is saturated.
+    ``dead_letters``, when given, is served while the app is (started with it, stopped first).
     """
     background: list[asyncio.Task] = []
     model = service.config.model
 
     async def start_tasks() -> None:
+        if dead_letters is not None:
+            dead_letters.start()
         background.append(asyncio.create_task(service.outbox.run()))
         background.append(asyncio.create_task(_every(service.config.follow_seconds, service.follow_production,
                                                      f"following the production version of {model}")))
@@ -500,6 +650,8 @@ def create_app(service: WatchService, authenticator: Authenticator | None) -> Ev
                                                          f"testing the window of {model}")))
 
     async def stop_tasks() -> None:
+        if dead_letters is not None:  # first: nothing comes into the outbox once the watch is closing
+            await asyncio.get_running_loop().run_in_executor(None, dead_letters.stop)
         for task in background:
             task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, service.close)
@@ -517,10 +669,19 @@ async def _every(seconds: float, work: Callable[[], object], what: str) -> None:
             log.exception("%s failed; trying again in %.1f s", what, seconds)
 
 
-def run_watch(config: WatchConfig, authenticator: Authenticator | None, host: str = "127.0.0.1", port: int = 8085) -> None:
-    """Serve the watch service until SIGTERM/SIGINT; payload events must pass ``authenticator`` (None: open)."""
+def run_watch(config: WatchConfig, authenticator: Authenticator | None, host: str = "127.0.0.1", port: int = 8085,
+              dead_letters: DeadLetterPort | None = None) -> None:
+    """Serve the watch service until SIGTERM/SIGINT; payload events must pass ``authenticator`` (None: open).
+
+    With ``dead_letters`` the watch also takes back, on that port, the alarms a Knative Trigger could not deliver.
+    """
     import uvicorn
 
+    if dead_letters is not None and dead_letters.port == port:
+        raise InputError(f"the dead-letter port must differ from the payload port ({port}): "
+                         "a NetworkPolicy tells the two senders apart by port")
     service = WatchService(config)
-    uvicorn.run(create_app(service, authenticator), host=host, port=port, log_level="warning", access_log=False,
+    listener = (Listener(create_dead_letter_app(service, dead_letters.authenticator), host, dead_letters.port)
+                if dead_letters is not None else None)
+    uvicorn.run(create_app(service, authenticator, listener), host=host, port=port, log_level="warning", access_log=False,
                 http=HeaderLimitedHttp)

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from kfloop.cli.options import (
-    DEFAULT_HOME, HomeOption, HostOption, ImageOption, ModelOption, PolicyOption, RegistryOption, TargetOption,
-    registry_uri,
+    DEFAULT_HOME, HomeOption, HostOption, ImageOption, ModelOption, OidcOptions, PolicyOption, RegistryOption, TargetOption,
+    registry_uri, with_options,
 )
 
 __all__ = ["AlarmAuth", "policy_app", "trigger"]
@@ -36,6 +36,9 @@ def policy_compile(
     trigger_service: Annotated[str, typer.Option("--trigger-service", help="Service that receives the retraining events.")] = "kfloop-trigger",
     drift_service: Annotated[Optional[str], typer.Option("--drift-service", help="Also route payload events from the Broker to this Service (a Broker without OIDC only; kfloop's manifests have KServe's logger post to the watch directly).")] = None,
     audience: Annotated[Optional[str], typer.Option("--audience", help="spec.subscriber.audience of the alarm Triggers: Knative (OIDC on) sends the trigger service a token for it.")] = None,
+    dead_letter_service: Annotated[Optional[str], typer.Option("--dead-letter-service", help="The alarm Triggers' deadLetterSink: this Service (the watch, run with --dead-letter-port) takes back alarms not delivered within the policy's retraining.delivery retries. Without it such alarms are dropped.")] = None,
+    dead_letter_port: Annotated[int, typer.Option("--dead-letter-port", min=1, max=65535, help="Port of --dead-letter-service (the watch's --dead-letter-port).")] = 8081,
+    dead_letter_audience: Annotated[Optional[str], typer.Option("--dead-letter-audience", help="deadLetterSink.audience: Knative (OIDC on) sends dead letters a token of the Trigger's ServiceAccount for it.")] = None,
     policy: PolicyOption = None,
 ) -> None:
     """Compile the policy to a KEDA ScaledObject and Knative Triggers; print the paths of the files written."""
@@ -52,13 +55,16 @@ def policy_compile(
         *compile_triggers(
             loaded_policy, namespace=namespace, broker=broker, trigger_service=trigger_service,
             drift_service=drift_service, inference_service=inference_service, audience=audience,
+            dead_letter_service=dead_letter_service, dead_letter_port=dead_letter_port, dead_letter_audience=dead_letter_audience,
         ),
     ]
     for path in write_objects(objects, output):
         typer.echo(path)
 
 
+@with_options(OidcOptions)
 def trigger(
+    oidc: OidcOptions,
     registry: RegistryOption = None,
     model: ModelOption = None,
     policy: PolicyOption = None,
@@ -68,9 +74,6 @@ def trigger(
     token: Annotated[Optional[str], typer.Option("--token", envvar="KFLOOP_KFP_TOKEN", help="Bearer token for --kfp-host.")] = None,
     kfp_allow_http: Annotated[bool, typer.Option("--kfp-allow-http", help="Send the --token to a plain-http --kfp-host (in-cluster Service traffic only).")] = False,
     alarm_auth: Annotated[AlarmAuth, typer.Option("--alarm-auth", help="Who may send alarms: 'token' (HOME's bearer token, one machine) or 'oidc' (a Knative Trigger's ServiceAccount JWT, cluster).")] = AlarmAuth.token,
-    oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", help="With --alarm-auth oidc: the audience the Triggers set (spec.subscriber.audience).")] = None,
-    oidc_subject: Annotated[Optional[list[str]], typer.Option("--oidc-subject", help="With --alarm-auth oidc: an admitted subject, system:serviceaccount:NS:SA with SA each Trigger's status.auth.serviceAccountName (Knative shortens long names with a hash; kfloop manifests computes them) (repeat per Trigger).")] = None,
-    oidc_issuer_url: Annotated[str, typer.Option("--oidc-issuer-url", help="With --alarm-auth oidc: where the cluster's OIDC discovery document is served.")] = "https://kubernetes.default.svc",
     image: ImageOption = "",
     inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="Roll out by patching this InferenceService (cluster).")] = None,
     namespace: Annotated[str, typer.Option("--namespace", help="Namespace of --inference-service.")] = "default",
@@ -95,11 +98,7 @@ def trigger(
 
     authenticator: Authenticator
     if alarm_auth is AlarmAuth.oidc:
-        if not oidc_audience or not oidc_subject:
-            raise typer.BadParameter("--alarm-auth oidc needs --oidc-audience and at least one --oidc-subject")
-        from kfloop.serving.oidc import ServiceAccountTokens
-
-        authenticator = ServiceAccountTokens(oidc_audience, oidc_subject, issuer_url=oidc_issuer_url)
+        authenticator = oidc.authenticator("--alarm-auth oidc")
     else:
         authenticator = LocalToken(local_token(home), loopback_only=is_loopback(host))
     loaded = load_policy(policy)

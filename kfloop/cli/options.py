@@ -19,10 +19,11 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from kfloop.serving.entrypoints import ServerAddress
+    from kfloop.serving.oidc import ServiceAccountTokens
 
 __all__ = [
     "DEFAULT_HOME", "AuthTokenFileOption", "ControlPortOption", "DataOption", "GrpcPortOption", "HomeOption", "HostOption", "HttpPortOption", "ImageOption",
-    "MaxBatchOption", "ModelOption", "NoGrpcOption", "PolicyOption", "RegistryOption", "TargetOption", "WorkersOption",
+    "MaxBatchOption", "ModelOption", "NoGrpcOption", "OidcOptions", "PolicyOption", "RegistryOption", "TargetOption", "WorkersOption",
     "ServerOptions", "absolute_if_local", "err", "out", "registry_uri", "wait_for_stop_signal", "with_options",
 ]
 
@@ -140,3 +141,20 @@ class ServerOptions:
         from kfloop.serving.entrypoints import ServerAddress
 
         return ServerAddress(self.host, self.http_port, self.grpc_port, not self.no_grpc)
+
+
+@dataclass(frozen=True)
+class OidcOptions:
+    """Which Kubernetes ServiceAccount JWTs a server takes (a cluster's Knative Triggers, OIDC on)."""
+
+    oidc_audience: Annotated[Optional[str], typer.Option("--oidc-audience", help="With oidc auth: the audience the Triggers ask Knative's tokens for (spec.subscriber.audience, or spec.delivery.deadLetterSink.audience).")] = None
+    oidc_subject: Annotated[Optional[list[str]], typer.Option("--oidc-subject", help="With oidc auth: an admitted subject, system:serviceaccount:NS:SA with SA a Trigger's status.auth.serviceAccountName (Knative shortens long names with a hash; kfloop manifests computes them); repeat per Trigger.")] = None
+    oidc_issuer_url: Annotated[str, typer.Option("--oidc-issuer-url", help="With oidc auth: where the cluster's OIDC discovery document is served.")] = "https://kubernetes.default.svc"
+
+    def authenticator(self, flag: str) -> "ServiceAccountTokens":
+        """The verifier these options describe; ``flag`` (``--alarm-auth oidc``) names what asked for it in errors."""
+        if not self.oidc_audience or not self.oidc_subject:
+            raise typer.BadParameter(f"{flag} needs --oidc-audience and at least one --oidc-subject")
+        from kfloop.serving.oidc import ServiceAccountTokens
+
+        return ServiceAccountTokens(self.oidc_audience, self.oidc_subject, issuer_url=self.oidc_issuer_url)

@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from kfloop.cli.options import DEFAULT_HOME, HomeOption, HostOption, PolicyOption, RegistryOption, registry_uri
+from kfloop.cli.options import (
+    DEFAULT_HOME, HomeOption, HostOption, OidcOptions, PolicyOption, RegistryOption, registry_uri, with_options,
+)
 
-__all__ = ["EventAuth", "watch"]
+__all__ = ["DeadLetterAuth", "EventAuth", "watch"]
 
 
 class EventAuth(str, Enum):
@@ -20,7 +22,17 @@ class EventAuth(str, Enum):
     none = "none"
 
 
+class DeadLetterAuth(str, Enum):
+    """Who the watch takes dead letters (alarms a Knative Trigger could not deliver) from."""
+
+    token = "token"
+    oidc = "oidc"
+    none = "none"
+
+
+@with_options(OidcOptions)
 def watch(
+    oidc: OidcOptions,
     sink: Annotated[str, typer.Option("--sink", help="Where alarms (CloudEvents) go: a Knative Broker, or the trigger service.")],
     registry: RegistryOption = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")] = None,
@@ -38,6 +50,8 @@ def watch(
     follow_seconds: Annotated[float, typer.Option("--follow-seconds", help="How often to check the registry's production version.")] = 5.0,
     event_auth: Annotated[EventAuth, typer.Option("--event-auth", help="Who may post payload events: 'token' (HOME's bearer token) or 'none' (a cluster, where a NetworkPolicy admits only the transformer's pods: KServe's logger sends no credentials).")] = EventAuth.token,
     sink_token_file: Annotated[Optional[Path], typer.Option("--sink-token-file", help="Alarms carry the bearer token in this file, re-read when it changes (default: HOME/token; a cluster: the projected ServiceAccount token for the Broker).")] = None,
+    dead_letter_port: Annotated[int, typer.Option("--dead-letter-port", min=0, max=65535, help="Also take back, on this port, alarms a Knative Trigger could not deliver (its deadLetterSink): they go into the outbox and are sent again. 0: off.")] = 0,
+    dead_letter_auth: Annotated[DeadLetterAuth, typer.Option("--dead-letter-auth", help="Who may post dead letters: 'token' (HOME's bearer token), 'oidc' (a Knative Trigger's ServiceAccount JWT, cluster) or 'none' (a NetworkPolicy alone).")] = DeadLetterAuth.token,
     host: HostOption = "127.0.0.1",
     policy: PolicyOption = None,
     home: HomeOption = DEFAULT_HOME,
@@ -46,11 +60,14 @@ def watch(
     from kfloop.policies import load_policy
     from kfloop.drift.detectors import BACKENDS, DetectorConfig
     from kfloop.credentials import local_token, token_path
-    from kfloop.serving.auth import LocalToken, is_loopback
-    from kfloop.serving.watch import WatchConfig, run_watch
+    from kfloop.serving.auth import Authenticator, LocalToken, is_loopback
+    from kfloop.serving.watch import DeadLetterPort, WatchConfig, run_watch
 
     if backend not in BACKENDS:
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dead_letter_port and dead_letter_port == http_port:
+        raise typer.BadParameter(f"--dead-letter-port must differ from --http-port ({http_port})")
+    dead_letter_oidc = bool(dead_letter_port) and dead_letter_auth is DeadLetterAuth.oidc
     loaded = load_policy(policy)
     name = model or loaded.model
     try:
@@ -64,9 +81,18 @@ def watch(
         detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
         sink_token_file=sink_token_file or token_path(home), capture_retention=loaded.captures.retention(),
     )
-    if event_auth is EventAuth.token or sink_token_file is None:
+    dead_letter_token = bool(dead_letter_port) and dead_letter_auth is DeadLetterAuth.token
+    if event_auth is EventAuth.token or sink_token_file is None or dead_letter_token:
         token = local_token(home)  # created at first use
     authenticator = LocalToken(token, loopback_only=is_loopback(host)) if event_auth is EventAuth.token else None
-    run_watch(config, authenticator, host=host, port=http_port)
+    dead_letters = None
+    if dead_letter_port:
+        dead_letter_authenticator: Authenticator | None = None
+        if dead_letter_oidc:
+            dead_letter_authenticator = oidc.authenticator("--dead-letter-auth oidc")
+        elif dead_letter_token:
+            dead_letter_authenticator = LocalToken(token, loopback_only=is_loopback(host))
+        dead_letters = DeadLetterPort(dead_letter_port, dead_letter_authenticator)
+    run_watch(config, authenticator, host=host, port=http_port, dead_letters=dead_letters)
 
 

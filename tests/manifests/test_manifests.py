@@ -33,7 +33,7 @@ from kubernetes_validate import utils as kv_utils
 from kfloop.errors import ClusterError, ManifestError
 from kfloop.manifests.deploy import Cluster
 from kfloop.manifests.render import (
-    BROKER_TOKEN_PATH, KFP_TOKEN_SECRET, RECOMMENDED_EVENTING_FEATURES, REQUIRED_EVENTING_FEATURES,
+    BROKER_TOKEN_PATH, DEAD_LETTER_PORT, KFP_TOKEN_SECRET, RECOMMENDED_EVENTING_FEATURES, REQUIRED_EVENTING_FEATURES,
     STORAGE_READONLY_SECRET, STORAGE_SECRET, broker_audience, broker_ingress_url, knative_child_name, render_objects,
     trigger_subject,
 )
@@ -313,9 +313,10 @@ def test_credentials_reach_the_pods_only_by_secret_reference(objects):
                       "valueFrom": {"secretKeyRef": {"name": "kfloop-kfp-token", "key": "token", "optional": True}}}]
 
 
-def test_only_the_trigger_service_may_use_the_kubernetes_api_and_only_on_its_inference_service(objects):
+def test_only_the_trigger_service_has_rights_on_the_kubernetes_api_and_only_on_its_inference_service(objects):
     accounts = {o["metadata"]["name"]: o["automountServiceAccountToken"] for o in objects if o["kind"] == "ServiceAccount"}
-    assert accounts == {"classifier-serving": False, "classifier-watch": False, "classifier-trigger": True}
+    # The watch's token only reads the cluster's OIDC discovery (every ServiceAccount may), to check dead letters' tokens.
+    assert accounts == {"classifier-serving": False, "classifier-watch": True, "classifier-trigger": True}
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
     assert role["rules"][0] == {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
                                 "resourceNames": ["classifier"], "verbs": ["get", "list", "watch", "patch"]}
@@ -349,10 +350,12 @@ def test_every_container_command_line_is_accepted_by_kfloops_cli_as_kserve_exten
     assert (watch["sink"], watch["host"], watch["http_port"], watch["registry"]) == \
         (broker_ingress_url(NAMESPACE, "default"), "0.0.0.0", 8080, REGISTRY)
     assert (str(watch["sink_token_file"]), watch["event_auth"]) == (BROKER_TOKEN_PATH, "none")
+    alarm_triggers = [o["metadata"]["name"] for o in objects if o["kind"] == "Trigger"]
+    assert (watch["dead_letter_port"], watch["dead_letter_auth"], watch["oidc_audience"], list(watch["oidc_subject"])) == \
+        (DEAD_LETTER_PORT, "oidc", f"classifier-watch.{NAMESPACE}", [trigger_subject(NAMESPACE, name) for name in alarm_triggers])
     trigger = cli_command(one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"])
     assert (trigger["inference_service"], trigger["namespace"], trigger["prometheus_url"], trigger["image"], trigger["host"]) == \
         ("classifier", NAMESPACE, PROMETHEUS, IMAGE, "0.0.0.0")
-    alarm_triggers = [o["metadata"]["name"] for o in objects if o["kind"] == "Trigger"]
     assert (trigger["alarm_auth"], trigger["oidc_audience"], list(trigger["oidc_subject"]), trigger["kfp_allow_http"]) == \
         ("oidc", f"classifier-trigger.{NAMESPACE}", [trigger_subject(NAMESPACE, name) for name in alarm_triggers], True)
 
@@ -364,12 +367,14 @@ def test_the_transformer_names_the_predictor_protocol_and_logs_requests_to_the_w
     # Straight to the watch's Service (port 80 -> the watch's http port), not through the Broker:
     # KServe 0.20's logger sends no credentials, which an OIDC Broker answers with 401.
     watch = one(objects, "Service", "classifier-watch")
-    assert watch["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert watch["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                                      {"name": "dead-letters", "port": 8081, "targetPort": "dead-letters", "protocol": "TCP"}]
     assert isvc["spec"]["transformer"]["logger"] == {
         "mode": "request", "url": f"http://classifier-watch.{NAMESPACE}.svc.cluster.local/"}
     watch_pods = one(objects, "Deployment", "classifier-watch")["spec"]["template"]
     assert watch["spec"]["selector"].items() <= watch_pods["metadata"]["labels"].items()
-    assert [p["name"] for p in watch_pods["spec"]["containers"][0]["ports"]] == ["http"]
+    assert [(p["name"], p["containerPort"]) for p in watch_pods["spec"]["containers"][0]["ports"]] == \
+        [("http", 8080), ("dead-letters", DEAD_LETTER_PORT)]
     assert "broker-ingress" not in json.dumps(isvc)
     assert "logger" not in isvc["spec"]["predictor"]  # the drift detector must see raw rows, not scaled ones
     assert isvc["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard",
@@ -461,7 +466,8 @@ def test_network_policies_open_only_the_loops_paths(objects):
     transformer = json.dumps([{"podSelector": {"matchLabels": {"component": "transformer", "serving.kserve.io/inferenceservice": "classifier"}}}], sort_keys=True)
     assert sources("classifier-transformer-ingress") == [("null", [8080, 9081])]  # clients, and KServe's logging agent
     assert sources("classifier-predictor-ingress") == [(transformer, [8080]), (monitoring, [8080])]
-    assert sources("classifier-watch-ingress") == [(transformer, [8080]), (monitoring, [8080])]  # the payload logger
+    assert sources("classifier-watch-ingress") == [(transformer, [8080]), (monitoring, [8080]),  # the payload logger
+                                                   (broker_filter, [DEAD_LETTER_PORT])]  # the Triggers' dead letters
     assert sources("classifier-trigger-ingress") == [(broker_filter, [8080]), (monitoring, [8080])]  # Trigger deliveries
     # Every pod of the loop is selected by exactly one policy.
     for pod in (p for p in loop_pods(objects) if p.namespace == NAMESPACE):
@@ -580,19 +586,25 @@ def outsiders(pods: list[Pod]) -> list[Pod]:
 
 
 @pytest.mark.parametrize("istio", [False, True])
-def test_the_transformer_is_the_only_pod_of_the_loop_admitted_to_the_watchs_payload_port(policy, istio):
+def test_the_watchs_payload_port_admits_only_the_transformer_and_its_dead_letter_port_only_broker_filter(policy, istio):
     objects = render(policy, istio=istio)
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     pods = loop_pods(objects)
     assert {pod.name for pod in pods} == {"predictor", "transformer", "watch", "trigger", "broker-filter", "broker-ingress"}
     watch = next(pod for pod in pods if pod.name == "watch")
-    payload_port = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    ports = {p["name"]: p["containerPort"]
+             for p in one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    payload_port, dead_letter_port = ports["http"], ports["dead-letters"]
     assert [pod.name for pod in pods if admitted(policies, pod, watch, payload_port)] == ["transformer"]
     # Beyond the loop: Prometheus (its namespace, for /metrics on the same port), and nobody else;
     # the transformer's labels outside the loop's namespace do not count.
     assert [pod.name for pod in outsiders(pods) if admitted(policies, pod, watch, payload_port)] == ["prometheus"]
+    # The dead-letter port: Knative's broker-filter only (not its ingress, not the transformer, not Prometheus),
+    # and broker-filter's labels in another namespace do not count.
+    assert [pod.name for pod in pods if admitted(policies, pod, watch, dead_letter_port)] == ["broker-filter"]
+    assert [pod.name for pod in outsiders(pods) if admitted(policies, pod, watch, dead_letter_port)] == []
     # No other port of the watch is open to anyone.
-    assert not any(admitted(policies, pod, watch, port) for pod in pods + outsiders(pods) for port in (80, 8081, 9081))
+    assert not any(admitted(policies, pod, watch, port) for pod in pods + outsiders(pods) for port in (80, 8082, 9081))
 
 
 def test_only_knatives_broker_filter_reaches_the_trigger_service_and_only_the_transformer_the_predictor(objects):
@@ -678,7 +690,11 @@ def test_the_watch_posts_alarms_with_a_projected_token_for_the_brokers_audience(
     assert f"{mount['mountPath']}/token" == BROKER_TOKEN_PATH == args[args.index("--sink-token-file") + 1]
     assert args[args.index("--sink") + 1] == broker_ingress_url(NAMESPACE, "default")
     assert args[args.index("--event-auth") + 1] == "none"  # the NetworkPolicy admits only the transformer's pods
-    assert one(objects, "ServiceAccount", template["serviceAccountName"])["automountServiceAccountToken"] is False
+    # Its API token (it reads the OIDC discovery that checks dead letters' tokens) is bound to no Role:
+    # only what every ServiceAccount may do.
+    account = template["serviceAccountName"]
+    assert not [o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                and any(subject["name"] == account for subject in o["subjects"])]
 
 
 def test_the_trigger_service_checks_the_audience_and_the_subject_of_each_trigger(objects):
@@ -701,6 +717,42 @@ def test_the_trigger_service_checks_the_audience_and_the_subject_of_each_trigger
     # ServiceAccount by the default system:service-account-issuer-discovery binding), no extra RBAC.
     assert one(objects, "ServiceAccount", "classifier-trigger")["automountServiceAccountToken"] is True
     assert {o["kind"] for o in objects} & {"ClusterRoleBinding", "ClusterRole"} == set()
+
+
+def test_every_alarm_trigger_retries_with_the_policys_back_off_and_dead_letters_to_the_watch(objects, policy, shared_specs):
+    triggers = [o for o in objects if o["kind"] == "Trigger"]
+    watch_service = one(objects, "Service", "classifier-watch")
+    watch_args = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["args"]
+    trigger_args = one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
+    dead_letter_port = {p["name"]: p for p in watch_service["spec"]["ports"]}["dead-letters"]
+    for trigger in triggers:
+        validate_manifest(trigger, shared_specs)
+        # The CRD keeps unknown fields under ``delivery`` (for Knative's experimental ones), so its keys are checked here.
+        assert trigger["spec"]["delivery"] == {
+            "retry": policy.retraining.delivery.retries, "backoffPolicy": "exponential", "backoffDelay": "PT1S",
+            "deadLetterSink": {"uri": f"http://classifier-watch.{NAMESPACE}.svc.cluster.local:{dead_letter_port['port']}/",
+                               "audience": f"classifier-watch.{NAMESPACE}"},
+        }
+    # The sink is the watch's dead-letter port, which checks the sink's audience and each Trigger's ServiceAccount
+    # (broker-filter forwards a dead letter with the token of the Trigger that could not deliver it).
+    assert watch_args[watch_args.index("--dead-letter-port") + 1] == str(DEAD_LETTER_PORT) == str(dead_letter_port["port"])
+    assert watch_args[watch_args.index("--dead-letter-auth") + 1] == "oidc"
+    assert watch_args[watch_args.index("--oidc-audience") + 1] == triggers[0]["spec"]["delivery"]["deadLetterSink"]["audience"]
+    assert watch_args[watch_args.index("--oidc-audience") + 1] != trigger_args[trigger_args.index("--oidc-audience") + 1]
+    subjects = [args[i + 1] for args in (watch_args, trigger_args) for i, arg in enumerate(args) if arg == "--oidc-subject"]
+    assert subjects == 2 * [trigger_subject(NAMESPACE, t["metadata"]["name"]) for t in triggers]
+    # The Triggers, which name the sink, are applied after the watch that serves it.
+    names = [object_id(o) for o in objects]
+    assert all(names.index("Deployment/classifier-watch") < names.index(object_id(t)) for t in triggers)
+
+
+def test_the_policys_delivery_settings_reach_the_triggers(policy):
+    slow = policy.model_copy(update={"retraining": policy.retraining.model_copy(update={
+        "delivery": policy.retraining.delivery.model_copy(update={"retries": 3, "backoff_delay_seconds": 0.5,
+                                                                  "backoff_policy": "linear"})})})
+    for trigger in (o for o in render(slow) if o["kind"] == "Trigger"):
+        delivery = trigger["spec"]["delivery"]
+        assert (delivery["retry"], delivery["backoffPolicy"], delivery["backoffDelay"]) == (3, "linear", "PT0.5S")
 
 
 @pytest.mark.parametrize("parent, suffix, want", [  # knative.dev/pkg kmeta/names_test.go
@@ -749,6 +801,8 @@ def test_inference_service_pods_have_disruption_budgets_that_never_block_a_drain
     (lambda o: one(o, "EventPolicy")["spec"].update(form=[]), "crd"),
     (lambda o: one(o, "EventPolicy")["spec"]["to"][0]["ref"].update(namespace="x"), "crd"),
     (lambda o: one(o, "Trigger", "classifier-trigger-on-drift-detected")["spec"]["subscriber"].update(audiance="x"), "crd"),
+    (lambda o: one(o, "Trigger", "classifier-trigger-on-drift-detected")["spec"]["delivery"]["deadLetterSink"].update(audiance="x"), "crd"),
+    (lambda o: one(o, "Trigger", "classifier-trigger-on-outlier-detected")["spec"]["delivery"].update(retry="8"), "crd"),
     (lambda o: one(o, "PodDisruptionBudget", "classifier-predictor-budget")["spec"].update(maxUnavailible=1), "core"),
     (lambda o: one(o, "NetworkPolicy", "classifier-watch-ingress")["spec"]["ingress"][0]["from"][0].update(podSelecter={}), "core"),
     (lambda o: one(o, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["volumes"][-1]["projected"]["sources"][0]["serviceAccountToken"].update(expirySeconds=1), "core"),

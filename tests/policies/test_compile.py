@@ -250,6 +250,56 @@ def test_a_trigger_name_longer_than_a_dns_label_is_rejected(policy):
         compile_triggers(policy, **{**TRIGGER_SETTINGS, "trigger_service": "a" * 55})
 
 
+def test_alarm_triggers_retry_with_the_policys_back_off_and_dead_letter_to_the_named_sink(policy, shared_specs):
+    triggers = compile_triggers(policy, **TRIGGER_SETTINGS, audience="kfloop-trigger.ml", dead_letter_service="leaf-watch",
+                                dead_letter_port=8081, dead_letter_audience="leaf-watch.ml")
+    *alarms, payloads = triggers
+    for trigger in alarms:
+        validate_manifest(trigger, shared_specs)
+        assert trigger["spec"]["delivery"] == {
+            "retry": 8, "backoffPolicy": "exponential", "backoffDelay": "PT1S",
+            "deadLetterSink": {"uri": "http://leaf-watch.ml.svc.cluster.local:8081/", "audience": "leaf-watch.ml"},
+        }
+    assert alarms[0]["spec"]["delivery"] is not alarms[1]["spec"]["delivery"]  # one object's edits stay its own
+    assert "delivery" not in payloads["spec"]  # payloads are not dead-lettered into the watch that receives them
+
+
+def test_a_sink_on_port_80_is_a_service_reference_and_without_a_sink_only_the_retries_are_set(policy, shared_specs):
+    (drift, _) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None}, dead_letter_service="leaf-watch",
+                                  dead_letter_audience="leaf-watch.ml")
+    assert drift["spec"]["delivery"]["deadLetterSink"] == {"ref": {"apiVersion": "v1", "kind": "Service", "name": "leaf-watch"},
+                                                           "audience": "leaf-watch.ml"}
+    (drift, _) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None})
+    validate_manifest(drift, shared_specs)
+    assert drift["spec"]["delivery"] == {"retry": 8, "backoffPolicy": "exponential", "backoffDelay": "PT1S"}
+
+
+def test_linear_back_off_and_a_fractional_delay_compile_to_an_iso_8601_duration(tmp_path, shared_specs):
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"retraining": {"delivery": {"retries": 4, "backoff_delay_seconds": 2.5,
+                                                                "backoff_policy": "linear"}}}))
+    (drift, _) = compile_triggers(load_policy(path), **{**TRIGGER_SETTINGS, "drift_service": None})
+    validate_manifest(drift, shared_specs)
+    assert drift["spec"]["delivery"] == {"retry": 4, "backoffPolicy": "linear", "backoffDelay": "PT2.5S"}
+
+
+def test_a_misspelt_dead_letter_sink_field_is_caught_by_the_crd(policy, shared_specs):
+    (drift, _) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None}, dead_letter_service="leaf-watch",
+                                  dead_letter_port=8081)
+    drift["spec"]["delivery"]["deadLetterSink"]["audiance"] = "leaf-watch.ml"
+    drift["spec"]["delivery"]["retry"] = "8"
+    with pytest.raises(ManifestError) as caught:
+        validate_manifest(drift, shared_specs)
+    message = str(caught.value)
+    assert "$.spec.delivery.deadLetterSink: Additional properties are not allowed ('audiance' was unexpected)" in message
+    assert "$.spec.delivery.retry: '8' is not of type 'integer'" in message
+
+
+def test_a_dead_letter_service_that_is_not_a_dns_label_is_rejected(policy):
+    with pytest.raises(PolicyError, match=r"^dead-letter service 'Leaf_Watch' is not a DNS-1123 label"):
+        compile_triggers(policy, **TRIGGER_SETTINGS, dead_letter_service="Leaf_Watch")
+
+
 def test_objects_are_written_one_file_each_and_read_back_equal(policy, scaled_object, tmp_path):
     objects = [scaled_object, *compile_triggers(policy, **TRIGGER_SETTINGS)]
     paths = write_objects(objects, tmp_path / "out")
@@ -268,8 +318,9 @@ def test_two_objects_with_the_same_kind_and_name_are_not_written(scaled_object, 
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--drift-service", "leaf-watch", "--audience", "kfloop-trigger.ml"]],
-                         ids=["alarms only", "with the broker payload route and an audience"])
+@pytest.mark.parametrize("extra", [[], ["--drift-service", "leaf-watch", "--audience", "kfloop-trigger.ml",
+                                       "--dead-letter-service", "leaf-watch", "--dead-letter-audience", "leaf-watch.ml"]],
+                         ids=["alarms only", "with the broker payload route, an audience and a dead-letter sink"])
 def test_the_cli_writes_the_scaled_object_and_triggers_and_prints_their_paths(tmp_path, shared_specs, extra):
     out = tmp_path / "manifests"
     completed = subprocess.run(
@@ -288,6 +339,8 @@ def test_the_cli_writes_the_scaled_object_and_triggers_and_prints_their_paths(tm
         validate_manifest(yaml.safe_load(path.read_text()), shared_specs)
     alarm = yaml.safe_load(printed[1].read_text())
     assert alarm["spec"]["subscriber"].get("audience") == ("kfloop-trigger.ml" if extra else None)
+    assert alarm["spec"]["delivery"].get("deadLetterSink") == (
+        {"uri": "http://leaf-watch.ml.svc.cluster.local:8081/", "audience": "leaf-watch.ml"} if extra else None)
     if extra:
         payloads = yaml.safe_load(printed[-1].read_text())
         assert payloads["spec"]["filter"]["attributes"]["inferenceservicename"] == "leaf"

@@ -1,5 +1,5 @@
 """The policy file: defaults encode the automation table; every bad field is reported with what is allowed;
-the captures section bounds what the captures area keeps."""
+the captures section bounds what the captures area keeps; the delivery section says how long Knative retries an alarm."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 from kfloop.captures import CaptureRetention
 from kfloop.errors import PolicyError
 from kfloop.policies import load_policy
-from kfloop.policies.spec import CapturePolicy
+from kfloop.policies.spec import CapturePolicy, DeliveryPolicy
 
 
 def test_default_policy_has_eight_candidates_most_expensive_first():
@@ -103,4 +103,43 @@ def test_bad_capture_retention_fields_are_each_reported_with_what_is_allowed(tmp
     assert "captures.max_rows: unknown field" in message
     path.write_text(yaml.safe_dump({"captures": {"max_bytes": 1000}}))
     with pytest.raises(PolicyError, match=r"captures.max_bytes: Input should be greater than or equal to 1048576 \(got 1000\)"):
+        load_policy(path)
+
+
+def test_alarm_delivery_defaults_to_eight_exponential_retries_from_one_second_and_older_policies_stay_valid(tmp_path):
+    delivery = load_policy().retraining.delivery
+    assert (delivery.retries, delivery.backoff_delay_seconds, delivery.backoff_policy) == (8, 1.0, "exponential")
+    assert delivery.retry_seconds() == 255  # 1 + 2 + ... + 128 s, then the alarm is dead-lettered
+    assert delivery.backoff_delay() == "PT1S"
+    older = tmp_path / "older.yaml"
+    older.write_text(yaml.safe_dump({"model": "leaf", "retraining": {"cooldown_seconds": 60, "include_captures": False}}))
+    assert load_policy(older).retraining.delivery == DeliveryPolicy()
+
+
+@pytest.mark.parametrize(("fields", "retry_seconds", "duration"), [
+    ({"retries": 0}, 0, "PT1S"),
+    ({"retries": 4, "backoff_policy": "linear", "backoff_delay_seconds": 2}, 12, "PT2S"),  # 0 + 2 + 4 + 6 s
+    ({"retries": 3, "backoff_delay_seconds": 0.25}, 1.75, "PT0.25S"),
+    ({"retries": 16}, 65535, "PT1S"),
+])
+def test_delivery_waits_as_knatives_dispatcher_does(tmp_path, fields, retry_seconds, duration):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"retraining": {"delivery": fields}}))
+    delivery = load_policy(path).retraining.delivery
+    assert (delivery.retry_seconds(), delivery.backoff_delay()) == (retry_seconds, duration)
+
+
+def test_bad_delivery_fields_are_each_reported_with_what_is_allowed(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"retraining": {"delivery": {"retries": -1, "backoff_policy": "random",
+                                                                "backoff_delay_seconds": 0, "dead_letter": "x"}}}))
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    message = str(caught.value)
+    assert "retraining.delivery.retries: Input should be greater than or equal to 0 (got -1)" in message
+    assert "retraining.delivery.backoff_policy: Input should be 'exponential' or 'linear' (got 'random')" in message
+    assert "retraining.delivery.backoff_delay_seconds: Input should be greater than or equal to 0.001 (got 0)" in message
+    assert "retraining.delivery.dead_letter: unknown field" in message
+    path.write_text(yaml.safe_dump({"retraining": {"delivery": {"retries": 17}}}))
+    with pytest.raises(PolicyError, match=r"retraining.delivery: Value error, the retries wait 131071 s in all, more than a day"):
         load_policy(path)

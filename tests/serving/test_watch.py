@@ -2,7 +2,8 @@
 alarms at a real sink (through an outage and a restart), captured rows, and the production version followed;
 and what it takes being durable first: a full disk (a real small tmpfs) answers 503 and the retry is processed,
 an alarm the outbox cannot store holds events back, shards that cannot be written keep their rows, and rows
-taken before a crash are written after it."""
+taken before a crash are written after it; and the dead-letter port: an alarm a Knative Trigger could not
+deliver comes back (with the home's token, or a Trigger's JWT) and reaches the sink again with the same id."""
 
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def test_alarms_survive_a_sink_outage_and_a_restart_and_arrive_once_each(setup, 
     try:
         for _ in range(12):  # 3 windows of shifted rows -> 3 alarms, sink down
             post(service, event(setup["rows"][:10] * 2.0))
-        assert service.metric('kfloop_outbox_size{outbox="alarms"}') == 3
+        # The last window is tested off the request path: its alarm reaches the outbox a moment later.
+        eventually(lambda: service.metric('kfloop_outbox_size{outbox="alarms"}') == 3, what="3 alarms in the outbox")
     finally:
         service.stop()
     assert len(list((tmp_path / "state" / "outbox").glob("*.json"))) == 3
@@ -467,3 +469,128 @@ def test_rows_taken_before_a_crash_are_written_after_the_restart_and_a_redeliver
         sink.close()
     ids = captured_ids(setup["registry"], tag)
     assert sorted(ids) == sorted(f"{tag}-{i}:{j}" for i in range(3) for j in range(5))
+
+
+# --- dead letters: alarms a Knative Trigger could not deliver come back and are sent again ---------------
+
+
+DRIFT = "io.kfloop.drift.detected"
+
+
+class DeadLetterWatch(Watch):
+    """A real ``kfloop watch`` that also takes dead letters, on a port of their own."""
+
+    def __init__(self, registry: Path, sink_port: int, state: Path, *, extra: tuple[str, ...] = ()) -> None:
+        self.dead_letter_port = free_port()
+        self.dead_letter_url = f"http://127.0.0.1:{self.dead_letter_port}/"
+        super().__init__(registry, sink_port, state, extra=("--dead-letter-port", str(self.dead_letter_port), *extra))
+        wait_until_answering(self.dead_letter_url + "healthz", "the watch's dead-letter port", 30)
+
+    def dead_letter(self, headers_body, *, credentials: dict[str, str] | None = None, **extra: str) -> httpx.Response:
+        headers, body = headers_body
+        return httpx.post(self.dead_letter_url, headers=headers | extra | (self.auth if credentials is None else credentials),
+                          content=body, timeout=10)
+
+
+def alarm(event_id: str, *, model: str = "leaf", event_type: str = DRIFT, mode: str = "binary", data: object = None):
+    """An alarm as the watch sent it to the Broker, as Knative's broker-filter dead-letters it: the same event."""
+    attributes = {"type": event_type, "source": "kfloop/watch/leaf", "id": event_id, "datacontenttype": "application/json"}
+    body = {"model": model, "kind": "drift", "drift": True, "min_p_value": 1e-9} if data is None else data
+    return (to_binary if mode == "binary" else to_structured)(CloudEvent(attributes, body))
+
+
+# What Knative adds to a dead letter: the destination that failed, its status and the start of its body (base64).
+UNREACHABLE = {"ce-knativeerrordest": "http://leaf-trigger.ml.svc.cluster.local/", "ce-knativeerrorcode": "500",
+               "ce-knativeerrordata": "ZGlhbCB0Y3A6IGNvbm5lY3Rpb24gcmVmdXNlZA=="}  # "dial tcp: connection refused"
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_a_dead_lettered_alarm_is_stored_again_and_reaches_the_sink_with_the_same_id_type_source_and_data(setup, tmp_path, mode):
+    sink = EventSink()
+    service = DeadLetterWatch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    try:
+        answer = service.dead_letter(alarm("alarm-1", mode=mode), **UNREACHABLE)
+        assert answer.status_code == 202 and answer.content == b""
+        (delivered,) = eventually(lambda: sink.events, what="the dead letter at the sink")
+        assert (delivered["id"], delivered["type"], delivered["source"]) == ("alarm-1", DRIFT, "kfloop/watch/leaf")
+        assert delivered.data == {"model": "leaf", "kind": "drift", "drift": True, "min_p_value": 1e-9}
+        assert not [name for name in delivered.get_attributes() if name.startswith("knativeerror")]  # a fresh delivery
+        assert service.metric('kfloop_watch_dead_letters_total{model="leaf",outcome="requeued"}') == 1
+        # The payload port takes no dead letters, and the dead-letter port no payloads (below): one sender each.
+        assert post(service, alarm("alarm-2")).status_code == 204
+    finally:
+        service.stop()
+        sink.close()
+
+
+def test_a_dead_letter_is_answered_only_once_it_is_durable_and_survives_a_crash(setup, tmp_path):
+    sink_port = free_port()  # the Broker is down
+    service = DeadLetterWatch(setup["registry"], sink_port, tmp_path / "state")
+    try:
+        assert service.dead_letter(alarm("kept"), **UNREACHABLE).status_code == 202
+    finally:
+        service.crash()
+    sink = EventSink(sink_port)
+    service = DeadLetterWatch(setup["registry"], sink_port, tmp_path / "state")
+    try:
+        (delivered,) = eventually(lambda: sink.events, what="the dead letter after the crash")
+        assert delivered["id"] == "kept"
+    finally:
+        service.stop()
+        sink.close()
+
+
+def test_dead_letters_need_the_token_and_only_this_models_alarms_are_stored(setup, tmp_path):
+    sink = EventSink()
+    service = DeadLetterWatch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    try:
+        no_token = service.dead_letter(alarm("anonymous"), credentials={})
+        assert no_token.status_code == 401 and "credentials" in no_token.json()["error"]
+        assert service.dead_letter(alarm("forged"), credentials={"authorization": "Bearer nope"}).status_code == 403
+        payload = service.dead_letter(event(setup["rows"][:3]))
+        assert payload.status_code == 204 and "is not an alarm" in payload.headers["x-kfloop-ignored"]
+        other = service.dead_letter(alarm("someone-elses", model="other"))
+        assert other.status_code == 204 and "alarm is for model 'other'" in other.headers["x-kfloop-ignored"]
+        for data in ({"kind": "drift"}, [1, 2]):  # an alarm must name its model, in a JSON object
+            assert service.dead_letter(alarm("unnamed", data=data)).status_code == 400
+        # Refused at once by the trigger service (Knative does not retry a 400 or 401): sending it again would
+        # come straight back, so it is not stored.
+        for status in ("400", "401"):
+            refused = service.dead_letter(alarm(f"refused-{status}"), **{**UNREACHABLE, "ce-knativeerrorcode": status})
+            assert refused.status_code == 204 and "which Knative does not retry" in refused.headers["x-kfloop-ignored"]
+        # What Knative retried to the end (a 503, no answer at all) is stored: only that one reaches the sink.
+        assert service.dead_letter(alarm("retried"), **{**UNREACHABLE, "ce-knativeerrorcode": "503"}).status_code == 202
+        eventually(lambda: sink.events, what="the stored dead letter at the sink")
+        time.sleep(0.5)  # the outbox sends in order: anything stored before would have come first
+        assert [e["id"] for e in sink.events] == ["retried"]
+        for outcome, count in (("requeued", 1), ("ignored", 2), ("dropped", 2), ("invalid", 4)):
+            assert service.metric(f'kfloop_watch_dead_letters_total{{model="leaf",outcome="{outcome}"}}') == count, outcome
+    finally:
+        service.stop()
+        sink.close()
+
+
+def test_with_oidc_the_dead_letter_port_takes_only_the_knative_triggers_tokens(setup, tmp_path):
+    """The cluster mode: broker-filter forwards a dead letter with a token of the Trigger's own ServiceAccount."""
+    from test_oidc import AUDIENCE, TRIGGER, Issuer, signed
+
+    issuer = Issuer()
+    sink = EventSink()
+    service = DeadLetterWatch(setup["registry"], sink.server.server_port, tmp_path / "state", extra=(
+        "--dead-letter-auth", "oidc", "--oidc-issuer-url", issuer.url, "--oidc-audience", AUDIENCE, "--oidc-subject", TRIGGER))
+    try:
+        def bearer(token: str) -> dict[str, str]:
+            return {"authorization": f"Bearer {token}"}
+
+        assert service.dead_letter(alarm("a"), credentials={}).status_code == 401
+        assert service.dead_letter(alarm("a"), credentials=service.auth).status_code == 401  # the home's token is no JWT
+        assert service.dead_letter(alarm("a"), credentials=bearer(signed(aud=["leaf-trigger.ml"]))).status_code == 401
+        assert service.dead_letter(alarm("a"), credentials=bearer(signed(sub="system:serviceaccount:ml:x"))).status_code == 403
+        # No Host check in cluster mode: broker-filter calls the Service by its cluster DNS name.
+        admitted = service.dead_letter(alarm("a"), credentials=bearer(signed()), host="leaf-watch.ml.svc.cluster.local:8081")
+        assert admitted.status_code == 202
+        assert eventually(lambda: sink.events, what="the dead letter at the sink")[0]["id"] == "a"
+    finally:
+        service.stop()
+        sink.close()
+        issuer.stop()
