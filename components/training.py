@@ -105,11 +105,12 @@ def register_model(
     )
 
 
-def promotion_gate(registry_uri: str, model_name: str, version: str, prepared: Input[Dataset], metric: str, margin: float) -> dict:
-    """Promote the new version only if it beats production on the same holdout."""
+def promotion_gate(registry_uri: str, model_name: str, version: str, prepared: Input[Dataset], metric: str, margin: float,
+                   move_production: bool) -> dict:
+    """Pass the new version only if it beats production on the same holdout; with move_production, promote it."""
     from kfloop.steps import gate_step
 
-    return gate_step(registry_uri, model_name, version, prepared.path, metric, margin)
+    return gate_step(registry_uri, model_name, version, prepared.path, metric, margin, move_production)
 
 
 @dataclass(frozen=True)

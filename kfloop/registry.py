@@ -36,6 +36,7 @@ from kfloop.preprocessing import Preprocessor
 
 PRODUCTION_POINTER = "production.json"
 STATUS_CANDIDATE = "candidate"
+STATUS_APPROVED = "approved"  # passed the promotion gate; a rollout moves the production pointer to it
 STATUS_PROMOTED = "promoted"
 STATUS_REJECTED = "rejected"
 
@@ -197,13 +198,16 @@ class ModelRegistry:
         self._write_json(self._path(model, version, METADATA), record)
         return record
 
-    def promote(self, model: str, version: str, decision: dict[str, Any]) -> None:
-        """Record ``version`` as promoted (with the gate's ``decision``) and point production at it."""
-        self.update_metadata(model, version, status=STATUS_PROMOTED, gate=decision)
-        self._write_json(
-            self._path(model, PRODUCTION_POINTER),
-            {"version": version, "updated": utc_now(), "previous": self.production_version(model)},
-        )
+    def promote(self, model: str, version: str, decision: dict[str, Any] | None = None) -> None:
+        """Record ``version`` as promoted (with the gate's ``decision``, if given: a rollout keeps the one recorded
+        at approval) and point production at it."""
+        gate = {} if decision is None else {"gate": decision}
+        self.update_metadata(model, version, status=STATUS_PROMOTED, **gate)
+        self.set_production(model, version)
+
+    def approve(self, model: str, version: str, decision: dict[str, Any]) -> None:
+        """Record ``version`` as approved by the gate (with its ``decision``); production is left to a rollout."""
+        self.update_metadata(model, version, status=STATUS_APPROVED, gate=decision)
 
     def reject(self, model: str, version: str, decision: dict[str, Any]) -> None:
         """Record ``version`` as rejected (with the gate's ``decision``); production is left as it is."""

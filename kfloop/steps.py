@@ -162,11 +162,17 @@ def register_step(
         return ModelRegistry(registry_uri).register(model_name, files, metadata)
 
 
-def gate_step(registry_uri: str, model_name: str, version: str, prepared_path: str, metric: str, margin: float) -> dict[str, Any]:
+def gate_step(registry_uri: str, model_name: str, version: str, prepared_path: str, metric: str, margin: float,
+              move_production: bool = True) -> dict[str, Any]:
     """Promote ``version`` if it beats production on this run's holdout by more than ``margin``.
 
     Both versions are scored on the same rows, each through its own
     preprocessor, so a production model trained on other data is judged fairly.
+    With ``move_production`` the gate itself points production at a winner
+    (``kfloop train``); without, the winner is only ``approved`` and the
+    production pointer is left to the rollout that serves it (a run the trigger
+    service started: the pointer must not move before the canary is judged).
+    The decision's ``promoted`` says whether the version passed the gate.
     """
     from kfloop.registry import ModelRegistry
 
@@ -198,8 +204,10 @@ def gate_step(registry_uri: str, model_name: str, version: str, prepared_path: s
             reason=f"{metric} {new_metrics[metric]:.4f} {relation} production v{production} "
             f"{current_score:.4f} by more than {margin}",
         )
-    if decision["promoted"]:
+    if decision["promoted"] and move_production:
         registry.promote(model_name, version, decision)
+    elif decision["promoted"]:
+        registry.approve(model_name, version, decision)
     else:
         registry.reject(model_name, version, decision)
     return decision

@@ -98,15 +98,18 @@ def submit_training(
     image: str = DEFAULT_IMAGE,
     wait: bool = False,
     timeout_seconds: int = 3600,
+    move_production: bool = True,
 ) -> dict[str, Any]:
-    """Create a run of the training pipeline; with ``wait``, block until it ends."""
+    """Create a run of the training pipeline; with ``wait``, block until it ends
+    (``move_production``: see :func:`~kfloop.pipelines.training.pipeline_arguments`)."""
     import kfp
     import urllib3
     from kfp_server_api import ApiException
 
     probe(endpoint)
     client = kfp.Client(host=endpoint.host, existing_token=endpoint.token, namespace=endpoint.namespace or "kubeflow")
-    arguments = pipeline_arguments(policy, data_uri=data_uri, target=target, registry_uri=registry_uri, model=model)
+    arguments = pipeline_arguments(policy, data_uri=data_uri, target=target, registry_uri=registry_uri, model=model,
+                                   move_production=move_production)
     with tempfile.TemporaryDirectory(prefix="kfloop-submit-") as tmp:
         package = compile_training_pipeline(policy, Path(tmp) / "pipeline.yaml", image=image, registry_uri=registry_uri)
         try:

@@ -104,8 +104,10 @@ def run_training_locally(
     target: str | None = None,
     model: str | None = None,
     on_task: TaskCallback | None = None,
+    move_production: bool = True,
 ) -> dict[str, Any]:
-    """Run the pipeline under kfp.local; returns the promotion gate's decision.
+    """Run the pipeline under kfp.local; returns the promotion gate's decision
+    (``move_production``: see :func:`~kfloop.pipelines.training.pipeline_arguments`).
 
     Artifacts of the run stay under ``workdir/runs``, its log in ``workdir/logs``.
     """
@@ -114,7 +116,7 @@ def run_training_locally(
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = workdir / "logs" / f"train-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
     arguments = pipeline_arguments(
-        policy, data_uri=data_uri, target=target, registry_uri=str(registry_uri), model=model
+        policy, data_uri=data_uri, target=target, registry_uri=str(registry_uri), model=model, move_production=move_production
     )
     pipeline = build_training_pipeline(policy, registry_uri=str(registry_uri))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "runs"))

@@ -29,8 +29,13 @@ def pipeline_arguments(
     target: str | None = None,
     registry_uri: str = "",
     model: str | None = None,
+    move_production: bool = True,
 ) -> dict[str, Any]:
-    """Run-time arguments of the training pipeline for ``policy``."""
+    """Run-time arguments of the training pipeline for ``policy``.
+
+    ``move_production`` False: the promotion gate only approves a winner, and the
+    caller's rollout moves the production pointer (the trigger service's runs).
+    """
     training = policy.training
     return {
         "data_uri": data_uri or DEFAULT_DATA_URI,
@@ -44,6 +49,7 @@ def pipeline_arguments(
         "selection_metric": training.selection_metric,
         "promotion_margin": training.promotion_margin,
         "min_rows_per_class": training.min_rows_per_class(),
+        "move_production": move_production,
     }
 
 
@@ -69,6 +75,7 @@ def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry
         selection_metric: str = defaults["selection_metric"],
         promotion_margin: float = defaults["promotion_margin"],
         min_rows_per_class: int = defaults["min_rows_per_class"],
+        move_production: bool = defaults["move_production"],
     ) -> dict:
         loaded = steps.load_data(data_uri=data_uri, target=target, min_rows_per_class=min_rows_per_class)
         loaded.set_display_name("load + validate")
@@ -108,6 +115,7 @@ def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry
             prepared=prepared.outputs["prepared"],
             metric=selection_metric,
             margin=promotion_margin,
+            move_production=move_production,
         )
         gate.set_display_name("promotion gate")
         return gate.output

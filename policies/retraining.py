@@ -32,14 +32,18 @@ the infrastructure), ``failed_inconsistent`` (the rollback itself failed:
 before each next run), or ``abandoned`` (``error``).
 
 A restarted service resumes an interrupted run from its step: one stopped in
-``training`` waits for its recorded pipeline run again (or, for a pipeline
-that lived in the stopped process, trains again), one stopped after
+``training`` waits for its recorded pipeline run again -- looked up by its
+name ``kfloop-retrain-<run id>`` if the service stopped before it recorded
+the run's id -- (or, for a pipeline that lived in the stopped process, trains
+again), one stopped after
 ``trained`` goes on to the rollout, one stopped in ``canary`` judges the
 canary that is running -- a run is never trained twice for one alarm once it
 is ``trained``. A run interrupted more than ``max_restarts`` times is
 ``abandoned``, its canary (if any) rolled back. The production pointer moves
-only through the rollout: the pipeline's gate may move it, so a run that
-does not reach the rollout puts it back where it was.
+only through the rollout: the service's pipeline runs have a gate that only
+approves (``move_production`` false), so a run that ends before the rollout
+-- or a stopped service's ``kfp.local`` task that finishes on its own -- leaves
+the pointer where it was.
 
 A run that fails on infrastructure (a :class:`~kfloop.errors.TemporaryError`,
 a network error) is recorded with ``charged: false`` and does not count
@@ -124,6 +128,11 @@ class ResumableRetrainer(Retrainer):
     def submit(self, data_uri: str | None, target: str | None, run_name: str) -> str:
         raise NotImplementedError
 
+    def find(self, run_name: str) -> str | None:
+        """The handle of a run already submitted as ``run_name``, if any: a service stopped after :meth:`submit`
+        and before it recorded the handle looks the run up instead of starting a second one."""
+        raise NotImplementedError
+
     def wait(self, handle: str) -> dict[str, Any]:
         """Block until the run ``handle`` ends; return its gate's decision."""
         raise NotImplementedError
@@ -137,7 +146,7 @@ class ResumableRetrainer(Retrainer):
 
 
 class LocalRetrainer(Retrainer):
-    """The pipeline under ``kfp.local`` on this machine."""
+    """The pipeline under ``kfp.local`` on this machine; its gate only approves (the service's rollout promotes)."""
 
     def __init__(self, policy: Policy, registry_uri: str, workdir: Path, *, model: str) -> None:
         self.policy, self.registry_uri, self.workdir, self.model = policy, registry_uri, workdir, model
@@ -146,11 +155,13 @@ class LocalRetrainer(Retrainer):
         from kfloop.pipelines.local import run_training_locally
 
         return run_training_locally(self.policy, registry_uri=self.registry_uri, workdir=self.workdir,
-                                    data_uri=data_uri, target=target, model=self.model)
+                                    data_uri=data_uri, target=target, model=self.model, move_production=False)
 
 
 class ClusterRetrainer(ResumableRetrainer):
     """The pipeline on a Kubeflow Pipelines cluster (``kfp.Client``), waited for, then read back from the registry.
+
+    Its gate only approves a winner: the production pointer moves through the service's rollout.
 
     The wait is bounded: a run not finished ``timeout_seconds`` after it was
     created is terminated (:meth:`terminate`) and fails as a
@@ -179,8 +190,21 @@ class ClusterRetrainer(ResumableRetrainer):
         from kfloop.pipelines.cluster import submit_training
 
         outcome = submit_training(self.policy, self.endpoint, registry_uri=self.registry_uri, data_uri=data_uri,
-                                  target=target, model=self.model, run_name=run_name, image=self.image, wait=False)
+                                  target=target, model=self.model, run_name=run_name, image=self.image, wait=False,
+                                  move_production=False)
         return str(outcome["run_id"])
+
+    def find(self, run_name: str) -> str | None:
+        """The newest run named ``run_name`` (``list_runs`` filtered on ``display_name``); a
+        :class:`~kfloop.errors.ClusterError` if the API does not answer (then nothing is submitted either)."""
+        query = {"predicates": [{"key": "display_name", "operation": "EQUALS", "string_value": run_name}]}
+        try:
+            listed = self.client().list_runs(filter=json.dumps(query), sort_by="created_at desc", page_size=10,
+                                             namespace=self.endpoint.namespace)
+        except Exception as exc:
+            raise ClusterError(f"could not look up pipeline run {run_name!r}: {type(exc).__name__}: {exc}") from None
+        named = [run for run in (listed.runs or []) if run.display_name == run_name]  # the filter is the server's
+        return str(named[0].run_id) if named else None
 
     def wait(self, handle: str) -> dict[str, Any]:
         client = self.client()
@@ -432,7 +456,6 @@ class RetrainingService:
                 result = self.execute(run)
         except Exception as exc:  # a failed run is recorded and the service goes on
             log.exception("retraining run %s failed", run["id"])
-            self._put_pointer_back(run)
             # Infrastructure failures do not use up the day's budget; the run's own failures do.
             result = {"outcome": "failed", "error": f"{type(exc).__name__}: {exc}", "charged": not is_temporary(exc)}
         with self.state.lock:
@@ -450,8 +473,7 @@ class RetrainingService:
             return {"outcome": "rejected"}
         new = str(run["version"])
         if self.deployer is None:
-            if self.registry.production_version(self.config.model) != new:
-                self.registry.set_production(self.config.model, new)
+            self.registry.promote(self.config.model, new)
             return {"outcome": "promoted", "rollout": "no deployer: the production pointer moved without a canary"}
         outcome = roll_out(self.deployer, self.registry, self.config.model, self.config.policy.rollout, new,
                            run.get("production_version") or run.get("production_before"), clock=self.clock, resume=run,
@@ -459,16 +481,21 @@ class RetrainingService:
         return outcome.record()
 
     def _train(self, run: dict[str, Any]) -> None:
-        if run.get("step") == "training":  # resumed: a pipeline of the stopped service may have moved the pointer
-            self._put_pointer_back(run)
-        else:
+        if run.get("step") != "training":  # else resumed: the facts are recorded
             self._record(run, {"step": "training", "production_before": self.registry.production_version(self.config.model)})
         name = f"kfloop-retrain-{run['id']}"
         if isinstance(self.retrainer, ResumableRetrainer):
             if run.get("pipeline_run") is None:
-                data_uri, target = self.training_data(run["id"])
-                self._record(run, {"data": data_uri})
-                self._record(run, {"pipeline_run": self.retrainer.submit(data_uri, target, name)})
+                # "data" recorded: the stopped service may have submitted the run without recording its handle
+                handle = self.retrainer.find(name) if "data" in run else None
+                if handle is None:
+                    data_uri, target = self.training_data(run["id"])
+                    self._record(run, {"data": data_uri})
+                    handle = self.retrainer.submit(data_uri, target, name)
+                else:
+                    log.warning("retraining run %s: found pipeline run %s submitted before the restart; waiting for it",
+                                run["id"], handle)
+                self._record(run, {"pipeline_run": handle})
             decision = self.retrainer.wait(str(run["pipeline_run"]))
         else:
             data_uri, target = self.training_data(run["id"])
@@ -494,7 +521,6 @@ class RetrainingService:
                 self.retrainer.terminate(str(run["pipeline_run"]))
             except Exception:
                 log.exception("retraining run %s: could not terminate pipeline run %s", run["id"], run["pipeline_run"])
-        self._put_pointer_back(run)
         return {"outcome": "abandoned", "error": why, "charged": True}
 
     def repair(self) -> None:
@@ -513,20 +539,6 @@ class RetrainingService:
             with self.state.lock:
                 run.update(outcome="rolled_back", step="rolled_back", rolled_back=ended.ended, repaired=self.clock())
                 self._save_quietly()
-
-    def _put_pointer_back(self, run: dict[str, Any]) -> None:
-        """Before the rollout only the rollout moves the pointer: undo a move by the pipeline's gate."""
-        before = run.get("production_before")
-        if before is None or run.get("step") in ROLLOUT_UNDER_WAY:
-            return
-        try:
-            now = self.registry.production_version(self.config.model)
-            if now != before:
-                self.registry.set_production(self.config.model, before)
-                log.warning("retraining run %s: the production pointer of %s had moved to version %s without a rollout; "
-                            "put it back on version %s", run["id"], self.config.model, now, before)
-        except Exception:
-            log.exception("retraining run %s: could not put the production pointer back on version %s", run["id"], before)
 
     def _record(self, run: dict[str, Any], facts: dict[str, Any]) -> None:
         """Add ``facts`` to the run's record and write it (raises if it cannot be written: the step is then not done)."""

@@ -18,14 +18,15 @@ done, is handed to the caller's ``on_step`` (which persists it), and
 step        done, and the facts recorded with it
 ==========  ====================================================================
 gated       old version known, production pointer on it (the pipeline's gate
-            may have moved it): ``version``, ``old_version``
+            only approves ``version``): ``version``, ``old_version``
 canary      ``canary_percent`` to the new version: ``canary_started``,
             ``weights``, ``canary_baseline`` (its 5xx and answers before)
 judged      the canary judged: ``canary_failure_rate``, ``canary_answers``,
             ``rollback_reason`` (None: promote)
 ==========  ====================================================================
 
-It ends ``promoted`` (the new version at 100 %, the pointer on it) or
+It ends ``promoted`` (the new version at 100 %, the pointer on it, its status
+``promoted``: this is where an approved version becomes production) or
 ``rolled_back`` (the old version at 100 %, the pointer on it, the new version's
 status ``rolled_back``). An exception in any step -- the deployer, the
 registry, ``on_step`` itself -- also ends in ``rolled_back``, with the step and
@@ -262,7 +263,7 @@ def roll_out(deployer: Deployer, registry: ModelRegistry, model: str, policy: Ro
         judged = _judged(facts)
         if facts.get("rollback_reason") is None:
             deployer.set_traffic({new: 100.0})
-            _point(registry, model, new)
+            registry.promote(model, new)  # status ``promoted`` (the gate's decision kept) and the pointer
             return RolloutOutcome("promoted", new, old, **judged, ended=clock())
         reason = str(facts["rollback_reason"])
     except Exception as exc:  # any failure ends in a defined state: everything back on the old version

@@ -32,8 +32,12 @@ def test_compiled_pipeline_is_a_pipeline_spec_with_parallel_for_and_collected(kf
     assert loop_outputs[collected.output_parameter_key].value_from_parameter.producer_subtask == "train-candidate"
     images = {e["container"]["image"] for e in document["deploymentSpec"]["executors"].values()}
     assert images == {"example.org/kfloop:1.2.3"}
-    defaults = document["root"]["inputDefinitions"]["parameters"]["search_space"]["defaultValue"]
-    assert len(defaults) == 8
+    parameters = document["root"]["inputDefinitions"]["parameters"]
+    assert len(parameters["search_space"]["defaultValue"]) == 8
+    # a person's run promotes through its gate; the trigger service passes false and promotes through its rollout
+    assert parameters["move_production"] == {"defaultValue": True, "isOptional": True, "parameterType": "BOOLEAN"}
+    gate_inputs = tasks["promotion-gate"].inputs.parameters["move_production"]
+    assert gate_inputs.component_input_parameter == "move_production"
 
 
 @pytest.mark.heavy

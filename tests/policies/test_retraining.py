@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 import uuid
 
 import httpx
@@ -170,13 +171,12 @@ def test_an_alarm_that_cannot_be_recorded_is_answered_503_and_its_redelivery_is_
 
 
 class _PipelinesApi(http.server.BaseHTTPRequestHandler):
-    """A stand-in Kubeflow Pipelines API (v2beta1) on loopback whose runs never finish; records what it is asked.
-
-    ``on_create`` runs when a run is created (the test moves the production pointer there, as the pipeline's gate does)."""
+    """A stand-in Kubeflow Pipelines API (v2beta1) on loopback whose runs never finish; records what it is asked
+    and the runs created (with their bodies). Lists runs with a ``display_name`` EQUALS filter, as the API does."""
 
     requests: list[str]
     runs: dict[str, dict]
-    on_create: list
+    created: list[dict]
 
     def _send(self, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -192,6 +192,12 @@ class _PipelinesApi(http.server.BaseHTTPRequestHandler):
             self._send({"experiments": [{"experiment_id": "e1", "display_name": "kfloop"}], "total_size": 1})
         elif self.path.startswith("/apis/v2beta1/runs/"):
             self._send(self.runs[self.path.rsplit("/", 1)[-1]])
+        elif self.path.startswith("/apis/v2beta1/runs?"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            [predicate] = json.loads(query["filter"][0])["predicates"]
+            assert (predicate["key"], predicate["operation"]) == ("display_name", "EQUALS")
+            named = [r for r in self.runs.values() if r["display_name"] == predicate["string_value"]]
+            self._send({"runs": named, "total_size": len(named)})
         else:
             self._send({})
 
@@ -202,8 +208,7 @@ class _PipelinesApi(http.server.BaseHTTPRequestHandler):
             run_id = uuid.uuid4().hex
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.runs[run_id] = {"run_id": run_id, "display_name": body.get("display_name"), "state": "RUNNING", "created_at": created}
-            for hook in self.on_create:
-                hook()
+            self.created.append(body)
             self._send(self.runs[run_id])
         elif self.path.endswith(":terminate"):
             self.runs[self.path.split("/")[-1].split(":")[0]]["state"] = "CANCELING"
@@ -217,7 +222,7 @@ class _PipelinesApi(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def pipelines_api():
-    handler = type("PipelinesApi", (_PipelinesApi,), {"requests": [], "runs": {}, "on_create": []})
+    handler = type("PipelinesApi", (_PipelinesApi,), {"requests": [], "runs": {}, "created": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}", handler
@@ -226,18 +231,15 @@ def pipelines_api():
 
 
 @pytest.mark.filterwarnings("ignore:This client only works:FutureWarning")  # kfp.Client's, on every client
-def test_a_pipeline_run_that_outlasts_its_timeout_is_terminated_and_the_run_fails_uncharged_with_the_pointer_back(
+def test_a_pipeline_run_that_outlasts_its_timeout_is_terminated_and_the_run_fails_uncharged_and_its_gate_only_approves(
         tmp_path, registry_with_weak_v1, pipelines_api):
-    """The wait is bounded; at its end the KFP run is terminated (it would otherwise go on and might promote with no
-    rollout), the run is an infrastructure failure, and a pointer the pipeline's gate moved is put back."""
+    """The wait is bounded; at its end the KFP run is terminated (it would otherwise go on), the run is an
+    infrastructure failure; the run was created with a gate that cannot move the production pointer."""
     from kfloop.pipelines.cluster import KfpEndpoint
     from kfloop.policies.retraining import ClusterRetrainer
 
     registry, _, full = registry_with_weak_v1
-    store = ModelRegistry(registry)
-    unverified = register_version(registry, "digits", full, n_estimators=5, work=tmp_path / "v2", target="digit", promote=False)
     host, api = pipelines_api
-    api.on_create.append(lambda: store.set_production("digits", unverified))  # the run's gate promotes, then the run hangs
     policy = Policy.model_validate({"model": "digits", "retraining": {"base_data": full, "cooldown_seconds": 0}})
     retrainer = ClusterRetrainer(policy, KfpEndpoint(host), str(registry), model="digits", image="kfloop:test",
                                  timeout_seconds=1, poll_seconds=0.1)
@@ -251,5 +253,40 @@ def test_a_pipeline_run_that_outlasts_its_timeout_is_terminated_and_the_run_fail
     assert run["error"] == f"ClusterError: pipeline run {kfp_run} did not finish within 1 s (state RUNNING): terminated it"
     assert f"POST /apis/v2beta1/runs/{kfp_run}:terminate" in api.requests
     assert api.runs[kfp_run]["display_name"] == f"kfloop-retrain-{run['id']}"
-    assert store.production_version("digits") == "1"
+    [created] = api.created
+    assert created["runtime_config"]["parameters"]["move_production"] is False
+    assert ModelRegistry(registry).production_version("digits") == "1"
     assert json.loads((tmp_path / "state" / "trigger-state.json").read_text())["runs"][-1]["outcome"] == "failed"
+
+
+class _StoppedAfterSubmit(BaseException):
+    """The trigger process ends here (as on SIGKILL): nothing after it runs, not even ``except Exception``."""
+
+
+@pytest.mark.filterwarnings("ignore:This client only works:FutureWarning")
+def test_a_trigger_stopped_after_creating_a_pipeline_run_finds_that_run_by_name_instead_of_creating_another(
+        tmp_path, registry_with_weak_v1, pipelines_api):
+    from kfloop.pipelines.cluster import KfpEndpoint
+    from kfloop.policies.retraining import ClusterRetrainer
+
+    class StopsAfterSubmit(ClusterRetrainer):
+        def submit(self, data_uri, target, run_name):
+            super().submit(data_uri, target, run_name)
+            raise _StoppedAfterSubmit  # the run exists; its id was never recorded
+
+    registry, _, full = registry_with_weak_v1
+    host, api = pipelines_api
+    policy = Policy.model_validate({"model": "digits", "retraining": {"base_data": full, "cooldown_seconds": 0}})
+    options = dict(model="digits", image="kfloop:test", timeout_seconds=1, poll_seconds=0.1)
+    first = _service(tmp_path, registry, StopsAfterSubmit(policy, KfpEndpoint(host), str(registry), **options), policy)
+    assert first.admit("alarm-1", DRIFT) == "started"
+    with pytest.raises(_StoppedAfterSubmit):
+        first.run_next()
+    [interrupted] = json.loads((tmp_path / "state" / "trigger-state.json").read_text())["runs"]
+    assert (interrupted["step"], interrupted.get("pipeline_run")) == ("training", None)
+
+    restarted = _service(tmp_path, registry, ClusterRetrainer(policy, KfpEndpoint(host), str(registry), **options), policy)
+    run = restarted.run_next()
+    [kfp_run] = api.runs  # still one: the restarted trigger waited for it (and, past the timeout, terminated it)
+    assert (run["id"], run["pipeline_run"], run["restarts"]) == (interrupted["id"], kfp_run, 1)
+    assert len(api.created) == 1 and f"POST /apis/v2beta1/runs/{kfp_run}:terminate" in api.requests

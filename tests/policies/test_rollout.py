@@ -200,8 +200,8 @@ class InProcessDeployer(Deployer):
 
 class GateRetrainer(Retrainer):
     """The pipeline's own steps without KFP: a version trained on ``data`` (``tests/testbed.register_version``), then
-    the real promotion gate (``kfloop.steps.gate_step``, margin -1: it promotes), which moves the production
-    pointer as it does in the pipeline. Counts its runs."""
+    the real promotion gate (``kfloop.steps.gate_step``, margin -1: it passes), which only approves the version,
+    as in the service's pipeline runs (``move_production`` false). Counts its runs."""
 
     def __init__(self, registry: Path, data: str, work: Path) -> None:
         self.registry, self.data, self.work = registry, data, work
@@ -213,7 +213,8 @@ class GateRetrainer(Retrainer):
         self.calls += 1
         work = self.work / f"{run_name}-{self.calls}"
         version = register_version(self.registry, "digits", self.data, n_estimators=5, work=work, target="digit", promote=False)
-        return gate_step(str(self.registry), "digits", version, str(work / "prepared.npz"), "accuracy", -1.0)
+        return gate_step(str(self.registry), "digits", version, str(work / "prepared.npz"), "accuracy", -1.0,
+                         move_production=False)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +294,8 @@ def test_a_trigger_restarted_mid_rollout_carries_on_from_the_recorded_step_witho
         first.run_next()
     [interrupted] = _state(tmp_path)["runs"]
     assert (interrupted["outcome"], interrupted["step"], interrupted["version"], interrupted["old_version"]) == ("running", step, "2", "1")
-    assert store.production_version("digits") == "1"  # the gate moved it; only the rollout moves it to 2
+    assert store.production_version("digits") == "1"  # only the rollout moves it to 2
+    assert store.metadata("digits", "2")["status"] == "approved"
 
     restarted = _trigger(tmp_path, registry, full, retrainer, deployer)
     run = restarted.run_next()
@@ -302,6 +304,7 @@ def test_a_trigger_restarted_mid_rollout_carries_on_from_the_recorded_step_witho
     if step == "canary":
         assert run["canary_started"] == interrupted["canary_started"]  # the same canary, judged
     assert deployer.weights == {"2": 100.0} and store.production_version("digits") == "2"
+    assert store.metadata("digits", "2")["status"] == "promoted" and store.metadata("digits", "2")["gate"]["promoted"]
     assert restarted.admit("alarm-1", DRIFT) == "duplicate"
 
 
