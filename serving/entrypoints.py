@@ -87,11 +87,13 @@ def run_transformer(
     logger_token_file: Path | None = None,
     inference_service: str | None = None,
     namespace: str = "",
+    routes_file: Path | None = None,
 ) -> None:
     """Serve model ``name`` of the registry (``version``, or production) in front of ``predictor_hosts``.
 
     Payload events go to ``logger_url`` with the token in ``logger_token_file`` (none: without credentials,
-    as KServe's logger sends them).
+    as KServe's logger sends them). ``routes_file`` (a ``PUT /kfloop/routes`` body) replaces that one route
+    before the transformer is ready.
     """
     _quiet_kserve_argv()
     from kfloop.registry import ModelRegistry
@@ -114,7 +116,8 @@ def run_transformer(
             namespace=namespace,
         )
         payload_logger = PayloadLogger(logger_url, context, name, token_file=logger_token_file)
-    transformer = ForestTransformer(name, split, load_preprocessor, max_batch=max_batch, payload_logger=payload_logger)
+    transformer = ForestTransformer(name, split, load_preprocessor, max_batch=max_batch, payload_logger=payload_logger,
+                                    routes_file=routes_file)
     run_model_server(
         transformer,
         component="transformer",

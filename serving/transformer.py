@@ -12,7 +12,11 @@ called round-robin over kept-alive connections. The local runtime swaps the
 split through ``PUT /kfloop/routes`` on the transformer's control port
 (loopback, behind the local token; never the client-facing port) to add or
 drain replicas, switch versions and run canaries; in a cluster the split is the single route given on the
-command line, one Service whose pods change version in a rolling update.
+command line, one Service whose pods change version in a rolling update. Given a routes file
+(``kfloop transformer --routes-file``, a ``PUT /kfloop/routes`` body that the local runtime keeps
+current), the transformer takes its split in :meth:`ForestTransformer.load`, before it listens or
+reports ready: a restarted transformer answers its first request with the current split, not with the
+route it was first started with.
 
 So that rows are never scaled for one version and scored by another, every
 call carries one tensor per version the route is known to serve
@@ -44,6 +48,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -176,6 +181,14 @@ class _Call:
     proba: np.ndarray | None = None
 
 
+def route_specs(body: Any) -> list[Any]:
+    """The route specs of a ``PUT /kfloop/routes`` body or a routes file (each checked by :meth:`ForestTransformer.set_routes`)."""
+    specs = body.get("routes") if isinstance(body, dict) else None
+    if not isinstance(specs, list):
+        raise InputError('routes must be {"routes": [{"version": ..., "upstreams": [...]}]}')
+    return specs
+
+
 def new_traceparent() -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
@@ -200,9 +213,11 @@ class ForestTransformer(Model):
         max_batch: int = DEFAULT_MAX_BATCH,
         payload_logger: PayloadLogger | None = None,
         timeout: float = 30.0,
+        routes_file: Path | None = None,
     ) -> None:
         super().__init__(name)
         self.split = split
+        self.routes_file = routes_file  # read in load(): a file that cannot be used stops the start-up
         self.load_preprocessor = load_preprocessor
         self.max_batch = max_batch
         self.payload_logger = payload_logger
@@ -223,6 +238,13 @@ class ForestTransformer(Model):
         return tuple(sorted(versions, key=lambda v: (len(v), v)))  # registry versions are digits: numeric order
 
     def load(self) -> bool:
+        """Take the routes file's split, if given; only then is the transformer ready."""
+        if self.routes_file is not None:
+            try:
+                body = orjson.loads(self.routes_file.read_bytes())
+            except (OSError, orjson.JSONDecodeError) as exc:
+                raise InputError(f"cannot read the routes file {self.routes_file}: {exc}") from None
+            self.set_routes(route_specs(body))
         self.ready = True
         return True
 
@@ -268,9 +290,7 @@ class ForestTransformer(Model):
             return {"routes": [r.describe() for r in self.split.routes], "in_flight": dict(self.in_flight)}
 
         async def put_routes(request: Request) -> dict[str, Any]:
-            specs = (await control_json(request)).get("routes")
-            if not isinstance(specs, list):
-                raise InputError('body must be {"routes": [{"version": ..., "upstreams": [...]}]}')
+            specs = route_specs(await control_json(request))
             split = await asyncio.get_running_loop().run_in_executor(None, self.set_routes, specs)
             return {"routes": [r.describe() for r in split.routes]}
 

@@ -51,7 +51,7 @@ def predictor(
 @with_options(ServerOptions)
 def transformer(
     server: ServerOptions,
-    predictor_host: Annotated[str, typer.Option("--predictor-host", "--predictor_host", help="Predictor replica(s), host:port, comma-separated.")],
+    predictor_host: Annotated[str, typer.Option("--predictor-host", "--predictor_host", help="Predictor replica(s), host:port, comma-separated (the one route; --routes-file replaces it).")],
     model: Annotated[str, typer.Option("--model", "--model_name", help="Model name (the registry model name; the predictor's name).")],
     registry: RegistryOption = None,
     version: Annotated[Optional[str], typer.Option("--version", help="Registry version (default: production).")] = None,
@@ -60,11 +60,14 @@ def transformer(
     logger_token_file: Annotated[Optional[Path], typer.Option("--logger-token-file", help="Send payload events with this bearer token (the watch's: HOME/token on one machine).")] = None,
     inference_service: Annotated[Optional[str], typer.Option("--inference-service", help="ce-inferenceservicename of payload events (default: the model name).")] = None,
     namespace: Annotated[str, typer.Option("--namespace", help="ce-namespace of payload events.")] = "",
+    routes_file: Annotated[Optional[Path], typer.Option("--routes-file", help="Start with this traffic split: a PUT /kfloop/routes body (the local runtime keeps one current), taken before the transformer reports ready.")] = None,
     control_port: ControlPortOption = None,
     auth_token_file: AuthTokenFileOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Serve the transformer: validate and scale raw rows, call the predictor, name the classes."""
+    """Serve the transformer: validate and scale raw rows, call the predictor, name the classes.
+
+    --version and --predictor-host make one route; --routes-file replaces it with its split of routes."""
     from kfloop.serving.entrypoints import Access, run_transformer
 
     if predictor_protocol not in ("v2", "rest-v2"):
@@ -73,7 +76,7 @@ def transformer(
     run_transformer(
         model, registry_uri(registry, home), version, hosts, server.address(), Access(home, control_port, auth_token_file),
         max_batch=server.max_batch, logger_url=logger_url, logger_token_file=logger_token_file,
-        inference_service=inference_service, namespace=namespace,
+        inference_service=inference_service, namespace=namespace, routes_file=routes_file,
     )
 
 

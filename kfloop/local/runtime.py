@@ -13,6 +13,31 @@ replicas are drained (no request in flight to them) and stopped. The same
 operations are exposed over a small JSON admin API (:class:`AdminServer`) for
 other processes.
 
+The split is also kept in a routes file (``<log_dir>/transformer-<model>-routes.json``,
+the ``PUT`` body, replaced atomically before each ``PUT``), and the transformer
+is started with ``--routes-file``: a transformer the supervisor restarts takes
+the current split before it reports ready, never the one it was first started
+with. Changes and the transformer's restart exclude each other (the runtime's
+lock is held from its spawn until it is ready, or has exited again), so no
+transformer reads the file while a change is under way, and outside a change
+the file holds a split the transformer accepted. A change therefore
+  * made while the transformer restarts waits until it is ready, then goes
+    through as usual;
+  * made while the transformer is down (exited, its restart not begun) fails
+    with a :class:`~kfloop.errors.TemporaryError` (503: try again): its ``PUT``
+    cannot be sent. It does not simply leave the new split in the file for the
+    restarted transformer, because no transformer has checked that split (its
+    versions' preprocessors and features), and a split it cannot load would keep
+    it from starting at all.
+A change that fails puts everything back: the previous shares and weights, the
+old routes in the file and (when it answers) in the transformer, and the
+replicas the change started are stopped. A transformer that is running but
+cannot be given the old routes is killed, so that its restart takes them from
+the file; no traffic is left on a stopped replica and no process outside
+:meth:`ServingRuntime.status`. Draining asks the transformer what it has in
+flight; a transformer that is down has nothing in flight, and its restart reads
+a file that no longer names the drained replicas.
+
 Every control call -- the admin API's changes, the transformer's routes, the
 predictors' fault injection -- needs the bearer token of the runtime's home
 folder (:mod:`kfloop.credentials`) and a loopback ``Host``; inference needs
@@ -28,17 +53,18 @@ import logging
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.credentials import bearer, local_token, token_path
 from kfloop.errors import (
-    InputError, KfloopError, NotFoundError, PayloadTooLarge, UnsupportedMediaType, UpstreamError, to_http,
+    InputError, KfloopError, NotFoundError, PayloadTooLarge, TemporaryError, UnsupportedMediaType, UpstreamError, to_http,
 )
 from kfloop.durable import atomic_write
 from kfloop.local.supervisor import ManagedProcess, free_port
@@ -51,7 +77,6 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
 ADMIN_MAX_BODY = 64 * 1024  # bytes: admin calls are a few numbers
-RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass
@@ -110,6 +135,7 @@ class ServingRuntime:
         self.grpc_port = grpc_port
         self.logger_url = logger_url
         self.log_dir = Path(log_dir)
+        self.routes_file = self.log_dir / f"transformer-{model}-routes.json"  # the split a (re)started transformer takes
         self.home = Path(home)
         self.control_headers = bearer(local_token(self.home))  # what this runtime sends on every control call
         self.inference_token_file = inference_token_file
@@ -132,10 +158,10 @@ class ServingRuntime:
         with self._lock:
             share = TrafficShare(version, 100.0, self._start_replicas(version, self.initial_replicas))
             self.shares = [share]
+            self._write_routes()
             self.transformer = self._transformer_process(version, [r.address for r in share.replicas])
             self.transformer.spawn()
             self.transformer.wait_ready()
-            self._write_prometheus_targets()
         self._supervisor = threading.Thread(target=self._supervise, name="kfloop-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -182,15 +208,18 @@ class ServingRuntime:
         if not 1 <= replicas <= self.max_replicas:
             raise InputError(f"replicas must be between 1 and {self.max_replicas} (the policy's max_replicas), got {replicas}")
         with self._lock:
-            share = max(self.shares, key=lambda s: s.weight)
-            if replicas > len(share.replicas):
-                share.replicas.extend(self._start_replicas(share.version, replicas - len(share.replicas)))
-                self._apply_routes()
-            elif replicas < len(share.replicas):
-                removed = share.replicas[replicas:]
-                del share.replicas[replicas:]
-                self._apply_routes()
-                self._drain_and_stop(removed)
+            removed: list[Replica] = []
+            with self._changing() as started:
+                share = max(self.shares, key=lambda s: s.weight)
+                if replicas > len(share.replicas):
+                    started += self._start_replicas(share.version, replicas - len(share.replicas))
+                    share.replicas.extend(started)
+                elif replicas < len(share.replicas):
+                    removed = share.replicas[replicas:]
+                    del share.replicas[replicas:]
+                if started or removed:
+                    self._apply_routes()
+            self._drain_and_stop(removed)
             return len(share.replicas)
 
     def set_traffic(self, weights: dict[str, float]) -> None:
@@ -198,20 +227,23 @@ class ServingRuntime:
         if not weights or not all(0.0 <= w <= 100.0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise InputError(f"traffic weights must be percentages (0 to 100), not all zero, got {weights}")
         with self._lock:
-            replicas_each = max(1, self.replica_count())
-            kept, dropped = [], []
-            for version, weight in weights.items():
+            for version in weights:  # every version exists before any replica starts
                 self.registry.metadata(self.model, checked_version(version))
-                current = next((s for s in self.shares if s.version == version), None)
-                if weight == 0:
-                    continue
-                if current is None:
-                    current = TrafficShare(version, weight, self._start_replicas(version, replicas_each))
-                current.weight = float(weight)
-                kept.append(current)
-            dropped = [s for s in self.shares if s not in kept]
-            self.shares = kept
-            self._apply_routes()
+            replicas_each = max(1, self.replica_count())
+            with self._changing() as started:
+                kept = []
+                for version, weight in weights.items():
+                    if weight == 0:
+                        continue
+                    current = next((s for s in self.shares if s.version == version), None)
+                    if current is None:
+                        current = TrafficShare(version, weight, self._start_replicas(version, replicas_each))
+                        started += current.replicas
+                    current.weight = float(weight)
+                    kept.append(current)
+                dropped = [s for s in self.shares if s not in kept]
+                self.shares = kept
+                self._apply_routes()
             self._drain_and_stop([r for s in dropped for r in s.replicas])
 
     def switch_version(self, version: str) -> None:
@@ -219,18 +251,20 @@ class ServingRuntime:
         self.set_traffic({version: 100.0})
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "model": self.model,
-                "version": self.version if self.shares else None,
-                "endpoints": self.endpoints,
-                "transformer": self._describe(self.transformer) if self.transformer else None,
-                "traffic": [
-                    {"version": s.version, "weight": s.weight,
-                     "replicas": [{"address": r.address, **self._describe(r.process)} for r in s.replicas]}
-                    for s in self.shares
-                ],
-            }
+        """What is served (read without the lock: a transformer restart holds it until the transformer is ready,
+        and a rollout reads the status meanwhile)."""
+        shares = list(self.shares)
+        return {
+            "model": self.model,
+            "version": max(shares, key=lambda s: s.weight).version if shares else None,
+            "endpoints": self.endpoints,
+            "transformer": self._describe(self.transformer) if self.transformer else None,
+            "traffic": [
+                {"version": s.version, "weight": s.weight,
+                 "replicas": [{"address": r.address, **self._describe(r.process)} for r in s.replicas]}
+                for s in shares
+            ],
+        }
 
     @staticmethod
     def _describe(process: ManagedProcess) -> dict[str, Any]:
@@ -274,6 +308,7 @@ class ServingRuntime:
             "--predictor-host", ",".join(upstreams), "--host", self.host,
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--max-batch", str(self.max_batch),
             "--home", str(self.home), "--control-port", str(self.transformer_control_port),
+            "--routes-file", str(self.routes_file),
         )
         if self.logger_url:  # the watch on this machine takes events with the home's token
             argv += ["--logger-url", self.logger_url, "--logger-token-file", str(token_path(self.home))]
@@ -313,47 +348,115 @@ class ServingRuntime:
         groups = [{"targets": [r.address for r in s.replicas], "labels": {"version": s.version}} for s in self.shares]
         atomic_write(self.prometheus_targets, json.dumps(groups))
 
+    def _routes_body(self) -> dict[str, Any]:
+        """The split as ``PUT /kfloop/routes`` takes it (and the routes file holds it)."""
+        return {"routes": [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas]}
+                           for s in self.shares]}
+
+    def _write_routes(self) -> None:
+        """The routes file and the Prometheus targets of the current shares."""
+        try:
+            self._write_prometheus_targets()
+            atomic_write(self.routes_file, json.dumps(self._routes_body()))
+        except OSError as exc:
+            raise TemporaryError(f"cannot write the routes of {self.model}: {exc}") from None
+
     def _apply_routes(self) -> None:
-        self._write_prometheus_targets()
-        routes = [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas]} for s in self.shares]
-        response = httpx.put(self._routes_url(), json={"routes": routes}, headers=self.control_headers, timeout=30.0)
+        """Give the transformer the current split: first the routes file (what a restart takes), then ``PUT``."""
+        self._write_routes()
+        try:
+            response = httpx.put(self._routes_url(), json=self._routes_body(), headers=self.control_headers, timeout=30.0)
+        except httpx.TransportError as exc:
+            raise TemporaryError(
+                f"the transformer did not take the new routes ({type(exc).__name__}: {exc}); it is down or restarting, try again"
+            ) from None
         if response.status_code != 200:
             raise UpstreamError(f"transformer refused the new routes: HTTP {response.status_code} {response.text}")
 
+    @contextmanager
+    def _changing(self) -> Iterator[list[Replica]]:
+        """A change of the shares (under the lock) that is undone if it fails.
+
+        The change adds the replicas it starts to the list it is given. If it
+        raises, the shares and their weights and replicas are put back, the old
+        routes re-applied (best effort), and the started replicas stopped.
+        """
+        previous = [(share, share.weight, list(share.replicas)) for share in self.shares]
+        started: list[Replica] = []
+        try:
+            yield started
+        except BaseException:
+            for share, weight, replicas in previous:
+                share.weight, share.replicas[:] = weight, replicas
+            self.shares = [share for share, _, _ in previous]
+            try:
+                self._apply_routes()
+            except KfloopError as exc:
+                # It may hold the new split (a PUT that timed out): a restart makes it take the old one from the file.
+                if self.transformer is not None and self.transformer.alive():
+                    log.warning("the transformer did not take the old routes back (%s); restarting it", exc)
+                    self.transformer.process.kill()
+            finally:
+                for replica in started:
+                    replica.process.stop()
+            raise
+
+    def _in_flight(self) -> dict[str, int] | None:
+        """Requests in flight per replica address, as the transformer counts them; None when it cannot tell now."""
+        try:
+            answer = httpx.get(self._routes_url(), headers=self.control_headers, timeout=5.0)
+        except httpx.ConnectError:
+            return {}  # down: its requests ended with it, and its restart takes the routes file
+        except httpx.TransportError:
+            return None
+        if answer.status_code != 200:
+            return None
+        try:
+            return dict(answer.json()["in_flight"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def _drain_and_stop(self, replicas: list[Replica]) -> None:
-        """Wait until the transformer has no request in flight to ``replicas``, then stop them."""
+        """Wait until the transformer has no request in flight to ``replicas`` (at most DRAIN_TIMEOUT), then stop them."""
         addresses = {r.address for r in replicas}
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while addresses and time.monotonic() < deadline:
-            in_flight = httpx.get(self._routes_url(), headers=self.control_headers, timeout=5.0).json()["in_flight"]
-            if not any(in_flight.get(a, 0) for a in addresses):
-                break
-            time.sleep(0.05)
-        for replica in replicas:
-            replica.process.stop()
+        try:
+            while addresses and time.monotonic() < deadline:
+                in_flight = self._in_flight()
+                if in_flight is not None and not any(in_flight.get(a, 0) for a in addresses):
+                    break
+                time.sleep(0.05)
+        finally:
+            for replica in replicas:
+                replica.process.stop()
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.5):
             with self._lock:
                 processes = [r.process for s in self.shares for r in s.replicas]
-                transformer = self.transformer
+                processes += [self.transformer] if self.transformer else []
             for process in processes:
                 if not process.stopping and not process.alive():
                     self._restart(process)
-            if transformer is not None and not transformer.stopping and not transformer.alive():
-                self._restart(transformer)
-                with self._lock:
-                    if transformer.alive():
-                        self._apply_routes()  # a fresh transformer starts with one route: restore the split
 
     def _restart(self, process: ManagedProcess) -> None:
         code = process.process.returncode if process.process else None
-        delay = RESTART_BACKOFF[min(process.restarts, len(RESTART_BACKOFF) - 1)]
+        delay = process.exited()
         log.warning("%s exited (code %s); restarting in %.1f s", process.name, code, delay)
         if self._stop.wait(delay):
             return
-        process.restarts += 1
-        process.spawn()
+        with self._lock:  # a process a change stopped meanwhile stays stopped
+            if process.stopping or self._stop.is_set():
+                return
+            process.respawn()
+            if process is self.transformer:
+                # It reads the routes file while it starts: no change until it is ready (module docstring).
+                self._wait_ready(process)
+                return
+        self._wait_ready(process)
+
+    @staticmethod
+    def _wait_ready(process: ManagedProcess) -> None:
         try:
             process.wait_ready()
         except KfloopError as exc:
@@ -457,6 +560,10 @@ class AdminServer:
                     self._answer(exc)
                 except KeyError as exc:
                     self._answer(InputError(f"the body lacks the field {exc}"))
+                except Exception as exc:  # a bug: still an answer, never a dropped connection
+                    log.exception("admin %s failed", self.path)
+                    self.close_connection = True
+                    self._reply(500, {"error": f"internal error ({type(exc).__name__}): see the runtime's log"})
 
             def log_message(self, *args: Any) -> None:
                 pass

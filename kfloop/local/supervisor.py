@@ -5,6 +5,12 @@ replica, the transformer, the watch, the trigger). Children are started
 from one long-lived thread with ``PR_SET_PDEATHSIG``, so none outlives the
 process that started it.
 
+A process that exits is started again by its owner (the serving runtime)
+after a back-off (:meth:`ManagedProcess.exited`, :func:`restart_delay`) over
+its restarts *in a row*: a run that lasted ``STABLE_UPTIME`` ends the row, so
+a crash hours after the last one waits 0.5 s again; ``restarts`` keeps the
+total.
+
 A process supervisor was written here rather than taken from circus: the
 runtime needs per-replica dynamic ports, readiness gates between steps and a
 traffic swap in the transformer, which circus' static watchers would only
@@ -28,9 +34,16 @@ import httpx
 
 from kfloop.errors import UpstreamError
 
-__all__ = ["READY_TIMEOUT", "ManagedProcess", "free_port"]
+__all__ = ["READY_TIMEOUT", "RESTART_BACKOFF", "STABLE_UPTIME", "ManagedProcess", "free_port", "restart_delay"]
 
 READY_TIMEOUT = 60.0
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)  # seconds before the 1st, 2nd, ... restart in a row
+STABLE_UPTIME = 30.0  # seconds: a run this long ends a row of restarts
+
+
+def restart_delay(restarts_in_a_row: int) -> float:
+    """Seconds to wait before restarting a process that exited after ``restarts_in_a_row`` restarts with no stable run."""
+    return RESTART_BACKOFF[min(restarts_in_a_row, len(RESTART_BACKOFF) - 1)]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,7 +85,8 @@ class ManagedProcess:
     ready_url: str
     log_path: Path
     process: subprocess.Popen | None = None
-    restarts: int = 0
+    restarts: int = 0  # in all (what status shows)
+    restarts_in_a_row: int = 0  # since a run last lasted STABLE_UPTIME (what the back-off counts)
     started: float = 0.0
     stopping: bool = False
 
@@ -84,6 +98,18 @@ class ManagedProcess:
         finally:
             log_file.close()
         self.started = time.monotonic()
+
+    def exited(self) -> float:
+        """Note that the process has just exited; the seconds to wait before :meth:`respawn`."""
+        if time.monotonic() - self.started >= STABLE_UPTIME:
+            self.restarts_in_a_row = 0
+        return restart_delay(self.restarts_in_a_row)
+
+    def respawn(self) -> None:
+        """Start the process again after it exited."""
+        self.restarts += 1
+        self.restarts_in_a_row += 1
+        self.spawn()
 
     @property
     def pid(self) -> int | None:

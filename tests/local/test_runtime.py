@@ -1,12 +1,14 @@
 """The local serving runtime (transformer + predictor replicas as supervised processes): scaling, version
-switches and canaries under load fail no request, a crashed replica is restarted, and ``kfloop serve``
-stops every process it started."""
+switches and canaries under load fail no request, a crashed replica is restarted, a restarted transformer
+serves the current split from its first answer, a change while it is down is undone and answered 503, the
+restart back-off starts over after a stable run, and ``kfloop serve`` stops every process it started."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import aiohttp
 import httpx
 import pytest
 
-from testbed import tensor, v1
+from testbed import tensor, v1, v2, wait_until_answering
 from kfloop.credentials import bearer, local_token
 from kfloop.local.supervisor import free_port
 
@@ -77,6 +79,110 @@ def test_a_crashed_replica_is_restarted_and_requests_keep_succeeding(stack):
             break
         time.sleep(0.2)
     assert (replica["restarts"], replica["alive"]) == (1, True)
+
+
+def test_a_transformer_killed_mid_canary_answers_every_request_from_its_restart_on_with_the_current_split(stack):
+    runtime = stack["runtime"]
+    runtime.scale(1)
+    runtime.switch_version("2")
+    runtime.set_traffic({"2": 50, "1": 50})  # version 1 now on a replica the transformer was not started with
+    try:
+        argv = runtime.transformer.argv
+        start_up_route = set(argv[argv.index("--predictor-host") + 1].split(","))
+        live = {r["address"] for s in runtime.status()["traffic"] for r in s["replicas"]}
+        assert not start_up_route & live, "the start-up route should name only stopped replicas"
+        restarts = runtime.status()["transformer"]["restarts"]
+
+        kill_transformer(runtime)
+        answers = answers_from_the_restart_on(stack)
+
+        assert answers and {status for status, _ in answers} == {200}, answers
+        assert {version for _, version in answers} == {"1", "2"}
+        routes = httpx.get(f"http://127.0.0.1:{runtime.transformer_control_port}/kfloop/routes",
+                           headers=bearer(local_token(runtime.home))).json()["routes"]
+        assert {(r["version"], r["weight"], frozenset(r["upstreams"])) for r in routes} == \
+            {(s["version"], s["weight"], frozenset(r["address"] for r in s["replicas"])) for s in runtime.status()["traffic"]}
+        assert runtime.status()["transformer"]["restarts"] == restarts + 1
+    finally:
+        wait_until_answering(runtime.transformer.ready_url, "the transformer")
+        runtime.switch_version("1")
+
+
+def test_a_traffic_change_while_the_transformer_is_down_answers_503_and_leaves_no_process_outside_status(stack):
+    from kfloop.local.runtime import AdminServer
+
+    runtime = stack["runtime"]
+    admin = AdminServer(runtime, free_port())
+    admin.start()
+    try:
+        before = shares(runtime.status())
+        kill_transformer(runtime)  # its restart waits at least 0.5 s: the change below comes first
+        answer = httpx.post(admin.url + "/traffic", json={"weights": {"1": 50, "2": 50}}, timeout=120,
+                            headers=bearer(local_token(runtime.home)))
+
+        assert answer.status_code == 503, answer.text
+        assert "try again" in answer.json()["error"]
+        status = runtime.status()
+        assert shares(status) == before
+        in_status = {r["pid"] for s in status["traffic"] for r in s["replicas"]}
+        assert running_predictors(stack["registry"].root) == in_status  # the version-2 replica it started is stopped
+        assert all(os.kill(pid, 0) is None for pid in in_status)
+        # The restarted transformer took the old split from the routes file: no request reaches the stopped replica.
+        answers = answers_from_the_restart_on(stack)
+        assert answers and set(answers) == {(200, "1")}, answers
+    finally:
+        admin.stop()
+        wait_until_answering(runtime.transformer.ready_url, "the transformer")
+        runtime.switch_version("1")
+
+
+def test_a_traffic_change_while_the_transformer_restarts_waits_for_it_and_succeeds(stack):
+    from kfloop.local.runtime import AdminServer
+
+    runtime = stack["runtime"]
+    admin = AdminServer(runtime, free_port())
+    admin.start()
+    try:
+        victim = kill_transformer(runtime)
+        deadline = time.monotonic() + 30
+        while runtime.transformer.pid == victim and time.monotonic() < deadline:  # respawned, not yet ready
+            time.sleep(0.02)
+        answer = httpx.post(admin.url + "/traffic", json={"weights": {"1": 50, "2": 50}}, timeout=120,
+                            headers=bearer(local_token(runtime.home)))
+
+        assert answer.status_code == 200, answer.text
+        assert sorted((s["version"], s["weight"]) for s in answer.json()["traffic"]) == [("1", 50.0), ("2", 50.0)]
+        answers = [(response.status_code, response.json().get("model_version"))
+                   for response in (v2(stack, tensor(stack["holdout"].holdout_features[:1])) for _ in range(40))]
+        assert {status for status, _ in answers} == {200} and {version for _, version in answers} == {"1", "2"}
+        in_status = {r["pid"] for s in runtime.status()["traffic"] for r in s["replicas"]}
+        assert running_predictors(stack["registry"].root) == in_status
+    finally:
+        admin.stop()
+        wait_until_answering(runtime.transformer.ready_url, "the transformer")
+        runtime.switch_version("1")
+
+
+def test_the_restart_back_off_grows_with_restarts_in_a_row_and_starts_over_after_a_stable_run(tmp_path):
+    from kfloop.local.supervisor import STABLE_UPTIME, ManagedProcess, restart_delay
+
+    assert [restart_delay(n) for n in range(7)] == [0.5, 1.0, 2.0, 5.0, 10.0, 10.0, 10.0]
+    process = ManagedProcess("exits at once", [sys.executable, "-c", ""], "http://127.0.0.1:9/", tmp_path / "exits.log")
+    process.spawn()
+    delays = []
+    for _ in range(6):
+        process.process.wait(30)
+        delays.append(process.exited())
+        process.respawn()
+    process.process.wait(30)
+    assert delays == [0.5, 1.0, 2.0, 5.0, 10.0, 10.0]
+    process.started -= STABLE_UPTIME  # this run lasted STABLE_UPTIME before it exited
+    assert process.exited() == 0.5
+    assert (process.restarts, process.restarts_in_a_row) == (6, 0)
+    process.respawn()
+    process.process.wait(30)
+    assert process.exited() == 1.0  # it exited again at once: the second restart of a new row
+    assert process.restarts == 7
 
 
 def test_kfloop_serve_with_inference_credentials_stops_every_process_it_started_on_sigterm(stack, tmp_path):
@@ -187,3 +293,60 @@ def grpc_infer_status(address: str, rows, token: str | None) -> str:
         except grpc.RpcError as exc:
             return exc.code().name
     return "OK"
+
+
+def shares(status: dict) -> list[tuple[str, float, list[str]]]:
+    return [(s["version"], s["weight"], [r["address"] for r in s["replicas"]]) for s in status["traffic"]]
+
+
+def kill_transformer(runtime) -> int:
+    """SIGKILL the runtime's transformer and wait until it is gone (its ports closed); its PID."""
+    pid = runtime.transformer.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not gone(pid):
+        time.sleep(0.01)
+    return pid
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return True
+
+
+def running_predictors(registry_root: str) -> set[int]:
+    """PIDs of the live predictor processes serving from ``registry_root`` (os.kill(pid, 0) succeeds, no zombie)."""
+    root, pids = str(Path(registry_root).resolve()), set()
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode().split("\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if "predictor" in argv and any(arg.startswith(root) for arg in argv) and not gone(int(entry.name)):
+            try:
+                os.kill(int(entry.name), 0)
+            except ProcessLookupError:
+                continue
+            pids.add(int(entry.name))
+    return pids
+
+
+def answers_from_the_restart_on(stack, seconds: float = 1.0) -> list[tuple[int, str | None]]:
+    """Send V2 requests one after another while the transformer is down and for ``seconds`` after its first answer:
+    the status and version of every request it answered (those it could not take while down are left out)."""
+    body = tensor(stack["holdout"].holdout_features[:1])
+    answers: list[tuple[int, str | None]] = []
+    first = None
+    deadline = time.monotonic() + 60
+    with httpx.Client(timeout=10) as client:
+        while time.monotonic() < (deadline if first is None else first + seconds):
+            try:
+                answer = client.post(stack["runtime"].endpoints["v2"], json=body)
+            except httpx.TransportError:
+                time.sleep(0.005)
+                continue
+            first = first or time.monotonic()
+            answers.append((answer.status_code, answer.json().get("model_version") if answer.status_code == 200 else answer.text[:200]))
+    return answers
