@@ -39,7 +39,12 @@ Each add may carry a ``tag`` (the watch: the event's delivery key); the tags of
 every segment still on disk are handed back after a restart
 (:attr:`PayloadCapture.recovered_tags`), and a written segment is deleted only
 by :meth:`~PayloadCapture.release`, which the caller calls once it has made the
-tags durable elsewhere.
+tags durable elsewhere -- and which keeps the newest written segments that the
+last ``keep_rows`` rows are in. The caller may also journal a *mark* on a row
+(:meth:`~PayloadCapture.mark`: the watch marks the last row of each window it
+tested). After a restart :meth:`~PayloadCapture.take_recovered` hands over, once,
+every add and mark of the segments on disk in journal order (:class:`JournaledRows`,
+:class:`JournalMark`): the watch replays them into its window.
 
 **Retention** (:class:`CaptureRetention`, from the policy's ``captures``
 section): :meth:`CaptureArea.enforce` deletes every shard older than
@@ -81,7 +86,7 @@ import threading
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -102,6 +107,9 @@ __all__ = [
     "CaptureArea",
     "CaptureRetention",
     "CapturedRows",
+    "JournalEntry",
+    "JournalMark",
+    "JournaledRows",
     "PayloadCapture",
     "RetentionSweep",
     "assemble_training_set",
@@ -289,6 +297,29 @@ class CapturedRows:
 _Row = tuple[tuple[str, ...], str, str, str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class JournaledRows:
+    """One add as the journal replays it after a restart: row ids, rows (float64, as received), their
+    features, the version serving then and when they were captured (epoch seconds)."""
+
+    ids: tuple[str, ...]
+    rows: np.ndarray = field(repr=False)
+    feature_names: tuple[str, ...]
+    version: str
+    captured_at: float
+
+
+@dataclass(frozen=True)
+class JournalMark:
+    """A caller's mark on a journaled row (:meth:`PayloadCapture.mark`), as the journal replays it after a restart."""
+
+    row_id: str
+    label: str
+
+
+JournalEntry = JournaledRows | JournalMark
+
+
 class PayloadCapture:
     """Buffers rows; a shard is due every ``flush_rows`` rows or ``flush_seconds`` seconds, and
     :meth:`flush` writes it (the caller decides where: the watch writes on its worker thread).
@@ -321,8 +352,9 @@ class PayloadCapture:
         self._journal = _Journal(Path(journal)) if journal is not None else None
         self._buffered_gauge = BUFFERED_ROWS.labels(self.model)
         self.recovered_tags: list[str] = []
+        self._recovered: list[JournalEntry] = []
         if self._journal is not None:
-            self._rows, self.recovered_tags = self._journal.recover()
+            self._rows, self.recovered_tags, self._recovered = self._journal.recover()
             if self._rows:
                 log.warning("captures of %s: %d rows journaled before a restart are buffered again", self.model, len(self._rows))
         self._buffered_gauge.set(len(self._rows))
@@ -356,6 +388,19 @@ class PayloadCapture:
             buffered = len(self._rows)
         self._buffered_gauge.set(buffered)
         return self.due()
+
+    def mark(self, row_id: str, label: str) -> None:
+        """Journal a mark on the row ``row_id`` (added before), for :meth:`take_recovered` after a restart;
+        a no-op without a journal. An ``OSError`` when it cannot be written (nothing else changes then)."""
+        if self._journal is not None:
+            with self._lock:
+                self._journal.mark(row_id, label)
+
+    def take_recovered(self) -> list[JournalEntry]:
+        """Every add and mark the journal held when this capture started, in the order they were journaled --
+        the adds of written segments still on disk too (their rows are not buffered again); handed over once."""
+        recovered, self._recovered = self._recovered, []
+        return recovered
 
     def due(self) -> bool:
         """Whether ``flush_rows`` rows are buffered or ``flush_seconds`` passed with rows waiting
@@ -424,10 +469,14 @@ class PayloadCapture:
             self._sweep(size)
         return written
 
-    def release(self) -> None:
-        """Delete the journal of rows already in shards: call once their tags are durable elsewhere."""
+    def release(self, *, keep_rows: int = 0) -> None:
+        """Delete the journal of rows already in shards: call once their tags are durable elsewhere.
+        The newest segments holding the last ``keep_rows`` rows are kept, for :meth:`take_recovered`."""
         if self._journal is not None:
-            self._journal.release()
+            with self._lock:  # the current segment's rows count too
+                doomed = self._journal.releasable(keep_rows)
+            for segment in doomed:  # outside the lock: adds do not wait for the unlinks
+                segment.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close the journal (buffered rows stay in it for the next start)."""
@@ -492,8 +541,9 @@ class _Journal:
     """The write-ahead journal of one :class:`PayloadCapture`: segments ``<seq>.wal`` / ``<seq>.written``.
 
     A record is ``<u32 length><u32 crc32><kind><body>``: kind ``S`` the feature names of the rows after it
-    (JSON), kind ``R`` one add (``<u32 header length><JSON ids, version, stamp, tag><float64 rows>``).
-    Reading a segment stops at its first torn or corrupt record. Not thread-safe: the capture's locks guard it.
+    (JSON), kind ``R`` one add (``<u32 header length><JSON ids, version, stamp, tag><float64 rows>``), kind
+    ``M`` a mark (``<JSON row, label>``). Reading a segment stops at its first torn or corrupt record.
+    Not thread-safe: the capture's locks guard it.
     """
 
     HEADER = struct.Struct("<II")
@@ -504,32 +554,45 @@ class _Journal:
         folder.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None  # the current segment
         self._path: Path | None = None
+        self._sequence = 0  # the current segment's number
         self._size = 0
         self._names: tuple[str, ...] | None = None  # the schema last recorded in the current segment
         self._pending: list[Path] = []  # sealed segments whose rows are not in a shard yet
         self._unsynced: list[int] = []  # sealed segments' descriptors, fsynced and closed by sync_sealed
+        self._counts: dict[int, int] = {}  # rows in each segment, by sequence number (what release keeps)
         self._next = 1 + max((int(p.stem) for p in self._segments()), default=0)
 
     def _segments(self) -> list[Path]:
         return sorted((p for p in self.folder.iterdir() if p.suffix in (self.WAL, self.WRITTEN) and p.stem.isdigit()),
                       key=lambda p: int(p.stem))
 
-    def recover(self) -> tuple[list[_Row], list[str]]:
-        """Rows of every ``.wal`` segment (they become pending) and the tags of every segment."""
+    def recover(self) -> tuple[list[_Row], list[str], list[JournalEntry]]:
+        """Rows of every ``.wal`` segment (they become pending), the tags of every segment, and every
+        segment's adds and marks in order."""
         rows: list[_Row] = []
         tags: list[str] = []
+        entries: list[JournalEntry] = []
         for segment in self._segments():
             written = segment.suffix == self.WRITTEN
+            count = 0
             for names, header, values in self._records(segment):
+                if values is None:
+                    entries.append(JournalMark(str(header["row"]), str(header["label"])))
+                    continue
                 if header.get("tag"):
                     tags.append(header["tag"])
+                count += len(values)
+                entries.append(JournaledRows(tuple(header["ids"]), values, names, header["version"],
+                                             datetime.fromisoformat(header["at"]).timestamp()))
                 if not written:
                     rows.extend((names, row_id, header["at"], header["version"], row) for row_id, row in zip(header["ids"], values))
+            self._counts[int(segment.stem)] = count
             if not written:
                 self._pending.append(segment)
-        return rows, tags
+        return rows, tags, entries
 
-    def _records(self, segment: Path) -> Iterator[tuple[tuple[str, ...], dict, np.ndarray]]:
+    def _records(self, segment: Path) -> Iterator[tuple[tuple[str, ...], dict, np.ndarray | None]]:
+        """The segment's adds (names, header, rows) and marks (names, header, None), up to a torn record."""
         data = segment.read_bytes()
         offset, names = 0, None
         while offset + self.HEADER.size <= len(data):
@@ -546,6 +609,8 @@ class _Journal:
                 header = orjson.loads(body[5:5 + size])
                 values = np.frombuffer(body[5 + size:], dtype=np.float64).reshape(len(header["ids"]), len(names))
                 yield names, header, values
+            elif body[:1] == b"M":
+                yield names or (), orjson.loads(body[1:]), None
             else:
                 log.warning("capture journal %s: unknown record at byte %d; the rest of the segment is skipped", segment, offset)
                 return
@@ -553,25 +618,41 @@ class _Journal:
     def append(self, names: tuple[str, ...], ids: Sequence[str], rows: np.ndarray, version: str, stamp: str,
                tag: str | None) -> None:
         """Append one add in one write; on failure the segment is cut back to where it was, and the error raised."""
-        if self._fd is None:
-            self._path = self.folder / f"{self._next:012d}{self.WAL}"
-            self._next += 1
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._size, self._names = 0, None
-            self._pending.append(self._path)
+        self._open()
         header = orjson.dumps({"ids": list(ids), "version": version, "at": stamp, "tag": tag})
         body = b"R" + struct.pack("<I", len(header)) + header + np.ascontiguousarray(rows, dtype=np.float64).tobytes()
         record = self.HEADER.pack(len(body), zlib.crc32(body)) + body
         if names is not self._names and names != self._names:
             schema = b"S" + orjson.dumps(list(names))
             record = self.HEADER.pack(len(schema), zlib.crc32(schema)) + schema + record
+        self._write(record)
+        self._names = names
+        self._counts[self._sequence] = self._counts.get(self._sequence, 0) + len(ids)
+
+    def mark(self, row_id: str, label: str) -> None:
+        """Append a mark on a row, like an add (one write, cut back on failure)."""
+        self._open()
+        body = b"M" + orjson.dumps({"row": row_id, "label": label})
+        self._write(self.HEADER.pack(len(body), zlib.crc32(body)) + body)
+
+    def _open(self) -> None:
+        """Start a new current segment if there is none."""
+        if self._fd is None:
+            self._sequence = self._next
+            self._path = self.folder / f"{self._sequence:012d}{self.WAL}"
+            self._next += 1
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._size, self._names = 0, None
+            self._pending.append(self._path)
+
+    def _write(self, record: bytes) -> None:
+        assert self._fd is not None
         try:
             append_whole(self._fd, record, self._size)  # no torn record left behind for the next add
         except TornAppend:
             self._abandon()  # cannot cut it back: later adds go to a new segment
             raise
         self._size += len(record)
-        self._names = names
 
     def _abandon(self) -> None:
         if self._fd is not None:
@@ -614,9 +695,18 @@ class _Journal:
             self._pending.remove(segment)
         fsync_folder(self.folder)
 
-    def release(self) -> None:
-        for segment in self.folder.glob(f"*{self.WRITTEN}"):
-            segment.unlink(missing_ok=True)
+    def releasable(self, keep_rows: int = 0) -> list[Path]:
+        """The written segments the caller may delete now: all but the newest that the last ``keep_rows`` rows are in."""
+        doomed: list[Path] = []
+        newer = 0  # rows in the segments after this one
+        for segment in reversed(self._segments()):
+            sequence = int(segment.stem)
+            if segment.suffix == self.WRITTEN and newer >= keep_rows:
+                doomed.append(segment)
+                self._counts.pop(sequence, None)
+            else:
+                newer += self._counts.get(sequence, 0)
+        return doomed
 
     def close(self) -> None:
         self.sync_sealed()

@@ -19,12 +19,20 @@ Replies never carry a CloudEvent -- no ``ce-*`` headers, no body on success --
 so a Knative Trigger subscriber cannot loop a reply back into its Broker: 202
 accepted (what was done in a header), 204 ignored (the reason in
 ``x-kfloop-ignored``), 4xx/5xx with ``{"error": reason}``.
+
+A service that must finish work off the event loop before it may answer (the
+watch: the test of the window an event completed, and its alarm in the outbox)
+returns its reply with that work's :class:`concurrent.futures.Future`
+(:attr:`EventReply.wait`): the app awaits it without blocking the loop, and
+answers once it is done -- with the error's status instead when it raised a
+:class:`~kfloop.errors.KfloopError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -89,10 +97,15 @@ class Delivery:
 
 @dataclass(frozen=True)
 class EventReply:
-    """How a service answers one event: 202 (accepted) or 204 (ignored), with headers saying why."""
+    """How a service answers one event: 202 (accepted) or 204 (ignored), with headers saying why.
+
+    ``wait``, when set, is work the answer waits for (on another thread): the reply is sent once it is
+    done, and a :class:`~kfloop.errors.KfloopError` it raised is sent instead.
+    """
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
+    wait: Future[Any] | None = field(default=None, compare=False)
 
     @classmethod
     def ignored(cls, reason: str) -> "EventReply":
@@ -215,6 +228,8 @@ class EventApp:
                 reply = await asyncio.get_running_loop().run_in_executor(None, self._handle, headers, body)
             else:
                 reply = self._handle(headers, body)
+            if reply.wait is not None:
+                await asyncio.wrap_future(reply.wait)
         except KfloopError as exc:
             self.service.refused(exc)
             status, content, extra = error_body(exc)

@@ -22,21 +22,44 @@ Replies never carry a CloudEvent (:mod:`kfloop.serving.events`): 202 accepted
 are in the capture journal on the watch's disk (:class:`~kfloop.captures.PayloadCapture`:
 one ``write`` per event, fsynced five times a second; the journal is replayed
 into the next shard after a restart, and carries the event's delivery key, so a
-redelivery after a crash is still a duplicate), and in the window. Only then is
-the delivery remembered as seen. When the rows cannot be kept -- the journal
-cannot be written (a full disk), or shards have failed so long that
-``max_buffered_rows`` rows wait -- the answer is 503 (a
+redelivery after a crash is still a duplicate), and in the window; and when
+they made a window due, that window is tested and its alarm, if it raised one,
+is in the outbox. The reply to such an event waits for the worker thread's test
+(:attr:`~kfloop.serving.events.EventReply.wait`; the event loop serves other
+events meanwhile), so only one event in ``stride`` waits, for one test; the
+others are answered as soon as their rows are journaled. When the rows cannot
+be kept -- the journal cannot be written (a full disk), or shards have failed
+so long that ``max_buffered_rows`` rows wait -- the answer is 503 (a
 :class:`~kfloop.errors.TemporaryError`), nothing of the event was kept, and
-the sender's retry is processed as new. Window tests run off the request path;
-an alarm that the outbox cannot store (a full disk) is kept in memory, tried
-again five times a second, and until it is stored every event is answered 503,
-so nothing is taken on top of an alarm that is not durable. What a crash still
-loses: the window's untested rows (they are captured; the next window starts
-afresh), and an alarm in the milliseconds between its test and its outbox file
-or while the outbox cannot take it (the same shift raises it again in the next
-window). A failed shard keeps its rows (and retries with back-off); the
-captures area's retention (the policy's ``captures`` section) is enforced after
-shards are written.
+the sender's retry is processed as new. An alarm that the outbox cannot store
+(a full disk) is kept in memory and tried again five times a second; the event
+whose window raised it is answered 503 (its rows are kept: its retry is a
+duplicate), and until the alarm is stored every event, a duplicate too, is
+answered 503, so nothing is acknowledged on top of an alarm that is not
+durable. A detector that raises is logged and counted
+(``kfloop_watch_window_test_failures_total``) and the event answered 202: its
+rows are kept and stay in the window for the next test, and a retry would be a
+duplicate. A window that is due only because ``stride_seconds`` held its test
+back is tested by the timer, after its events were answered.
+
+**After a restart the window is where it was.** The last row of each window
+tested is marked in the capture journal (``tested``, or ``alarmed`` once its
+alarm is stored), and the journal keeps the segments the last ``window +
+stride`` rows are in, also once they are in shards. A new watch replays the serving
+version's journaled rows into its window in their order, taking the window
+where a ``tested`` mark is and starting it afresh where an ``alarmed`` one is;
+if a test is then due -- a window completed just before the crash, whose event
+was never answered, or an alarm that was only in memory -- it is tested before
+the watch serves, and its alarm stored. What a crash still loses or repeats: a
+window whose test finished but whose mark was not written yet (the instant
+between, or the marks could not be written) is tested again, and an alarm it
+raised comes a second time with a new id (the trigger coalesces it with the
+first one's run or cooldown); rows of another version than the one serving
+after the restart are not replayed (the window restarts at a version change
+anyway); with ``capture`` off there is no journal and the window starts
+afresh; a power cut can lose the journal's last 0.2 s (rows and marks). A failed
+shard keeps its rows (and retries with back-off); the captures area's retention
+(the policy's ``captures`` section) is enforced after shards are written.
 
 The service follows the registry's production pointer: when it moves, the
 reference and detectors switch to the new version and the window restarts.
@@ -74,7 +97,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from kfloop.bundle import REFERENCE
-from kfloop.captures import CaptureRetention
+from kfloop.captures import CaptureRetention, JournalEntry, JournalMark, JournaledRows
 from kfloop.errors import InputError, KfloopError, TemporaryError
 from kfloop.event_types import ALARM_EVENTS, DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.registry import ModelRegistry
@@ -95,6 +118,7 @@ MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that canno
 FLUSH_SECONDS = 0.2  # how often delivery keys are written, the capture journal fsynced, due shards queued
 CAPTURE_JOURNAL = "capture-journal"  # under the state folder
 RELEASE_SECONDS = 1.0  # the journal of rows in shards is deleted at most this often (it costs an fsync)
+TESTED, ALARMED = "tested", "alarmed"  # the capture journal's marks on the last row of a tested window
 
 EVENTS = Counter("kfloop_watch_events", "CloudEvents received, by outcome.", ["model", "outcome"])
 ROWS = Counter("kfloop_watch_rows_scored", "Rows added to the drift window.", ["model"])
@@ -105,6 +129,8 @@ DRIFT = Gauge("kfloop_watch_drift", "1 if the last window showed drift.", ["mode
 OUTLIERS = Gauge("kfloop_watch_outliers", "Rows above the outlier threshold in the last window.", ["model", "version"])
 OUTLIER_ALARM = Gauge("kfloop_watch_outlier_alarm", "1 if the last window had too many outliers.", ["model", "version"])
 ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "kind"])
+TEST_FAILURES = Counter("kfloop_watch_window_test_failures", "Window tests that raised an error (the rows stay in the "
+                        "window for the next test).", ["model"])
 UNSTORED = Gauge("kfloop_watch_alarms_unstored", "Alarms the outbox could not store yet (events are refused meanwhile).", ["model"])
 DEAD_LETTERS = Counter("kfloop_watch_dead_letters", "Alarms Knative dead-lettered back to the watch, by outcome "
                        "(requeued / dropped / ignored / invalid / failed).", ["model", "outcome"])
@@ -157,6 +183,7 @@ class _Alarm:
     source: str
     kind: str
     data: dict[str, Any]
+    through: str | None  # the journaled id of the window's last row (marked once the alarm is stored)
 
 
 class WatchService:
@@ -179,6 +206,7 @@ class WatchService:
         self._failing: dict[str, str] = {}  # what the flush timer could not do, by part (logged once per error)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.last_alarm: dict[str, Any] | None = None
+        self._last_row: str | None = None  # the journaled id of the last row in the window
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
         self.capture = (
@@ -190,6 +218,7 @@ class WatchService:
         if self.capture is not None:
             for tag in self.capture.recovered_tags:  # deliveries whose rows were journaled before a restart
                 self.deliveries.remember(tag)
+            self._replay(self.capture.take_recovered())
 
     def _load(self, version: str) -> _Watched:
         with self.registry.local_version(self.config.model, version) as folder:
@@ -220,6 +249,10 @@ class WatchService:
 
         A redelivery (same id, same body) is taken once; two requests that share
         an id are two requests, and the second one's rows get ids of their own.
+        An event that makes windows due is answered once they are tested and their alarms are in the
+        outbox (the reply waits for the worker's job, :attr:`EventReply.wait`); when the outbox could not
+        store an alarm, 503 -- the event's rows are kept, so its retry is a duplicate, answered 202 once
+        the alarm is stored (503 until then, like every event).
         """
         model, event = self.config.model, delivery.event
         event_type = event["type"]
@@ -231,43 +264,65 @@ class WatchService:
             return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT})")
         key = delivery.key
         if key in self.deliveries:
+            self._check_alarms()  # it may be the retry of the event whose alarm is not stored yet
             self._counted["duplicate"].inc()
             return EventReply(202)
         watched = self.watched
         rows = self._rows(event.get_data(), delivery.content_type, watched.schema)
         now = time.time()
+        tests: list[Callable[[], None]] = []
         with self._lock:
             if watched is not self.watched:  # the version changed meanwhile (rare): read the rows with its schema
                 rows = self._rows(event.get_data(), delivery.content_type, self.watched.schema)
+            self._check_alarms()
             self._check_intake()
             if not self.deliveries.remember(key):  # a concurrent delivery of the same event won
                 self._counted["duplicate"].inc()
                 return EventReply(202)
+            ids: list[str] | None = None
+            flush = False
             if self.capture is not None:
                 prefix = self._capture_prefix(str(event["id"]), key)
+                ids = [f"{prefix}:{i}" for i in range(len(rows))]
                 try:  # journaled before anything else changes: a failure leaves the event untaken
-                    due = self.capture.add([f"{prefix}:{i}" for i in range(len(rows))], rows, self.watched.version, tag=key)
+                    due = self.capture.add(ids, rows, self.watched.version, tag=key)
                 except TemporaryError:
                     self.deliveries.forget(key)
                     raise
-                if due and not self._capture_flush_queued:
-                    self._capture_flush_queued = True  # one queued flush takes every row buffered until it runs
-                    self._background(self._flush_capture)
+                flush = due and not self._capture_flush_queued
+                self._capture_flush_queued |= flush  # one queued flush takes every row buffered until it runs
             self._counted["accepted"].inc()
             self._rows_scored.inc(len(rows))
             stride = self.monitor.stride
             for start in range(0, len(rows), stride):  # a big batch is tested stride by stride
-                self.monitor.append(rows[start:start + stride], now)
+                end = min(start + stride, len(rows))
+                self.monitor.append(rows[start:end], now)
                 snapshot = self.monitor.take(now)
                 if snapshot is not None:
-                    self._background(self._tester(self.monitor, snapshot))
-        return EventReply(202)
+                    tests.append(self._tester(self.monitor, snapshot, None if ids is None else ids[end - 1]))
+            if ids is not None:
+                self._last_row = ids[-1]
+            # Submitted under the lock, so the worker tests windows in the order they were taken.
+            tested = self._worker.submit(self._test_for_reply, tests) if tests else None
+            if flush:  # after the tests: the reply does not wait for the shard
+                self._background(self._flush_capture)
+        return EventReply(202, wait=tested)
 
-    def _check_intake(self) -> None:
-        """Refuse (503) while what the watch takes could not be made durable (caller holds the lock)."""
+    def _test_for_reply(self, tests: list[Callable[[], None]]) -> None:
+        """The worker's job for an event that made windows due: test them and store their alarms; then a
+        :class:`TemporaryError` if an alarm is not in the outbox (the event's reply is 503)."""
+        for test in tests:
+            test()
+        self._check_alarms("this event's rows are kept: its retry is taken once the alarm is stored")
+
+    def _check_alarms(self, then: str = "events are refused until it is") -> None:
+        """Refuse (503) while an alarm the outbox could not store waits in memory."""
         if "alarms" in self._failing and self._unstored:  # not while one is being stored: only once that failed
             raise TemporaryError(f"alarm {self._unstored[0].id} of {self.config.model} could not be stored in the outbox "
-                                 f"({self._failing.get('alarms')}); events are refused until it is")
+                                 f"({self._failing.get('alarms')}); {then}")
+
+    def _check_intake(self) -> None:
+        """Refuse (503) while the delivery keys of what the watch takes cannot be written (caller holds the lock)."""
         if self.deliveries.unwritten >= MAX_UNWRITTEN_DELIVERIES:
             raise TemporaryError(f"{self.deliveries.unwritten} delivery keys of {self.config.model} wait for "
                                  f"{self.deliveries.path} ({self._failing.get('deliveries', 'unknown error')}); try again later")
@@ -294,7 +349,8 @@ class WatchService:
         assert self.capture is not None
         self._flush_deliveries()
         self.deliveries.sync()
-        self.capture.release()
+        # The rows of the window and of the stride since its last test stay journaled, for a restart's replay.
+        self.capture.release(keep_rows=self.config.window + (self.config.stride or 0))
 
     def _flush_deliveries(self) -> None:
         # Under the service's lock: a key remembered and then forgotten (its rows could not be journaled)
@@ -313,9 +369,23 @@ class WatchService:
         except Exception:  # a failed test or write must not stop the worker; the next one comes
             log.exception("background work of the watch failed")
 
-    def _tester(self, monitor: WindowMonitor, snapshot: WindowSnapshot) -> Callable[[], None]:
+    def _tester(self, monitor: WindowMonitor, snapshot: WindowSnapshot, last_row: str | None) -> Callable[[], None]:
+        """The test of ``snapshot``, whose last row is the journaled row ``last_row`` (None: not captured).
+
+        Once the window is judged, its last row is marked in the capture journal -- ``alarmed`` when its
+        alarm is stored, ``tested`` when it raised none (not while an earlier alarm waits in memory: a
+        restart must test again what that alarm came from) -- so a restart does not test it again.
+        A detector that raises is logged and counted: the event stays taken (its rows are captured and
+        in the window, and the next stride tests them; a retry would be a duplicate, and would not help).
+        """
         def test() -> None:
-            result = monitor.detector.test(snapshot.rows)  # the scoring, outside the lock
+            try:
+                result = monitor.detector.test(snapshot.rows)  # the scoring, outside the lock
+            except Exception:
+                TEST_FAILURES.labels(self.config.model).inc()
+                log.exception("the window of %s (rows %d-%d) could not be tested; its rows stay in the window",
+                              self.config.model, snapshot.row_numbers[0], snapshot.row_numbers[-1])
+                return
             with self._lock:
                 if monitor is not self.monitor:
                     return  # the version changed meanwhile: that window is gone
@@ -323,8 +393,60 @@ class WatchService:
                 version = self.watched.version
             self._export(result, version)
             for alarm in alarms:
-                self._raise(alarm, version)
+                self._raise(alarm, version, last_row)
+            if not alarms and not self._unstored:
+                self._mark(last_row, TESTED)
         return test
+
+    def _mark(self, row_id: str | None, label: str) -> None:
+        """Journal that the window ending at ``row_id`` was judged; if that fails, a restart tests it again."""
+        capture = self.capture
+        if capture is not None and row_id is not None:
+            self._attempt("marks", lambda: capture.mark(row_id, label))
+
+    def _replay(self, entries: list[JournalEntry]) -> None:
+        """Put the journaled rows of the serving version back into the window, in order, as the window had them
+        before the restart (a ``tested`` mark is where a test took the window, an ``alarmed`` one where it started
+        afresh), and test it now if a test is due: the window an event completed just before a crash.
+
+        Rows after the last ``tested`` or ``alarmed`` mark count as untested, so only a window whose mark was
+        not written (the watch stopped between its test and its mark, or its alarm was not stored) is tested
+        twice: an alarm it raised then comes again with a new id (the trigger coalesces it with the first one's
+        run or cooldown).
+        """
+        version, names = self.watched.version, self.watched.schema.feature_names
+        start = 0
+        for index, entry in enumerate(entries):  # the window started afresh at each version change
+            if isinstance(entry, JournaledRows) and (entry.version != version or entry.feature_names != names):
+                start = index + 1
+        entries = entries[start:]
+        marks: dict[str, list[str]] = {}
+        for entry in entries:
+            if isinstance(entry, JournalMark):
+                marks.setdefault(entry.row_id, []).append(entry.label)
+        monitor, replayed = self.monitor, 0
+        for entry in entries:
+            if not isinstance(entry, JournaledRows):
+                continue
+            cut = 0
+            for index, row_id in enumerate(entry.ids):
+                for label in marks.get(row_id, ()):
+                    monitor.append(entry.rows[cut:index + 1], entry.captured_at)
+                    cut = index + 1
+                    if label == ALARMED:
+                        monitor.reset()
+                    else:
+                        monitor.take(entry.captured_at, timer=True)  # taken then: its rows count as tested
+            monitor.append(entry.rows[cut:], entry.captured_at)
+            self._last_row = entry.ids[-1]
+            replayed += len(entry.ids)
+        if not replayed:
+            return
+        snapshot = monitor.take(time.time(), timer=True)
+        log.info("%d journaled rows of %s v%s replayed: %d in the window%s", replayed, self.config.model, version,
+                 len(monitor), ", which was due and is tested now" if snapshot is not None else "")
+        if snapshot is not None:
+            self._tester(monitor, snapshot, self._last_row)()
 
     def _capture_prefix(self, event_id: str, key: str) -> str:
         """The event's id -- with its body's digest appended when another request already used the id,
@@ -352,9 +474,9 @@ class WatchService:
     def test_due(self) -> None:
         """Test rows that arrived faster than one test per ``stride_seconds`` (the timer's call)."""
         with self._lock:
-            snapshot, monitor = self.monitor.take(time.time(), timer=True), self.monitor
-        if snapshot is not None:
-            self._background(self._tester(monitor, snapshot))  # on the worker, like every test: alarms in order
+            snapshot, monitor, last_row = self.monitor.take(time.time(), timer=True), self.monitor, self._last_row
+            if snapshot is not None:  # on the worker, like every test: alarms in order
+                self._background(self._tester(monitor, snapshot, last_row))
 
     def flush(self) -> None:
         """The timer's call: write the delivery memory, fsync the capture journal, queue a due shard and
@@ -399,7 +521,7 @@ class WatchService:
         OUTLIERS.labels(model, version).set(result.outliers)
         OUTLIER_ALARM.labels(model, version).set(int(result.outlier_alarm))
 
-    def _raise(self, alarm: WindowAlarm, version: str) -> None:
+    def _raise(self, alarm: WindowAlarm, version: str, through: str | None) -> None:
         """Store the alarm in the outbox (after any stored before it); if the outbox cannot take it, keep it."""
         result, model = alarm.result, self.config.model
         names = self.watched.schema.feature_names
@@ -429,7 +551,8 @@ class WatchService:
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
         with self._alarm_lock:
-            self._unstored.append(_Alarm(str(uuid.uuid4()), event_type, f"{self.config.source}/{model}", alarm.kind, data))
+            self._unstored.append(_Alarm(str(uuid.uuid4()), event_type, f"{self.config.source}/{model}", alarm.kind, data,
+                                         through))
         self._store_unstored()
 
     def _store_unstored(self) -> None:
@@ -448,6 +571,7 @@ class WatchService:
                 self._unstored.pop(0)
                 ALARMS.labels(model, alarm.kind).inc()
                 self.last_alarm = {"id": alarm.id, "type": alarm.type, **alarm.data}
+                self._mark(alarm.through, ALARMED)  # durable now: a restart need not raise it again
             UNSTORED.labels(model).set(0)
             self._recovered("alarms")
 

@@ -17,7 +17,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from testbed import fill, small_disk
-from kfloop.captures import BASE_SHARD, CaptureArea, CaptureRetention, assemble_training_set, training_base
+from kfloop.captures import (
+    BASE_SHARD, CaptureArea, CaptureRetention, JournaledRows, JournalMark, assemble_training_set, training_base,
+)
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import TemporaryError
 from kfloop.registry import ModelRegistry
@@ -225,6 +227,47 @@ def test_journaled_rows_survive_a_restart_and_their_tags_come_back(tmp_path, are
     third.release()
     assert area.writer(FEATURES, journal=journal).recovered_tags == []
     assert len(shards(area)) == 1
+
+
+def test_adds_and_marks_come_back_in_journal_order_once_after_a_restart(tmp_path, area):
+    journal = tmp_path / "journal"
+    first = area.writer(FEATURES, flush_rows=100, journal=journal)
+    first.add(["e:0", "e:1"], np.array([[1.0, 2.0], [3.0, 4.0]]), "1", tag="e")
+    first.mark("e:1", "tested")
+    first.add(["f:0"], np.array([[5.0, 6.0]]), "2", tag="f")
+    first.close()  # or a crash
+    second = area.writer(FEATURES, flush_rows=100, journal=journal)
+    e, mark, f = second.take_recovered()
+    assert isinstance(e, JournaledRows) and (e.ids, e.feature_names, e.version) == (("e:0", "e:1"), FEATURES, "1")
+    np.testing.assert_array_equal(e.rows, [[1.0, 2.0], [3.0, 4.0]])
+    assert abs(e.captured_at - time.time()) < 60
+    assert mark == JournalMark("e:1", "tested")
+    assert isinstance(f, JournaledRows) and (f.ids, f.version) == (("f:0",), "2")
+    assert second.take_recovered() == []  # handed over once
+    assert second.recovered_tags == ["e", "f"] and second.buffered == 3  # a mark is no row
+
+
+def test_release_keeps_the_written_segments_the_last_rows_are_in_and_they_come_back_but_are_not_written_again(tmp_path, area):
+    journal = tmp_path / "journal"
+    writer = area.writer(FEATURES, flush_rows=100, journal=journal)
+    writer.add(["a:0", "a:1", "a:2"], np.zeros((3, 2)), "1", tag="a")
+    writer.flush()
+    writer.add(["b:0", "b:1"], np.ones((2, 2)), "1", tag="b")
+    writer.mark("b:1", "tested")
+    writer.flush()
+    writer.add(["c:0"], np.full((1, 2), 2.0), "1", tag="c")  # not in a shard yet
+    writer.release(keep_rows=3)  # c's segment and b's hold the last 3 rows: a's goes
+    writer.close()
+    again = area.writer(FEATURES, flush_rows=100, journal=journal)
+    recovered = again.take_recovered()
+    assert [entry.ids for entry in recovered if isinstance(entry, JournaledRows)] == [("b:0", "b:1"), ("c:0",)]
+    assert JournalMark("b:1", "tested") in recovered
+    assert again.recovered_tags == ["b", "c"] and again.buffered == 1  # b is in a shard already
+    again.flush()
+    assert [area.read(shard).ids for shard in shards(area)] == [("a:0", "a:1", "a:2"), ("b:0", "b:1"), ("c:0",)]
+    again.release()  # keep nothing
+    again.close()
+    assert area.writer(FEATURES, journal=journal).take_recovered() == []
 
 
 def test_a_torn_journal_record_is_skipped_and_the_records_before_it_are_kept(tmp_path, area):

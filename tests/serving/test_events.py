@@ -1,12 +1,13 @@
 """The CloudEvent app base: a small real EventService behind create_event_app, served by a real uvicorn server
 on loopback and called with httpx. Events in binary and structured mode are accepted with the service's
 headers, anything else is refused with ``{"error": ...}`` and the error's status, and no reply carries a
-CloudEvent."""
+CloudEvent; a reply that waits for work done beside the event loop is sent once the work is done."""
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import httpx
@@ -47,6 +48,8 @@ class Recorder:
         self.lifecycle: list[str] = []
         self.handling_slow = threading.Event()  # set while a ``test.slow`` event is being handled
         self.release = threading.Event()  # a ``test.slow`` event waits for it
+        self.work: Future[None] = Future()  # what the reply to a ``test.waits`` event waits for
+        self.waiting = threading.Event()  # set once a ``test.waits`` event was handled
 
     def handle(self, delivery: Delivery) -> EventReply:
         event, content_type = delivery.event, delivery.content_type
@@ -57,6 +60,9 @@ class Recorder:
         if event["type"] == "test.slow":
             self.handling_slow.set()
             self.release.wait(10)
+        if event["type"] == "test.waits":
+            self.waiting.set()
+            return EventReply(202, {"x-test-outcome": "waited"}, wait=self.work)
         self.events.append({"id": event["id"], "data": event.get_data(), "content_type": content_type})
         return EventReply(202, {"x-test-outcome": "recorded"})
 
@@ -96,6 +102,8 @@ def app(request):
     served = Served(create_event_app("test events", service, offload=request.param, authenticator=None))
     yield service, served
     service.release.set()
+    if not service.work.done():
+        service.work.set_result(None)
     served.stop()
 
 
@@ -200,6 +208,34 @@ def test_an_offloaded_slow_event_does_not_block_healthz():
         served.stop()
     assert answers[0].status_code == 202
     assert [e["id"] for e in service.events] == ["e-1"]
+
+
+def test_a_reply_that_waits_for_work_is_sent_once_it_is_done_and_the_loop_serves_meanwhile(app):
+    service, served = app
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(deliver(served, to_binary(event("test.waits")))))
+    sender.start()
+    try:
+        assert service.waiting.wait(10)
+        time.sleep(0.3)
+        assert answers == []  # the work is not done: no answer yet
+        assert httpx.get(served.url + "healthz", timeout=2).json() == {"status": "ok"}  # the event loop is free
+        service.work.set_result(None)
+        sender.join(10)
+    finally:
+        if not service.work.done():
+            service.work.set_result(None)
+    assert (answers[0].status_code, answers[0].headers["x-test-outcome"], answers[0].content) == (202, "waited", b"")
+
+
+def test_when_the_work_a_reply_waits_for_raises_that_error_is_the_answer(app):
+    service, served = app
+    error = TemporaryError("alarm a-1 could not be stored in the outbox")
+    service.work.set_exception(error)
+    answer = deliver(served, to_binary(event("test.waits")))
+    assert answer.status_code == 503 and answer.json() == {"error": str(error)}
+    assert no_cloudevent(answer)
+    assert service.refusals == [error]
 
 
 def test_the_startup_and_shutdown_hooks_run_with_the_server():

@@ -2,17 +2,21 @@
 alarms at a real sink (through an outage and a restart), captured rows, and the production version followed;
 and what it takes being durable first: a full disk (a real small tmpfs) answers 503 and the retry is processed,
 an alarm the outbox cannot store holds events back, shards that cannot be written keep their rows, and rows
-taken before a crash are written after it; and the dead-letter port: an alarm a Knative Trigger could not
-deliver comes back (with the home's token, or a Trigger's JWT) and reaches the sink again with the same id."""
+taken before a crash are written after it; the event that completes a window is answered only once its alarm
+is in the outbox, and a window completed just before a crash is tested after it; and the dead-letter port: an
+alarm a Knative Trigger could not deliver comes back (with the home's token, or a Trigger's JWT) and reaches the
+sink again with the same id."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -28,6 +32,7 @@ from kfloop.credentials import bearer, local_token
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
 from kfloop.local.supervisor import free_port
+from kfloop.serving.watch import WatchConfig, WatchService
 from kfloop.training import Prepared
 
 
@@ -395,25 +400,29 @@ def test_an_alarm_the_outbox_cannot_store_holds_events_back_until_it_is_stored(s
             for start in range(0, WINDOW, 10):
                 assert post(service, event(rows[start:start + 10])).status_code == 202
             filler = fill(disk)
-            statuses = [post(service, event(rows[start:start + 10] * 1.5 + 0.01)).status_code for start in range(0, WINDOW, 10)]
-            assert statuses[0] == 202 and set(statuses) <= {202, 503}  # rows are not captured: taken, and they raise an alarm
-
-            def refused():
-                answer = post(service, event(rows[:1]))
-                return answer if answer.status_code == 503 else None
-
-            answer = eventually(refused, what="a refusal while the alarm is not stored")
-            assert "could not be stored in the outbox" in answer.json()["error"]
-            assert "No space left on device" in answer.json()["error"]
+            shifted = [event(rows[start:start + 10] * 1.5 + 0.01) for start in range(0, WINDOW, 10)]
+            answers = [post(service, delivery) for delivery in shifted]
+            # The event whose window raised the alarm waits for it and gets 503: its rows are kept (not captured,
+            # in the window), so its retry is a duplicate, taken once the alarm is stored. Every event after it
+            # is refused, and nothing of it is kept.
+            raised = next(i for i, answer in enumerate(answers) if answer.status_code != 202)
+            message = answers[raised].json()["error"]
+            assert answers[raised].status_code == 503 and "could not be stored in the outbox" in message
+            assert "No space left on device" in message and "this event's rows are kept" in message
+            assert all(answer.status_code == 503 and "events are refused until it is" in answer.json()["error"]
+                       for answer in answers[raised + 1:])
+            refused = post(service, event(rows[:1]))
+            assert refused.status_code == 503 and "events are refused until it is" in refused.json()["error"]
+            assert post(service, shifted[raised]).status_code == 503  # a duplicate too, until the alarm is stored
             assert service.status()["unstored_alarms"] == 1 and not sink.events
             assert service.metric('kfloop_watch_alarms_unstored{model="leaf"}') == 1
             filler.unlink()
             alarm = eventually(lambda: sink.events, what="the alarm at the sink")[0]
             assert alarm["type"] == "io.kfloop.drift.detected" and service.status()["last_alarm"]["id"] == alarm["id"]
-            retry = event(rows[:1], event_id="after-the-alarm")
-            eventually(lambda: post(service, retry).status_code == 202, 5, "events taken again")
+            eventually(lambda: post(service, shifted[raised]).status_code == 202, 5, "the retry taken")
             assert service.status()["unstored_alarms"] == 0
-            assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 0
+            assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1  # that retry
+            assert post(service, event(rows[:1], event_id="after-the-alarm")).status_code == 202
         finally:
             service.stop()
             sink.close()
@@ -469,6 +478,72 @@ def test_rows_taken_before_a_crash_are_written_after_the_restart_and_a_redeliver
         sink.close()
     ids = captured_ids(setup["registry"], tag)
     assert sorted(ids) == sorted(f"{tag}-{i}:{j}" for i in range(3) for j in range(5))
+
+
+def outbox_alarms(state: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted((state / "outbox").glob("*.json"))]
+
+
+def test_the_event_that_completes_a_window_is_answered_only_once_its_alarm_is_in_the_outbox(setup, tmp_path):
+    state = tmp_path / "state"
+    service = Watch(setup["registry"], free_port(), state)  # the sink is down: alarms stay in the outbox
+    try:
+        for number in range(1, 4):  # each event a whole window of shifted rows: each raises an alarm
+            started = time.monotonic()
+            answer = post(service, event(setup["rows"][:WINDOW] * 2.0, event_id=f"window-{number}"))
+            waited = time.monotonic() - started
+            assert answer.status_code == 202
+            alarms = outbox_alarms(state)  # right after the answer, before anything else
+            assert len(alarms) == number, f"event {number} was answered (after {waited:.3f} s) before its alarm was stored"
+            assert alarms[-1]["type"] == "io.kfloop.drift.detected" and alarms[-1]["data"]["drift"] is True
+            assert alarms[-1]["data"]["window"]["last_row"] == number * WINDOW
+        assert post(service, event(setup["rows"][:5])).status_code == 202  # no window due: answered at once
+        assert len(outbox_alarms(state)) == 3
+    finally:
+        service.stop()
+
+
+def test_a_window_completed_before_a_crash_is_tested_after_the_restart_and_its_alarm_raised(setup, tmp_path):
+    sink = EventSink()
+    state, rows = tmp_path / "state", setup["rows"]
+    held_back = ("--stride-seconds", "3600")  # after the first test the next waits an hour: due, but never tested
+    service = Watch(setup["registry"], sink.server.server_port, state, extra=held_back)
+    try:
+        assert post(service, event(rows[:WINDOW], event_id="clean")).status_code == 202  # tested at once: no drift
+        assert service.status()["windows_tested"] == 1 and service.status()["last_window"]["drift"] is False
+        shifted = [event(rows[start:start + 10] * 2.0, event_id=f"shifted-{start}") for start in range(0, WINDOW, 10)]
+        for delivery in shifted:  # journaled and in the window, and their window is due; not tested yet
+            assert post(service, delivery).status_code == 202
+        status = service.status()
+        assert (status["windows_tested"], status["rows_in_window"], status["last_alarm"]) == (1, WINDOW, None)
+        crashed_at = time.time()
+    finally:
+        service.crash()
+    assert outbox_alarms(state) == [] and not sink.events
+    service = Watch(setup["registry"], sink.server.server_port, state, extra=held_back)
+    try:
+        # The window was tested before the watch served: the sender's retry of the last event is a duplicate.
+        assert post(service, shifted[-1]).status_code == 202
+        assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1
+        status = service.status()
+        assert status["windows_tested"] == 1  # the shifted window only: the clean one was marked tested
+        (alarm,) = eventually(lambda: sink.events, what="the alarm after the restart")
+        data = alarm.data
+        assert alarm["type"] == "io.kfloop.drift.detected" and data["drift"] is True and data["window"]["rows"] == WINDOW
+        first_time = datetime.fromisoformat(data["window"]["first_time"]).timestamp()
+        assert first_time < crashed_at  # the rows taken before the crash, with their capture times
+        assert status["last_alarm"]["id"] == alarm["id"] and status["rows_in_window"] == 0  # afresh after the alarm
+    finally:
+        service.stop()
+        sink.close()
+    # Started once more: the alarm's window is marked in the journal, so it is not tested (nor raised) again.
+    again = WatchService(WatchConfig(str(setup["registry"]), "leaf", sink_url="http://127.0.0.1:9/", state_dir=state,
+                                     window=WINDOW, stride=10))
+    try:
+        assert (again.status()["windows_tested"], again.status()["rows_in_window"]) == (0, 0)
+        assert outbox_alarms(state) == []
+    finally:
+        again.close()
 
 
 # --- dead letters: alarms a Knative Trigger could not deliver come back and are sent again ---------------
