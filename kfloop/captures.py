@@ -89,7 +89,7 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import fsspec
 import numpy as np
@@ -198,11 +198,21 @@ class CaptureArea:
             return []
         return sorted(Path(self.uri).rglob(LABELLED_SHARDS))
 
-    def add_labelled(self, data: LabelledData, *, folder: str = "labelled") -> Path:
-        """Store labelled rows as a new labelled shard (local areas); returns its path.
-        Its header is ``data``'s own features: those of the version its rows were captured for."""
-        target = Path(self.uri) / folder / f"labelled-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.csv"
+    def add_labelled(self, data: LabelledData, *, folder: str = "labelled", name: str | None = None,
+                     meta: Mapping[str, Any] | None = None) -> Path:
+        """Store labelled rows as a labelled shard (local areas); returns its path.
+
+        Its header is ``data``'s own features: those of the version its rows were captured for. ``name``
+        (``labelled-...``; default: from the time) replaces a shard of that name whole; ``meta`` is written
+        first, beside it, as ``<shard>.meta.json``, and goes with it when retention removes it.
+        """
+        stem = name or f"labelled-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+        target = Path(self.uri) / folder / f"{stem}.csv"
+        if not target.match(LABELLED_SHARDS):
+            raise InputError(f"a labelled shard's name must match {LABELLED_SHARDS}, not {target.name!r}")
         target.parent.mkdir(parents=True, exist_ok=True)
+        if meta is not None:
+            atomic_write(target.with_name(target.name + META_SUFFIX), json.dumps(meta))
         buffer = io.StringIO()
         save_csv(data, buffer)
         atomic_write(target, buffer.getvalue())
@@ -268,7 +278,9 @@ class CaptureArea:
                     size = info.st_size + (meta.stat().st_size if meta.exists() else 0)
                     found.append(_Stored("captured", (path, meta), size, info.st_mtime))
                 elif path.match(LABELLED_SHARDS):
-                    found.append(_Stored("labelled", (path,), info.st_size, info.st_mtime))
+                    meta = path.with_name(name + META_SUFFIX)
+                    size = info.st_size + (meta.stat().st_size if meta.exists() else 0)
+                    found.append(_Stored("labelled", (path, meta), size, info.st_mtime))
                 elif now - info.st_mtime > STALE_SECONDS and (
                         (name.startswith(".") and ".tmp-" in name)
                         or (name.endswith(META_SUFFIX) and not path.with_name(name[: -len(META_SUFFIX)]).exists())):

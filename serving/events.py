@@ -34,20 +34,23 @@ import asyncio
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kfloop.errors import InputError, KfloopError, to_http
+from kfloop.errors import InputError, KfloopError, UnsupportedMediaType, to_http
 from kfloop.serving.auth import Authenticator
 from kfloop.serving.deliveries import delivery_key
 from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, read_limited_body
+
+JsonPost = Callable[[Any], dict[str, Any]]  # a POST route's handler: the JSON body in, the JSON answer out
 
 __all__ = [
     "IGNORED_HEADER",
     "Delivery",
     "EventApp",
+    "JsonPost",
     "EventReply",
     "EventService",
     "ReceivedEvent",
@@ -194,9 +197,10 @@ class EventApp:
 
     def __init__(self, title: str, service: EventService, *, on_startup: Callable[[], Awaitable[None]] | None,
                  on_shutdown: Callable[[], Awaitable[None]] | None, offload: bool, max_body_bytes: int,
-                 authenticator: Authenticator | None) -> None:
+                 authenticator: Authenticator | None, json_posts: Mapping[str, JsonPost] | None = None) -> None:
         self.title, self.service, self.max_body_bytes = title, service, max_body_bytes
         self.authenticator = authenticator
+        self.json_posts = dict(json_posts or {})
         self.on_startup, self.on_shutdown, self.offload = on_startup, on_shutdown, offload
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -208,6 +212,8 @@ class EventApp:
         method, path = scope["method"], scope["path"]
         if path == "/" and method == "POST":
             await self._event(scope, receive, send)
+        elif method == "POST" and path in self.json_posts:
+            await self._json_post(self.json_posts[path], scope, receive, send)
         elif method in ("GET", "HEAD") and path == "/healthz":
             await _reply(send, 200, orjson.dumps(self.service.health()))
         elif method in ("GET", "HEAD") and path == "/status":
@@ -236,6 +242,27 @@ class EventApp:
             await _reply(send, status, content, headers=extra)
             return
         await _reply(send, reply.status, b"", headers=reply.headers, content_type=None)
+
+    async def _json_post(self, handler: JsonPost, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        """A JSON request beside the events: the same credentials and body limit; the handler runs in a worker thread."""
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        try:
+            if self.authenticator is not None:
+                self.authenticator.check(headers)
+            content_type = headers.get("content-type", "").split(";")[0].strip()
+            if content_type != "application/json":
+                raise UnsupportedMediaType(f"send the body as application/json, not {content_type or 'nothing'!r}")
+            body = await read_limited_body(scope, receive, self.max_body_bytes)
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise InputError(f"the body is not JSON: {exc}") from None
+            answer = await asyncio.get_running_loop().run_in_executor(None, handler, document)
+        except KfloopError as exc:
+            status, content, extra = error_body(exc)
+            await _reply(send, status, content, headers=extra)
+            return
+        await _reply(send, 200, orjson.dumps(answer))
 
     def _handle(self, headers: dict[str, str], body: bytes) -> EventReply:
         event = parse_cloudevent(headers, body)
@@ -274,6 +301,7 @@ def create_event_app(
     offload: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     authenticator: Authenticator | None,
+    json_posts: Mapping[str, JsonPost] | None = None,
 ) -> EventApp:
     """The app: ``POST /`` events to ``service.handle``; ``GET /status``, ``/healthz``, ``/metrics``.
 
@@ -281,7 +309,10 @@ def create_event_app(
     (file I/O) never blocks the event loop and ``/healthz``. A body over
     ``max_body_bytes`` gets 413 before it is read whole. ``authenticator``
     guards ``POST /``; ``None`` is a deliberate choice (a cluster's watch,
-    where a NetworkPolicy admits only the transformer's pods).
+    where a NetworkPolicy admits only the transformer's pods). ``json_posts``
+    maps further ``POST`` paths to handlers of a JSON body (the watch's label
+    intake): the same ``authenticator`` and body limit, ``application/json``
+    only (415), the handler's answer as a 200 JSON body.
     """
     return EventApp(title, service, on_startup=on_startup, on_shutdown=on_shutdown, offload=offload,
-                    max_body_bytes=max_body_bytes, authenticator=authenticator)
+                    max_body_bytes=max_body_bytes, authenticator=authenticator, json_posts=json_posts)

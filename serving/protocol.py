@@ -32,6 +32,7 @@ FEATURES_INPUT = "features"
 LABEL_OUTPUT = "label"
 INDEX_OUTPUT = "class_index"
 PROBA_OUTPUT = "probabilities"
+REQUEST_ID_HEADER = "x-request-id"  # on an answer: the inference id its rows were captured under (what labels name)
 FLOAT_DATATYPES = {"FP32": np.float32, "FP64": np.float64}
 DEFAULT_MAX_BATCH = 1024
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the predictor's ONNX input is float32

@@ -69,6 +69,7 @@ from kfloop.serving.protocol import (
     INDEX_OUTPUT,
     LABEL_OUTPUT,
     PROBA_OUTPUT,
+    REQUEST_ID_HEADER,
     InputSchema,
     pinned_version,
     version_not_served,
@@ -215,7 +216,7 @@ class ForestTransformer(Model):
         timeout: float = 30.0,
         routes_file: Path | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(name, return_response_headers=True)  # x-request-id: the id the request was captured under
         self.split = split
         self.routes_file = routes_file  # read in load(): a file that cannot be used stops the start-up
         self.load_preprocessor = load_preprocessor
@@ -359,7 +360,8 @@ class ForestTransformer(Model):
                 return route, {pinned: preprocessor}
         raise version_not_served(self.name, pinned, self.served_versions())
 
-    async def predict(self, call: _Call, headers: dict[str, str] | None = None) -> _Call:
+    async def predict(self, call: _Call, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> _Call:
         route = call.route
         tried: set[str] = set()
         learned = misses = 0
@@ -463,7 +465,12 @@ class ForestTransformer(Model):
         call.proba = np.asarray(probabilities["data"], dtype=np.float32).reshape(probabilities["shape"])
         return call
 
-    def postprocess(self, call: _Call, headers: dict[str, str] | None = None) -> Any:
+    def postprocess(self, call: _Call, headers: dict[str, str] | None = None,
+                    response_headers: dict[str, str] | None = None) -> Any:
+        """The answer: labels (V1) or the V2 outputs; ``x-request-id`` is the inference id the request's rows
+        were captured under (what a label names), whatever id the client gave."""
+        if response_headers is not None:
+            response_headers[REQUEST_ID_HEADER] = call.inference_id
         labels = call.preprocessors[call.version].decode(call.indices).tolist()
         if call.protocol == "v1":
             response: Any = {"predictions": labels}
@@ -482,7 +489,7 @@ class ForestTransformer(Model):
             )
         if self.payload_logger is not None:
             self.payload_logger.log(RESPONSE_EVENT, call.inference_id, _event_body(response), "application/json", call.traceparent,
-                                    client_id=call.client_id)
+                                    client_id=call.client_id, version=call.version)
         return response
 
 

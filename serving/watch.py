@@ -61,6 +61,12 @@ afresh; a power cut can lose the journal's last 0.2 s (rows and marks). A failed
 shard keeps its rows (and retries with back-off); the captures area's retention
 (the policy's ``captures`` section) is enforced after shards are written.
 
+**Ground truth** (:mod:`kfloop.serving.feedback`, :mod:`kfloop.labels`): response events
+(``org.kubeflow.serving.inference.response``) record what each row was answered and by which version;
+labels come as ``io.kfloop.label`` events on ``POST /`` or on ``POST /v2/models/{model}/labels``
+(the same credentials), are checked whole and fsynced before the answer, and are joined with the
+captured rows into labelled shards every few seconds; the realised accuracy of each version is a gauge.
+
 The service follows the registry's production pointer: when it moves, the
 reference and detectors switch to the new version and the window restarts.
 
@@ -99,7 +105,8 @@ from prometheus_client import Counter, Gauge
 from kfloop.bundle import REFERENCE
 from kfloop.captures import CaptureRetention, JournalEntry, JournalMark, JournaledRows
 from kfloop.errors import InputError, KfloopError, TemporaryError
-from kfloop.event_types import ALARM_EVENTS, DRIFT_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.event_types import ALARM_EVENTS, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.labels import LabelBook
 from kfloop.registry import ModelRegistry
 from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot, make_detector,
@@ -108,6 +115,7 @@ from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
 from kfloop.serving.auth import Authenticator
 from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app, json_object
+from kfloop.serving.feedback import Feedback
 from kfloop.serving.limits import HeaderLimitedHttp
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
@@ -118,6 +126,7 @@ MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that canno
 FLUSH_SECONDS = 0.2  # how often delivery keys are written, the capture journal fsynced, due shards queued
 CAPTURE_JOURNAL = "capture-journal"  # under the state folder
 RELEASE_SECONDS = 1.0  # the journal of rows in shards is deleted at most this often (it costs an fsync)
+JOIN_SECONDS = 5.0  # labels waiting for their rows are joined with the captured shards at most this often
 TESTED, ALARMED = "tested", "alarmed"  # the capture journal's marks on the last row of a tested window
 
 EVENTS = Counter("kfloop_watch_events", "CloudEvents received, by outcome.", ["model", "outcome"])
@@ -158,6 +167,7 @@ class WatchConfig:
     follow_seconds: float = 5.0
     source: str = "kfloop/watch"
     sink_token_file: Path | None = None  # the bearer token alarms carry (local: HOME/token; cluster: a projected SA token)
+    accuracy_window: int = 200  # realised accuracy over each version's last N labelled answers (the policy's)
 
     def __post_init__(self) -> None:
         if self.window < 10:
@@ -200,6 +210,7 @@ class WatchService:
         self._rows_scored = ROWS.labels(config.model)
         self._capture_flush_queued = False
         self._released_at = float("-inf")
+        self._joined_at = float("-inf")
         self._alarm_lock = threading.Lock()  # the alarms not stored yet; held while storing them, in order
         self._unstored: list[_Alarm] = []
         self._unstored_queued = False
@@ -215,10 +226,20 @@ class WatchService:
                 journal=Path(config.state_dir) / CAPTURE_JOURNAL, retention=config.capture_retention)
             if config.capture else None
         )
+        self._classes: dict[str, frozenset[str]] = {}
+        self.labels = LabelBook(Path(config.state_dir) / "labels", config.model, self._classes_of,
+                                accuracy_window=config.accuracy_window)
+        self.feedback = Feedback(self.labels, lambda: self.watched.version)
         if self.capture is not None:
             for tag in self.capture.recovered_tags:  # deliveries whose rows were journaled before a restart
                 self.deliveries.remember(tag)
             self._replay(self.capture.take_recovered())
+
+    def _classes_of(self, version: str) -> frozenset[str]:
+        """The classes of ``version`` (a label must be one of the answering version's)."""
+        if version not in self._classes:
+            self._classes[version] = frozenset(str(c) for c in self.registry.metadata(self.config.model, version)["classes"])
+        return self._classes[version]
 
     def _load(self, version: str) -> _Watched:
         with self.registry.local_version(self.config.model, version) as folder:
@@ -256,12 +277,20 @@ class WatchService:
         """
         model, event = self.config.model, delivery.event
         event_type = event["type"]
-        if event_type == RESPONSE_EVENT:
-            EVENTS.labels(model, "ignored").inc()
-            return EventReply.ignored("response events carry no features")
+        if event_type == RESPONSE_EVENT:  # the answers, for the labels that come later
+            if not self.feedback.answered(delivery):
+                EVENTS.labels(model, "ignored").inc()
+                return EventReply.ignored(f'the answer carries no "label" output')
+            EVENTS.labels(model, "answers").inc()
+            return EventReply(202)
+        if event_type == LABEL_EVENT:
+            intake = self.feedback.labels(event.get_data())
+            EVENTS.labels(model, "labels").inc()
+            return EventReply(202, {"x-kfloop-labels": f"accepted={intake.accepted}; duplicate={intake.duplicate}"})
         if event_type != REQUEST_EVENT:
             EVENTS.labels(model, "ignored").inc()
-            return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT})")
+            return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT}, "
+                                      f"{RESPONSE_EVENT} and {LABEL_EVENT})")
         key = delivery.key
         if key in self.deliveries:
             self._check_alarms()  # it may be the retry of the event whose alarm is not stored yet
@@ -482,6 +511,7 @@ class WatchService:
         """The timer's call: write the delivery memory, fsync the capture journal, queue a due shard and
         the alarms the outbox did not take yet. A failure is logged once (and its end), and tried next time."""
         self._attempt("deliveries", self._flush_deliveries)
+        self._attempt("answers", self.labels.sync)
         if self.capture is not None:
             self._attempt("journal", self.capture.sync)
             with self._lock:
@@ -489,6 +519,9 @@ class WatchService:
                 self._capture_flush_queued |= queue
             if queue:
                 self._background(self._flush_capture)
+        if self.labels.waiting and time.monotonic() - self._joined_at >= JOIN_SECONDS:
+            self._joined_at = time.monotonic()
+            self._background(lambda: self._attempt("labels", lambda: self.labels.join(self.registry.captures(self.config.model))))
         with self._alarm_lock:
             queue = bool(self._unstored) and not self._unstored_queued
             self._unstored_queued |= queue
@@ -590,6 +623,7 @@ class WatchService:
             self.deliveries.close()
         except OSError:  # keys of journaled rows come back from the journal; the others may count twice
             log.exception("watch of %s: the delivery memory could not be written on shutdown", self.config.model)
+        self.labels.close()
 
     def status(self) -> dict[str, Any]:
         result = self.monitor.last_result
@@ -612,6 +646,7 @@ class WatchService:
                 "buffered_rows": self.capture.buffered, "last_error": self.capture.last_error,
             },
             "failing": dict(self._failing),
+            "labels": self.labels.status(),
         }
 
 
@@ -752,7 +787,8 @@ def create_dead_letter_app(service: WatchService, authenticator: Authenticator |
 
 
 def create_app(service: WatchService, authenticator: Authenticator | None, dead_letters: Listener | None = None) -> EventApp:
-    """The service's HTTP app: ``POST /`` events, ``GET /status``, ``GET /healthz``, ``GET /metrics``.
+    """The service's HTTP app: ``POST /`` events, ``POST /v2/models/{model}/labels`` labels
+(:mod:`kfloop.serving.feedback`; the events' credentials), ``GET /status``, ``GET /healthz``, ``GET /metrics``.
 
     An event is parsed and added to the window on the event loop (a fraction of
     a millisecond); the window tests, file writes and alarms run on the
@@ -780,7 +816,12 @@ def create_app(service: WatchService, authenticator: Authenticator | None, dead_
             task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, service.close)
 
-    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, authenticator=authenticator)
+    def post_labels(body: Any) -> dict[str, Any]:
+        intake = service.feedback.labels(body)
+        return {"accepted": intake.accepted, "duplicate": intake.duplicate}
+
+    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, authenticator=authenticator,
+                            json_posts={f"/v2/models/{model}/labels": post_labels})
 
 
 async def _every(seconds: float, work: Callable[[], object], what: str) -> None:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def test_payload_events_are_kserve_shaped_cloudevents_with_the_trace_and_an_id_per_request(stack):
     """Two requests under one client id become two pairs of events, each pair with its own ce-id and the
-    client's id beside it (clientrequestid); request and response of one call share their id."""
+    client's id beside it (clientrequestid); request and response of one call share their id, which the answer
+    carries as x-request-id; the response names the version that answered (modelversion)."""
     sink = stack["sink"]
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     rows = stack["holdout"].holdout_features[:2].tolist()
@@ -38,6 +39,9 @@ def test_payload_events_are_kserve_shaped_cloudevents_with_the_trace_and_an_id_p
         request, response = pair["org.kubeflow.serving.inference.request"], pair["org.kubeflow.serving.inference.response"]
         assert request.data == {"instances": rows}
         assert response.data == answer.json()
+        # the answer names the id its rows were captured under (what a label names), not the client's
+        assert answer.headers["x-request-id"] == request["id"] == response["id"]
+        assert response["modelversion"] == "1" and "modelversion" not in request.get_attributes()
         for event in (request, response):
             assert event["specversion"] == "1.0" and event["datacontenttype"] == "application/json"
             assert event["inferenceservicename"] == "leaf" and event["component"] == "transformer"

@@ -37,6 +37,7 @@ from kfloop.training import Prepared
 
 
 REQUEST = "org.kubeflow.serving.inference.request"
+RESPONSE = "org.kubeflow.serving.inference.response"
 
 
 WINDOW = 40
@@ -137,14 +138,16 @@ def test_malformed_ignored_and_duplicate_events(watch, setup):
     assert short.status_code == 400 and "instance 0 has 10 values" in short.json()["error"]
     garbage = httpx.post(service.url, headers=headers | {"ce-id": "g"} | service.auth, content=b"{nope")
     assert garbage.status_code == 400
-    response = post(service, event(rows, event_type="org.kubeflow.serving.inference.response"))
-    assert response.status_code == 204 and response.headers["x-kfloop-ignored"] == "response events carry no features"
+    response = post(service, event(rows, event_type=RESPONSE))  # a request's body where an answer belongs
+    assert response.status_code == 400 and "V1 \"predictions\" or V2 \"outputs\"" in response.json()["error"]
+    no_label = post(service, event(rows, event_type=RESPONSE, data={"outputs": [{"name": "probabilities", "data": [0.5]}]}))
+    assert no_label.status_code == 204 and no_label.headers["x-kfloop-ignored"] == 'the answer carries no "label" output'
     other = post(service, event(rows, event_type="io.kfloop.drift.detected"))
     assert other.status_code == 204 and "is not watched" in other.headers["x-kfloop-ignored"]
     assert post(service, event(rows, event_id="same")).status_code == 202
     assert post(service, event(rows, event_id="same")).status_code == 202
     assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1
-    assert service.metric('kfloop_watch_events_total{model="leaf",outcome="invalid"}') == 4
+    assert service.metric('kfloop_watch_events_total{model="leaf",outcome="invalid"}') == 5
     assert service.status()["rows_in_window"] == 3
 
 
@@ -669,3 +672,69 @@ def test_with_oidc_the_dead_letter_port_takes_only_the_knative_triggers_tokens(s
         service.stop()
         sink.close()
         issuer.stop()
+
+
+def labels_of(service: Watch, body, **headers: str) -> httpx.Response:
+    return httpx.post(service.url + "v2/models/leaf/labels", json=body, headers=service.auth | headers)
+
+
+def test_labels_for_served_rows_give_realised_accuracy_are_joined_into_a_labelled_shard_and_survive_a_restart(setup, tmp_path):
+    """Labels through both doors (REST and an io.kfloop.label CloudEvent), late, out of order, resent, for unknown ids and
+    with unknown classes; what the watch keeps survives a restart."""
+    registry = tmp_path / "registry"
+    shutil.copytree(setup["registry"], registry)  # labelled shards of its own
+    sink = EventSink()
+    service = Watch(registry, sink.server.server_port, tmp_path / "state")
+    try:
+        rows = setup["rows"]
+        classes = ModelRegistry(registry).metadata("leaf", "1")["classes"]
+        assert post(service, event(rows[:1], event_id="one")).status_code == 202
+        assert post(service, event(rows[1:4], event_id="three", protocol="v2")).status_code == 202
+        answers = {"one": [classes[0]], "three": [classes[1], classes[2], classes[3]]}
+        v1_answer = event(rows[:1], event_type=RESPONSE, event_id="one", data={"predictions": answers["one"]})
+        v1_answer[0]["ce-modelversion"] = "1"
+        assert post(service, v1_answer).status_code == 202
+        v2_answer = {"id": "client-id", "model_name": "leaf", "model_version": "1",
+                     "outputs": [{"name": "label", "datatype": "BYTES", "shape": [3], "data": answers["three"]}]}
+        assert post(service, event(rows[1:4], event_type=RESPONSE, event_id="three", data=v2_answer)).status_code == 202
+
+        # The rows are still buffered (capture shards every 50 rows): labels are taken now, joined once written.
+        assert httpx.post(service.url + "v2/models/leaf/labels", json=[{"id": "one", "label": classes[0]}]).status_code == 401
+        assert labels_of(service, [{"id": "three:2", "label": classes[3]}, {"id": "one", "label": classes[0]}]).json() == \
+            {"accepted": 2, "duplicate": 0}
+        late = event(rows[:0], event_type="io.kfloop.label", data=[{"id": "three:0", "label": classes[9]}])
+        taken = post(service, late)  # through the Broker's door: a CloudEvent (the label is wrong: answered classes[1])
+        assert taken.status_code == 202 and taken.headers["x-kfloop-labels"] == "accepted=1; duplicate=0"
+        assert labels_of(service, [{"id": "one", "label": classes[0]}]).json() == {"accepted": 0, "duplicate": 1}
+        unknown = labels_of(service, [{"id": "nobody", "label": classes[0]}, {"id": "three:1", "label": classes[2]}])
+        assert unknown.status_code == 404 and unknown.json()["error"].startswith("1 label(s) refused, none kept: 'nobody'")
+        bad_class = labels_of(service, [{"id": "three:1", "label": "no-such-species"}])
+        assert bad_class.status_code == 400 and "'no-such-species' is not a class of version 1" in bad_class.json()["error"]
+        conflict = labels_of(service, [{"id": "one", "label": classes[5]}])
+        assert conflict.status_code == 409
+        assert labels_of(service, {"id": "one"}).status_code == 400
+        assert httpx.post(service.url + "v2/models/leaf/labels", content=b"[]", headers=service.auth).status_code == 415
+        assert labels_of(service, [{"id": "three:1", "label": classes[2]}]).json()["accepted"] == 1  # the refused batch's
+
+        accuracy = service.status()["labels"]["accuracy"]
+        assert accuracy == {"1": {"accuracy": 0.75, "labels": 4}}
+        assert service.metric('kfloop_realised_accuracy{model="leaf",version="1"}') == 0.75
+        assert service.metric('kfloop_realised_accuracy_labels{model="leaf",version="1"}') == 4
+        for outcome, count in (("unknown_id", 1), ("unknown_class", 1), ("conflict", 1), ("duplicate", 1), ("accepted", 4)):
+            assert service.metric(f'kfloop_labels_total{{model="leaf",outcome="{outcome}"}}') == count, outcome
+
+        assert post(service, event(rows[4:60])).status_code == 202  # 50 rows: the shard is written, the labels joined
+        shards = eventually(lambda: ModelRegistry(registry).captures("leaf").labelled_shards(), 20, "a labelled shard")
+        joined = load_dataset(str(shards[0]), target="label")
+        assert sorted(zip(joined.ids.tolist(), joined.labels.tolist())) == sorted(
+            [("one:0", classes[0]), ("three:0", classes[9]), ("three:1", classes[2]), ("three:2", classes[3])])
+        np.testing.assert_allclose(joined.features[joined.ids.tolist().index("three:1")], rows[2], rtol=1e-6)
+
+        service.crash()
+        service = Watch(registry, sink.server.server_port, tmp_path / "state", port=service.port)
+        assert service.status()["labels"]["accuracy"] == accuracy
+        assert labels_of(service, [{"id": "three:0", "label": classes[9]}]).json() == {"accepted": 0, "duplicate": 1}
+        assert len(ModelRegistry(registry).captures("leaf").labelled_shards()) == 1
+    finally:
+        service.stop()
+        sink.close()
