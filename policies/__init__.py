@@ -2,6 +2,7 @@
 
 from kfloop.policies.spec import (
     DEFAULT_POLICY_PATH,
+    AccuracyPolicy,
     ForestGrid,
     Policy,
     RetrainingPolicy,
@@ -15,6 +16,7 @@ from kfloop.policies.spec import (
 
 __all__ = [
     "DEFAULT_POLICY_PATH",
+    "AccuracyPolicy",
     "ForestGrid",
     "Policy",
     "RetrainingPolicy",

@@ -171,9 +171,10 @@ class DeliveryPolicy(_Spec):
 
 
 class RetrainingPolicy(_Spec):
-    """When drift or outlier alarms rerun the training pipeline, and on what data, and how alarms reach it on a cluster."""
+    """When alarms (drift, outliers, low realised accuracy) rerun the training pipeline, and on what data, and how
+    alarms reach it on a cluster."""
 
-    events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected"]] = Field(  # kfloop.event_types.ALARM_EVENTS
+    events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected", "io.kfloop.accuracy.low"]] = Field(  # ALARM_EVENTS
         default=list(ALARM_EVENTS), min_length=1
     )
     cooldown_seconds: int = Field(default=3600, ge=0)
@@ -181,6 +182,22 @@ class RetrainingPolicy(_Spec):
     base_data: str | None = None  # data URI of the base training set (default: the one of the serving version)
     include_captures: bool = True  # add labelled capture shards (<registry>/<model>/captures/**/labelled*.csv)
     delivery: DeliveryPolicy = DeliveryPolicy()
+
+
+class AccuracyPolicy(_Spec):
+    """The accuracy rule: the serving version's realised accuracy -- the share of its last ``labels`` labelled
+    answers whose label matches the answer -- below ``below`` raises ``io.kfloop.accuracy.low`` (once ``labels``
+    labels are behind it; again only after it was back at or above ``below``, or after a version change).
+    ``below: null`` keeps the figure (``kfloop_realised_accuracy``) without the rule."""
+
+    labels: int = Field(default=200, ge=1)
+    below: float | None = Field(default=0.8, gt=0, le=1)
+
+    def promql(self, model: str) -> str:
+        """The rule as PromQL over the watch's gauges (for an alert on a cluster, and for dashboards)."""
+        selector = f'model="{model}"'
+        return (f"kfloop_realised_accuracy{{{selector}}} < {self.below:g} "
+                f"and on(model, version) kfloop_realised_accuracy_labels{{{selector}}} >= {self.labels}")
 
 
 class RolloutPolicy(_Spec):
@@ -249,6 +266,7 @@ class Policy(_Spec):
     retraining: RetrainingPolicy = RetrainingPolicy()
     rollout: RolloutPolicy = RolloutPolicy()
     captures: CapturePolicy = CapturePolicy()
+    accuracy: AccuracyPolicy = AccuracyPolicy()
 
     def time_scaled(self, speed: float) -> "Policy":
         """This policy with its windows, periods and cooldowns divided by ``speed`` (for demos).

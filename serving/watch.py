@@ -105,8 +105,8 @@ from prometheus_client import Counter, Gauge
 from kfloop.bundle import REFERENCE
 from kfloop.captures import CaptureRetention, JournalEntry, JournalMark, JournaledRows
 from kfloop.errors import InputError, KfloopError, TemporaryError
-from kfloop.event_types import ALARM_EVENTS, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
-from kfloop.labels import LabelBook
+from kfloop.event_types import ACCURACY_EVENT, ALARM_EVENTS, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.labels import LabelBook, LabelIntake
 from kfloop.registry import ModelRegistry
 from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot, make_detector,
@@ -119,7 +119,7 @@ from kfloop.serving.feedback import Feedback
 from kfloop.serving.limits import HeaderLimitedHttp
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
-from kfloop.policies.spec import CapturePolicy
+from kfloop.policies.spec import AccuracyPolicy, CapturePolicy
 
 SEEN_DELIVERIES = 100_000
 MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that cannot be written: then events are refused
@@ -167,7 +167,7 @@ class WatchConfig:
     follow_seconds: float = 5.0
     source: str = "kfloop/watch"
     sink_token_file: Path | None = None  # the bearer token alarms carry (local: HOME/token; cluster: a projected SA token)
-    accuracy_window: int = 200  # realised accuracy over each version's last N labelled answers (the policy's)
+    accuracy: AccuracyPolicy = field(default_factory=AccuracyPolicy)  # the policy's accuracy rule (N labels, below X)
 
     def __post_init__(self) -> None:
         if self.window < 10:
@@ -228,12 +228,15 @@ class WatchService:
         )
         self._classes: dict[str, frozenset[str]] = {}
         self.labels = LabelBook(Path(config.state_dir) / "labels", config.model, self._classes_of,
-                                accuracy_window=config.accuracy_window)
+                                accuracy_window=config.accuracy.labels)
         self.feedback = Feedback(self.labels, lambda: self.watched.version)
+        self._accuracy_alarmed: set[str] = set()  # versions whose low accuracy raised an alarm (until it recovers)
+        self._accuracy_lock = threading.Lock()
         if self.capture is not None:
             for tag in self.capture.recovered_tags:  # deliveries whose rows were journaled before a restart
                 self.deliveries.remember(tag)
             self._replay(self.capture.take_recovered())
+        self.judge_accuracy()  # labels kept before a restart: a low figure raises its alarm again
 
     def _classes_of(self, version: str) -> frozenset[str]:
         """The classes of ``version`` (a label must be one of the answering version's)."""
@@ -284,7 +287,7 @@ class WatchService:
             EVENTS.labels(model, "answers").inc()
             return EventReply(202)
         if event_type == LABEL_EVENT:
-            intake = self.feedback.labels(event.get_data())
+            intake = self.take_labels(event.get_data())
             EVENTS.labels(model, "labels").inc()
             return EventReply(202, {"x-kfloop-labels": f"accepted={intake.accepted}; duplicate={intake.duplicate}"})
         if event_type != REQUEST_EVENT:
@@ -588,6 +591,38 @@ class WatchService:
                                          through))
         self._store_unstored()
 
+    def take_labels(self, body: Any) -> LabelIntake:
+        """Keep a batch of labels (:meth:`Feedback.labels`), then judge the accuracy rule on what they changed."""
+        intake = self.feedback.labels(body)
+        if intake.accepted:
+            self.judge_accuracy()
+        return intake
+
+    def judge_accuracy(self) -> None:
+        """The policy's accuracy rule on the serving version: below ``below`` over its last ``labels`` labelled
+        answers raises ``io.kfloop.accuracy.low`` -- once, until the figure is back or the version changes."""
+        rule, version = self.config.accuracy, self.watched.version
+        figure = self.labels.accuracy().get(version)
+        if rule.below is None or figure is None or figure["labels"] < rule.labels:
+            return
+        with self._accuracy_lock:  # labels come on several threads: one alarm per fall
+            if figure["accuracy"] >= rule.below:
+                self._accuracy_alarmed.discard(version)
+                return
+            if version in self._accuracy_alarmed:
+                return
+            self._accuracy_alarmed.add(version)
+        model = self.config.model
+        data = {"model": model, "version": version, "kind": "accuracy", "accuracy": figure["accuracy"],
+                "labels": int(figure["labels"]), "below": rule.below, "rule": f"accuracy below {rule.below:g} over "
+                f"the last {rule.labels} labelled answers"}
+        log.warning("accuracy alarm for %s v%s: %.3f over the last %d labelled answers (below %g)",
+                    model, version, figure["accuracy"], figure["labels"], rule.below)
+        with self._alarm_lock:
+            self._unstored.append(_Alarm(str(uuid.uuid4()), ACCURACY_EVENT, f"{self.config.source}/{model}", "accuracy",
+                                         data, None))
+        self._store_unstored()
+
     def _store_unstored(self) -> None:
         """Put waiting alarms into the outbox, oldest first; stop at the first that fails (it stays first)."""
         model = self.config.model
@@ -817,7 +852,7 @@ def create_app(service: WatchService, authenticator: Authenticator | None, dead_
         await asyncio.get_running_loop().run_in_executor(None, service.close)
 
     def post_labels(body: Any) -> dict[str, Any]:
-        intake = service.feedback.labels(body)
+        intake = service.take_labels(body)
         return {"accepted": intake.accepted, "duplicate": intake.duplicate}
 
     return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, authenticator=authenticator,

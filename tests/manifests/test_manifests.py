@@ -97,7 +97,7 @@ def test_the_loop_has_every_kind_the_issue_asks_for_and_nothing_else(objects):
 
 def test_every_custom_resource_matches_its_upstream_crd_with_unknown_fields_rejected(objects, shared_specs):
     checked = [o for o in objects if o["kind"] in CRD_KINDS]
-    assert len(checked) == 6  # InferenceService, ScaledObject, Broker, EventPolicy, 2 Triggers (the alarms')
+    assert len(checked) == 7  # InferenceService, ScaledObject, Broker, EventPolicy, 3 Triggers (the alarms')
     for obj in checked:
         validate_manifest(obj, shared_specs)
 
@@ -711,7 +711,9 @@ def test_the_trigger_service_checks_the_audience_and_the_subject_of_each_trigger
                         for t in triggers]
     assert subjects == [f"system:serviceaccount:{NAMESPACE}:classifier-trigger-on-drift-det5ad38360105a63786aecb70a40784125",
                         f"system:serviceaccount:{NAMESPACE}:classifier-trigger-on-outlier-d" + hashlib.md5(
-                            b"classifier-trigger-on-outlier-detected-oidc-eventing.knative.dev-Trigger").hexdigest()]
+                            b"classifier-trigger-on-outlier-detected-oidc-eventing.knative.dev-Trigger").hexdigest(),
+                        f"system:serviceaccount:{NAMESPACE}:classifier-trigger-on-accuracy-" + hashlib.md5(
+                            b"classifier-trigger-on-accuracy-low-oidc-eventing.knative.dev-Trigger").hexdigest()]
     assert trigger_subject("ns", "short") == "system:serviceaccount:ns:short-oidc-eventing.knative.dev-trigger"
     # Its ServiceAccount mounts its token: it reads the cluster's OIDC discovery (allowed to every
     # ServiceAccount by the default system:service-account-issuer-discovery binding), no extra RBAC.
@@ -902,7 +904,7 @@ def test_deploy_dry_run_lists_every_object_without_a_cluster(tmp_path, objects):
     result = run_kfloop("deploy", *RENDER_ARGS, "--dry-run", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"^│ \d+", line)]
-    assert len(rows) == len(objects) == 24
+    assert len(rows) == len(objects) == 25
     for row, obj in zip(rows, objects):
         assert obj["kind"] in row and f"{NAMESPACE}/{obj['metadata']['name']}" in row
     assert "dry run: nothing applied" in result.stdout
@@ -1152,12 +1154,12 @@ def test_kfloop_deploy_applies_waits_and_reports_what_changed(objects, fake_clus
     first = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "60", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("created") == len(objects)
-    assert "24 created, 0 configured, 0 unchanged" in first.stderr
+    assert "25 created, 0 configured, 0 unchanged" in first.stderr
     assert "warning" not in first.stderr
     assert f"InferenceService {NAMESPACE}/classifier is Ready at http://classifier.{NAMESPACE}.example.com" in first.stderr
     second = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "0", env=env)
     assert second.returncode == 0, second.stderr
-    assert "0 created, 0 configured, 24 unchanged" in second.stderr
+    assert "0 created, 0 configured, 25 unchanged" in second.stderr
 
 
 @pytest.mark.parametrize("features, shown", [

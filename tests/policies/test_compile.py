@@ -226,6 +226,8 @@ def test_triggers_match_the_knative_crd_and_every_one_filters_on_type(policy, sh
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "kfloop-trigger"}}),
         ("kfloop-trigger-on-outlier-detected", {"type": "io.kfloop.outlier.detected"},
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "kfloop-trigger"}}),
+        ("kfloop-trigger-on-accuracy-low", {"type": "io.kfloop.accuracy.low"},
+         {"ref": {"apiVersion": "v1", "kind": "Service", "name": "kfloop-trigger"}}),
         ("leaf-watch-requests", {"type": "org.kubeflow.serving.inference.request"},
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "leaf-watch"}}),
     ]
@@ -265,11 +267,11 @@ def test_alarm_triggers_retry_with_the_policys_back_off_and_dead_letter_to_the_n
 
 
 def test_a_sink_on_port_80_is_a_service_reference_and_without_a_sink_only_the_retries_are_set(policy, shared_specs):
-    (drift, _) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None}, dead_letter_service="leaf-watch",
+    (drift, *_) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None}, dead_letter_service="leaf-watch",
                                   dead_letter_audience="leaf-watch.ml")
     assert drift["spec"]["delivery"]["deadLetterSink"] == {"ref": {"apiVersion": "v1", "kind": "Service", "name": "leaf-watch"},
                                                            "audience": "leaf-watch.ml"}
-    (drift, _) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None})
+    (drift, *_) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None})
     validate_manifest(drift, shared_specs)
     assert drift["spec"]["delivery"] == {"retry": 8, "backoffPolicy": "exponential", "backoffDelay": "PT1S"}
 
@@ -278,13 +280,13 @@ def test_linear_back_off_and_a_fractional_delay_compile_to_an_iso_8601_duration(
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump({"retraining": {"delivery": {"retries": 4, "backoff_delay_seconds": 2.5,
                                                                 "backoff_policy": "linear"}}}))
-    (drift, _) = compile_triggers(load_policy(path), **{**TRIGGER_SETTINGS, "drift_service": None})
+    (drift, *_) = compile_triggers(load_policy(path), **{**TRIGGER_SETTINGS, "drift_service": None})
     validate_manifest(drift, shared_specs)
     assert drift["spec"]["delivery"] == {"retry": 4, "backoffPolicy": "linear", "backoffDelay": "PT2.5S"}
 
 
 def test_a_misspelt_dead_letter_sink_field_is_caught_by_the_crd(policy, shared_specs):
-    (drift, _) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None}, dead_letter_service="leaf-watch",
+    (drift, *_) = compile_triggers(policy, **{**TRIGGER_SETTINGS, "drift_service": None}, dead_letter_service="leaf-watch",
                                   dead_letter_port=8081)
     drift["spec"]["delivery"]["deadLetterSink"]["audiance"] = "leaf-watch.ml"
     drift["spec"]["delivery"]["retry"] = "8"
@@ -305,7 +307,8 @@ def test_objects_are_written_one_file_each_and_read_back_equal(policy, scaled_ob
     paths = write_objects(objects, tmp_path / "out")
     assert [p.name for p in paths] == [
         "scaledobject-leaf-predictor.yaml", "trigger-kfloop-trigger-on-drift-detected.yaml",
-        "trigger-kfloop-trigger-on-outlier-detected.yaml", "trigger-leaf-watch-requests.yaml",
+        "trigger-kfloop-trigger-on-outlier-detected.yaml", "trigger-kfloop-trigger-on-accuracy-low.yaml",
+        "trigger-leaf-watch-requests.yaml",
     ]
     assert [yaml.safe_load(p.read_text()) for p in paths] == objects
     # Long PromQL stays on one line: the file greps and diffs like the query.
@@ -333,7 +336,8 @@ def test_the_cli_writes_the_scaled_object_and_triggers_and_prints_their_paths(tm
     assert sorted(printed) == sorted(out.iterdir())
     assert [p.name for p in printed] == [
         "scaledobject-leaf-predictor.yaml", "trigger-kfloop-trigger-on-drift-detected.yaml",
-        "trigger-kfloop-trigger-on-outlier-detected.yaml", *(["trigger-leaf-watch-requests.yaml"] if extra else []),
+        "trigger-kfloop-trigger-on-outlier-detected.yaml", "trigger-kfloop-trigger-on-accuracy-low.yaml",
+        *(["trigger-leaf-watch-requests.yaml"] if extra else []),
     ]
     for path in printed:
         validate_manifest(yaml.safe_load(path.read_text()), shared_specs)

@@ -738,3 +738,30 @@ def test_labels_for_served_rows_give_realised_accuracy_are_joined_into_a_labelle
     finally:
         service.stop()
         sink.close()
+
+
+def test_the_accuracy_rule_raises_one_alarm_when_the_serving_versions_labelled_answers_fall_below_the_threshold(setup, tmp_path):
+    """Concept drift: the rows stay as they were (no drift alarm), the labels say the answers are wrong."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("model: leaf\naccuracy:\n  labels: 4\n  below: 0.8\n")
+    sink = EventSink()
+    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state", extra=("--policy", str(policy)))
+    try:
+        rows = setup["rows"][:8]
+        classes = ModelRegistry(setup["registry"]).metadata("leaf", "1")["classes"]
+        for i, row in enumerate(rows):
+            assert post(service, event(row[None, :], event_id=f"r{i}")).status_code == 202
+            answer = event(row[None, :], event_type=RESPONSE, event_id=f"r{i}", data={"predictions": [classes[0]]})
+            assert post(service, answer).status_code == 202
+        assert labels_of(service, [{"id": f"r{i}", "label": classes[0]} for i in range(3)]).status_code == 200
+        assert labels_of(service, [{"id": "r3", "label": classes[1]}]).status_code == 200  # 3 of 4: 0.75 < 0.8
+        [alarm] = eventually(lambda: [e for e in sink.events if e["type"] == "io.kfloop.accuracy.low"], 10, "an accuracy alarm")
+        assert (alarm.data["model"], alarm.data["version"], alarm.data["labels"]) == ("leaf", "1", 4)
+        assert alarm.data["accuracy"] == 0.75 and alarm.data["below"] == 0.8
+        labels_of(service, [{"id": f"r{i}", "label": classes[1]} for i in (4, 5)])  # still low: no second alarm
+        time.sleep(1.0)
+        assert [e["type"] for e in sink.events] == ["io.kfloop.accuracy.low"]  # and no drift alarm: the rows are clean
+        assert service.metric('kfloop_watch_alarms_total{kind="accuracy",model="leaf"}') == 1
+    finally:
+        service.stop()
+        sink.close()
