@@ -98,7 +98,8 @@ def demo(
 
 
 def status(home: HomeOption = DEFAULT_HOME, json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Show the running loop: version, replicas, request and failure rate, last p-value, last alarm, runs in flight."""
+    """Show the running loop: version, replicas, request and failure rate, last p-value, realised accuracy per
+    version (labelled answers), last alarm, runs in flight."""
     import httpx
 
     from kfloop.errors import ClusterError
@@ -122,7 +123,10 @@ def status(home: HomeOption = DEFAULT_HOME, json_output: Annotated[bool, typer.O
         "predictor replicas": str(state["replicas"]),
         **{f"signal {rule}": f"{value:.3f}" for rule, value in state["signals"].items()},
         "last p-value": "-" if state["last_p_value"] is None else f"{state['last_p_value']:.2e}",
-        "last alarm": "-" if not state["last_alarm"] else f"{state['last_alarm']['type']} ({state['last_alarm']['first_drifted_row_time']})",
+        **{f"realised accuracy v{version}": f"{figure['accuracy']:.3f} over {figure['labels']:.0f} labels"
+           for version, figure in state["realised_accuracy"].items()},
+        "last alarm": "-" if not state["last_alarm"] else
+        f"{state['last_alarm']['type']} ({state['last_alarm']['first_drifted_row_time'] or state['last_alarm']['id']})",
         "runs in flight": str(state["runs_in_flight"]),
         "last run": "-" if not state["last_run"] else f"{state['last_run']['outcome']} (version {state['last_run'].get('version')})",
     }

@@ -41,10 +41,14 @@ def test_up_trains_serves_and_down_stops_every_process(tmp_path, kfloop_cli, sma
         printed = kfloop_cli("token", "--home", str(home))
         assert printed.code == 0 and printed.stdout.strip() == (home / "token").read_text().strip()
         assert (home / "token").stat().st_mode & 0o777 == 0o600
+        label_the_answer(answer, home, ports["watch"])
         status = kfloop_cli("status", "--home", str(home), "--json")
         assert status.code == 0, status.stderr
         state = status.json()
         assert (state["model"], state["version"], state["replicas"], state["runs_in_flight"]) == ("digits", "1", 1, 0)
+        assert state["realised_accuracy"] == {"1": {"accuracy": 0.0, "labels": 1}}
+        table = kfloop_cli("status", "--home", str(home)).stdout.splitlines()
+        assert [line for line in table if "realised accuracy v1" in line and "0.000 over 1 labels" in line]
         children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 4  # watch, trigger, transformer, predictor
         down = kfloop_cli("down", "--home", str(home))
@@ -57,6 +61,18 @@ def test_up_trains_serves_and_down_stops_every_process(tmp_path, kfloop_cli, sma
     assert alive == [] and not (home / "stack.json").exists()
     again = kfloop_cli("status", "--home", str(home))
     assert again.code == 1 and "no loop is running" in again.stderr
+
+
+def label_the_answer(answer: httpx.Response, home: Path, watch_port: int) -> None:
+    """A client labels an answer by its x-request-id (wrongly: the realised accuracy is 0), once the watch has it."""
+    labels = f"http://127.0.0.1:{watch_port}/v2/models/digits/labels"
+    wrong = "1" if answer.json()["predictions"][0] != "1" else "2"
+    body = [{"id": answer.headers["x-request-id"], "label": wrong}]
+    headers = {"authorization": f"Bearer {(home / 'token').read_text().strip()}"}
+    deadline = time.time() + 15
+    while (taken := httpx.post(labels, json=body, headers=headers)).status_code == 404 and time.time() < deadline:
+        time.sleep(0.2)  # the answer's payload event is on its way to the watch
+    assert taken.status_code == 200 and taken.json() == {"accepted": 1, "duplicate": 0}, taken.text
 
 
 def probe_every_control_surface_without_the_token(home: Path, ports: dict[str, int]) -> None:
@@ -75,6 +91,7 @@ def probe_every_control_surface_without_the_token(home: Path, ports: dict[str, i
     forged_rows = httpx.post(url["watch"] + "/", json={"instances": [[99.0] * 64] * 50}, headers={
         "ce-specversion": "1.0", "ce-id": "forged", "ce-source": "me", "ce-type": "org.kubeflow.serving.inference.request"})
     assert forged_rows.status_code == 401
+    assert httpx.post(url["watch"] + "/v2/models/digits/labels", json=[{"id": "x", "label": "1"}]).status_code == 401
     wrong = httpx.post(url["trigger"] + "/", json=alarm, headers={"content-type": "application/cloudevents+json",
                                                                   "authorization": "Bearer guessed"})
     assert wrong.status_code == 403
