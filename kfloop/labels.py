@@ -52,16 +52,16 @@ from kfloop.data import LabelledData
 from kfloop.durable import append_whole, atomic_write
 from kfloop.errors import ConflictError, InputError, NotFoundError, PayloadTooLarge
 
-__all__ = ["LABEL_OUTCOMES", "Answer", "LabelBook", "LabelIntake"]
+__all__ = ["ACCURACY_LABELS_METRIC", "ACCURACY_METRIC", "LABEL_OUTCOMES", "Answer", "LabelBook", "LabelIntake"]
 
 log = logging.getLogger(__name__)
 
 LABEL_OUTCOMES = ("accepted", "duplicate", "unknown_id", "unknown_class", "conflict")
+ACCURACY_METRIC, ACCURACY_LABELS_METRIC = "kfloop_realised_accuracy", "kfloop_realised_accuracy_labels"
 LABELS = Counter("kfloop_labels", "Labels sent for served rows, by outcome.", ["model", "outcome"])
-ACCURACY = Gauge("kfloop_realised_accuracy", "Share of the last labelled answers of a version whose label matches its answer.",
+ACCURACY = Gauge(ACCURACY_METRIC, "Share of the last labelled answers of a version whose label matches its answer.",
                  ["model", "version"])
-ACCURACY_LABELS = Gauge("kfloop_realised_accuracy_labels", "Labelled answers behind kfloop_realised_accuracy.",
-                        ["model", "version"])
+ACCURACY_LABELS = Gauge(ACCURACY_LABELS_METRIC, "Labelled answers behind kfloop_realised_accuracy.", ["model", "version"])
 MAX_LABELS_PER_REQUEST = 10_000
 SHOWN_PROBLEMS = 20  # refused items named in one error message
 ANSWERS_LOG, LABELS_LOG = "answers.log", "labels.log"

@@ -4,10 +4,12 @@ A :class:`Deployer` is where versions are served and how traffic is split:
 :class:`LocalDeployer` drives the local serving runtime through its admin
 API, :class:`KServeDeployer` an InferenceService on a cluster. :func:`roll_out`
 sends the policy's ``canary_percent`` of traffic to the new version, watches it
-for ``observe_seconds`` and until it has ``min_canary_answers`` answers, then
-sends it all traffic -- or rolls back (traffic and the production pointer)
-when its 5xx share exceeds ``rollback_failure_rate`` or it still has too few
-answers after ``max_observe_seconds``.
+for ``observe_seconds`` and until it has ``min_canary_answers`` answers (and
+``min_labelled_answers`` labelled ones), then sends it all traffic -- or rolls
+back (traffic and the production pointer) when its 5xx share exceeds
+``rollback_failure_rate``, its realised accuracy trails production's by more
+than ``max_accuracy_drop`` (:meth:`Deployer.realised_accuracy`: the watch's
+figures), or it still has too few answers after ``max_observe_seconds``.
 
 A rollout is a small state machine, so that a restarted trigger can carry on
 with the canary that is running instead of starting again. Each step, once
@@ -22,7 +24,8 @@ gated       old version known, production pointer on it (the pipeline's gate
 canary      ``canary_percent`` to the new version: ``canary_started``,
             ``weights``, ``canary_baseline`` (its 5xx and answers before)
 judged      the canary judged: ``canary_failure_rate``, ``canary_answers``,
-            ``rollback_reason`` (None: promote)
+            ``canary_accuracy``, ``canary_labels``, ``production_accuracy``,
+            ``accuracy_note``, ``rollback_reason`` (None: promote)
 ==========  ====================================================================
 
 It ends ``promoted`` (the new version at 100 %, the pointer on it, its status
@@ -48,6 +51,7 @@ import httpx
 from kfloop.credentials import bearer
 from kfloop.errors import UpstreamError
 from kfloop.kube import load_kube_config
+from kfloop.labels import ACCURACY_LABELS_METRIC, ACCURACY_METRIC
 from kfloop.policies.signals import REQUESTS_METRIC
 from kfloop.policies.spec import RolloutPolicy
 from kfloop.prometheus_text import sum_samples
@@ -87,14 +91,27 @@ class Deployer:
         """(5xx answers, all answers) counted so far by the predictors of ``version``."""
         raise NotImplementedError
 
+    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+        """(accuracy, labelled answers) of ``version`` as the watch measures it; None when no labels are known
+        (this default: a deployer with no source of labels, whose canaries are judged on their 5xx share alone)."""
+        return None
+
 
 class LocalDeployer(Deployer):
-    """The local serving runtime, through its admin API (``kfloop serve --admin-port``), with the home's token."""
+    """The local serving runtime, through its admin API (``kfloop serve --admin-port``), with the home's token;
+    realised accuracy from the watch's ``/status`` (``watch_url``; without it, none is known)."""
 
-    def __init__(self, admin_url: str, model: str, token: str) -> None:
+    def __init__(self, admin_url: str, model: str, token: str, watch_url: str | None = None) -> None:
         self.admin_url = admin_url.rstrip("/")
         self.model = model
         self.headers = bearer(token)
+        self.watch_url = watch_url.rstrip("/") if watch_url else None
+
+    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+        if self.watch_url is None:
+            return None
+        figure = (httpx.get(f"{self.watch_url}/status", timeout=10.0).json().get("labels") or {}).get("accuracy", {}).get(version)
+        return None if not figure else (float(figure["accuracy"]), int(figure["labels"]))
 
     def _status(self) -> dict[str, Any]:
         return httpx.get(f"{self.admin_url}/status", timeout=10.0).json()
@@ -162,12 +179,20 @@ class KServeDeployer(Deployer):
 
     def failure_counts(self, version: str) -> tuple[float, float]:
         selector = f'model="{self.model}",component="predictor",version="{version}"'
-        counts = []
-        for query in (f'sum({REQUESTS_METRIC}{{{selector},status_class="5xx"}})', f"sum({REQUESTS_METRIC}{{{selector}}})"):
-            result = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": query}, timeout=10.0).json()
-            values = result.get("data", {}).get("result", [])
-            counts.append(float(values[0]["value"][1]) if values else 0.0)
-        return counts[0], counts[1]
+        failed = self._query(f'sum({REQUESTS_METRIC}{{{selector},status_class="5xx"}})')
+        total = self._query(f"sum({REQUESTS_METRIC}{{{selector}}})")
+        return failed or 0.0, total or 0.0
+
+    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+        selector = f'model="{self.model}",version="{version}"'
+        accuracy, labels = self._query(f"max({ACCURACY_METRIC}{{{selector}}})"), self._query(f"max({ACCURACY_LABELS_METRIC}{{{selector}}})")
+        return None if accuracy is None or not labels else (accuracy, int(labels))
+
+    def _query(self, query: str) -> float | None:
+        """The value of an instant PromQL query with one result (None: no result)."""
+        result = httpx.get(f"{self.prometheus_url}/api/v1/query", params={"query": query}, timeout=10.0).json()
+        values = result.get("data", {}).get("result", [])
+        return float(values[0]["value"][1]) if values else None
 
 
 @dataclass(frozen=True)
@@ -310,23 +335,55 @@ def _judge(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Mapping[s
     elapsed = max(0.0, clock() - float(facts["canary_started"]))  # > 0 when a restarted service resumes the canary
     observed_since = time.monotonic() - elapsed
     time.sleep(max(0.0, policy.observe_seconds - elapsed))
+    on_truth = policy.max_accuracy_drop is not None
+    # Labels are waited for only where they come: production's answers have some.
+    awaits_labels = on_truth and deployer.realised_accuracy(str(facts["old_version"])) is not None
     while True:
         failed, total = deployer.failure_counts(new)
         if total < total_before or failed < failed_before:  # the canary's predictors restarted: their counts begin at 0
             failed_before = total_before = 0.0
         answers = total - total_before
-        if answers >= policy.min_canary_answers or time.monotonic() - observed_since >= policy.max_observe_seconds:
+        labelled = deployer.realised_accuracy(new) if on_truth else None
+        enough_labels = not awaits_labels or (labelled is not None and labelled[1] >= policy.min_labelled_answers)
+        if (answers >= policy.min_canary_answers and enough_labels) or time.monotonic() - observed_since >= policy.max_observe_seconds:
             break
         time.sleep(CANARY_POLL_SECONDS)
     rate = (failed - failed_before) / answers if answers else 0.0
+    truth = _on_truth(deployer, policy, new, str(facts["old_version"]), labelled) if on_truth else {}
     if answers < policy.min_canary_answers:
         reason = (f"{answers:g} canary answers in {policy.max_observe_seconds} s, "
                   f"fewer than min_canary_answers ({policy.min_canary_answers})")
     elif rate > policy.rollback_failure_rate:
         reason = f"canary 5xx share {rate:.1%} over rollback_failure_rate {policy.rollback_failure_rate:.1%}"
     else:
-        reason = None
-    return {"canary_failure_rate": rate, "canary_answers": answers, "rollback_reason": reason}
+        reason = truth.pop("reason", None)
+    truth.pop("reason", None)
+    return {"canary_failure_rate": rate, "canary_answers": answers, "rollback_reason": reason, **truth}
+
+
+def _on_truth(deployer: Deployer, policy: RolloutPolicy, new: str, old: str,
+              labelled: tuple[float, int] | None) -> dict[str, Any]:
+    """The canary judged on its labelled answers against production's: the facts, a ``reason`` to roll back (if any)
+    and an ``accuracy_note`` saying what the judgement stood on."""
+    assert policy.max_accuracy_drop is not None
+    production = deployer.realised_accuracy(old)
+    facts: dict[str, Any] = {"canary_accuracy": None if labelled is None else labelled[0],
+                             "canary_labels": 0 if labelled is None else labelled[1],
+                             "production_accuracy": None if production is None else production[0],
+                             "production_labels": 0 if production is None else production[1]}
+    if labelled is None:
+        return {**facts, "accuracy_note": "no labelled answers of the canary: judged on its 5xx share alone"}
+    if production is None:
+        return {**facts, "accuracy_note": f"no labelled answers of production version {old}: nothing to compare with"}
+    note = (f"canary {labelled[0]:.3f} over {labelled[1]} labelled answers, production {production[0]:.3f} "
+            f"over {production[1]}")
+    if labelled[1] < policy.min_labelled_answers:
+        note += f" (fewer than min_labelled_answers, {policy.min_labelled_answers}: judged on what is there)"
+    facts["accuracy_note"] = note
+    if production[0] - labelled[0] > policy.max_accuracy_drop:
+        facts["reason"] = (f"canary accuracy {labelled[0]:.3f} trails production's {production[0]:.3f} by more than "
+                           f"max_accuracy_drop {policy.max_accuracy_drop:g} ({note})")
+    return facts
 
 
 def _judged(facts: Mapping[str, Any]) -> dict[str, Any]:

@@ -204,9 +204,13 @@ class RolloutPolicy(_Spec):
     """How a newly promoted version reaches all traffic.
 
     The canary is observed for at least ``observe_seconds`` and until it has
-    answered ``min_canary_answers`` requests, but no longer than
+    answered ``min_canary_answers`` requests (and, when labels come -- production's
+    answers have some -- until ``min_labelled_answers`` of its answers are labelled), but no longer than
     ``max_observe_seconds``: a canary that has not answered that often by then
-    is rolled back, since nothing showed that it works.
+    is rolled back, since nothing showed that it works. It is also rolled back
+    when its realised accuracy trails production's by more than
+    ``max_accuracy_drop``; with fewer labelled answers than wanted it is judged
+    on those it has, and with none on its 5xx share alone (the reason is recorded).
     """
 
     canary_percent: float = Field(default=10.0, gt=0, le=100)
@@ -214,6 +218,9 @@ class RolloutPolicy(_Spec):
     min_canary_answers: int = Field(default=20, ge=0)
     max_observe_seconds: int = Field(default=1200, ge=0)
     rollback_failure_rate: float = Field(default=0.05, ge=0, le=1)
+    # On truth: rolled back if the canary's realised accuracy trails production's by more than this (null: not judged) ...
+    max_accuracy_drop: float | None = Field(default=0.02, ge=0, le=1)
+    min_labelled_answers: int = Field(default=20, ge=0)  # ... once it has this many labelled answers (waited for, too)
 
     @model_validator(mode="after")
     def _observation(self) -> "RolloutPolicy":

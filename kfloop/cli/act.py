@@ -70,6 +70,7 @@ def trigger(
     policy: PolicyOption = None,
     http_port: Annotated[int, typer.Option("--http-port", help="Port for alarm CloudEvents (POST /).")] = 8095,
     admin_url: Annotated[Optional[str], typer.Option("--admin-url", help="Admin API of the local serving runtime (kfloop serve) for canary rollouts; without it (and without --inference-service) a promoted version is only recorded.")] = None,
+    watch_url: Annotated[Optional[str], typer.Option("--watch-url", help="The local watch (kfloop watch): canaries are judged on its realised accuracy too (cluster: Prometheus has it).")] = None,
     kfp_host: Annotated[Optional[str], typer.Option("--kfp-host", envvar="KFLOOP_KFP_HOST", help="Run the pipeline on this Kubeflow Pipelines API instead of kfp.local.")] = None,
     token: Annotated[Optional[str], typer.Option("--token", envvar="KFLOOP_KFP_TOKEN", help="Bearer token for --kfp-host.")] = None,
     kfp_allow_http: Annotated[bool, typer.Option("--kfp-allow-http", help="Send the --token to a plain-http --kfp-host (in-cluster Service traffic only).")] = False,
@@ -83,7 +84,8 @@ def trigger(
     host: HostOption = "127.0.0.1",
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Retrain on drift/outlier alarms (cooldown, dedup, budget, one run at a time) and roll out via canary."""
+    """Retrain on alarms -- drift, outliers, low realised accuracy -- (cooldown, dedup, budget, one run at a time) and
+    roll out via a canary judged on its 5xx share and, with labels, its realised accuracy."""
     import uvicorn
 
     from kfloop.credentials import local_token
@@ -118,7 +120,7 @@ def trigger(
             raise typer.BadParameter("--inference-service needs --prometheus-url (or scaling.prometheus_url in the policy)")
         deployer = KServeDeployer(namespace, inference_service, registry_root, name, url)
     elif admin_url:
-        deployer = LocalDeployer(admin_url, name, local_token(home))
+        deployer = LocalDeployer(admin_url, name, local_token(home), watch_url=watch_url)
     uvicorn.run(create_app(RetrainingService(config, retrainer, deployer), authenticator), host=host, port=http_port,
                 http=HeaderLimitedHttp,
                 log_level="warning", access_log=False)

@@ -253,6 +253,45 @@ def test_a_failure_in_any_rollout_step_puts_the_old_version_back_at_100_percent_
     assert recorded == ["gated", "canary", "judged"][: ["gated", "canary", "judged", "promoted"].index(step)]
 
 
+class LabelledDeployer(InProcessDeployer):
+    """An in-process deployer whose versions have the realised accuracy the test gives (version -> (accuracy, labels))."""
+
+    def __init__(self, serving: str, accuracy: dict[str, tuple[float, int]]) -> None:
+        super().__init__(serving)
+        self.accuracy = accuracy
+
+    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+        return self.accuracy.get(version)
+
+
+@pytest.mark.parametrize("canary, outcome, note", [
+    ((0.70, 30), "rolled_back", "canary 0.700 over 30 labelled answers, production 0.900 over 200"),
+    ((0.89, 30), "promoted", "canary 0.890 over 30 labelled answers, production 0.900 over 200"),
+    ((0.50, 3), "rolled_back", "canary 0.500 over 3 labelled answers, production 0.900 over 200 "
+                               "(fewer than min_labelled_answers, 20: judged on what is there)"),
+    (None, "promoted", "no labelled answers of the canary: judged on its 5xx share alone"),
+], ids=["trails production", "within the margin", "too few labels: judged on them", "no labels"])
+def test_a_canary_is_judged_on_its_labelled_accuracy_against_production(tmp_path, promoted_v2, canary, outcome, note):
+    shutil.copytree(promoted_v2, tmp_path / "registry")
+    store = ModelRegistry(tmp_path / "registry")
+    deployer = LabelledDeployer("1", {"1": (0.90, 200), **({"2": canary} if canary else {})})
+    judged: list[dict] = []
+    policy = Policy.model_validate({"model": "digits", "rollout": {**FAST, "max_observe_seconds": 2}}).rollout
+    started = time.monotonic()
+    result = roll_out(deployer, store, "digits", policy, "2", "1", retries=FEW_TRIES,
+                      on_step=lambda facts: judged.extend([facts] if facts["step"] == "judged" else [])).record()
+    assert result["outcome"] == outcome and judged[0]["accuracy_note"] == note
+    if canary is None or canary[1] < policy.min_labelled_answers:
+        assert time.monotonic() - started >= 2  # it waited for labels, up to max_observe_seconds
+    if outcome == "rolled_back":
+        assert result["rollback_reason"].startswith(f"canary accuracy {canary[0]:.3f} trails production's 0.900 by more "
+                                                    "than max_accuracy_drop 0.02")
+        assert deployer.weights == {"1": 100.0} and store.production_version("digits") == "1"
+    else:
+        assert deployer.weights == {"2": 100.0} and store.production_version("digits") == "2"
+    assert (judged[0]["canary_accuracy"], judged[0]["production_accuracy"]) == (canary and canary[0], 0.90)
+
+
 def test_a_rollback_that_fails_is_recorded_inconsistent_and_a_later_rollback_finishes_it(tmp_path, promoted_v2):
     shutil.copytree(promoted_v2, tmp_path / "registry")
     store = ModelRegistry(tmp_path / "registry")
