@@ -2,8 +2,11 @@
 
 **Answers.** The watch hands every answer of the model to :meth:`LabelBook.answered` (from the payload
 logger's response events): each row's id -- the id the watch captured it under, ``<inference id>:<row>``
--- with the version that answered and the label it gave. The last ``max_answers`` answers are kept; a
-label for an older row is refused as unknown.
+-- with the version that answered and the label it gave. The last ``max_answers`` rows are kept; a
+label for an older row is refused as unknown. A row may also have *shadow* answers: those of a version
+that got a mirrored copy of the request (the rollout's shadow stage), which no client saw. Each is
+compared with the served answer (``kfloop_shadow_agreement{model,version}``), and a label judges every
+version that answered the row.
 
 **Labels** name a row by that id; for a one-row request the inference id alone will do (it is the
 ``x-request-id`` header of the answer, and the V2 ``id`` when the client gave none). :meth:`LabelBook.add`
@@ -62,6 +65,8 @@ LABELS = Counter("kfloop_labels", "Labels sent for served rows, by outcome.", ["
 ACCURACY = Gauge(ACCURACY_METRIC, "Share of the last labelled answers of a version whose label matches its answer.",
                  ["model", "version"])
 ACCURACY_LABELS = Gauge(ACCURACY_LABELS_METRIC, "Labelled answers behind kfloop_realised_accuracy.", ["model", "version"])
+AGREEMENT = Gauge("kfloop_shadow_agreement", "Share of a shadow version's last answers to mirrored requests that equal "
+                  "the served answers.", ["model", "version"])
 MAX_LABELS_PER_REQUEST = 10_000
 SHOWN_PROBLEMS = 20  # refused items named in one error message
 ANSWERS_LOG, LABELS_LOG = "answers.log", "labels.log"
@@ -69,11 +74,13 @@ ANSWERS_LOG, LABELS_LOG = "answers.log", "labels.log"
 
 @dataclass(frozen=True)
 class Answer:
-    """What one row was answered: the version, its label, when (epoch seconds)."""
+    """What one row was answered: the version, its label, when (epoch seconds), and whether it was a shadow's
+    (a mirrored copy of the request, whose answer no client saw)."""
 
     version: str
     predicted: str
     at: float
+    shadow: bool = False
 
 
 @dataclass
@@ -139,9 +146,10 @@ class LabelBook:
         self.accuracy_window = accuracy_window
         self.max_answers = max_answers
         self._lock = threading.RLock()
-        self._answers: OrderedDict[str, Answer] = OrderedDict()
+        self._answers: OrderedDict[str, dict[str, Answer]] = OrderedDict()  # row id -> version -> answer
         self._labels: dict[str, _Label] = {}
         self._outcomes: dict[str, deque[bool]] = {}
+        self._agreements: dict[str, deque[bool]] = {}  # shadow version -> its answers equal to the served ones
         self._joining: dict[str, list[str]] = {}  # shard name -> row ids: logged, shard not yet written
         self._located: dict[str, Path] = {}  # row id -> the captured shard that holds it
         self._indexed: set[Path] = set()
@@ -152,14 +160,17 @@ class LabelBook:
 
     # --- answers ----------------------------------------------------------------------------
 
-    def answered(self, ids: Sequence[str], version: str, predicted: Sequence[str], at: float | None = None) -> None:
-        """Record that rows ``ids`` were answered ``predicted`` by ``version`` (fsynced by :meth:`sync`)."""
+    def answered(self, ids: Sequence[str], version: str, predicted: Sequence[str], at: float | None = None, *,
+                 shadow: bool = False) -> None:
+        """Record that rows ``ids`` were answered ``predicted`` by ``version`` -- a ``shadow`` version's answer to a
+        mirrored copy, or the one the client got -- (fsynced by :meth:`sync`)."""
         if len(ids) != len(predicted):
             raise InputError(f"{len(ids)} rows but {len(predicted)} answers")
         at = time.time() if at is None else at
         with self._lock:
-            self._answers_log.append([{"ids": list(ids), "version": version, "predicted": list(predicted), "at": at}])
-            self._remember(ids, version, predicted, at)
+            self._answers_log.append([{"ids": list(ids), "version": version, "predicted": list(predicted), "at": at,
+                                       **({"shadow": True} if shadow else {})}])
+            self._remember(ids, version, predicted, at, shadow)
             self._answers_written += len(ids)
             if self._answers_written > 2 * self.max_answers:
                 self._compact_answers()
@@ -169,10 +180,17 @@ class LabelBook:
         with self._lock:
             self._answers_log.sync()
 
-    def _remember(self, ids: Sequence[str], version: str, predicted: Sequence[str], at: float) -> None:
+    def _remember(self, ids: Sequence[str], version: str, predicted: Sequence[str], at: float, shadow: bool) -> None:
         for row_id, label in zip(ids, predicted):
-            self._answers[row_id] = Answer(version, str(label), at)
+            answers = self._answers.setdefault(row_id, {})
+            answers[version] = Answer(version, str(label), at, shadow)
             self._answers.move_to_end(row_id)
+            served = _served(answers)
+            for other in answers.values():  # a shadow's answer is compared with the served one, whichever came first
+                if other.shadow and served is not None and (other is answers[version] or not shadow):
+                    agreed = self._agreements.setdefault(other.version, deque(maxlen=self.accuracy_window))
+                    agreed.append(other.predicted == served.predicted)
+                    AGREEMENT.labels(self.model, other.version).set(sum(agreed) / len(agreed))
         while len(self._answers) > self.max_answers:
             old, _ = self._answers.popitem(last=False)
             if self._labels.get(old, _Label("", 0.0, joined=True)).joined:
@@ -181,12 +199,14 @@ class LabelBook:
 
     def _compact_answers(self) -> None:
         """Rewrite ``answers.log`` with the kept answers only (one record per version and time)."""
-        groups: dict[tuple[str, float], dict] = {}
-        for row_id, answer in self._answers.items():
-            group = groups.setdefault((answer.version, answer.at), {"ids": [], "version": answer.version, "predicted": [],
-                                                                     "at": answer.at})
-            group["ids"].append(row_id)
-            group["predicted"].append(answer.predicted)
+        groups: dict[tuple[str, float, bool], dict] = {}
+        for row_id, answers in self._answers.items():
+            for answer in answers.values():
+                group = groups.setdefault((answer.version, answer.at, answer.shadow), {
+                    "ids": [], "version": answer.version, "predicted": [], "at": answer.at,
+                    **({"shadow": True} if answer.shadow else {})})
+                group["ids"].append(row_id)
+                group["predicted"].append(answer.predicted)
         self._answers_log.close()
         atomic_write(self.folder / ANSWERS_LOG, "".join(json.dumps(g, separators=(",", ":")) + "\n" for g in groups.values()))
         self._answers_log = _Log(self.folder / ANSWERS_LOG)
@@ -209,7 +229,7 @@ class LabelBook:
                     problems["unknown_id"].append(f"{given!r}: no served row has this id (or it is older than the "
                                                   f"last {self.max_answers} answers)")
                     continue
-                answer = self._answers[row_id]
+                answer = _served(self._answers[row_id]) or next(iter(self._answers[row_id].values()))
                 if label not in self.classes_of(answer.version):
                     problems["unknown_class"].append(f"{given!r}: {label!r} is not a class of version {answer.version}")
                     continue
@@ -243,19 +263,23 @@ class LabelBook:
 
     def _learn(self, row_id: str, label: str, at: float, joined: bool = False) -> None:
         self._labels[row_id] = _Label(label, at, joined)
-        answer = self._answers.get(row_id)
-        if answer is None:
-            return
-        outcomes = self._outcomes.setdefault(answer.version, deque(maxlen=self.accuracy_window))
-        outcomes.append(answer.predicted == label)
-        ACCURACY.labels(self.model, answer.version).set(sum(outcomes) / len(outcomes))
-        ACCURACY_LABELS.labels(self.model, answer.version).set(len(outcomes))
+        for answer in self._answers.get(row_id, {}).values():  # the served version's and any shadow's
+            outcomes = self._outcomes.setdefault(answer.version, deque(maxlen=self.accuracy_window))
+            outcomes.append(answer.predicted == label)
+            ACCURACY.labels(self.model, answer.version).set(sum(outcomes) / len(outcomes))
+            ACCURACY_LABELS.labels(self.model, answer.version).set(len(outcomes))
 
     @property
     def waiting(self) -> int:
         """Labels whose rows are not joined yet."""
         with self._lock:
             return sum(1 for label in self._labels.values() if not label.joined) + sum(map(len, self._joining.values()))
+
+    def agreement(self) -> dict[str, dict[str, float]]:
+        """Per shadow version: ``{"agreement": share, "answers": n}`` -- its last ``accuracy_window`` answers to
+        mirrored requests that equal the served answers."""
+        with self._lock:
+            return {version: {"agreement": sum(a) / len(a), "answers": len(a)} for version, a in self._agreements.items() if a}
 
     def accuracy(self) -> dict[str, dict[str, float]]:
         """Per version: ``{"accuracy": share, "labels": n}`` over its last ``accuracy_window`` labelled answers."""
@@ -307,9 +331,7 @@ class LabelBook:
             part = LabelledData(rows.features[[position[i] for i in wanted]],
                                 np.asarray([self._labels[i].label for i in wanted], dtype=str),
                                 rows.feature_names, "captures", ids=np.asarray(wanted))
-            served = {i: {"version": self._answers[i].version, "answered": self._answers[i].predicted,
-                          "answered_at": self._answers[i].at, "labelled_at": self._labels[i].at}
-                      for i in wanted if i in self._answers}
+            served = {i: _described(self._answers[i], self._labels[i].at) for i in wanted if i in self._answers}
             path = area.add_labelled(part, name=name if number == 0 else f"{name}-{number}", meta={"rows": served})
             written = written or path
         return written
@@ -321,7 +343,7 @@ class LabelBook:
             ids, predicted = record.get("ids"), record.get("predicted")
             if isinstance(ids, list) and isinstance(predicted, list) and len(ids) == len(predicted):
                 self._remember([str(i) for i in ids], str(record.get("version")), [str(p) for p in predicted],
-                               float(record.get("at", 0.0)))
+                               float(record.get("at", 0.0)), bool(record.get("shadow", False)))
                 self._answers_written += len(ids)
         joined: set[str] = set()
         for record in self._labels_log.records():
@@ -349,7 +371,7 @@ class LabelBook:
         with self._lock:
             return {"answers": len(self._answers), "labels": len(self._labels),
                     "waiting_to_join": self.waiting,
-                    "accuracy": self.accuracy()}
+                    "accuracy": self.accuracy(), "agreement": self.agreement()}
 
 
 def _refusal(refused: dict[str, list[str]]) -> InputError | ConflictError | NotFoundError:
@@ -362,3 +384,20 @@ def _refusal(refused: dict[str, list[str]]) -> InputError | ConflictError | NotF
     if "conflict" in refused:
         return ConflictError(message)
     return NotFoundError(message)
+
+
+def _served(answers: Mapping[str, Answer]) -> Answer | None:
+    """The answer the client got (None: only shadows' answers are known yet)."""
+    return next((a for a in answers.values() if not a.shadow), None)
+
+
+def _described(answers: Mapping[str, Answer], labelled_at: float) -> dict[str, object]:
+    """A joined row's ``.meta.json`` entry: the served answer, any shadows' answers, both times."""
+    served = _served(answers)
+    entry: dict[str, object] = {"labelled_at": labelled_at}
+    if served is not None:
+        entry.update(version=served.version, answered=served.predicted, answered_at=served.at)
+    shadows = {a.version: a.predicted for a in answers.values() if a.shadow}
+    if shadows:
+        entry["shadow_answers"] = shadows
+    return entry

@@ -21,6 +21,7 @@ training   the training run started: ``production_before`` (the pointer then),
 trained    the pipeline ended: ``version``, ``promoted`` (the gate's decision),
            ``gate`` (its reason), ``production_version``, ``data``, ``trained``
 gated      (:func:`~kfloop.policies.rollout.roll_out`) ``old_version``; pointer on it
+shadow     (a shadow stage) ``shadow_started``; shadowed: ``shadow_agreement``, ``shadow_accuracy``, ...
 canary     ``canary_started``, ``weights``, ``canary_baseline``
 judged     ``canary_failure_rate``, ``canary_answers``, ``rollback_reason``
 =========  =========================================================================
@@ -106,7 +107,7 @@ RUNS_KEPT = 200  # finished runs kept in the state file (besides those the daily
 DAY_SECONDS = 86400
 ADMISSION_OUTCOMES = ("started", "duplicate", "coalesced", "budget", "cooldown")
 STATE_FILE = "trigger-state.json"
-ROLLOUT_UNDER_WAY = ("gated", "canary", "judged")  # steps after which traffic or the pointer may have moved
+ROLLOUT_UNDER_WAY = ("gated", "shadow", "shadowed", "canary", "judged")  # steps after which traffic or the pointer may have moved
 
 log = logging.getLogger(__name__)
 

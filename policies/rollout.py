@@ -21,11 +21,16 @@ step        done, and the facts recorded with it
 ==========  ====================================================================
 gated       old version known, production pointer on it (the pipeline's gate
             only approves ``version``): ``version``, ``old_version``
+shadow      (``shadow.enabled``, a deployer that ``mirrors``) all traffic on the
+            old version, a copy of each request to the new: ``shadow_started``
+shadowed    the shadow judged: ``shadow_agreement``, ``shadow_answers``,
+            ``shadow_accuracy``, ``shadow_labels``, ``shadow_accuracy_note``,
+            ``rollback_reason`` (None: on to the canary)
 canary      ``canary_percent`` to the new version: ``canary_started``,
             ``weights``, ``canary_baseline`` (its 5xx and answers before)
 judged      the canary judged: ``canary_failure_rate``, ``canary_answers``,
             ``canary_accuracy``, ``canary_labels``, ``production_accuracy``,
-            ``accuracy_note``, ``rollback_reason`` (None: promote)
+            ``canary_accuracy_note``, ``rollback_reason`` (None: promote)
 ==========  ====================================================================
 
 It ends ``promoted`` (the new version at 100 %, the pointer on it, its status
@@ -71,7 +76,7 @@ __all__ = [
 ]
 
 CANARY_POLL_SECONDS = 1.0  # how often the canary's answer count is read once observe_seconds have passed
-ROLLOUT_STEPS = ("gated", "canary", "judged")  # what on_step is given, in order (the end is the outcome)
+ROLLOUT_STEPS = ("gated", "shadow", "shadowed", "canary", "judged")  # what on_step is given, in order (then the outcome)
 STATUS_ROLLED_BACK = "rolled_back"
 
 log = logging.getLogger(__name__)
@@ -81,10 +86,13 @@ T = TypeVar("T")
 class Deployer:
     """Contract: where versions are served and how traffic is split between them."""
 
+    mirrors = False  # can send a shadow version a copy of every request (set_traffic's ``mirror``)
+
     def serving_version(self) -> str:
         raise NotImplementedError
 
-    def set_traffic(self, weights: dict[str, float]) -> None:
+    def set_traffic(self, weights: dict[str, float], mirror: str | None = None) -> None:
+        """``weights`` (version -> percent) of requests to each version; a copy of each to ``mirror`` (if it ``mirrors``)."""
         raise NotImplementedError
 
     def failure_counts(self, version: str) -> tuple[float, float]:
@@ -96,10 +104,16 @@ class Deployer:
         (this default: a deployer with no source of labels, whose canaries are judged on their 5xx share alone)."""
         return None
 
+    def agreement(self, version: str) -> tuple[float, int] | None:
+        """(share, answers) of shadow ``version``'s answers to mirrored requests that equal the served answers."""
+        return None
+
 
 class LocalDeployer(Deployer):
     """The local serving runtime, through its admin API (``kfloop serve --admin-port``), with the home's token;
     realised accuracy from the watch's ``/status`` (``watch_url``; without it, none is known)."""
+
+    mirrors = True
 
     def __init__(self, admin_url: str, model: str, token: str, watch_url: str | None = None) -> None:
         self.admin_url = admin_url.rstrip("/")
@@ -107,11 +121,18 @@ class LocalDeployer(Deployer):
         self.headers = bearer(token)
         self.watch_url = watch_url.rstrip("/") if watch_url else None
 
-    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+    def _labels(self, figure: str, version: str) -> tuple[float, int] | None:
+        """The watch's ``figure`` (``accuracy`` or ``agreement``) of ``version`` with its count."""
         if self.watch_url is None:
             return None
-        figure = (httpx.get(f"{self.watch_url}/status", timeout=10.0).json().get("labels") or {}).get("accuracy", {}).get(version)
-        return None if not figure else (float(figure["accuracy"]), int(figure["labels"]))
+        found = (httpx.get(f"{self.watch_url}/status", timeout=10.0).json().get("labels") or {}).get(figure, {}).get(version)
+        return None if not found else (float(found[figure]), int(found["labels" if figure == "accuracy" else "answers"]))
+
+    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+        return self._labels("accuracy", version)
+
+    def agreement(self, version: str) -> tuple[float, int] | None:
+        return self._labels("agreement", version)
 
     def _status(self) -> dict[str, Any]:
         return httpx.get(f"{self.admin_url}/status", timeout=10.0).json()
@@ -119,10 +140,11 @@ class LocalDeployer(Deployer):
     def serving_version(self) -> str:
         return str(self._status()["version"])
 
-    def set_traffic(self, weights: dict[str, float]) -> None:
-        answer = httpx.post(f"{self.admin_url}/traffic", json={"weights": weights}, headers=self.headers, timeout=120.0)
+    def set_traffic(self, weights: dict[str, float], mirror: str | None = None) -> None:
+        body = {"weights": weights, **({"mirror": mirror} if mirror is not None else {})}
+        answer = httpx.post(f"{self.admin_url}/traffic", json=body, headers=self.headers, timeout=120.0)
         if answer.status_code != 200:
-            raise UpstreamError(f"runtime refused traffic {weights}: {answer.text}")
+            raise UpstreamError(f"runtime refused traffic {weights} (mirror {mirror}): {answer.text}")
 
     def failure_counts(self, version: str) -> tuple[float, float]:
         failed = total = 0.0
@@ -171,7 +193,9 @@ class KServeDeployer(Deployer):
         isvc = self.api.get_namespaced_custom_object("serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.name)
         return isvc["spec"]["predictor"]["model"]["storageUri"].rstrip("/").rsplit("/", 1)[-1]
 
-    def set_traffic(self, weights: dict[str, float]) -> None:
+    def set_traffic(self, weights: dict[str, float], mirror: str | None = None) -> None:
+        if mirror is not None:
+            raise UpstreamError("an InferenceService has no shadow route: KServe mirrors no traffic")
         serving = [v for v, w in weights.items() if w > 0]
         newest = max(serving, key=int)
         percent = weights[newest] if len(serving) > 1 else None
@@ -251,7 +275,7 @@ class RolloutOutcome:
 def roll_out(deployer: Deployer, registry: ModelRegistry, model: str, policy: RolloutPolicy, new: str, old: str | None,
              *, clock: Callable[[], float] = time.time, resume: Mapping[str, Any] | None = None,
              on_step: Callable[[dict[str, Any]], None] | None = None, retries: Retries = Retries()) -> RolloutOutcome:
-    """Canary -> observe -> all traffic to ``new``, or everything back to ``old`` (None: what ``deployer`` serves).
+    """(Shadow ->) canary -> observe -> all traffic to ``new``, or everything back to ``old`` (None: what ``deployer`` serves).
 
     ``on_step`` is given each step's facts once it is done (see the module docstring); ``resume`` -- the facts
     persisted last, e.g. the run's record -- carries on from the step it names: a running canary is judged
@@ -277,14 +301,24 @@ def roll_out(deployer: Deployer, registry: ModelRegistry, model: str, policy: Ro
                 _point(registry, model, new)
                 return RolloutOutcome("promoted", new, old, ended=clock(), note="already serving")
             _point(registry, model, old)  # the pointer moves to the new version only once it has earned it
-            advance("gated", {"version": new, "old_version": old})
+            note = ({"shadow_note": "this deployer cannot mirror traffic: no shadow stage"}
+                    if policy.shadow.enabled and not deployer.mirrors else {})
+            advance("gated", {"version": new, "old_version": old, **note})
+        if not (policy.shadow.enabled and deployer.mirrors) and reached < 3:
+            reached, step = 3, "canary"  # no shadow stage: from the gate to the canary
         if reached < 2:
-            baseline = deployer.failure_counts(new)
-            weights = {old: 100.0 - policy.canary_percent, new: policy.canary_percent}
-            deployer.set_traffic(weights)
-            advance("canary", {"canary_started": clock(), "weights": weights, "canary_baseline": list(baseline)})
+            deployer.set_traffic({old: 100.0}, mirror=new)
+            advance("shadow", {"shadow_started": clock()})
         if reached < 3:
-            advance("judged", _judge(deployer, policy, new, facts, clock))
+            advance("shadowed", _judge_shadow(deployer, policy, new, facts, clock))
+        if facts.get("rollback_reason") is None:  # the shadow, if any, passed
+            if reached < 4:
+                baseline = deployer.failure_counts(new)
+                weights = {old: 100.0 - policy.canary_percent, new: policy.canary_percent}
+                deployer.set_traffic(weights)
+                advance("canary", {"canary_started": clock(), "weights": weights, "canary_baseline": list(baseline)})
+            if reached < 5:
+                advance("judged", _judge(deployer, policy, new, facts, clock))
         judged = _judged(facts)
         if facts.get("rollback_reason") is None:
             deployer.set_traffic({new: 100.0})
@@ -349,7 +383,7 @@ def _judge(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Mapping[s
             break
         time.sleep(CANARY_POLL_SECONDS)
     rate = (failed - failed_before) / answers if answers else 0.0
-    truth = _on_truth(deployer, policy, new, str(facts["old_version"]), labelled) if on_truth else {}
+    truth = _on_truth(deployer, policy, "canary", new, str(facts["old_version"]), labelled) if on_truth else {}
     if answers < policy.min_canary_answers:
         reason = (f"{answers:g} canary answers in {policy.max_observe_seconds} s, "
                   f"fewer than min_canary_answers ({policy.min_canary_answers})")
@@ -361,27 +395,60 @@ def _judge(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Mapping[s
     return {"canary_failure_rate": rate, "canary_answers": answers, "rollback_reason": reason, **truth}
 
 
-def _on_truth(deployer: Deployer, policy: RolloutPolicy, new: str, old: str,
+def _judge_shadow(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Mapping[str, Any],
+                  clock: Callable[[], float]) -> dict[str, Any]:
+    """Observe the running shadow (from its recorded start) and judge it: ``rollback_reason`` None means on to the canary."""
+    shadow, old = policy.shadow, str(facts["old_version"])
+    elapsed = max(0.0, clock() - float(facts["shadow_started"]))
+    observed_since = time.monotonic() - elapsed
+    time.sleep(max(0.0, shadow.observe_seconds - elapsed))
+    on_truth = policy.max_accuracy_drop is not None
+    awaits_labels = on_truth and deployer.realised_accuracy(old) is not None
+    while True:
+        agreement = deployer.agreement(new)
+        labelled = deployer.realised_accuracy(new) if on_truth else None
+        answered = agreement is not None and agreement[1] >= shadow.min_answers
+        enough_labels = not awaits_labels or (labelled is not None and labelled[1] >= policy.min_labelled_answers)
+        if (answered and enough_labels) or time.monotonic() - observed_since >= shadow.max_observe_seconds:
+            break
+        time.sleep(CANARY_POLL_SECONDS)
+    truth = _on_truth(deployer, policy, "shadow", new, old, labelled) if on_truth else {}
+    answers = 0 if agreement is None else agreement[1]
+    if answers < shadow.min_answers:
+        reason = (f"{answers} shadow answers in {shadow.max_observe_seconds} s, fewer than shadow.min_answers "
+                  f"({shadow.min_answers})")
+    elif shadow.min_agreement is not None and agreement is not None and agreement[0] < shadow.min_agreement:
+        reason = f"shadow agrees with production on {agreement[0]:.1%} of answers, below shadow.min_agreement {shadow.min_agreement:.1%}"
+    else:
+        reason = truth.get("reason")
+    truth.pop("reason", None)
+    return {"shadow_agreement": None if agreement is None else agreement[0], "shadow_answers": answers,
+            "rollback_reason": reason, **truth}
+
+
+def _on_truth(deployer: Deployer, policy: RolloutPolicy, stage: str, new: str, old: str,
               labelled: tuple[float, int] | None) -> dict[str, Any]:
-    """The canary judged on its labelled answers against production's: the facts, a ``reason`` to roll back (if any)
-    and an ``accuracy_note`` saying what the judgement stood on."""
+    """The ``stage`` (canary or shadow) judged on its labelled answers against production's: the facts, a ``reason``
+    to roll back (if any) and a ``<stage>_accuracy_note`` saying what the judgement stood on."""
     assert policy.max_accuracy_drop is not None
     production = deployer.realised_accuracy(old)
-    facts: dict[str, Any] = {"canary_accuracy": None if labelled is None else labelled[0],
-                             "canary_labels": 0 if labelled is None else labelled[1],
+    facts: dict[str, Any] = {f"{stage}_accuracy": None if labelled is None else labelled[0],
+                             f"{stage}_labels": 0 if labelled is None else labelled[1],
                              "production_accuracy": None if production is None else production[0],
                              "production_labels": 0 if production is None else production[1]}
+    note_key = f"{stage}_accuracy_note"
     if labelled is None:
-        return {**facts, "accuracy_note": "no labelled answers of the canary: judged on its 5xx share alone"}
+        judged_on = "its 5xx share alone" if stage == "canary" else "its agreement with production alone"
+        return {**facts, note_key: f"no labelled answers of the {stage}: judged on {judged_on}"}
     if production is None:
-        return {**facts, "accuracy_note": f"no labelled answers of production version {old}: nothing to compare with"}
-    note = (f"canary {labelled[0]:.3f} over {labelled[1]} labelled answers, production {production[0]:.3f} "
+        return {**facts, note_key: f"no labelled answers of production version {old}: nothing to compare with"}
+    note = (f"{stage} {labelled[0]:.3f} over {labelled[1]} labelled answers, production {production[0]:.3f} "
             f"over {production[1]}")
     if labelled[1] < policy.min_labelled_answers:
         note += f" (fewer than min_labelled_answers, {policy.min_labelled_answers}: judged on what is there)"
-    facts["accuracy_note"] = note
+    facts[note_key] = note
     if production[0] - labelled[0] > policy.max_accuracy_drop:
-        facts["reason"] = (f"canary accuracy {labelled[0]:.3f} trails production's {production[0]:.3f} by more than "
+        facts["reason"] = (f"{stage} accuracy {labelled[0]:.3f} trails production's {production[0]:.3f} by more than "
                            f"max_accuracy_drop {policy.max_accuracy_drop:g} ({note})")
     return facts
 

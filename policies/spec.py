@@ -195,9 +195,37 @@ class AccuracyPolicy(_Spec):
 
     def promql(self, model: str) -> str:
         """The rule as PromQL over the watch's gauges (for an alert on a cluster, and for dashboards)."""
+        if self.below is None:
+            raise PolicyError("the accuracy rule is off (accuracy.below: null): it has no PromQL")
         selector = f'model="{model}"'
         return (f"kfloop_realised_accuracy{{{selector}}} < {self.below:g} "
                 f"and on(model, version) kfloop_realised_accuracy_labels{{{selector}}} >= {self.labels}")
+
+
+def _check_observation(observe_seconds: int, max_observe_seconds: int) -> None:
+    """An observation window must not end before its minimum length."""
+    if max_observe_seconds < observe_seconds:
+        raise ValueError(f"max_observe_seconds ({max_observe_seconds}) must not be below observe_seconds ({observe_seconds})")
+
+
+class ShadowPolicy(_Spec):
+    """The optional shadow stage before the canary: the new version gets a mirrored copy of every request (its
+    answers thrown away) for at least ``observe_seconds`` and until it has answered ``min_answers`` of them (and,
+    where labels come, ``min_labelled_answers`` are labelled), at most ``max_observe_seconds``. It goes on to the
+    canary unless its labelled accuracy trails production's by more than ``max_accuracy_drop``, it agrees with
+    production's answers less often than ``min_agreement`` (null: agreement is recorded, not judged), or it
+    answered too few copies."""
+
+    enabled: bool = False
+    observe_seconds: int = Field(default=60, ge=0)
+    min_answers: int = Field(default=20, ge=0)
+    max_observe_seconds: int = Field(default=600, ge=0)
+    min_agreement: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _observation(self) -> "ShadowPolicy":
+        _check_observation(self.observe_seconds, self.max_observe_seconds)
+        return self
 
 
 class RolloutPolicy(_Spec):
@@ -221,13 +249,13 @@ class RolloutPolicy(_Spec):
     # On truth: rolled back if the canary's realised accuracy trails production's by more than this (null: not judged) ...
     max_accuracy_drop: float | None = Field(default=0.02, ge=0, le=1)
     min_labelled_answers: int = Field(default=20, ge=0)  # ... once it has this many labelled answers (waited for, too)
+    shadow: ShadowPolicy = ShadowPolicy()
 
     @model_validator(mode="after")
     def _observation(self) -> "RolloutPolicy":
-        if self.max_observe_seconds < self.observe_seconds:
-            raise ValueError(f"max_observe_seconds ({self.max_observe_seconds}) must not be below "
-                             f"observe_seconds ({self.observe_seconds})")
+        _check_observation(self.observe_seconds, self.max_observe_seconds)
         return self
+
 
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -296,6 +324,8 @@ class Policy(_Spec):
         rollout = document["rollout"]
         rollout["observe_seconds"] = round(rollout["observe_seconds"] / speed)
         rollout["max_observe_seconds"] = round(rollout["max_observe_seconds"] / speed)
+        rollout["shadow"]["observe_seconds"] = round(rollout["shadow"]["observe_seconds"] / speed)
+        rollout["shadow"]["max_observe_seconds"] = round(rollout["shadow"]["max_observe_seconds"] / speed)
         if rollout["min_canary_answers"]:
             rollout["min_canary_answers"] = max(1, round(rollout["min_canary_answers"] / speed))
         return Policy.model_validate(document)

@@ -6,7 +6,8 @@ What comes in is parsed here and kept by the model's :class:`~kfloop.labels.Labe
   V1 ``{"predictions": [...]}`` or V2 with a ``label`` output: row ``i`` of the event ``<ce-id>`` is
   ``<ce-id>:<i>``, as the watch captured the request's rows. The version that answered is the V2
   ``model_version``, else the event's ``modelversion`` extension (kfloop's transformer sets it), else the
-  version the watch follows. An answer without a ``label`` output (a client asked for probabilities
+  version the watch follows. An event with the extension ``shadow: true`` is a shadow version's answer to a
+  mirrored copy of the request (the transformer sends it; no client saw it). An answer without a ``label`` output (a client asked for probabilities
   only) is not recorded: there is nothing to judge.
 * **labels** -- ``[{"id": ..., "label": ...}, ...]``: the body of ``POST /v2/models/{model}/labels``, or
   the data of an ``io.kfloop.label`` CloudEvent. Ids and labels are strings (a whole-number label is
@@ -49,7 +50,8 @@ class Feedback:
             return 0
         version = str(body.get("model_version") or delivery.event.get("modelversion") or self.serving_version())
         event_id = delivery.event["id"]
-        self.book.answered([f"{event_id}:{i}" for i in range(len(predicted))], version, predicted)
+        shadow = delivery.event.get("shadow") == "true"  # a shadow version's answer to a mirrored copy
+        self.book.answered([f"{event_id}:{i}" for i in range(len(predicted))], version, predicted, shadow=shadow)
         return len(predicted)
 
     def labels(self, body: Any) -> LabelIntake:

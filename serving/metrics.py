@@ -33,6 +33,11 @@ UPSTREAM_REQUESTS = Counter(
     "Transformer -> predictor calls by predictor address and outcome (ok / error).",
     ["model", "upstream", "outcome"],
 )
+SHADOW_REQUESTS = Counter(
+    "kfloop_shadow_requests",
+    "Mirrored copies of requests sent to a shadow version, by outcome (ok / error); the answers are thrown away.",
+    ["model", "version", "outcome"],
+)
 
 _MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)(?:/versions/[^/]+)?(?::predict|/infer)$")
 VersionOf = Callable[[str], "str | None"]  # the served version of a model name; None: not served here

@@ -10,7 +10,8 @@ client gave), ``ce-source`` the emitting process, the request's
 ``namespace``, ``component``, ``endpoint``, ``recordedtime``, ``metadata``)
 plus ``traceparent`` and, when the client named its request, kfloop's
 ``clientrequestid``; a response also carries ``modelversion``, the version that answered
-(the watch judges each version on the labels of its own answers). As in KServe, a response is logged only for a successful
+(the watch judges each version on the labels of its own answers), and a shadow version's answer to a
+mirrored copy of a request carries ``shadow: true``. As in KServe, a response is logged only for a successful
 call.
 
 Events wait in a bounded queue and a background task posts them, so logging
@@ -81,10 +82,11 @@ class PayloadLogger:
         self._worker: asyncio.Task | None = None
 
     def log(self, event_type: str, event_id: str, payload: Any, content_type: str, traceparent: str | None,
-            *, client_id: str | None = None, version: str | None = None) -> None:
+            *, client_id: str | None = None, version: str | None = None, shadow: bool = False) -> None:
         """Queue one event; never blocks, never raises. ``payload``: bytes, a JSON-able object, or has ``to_json()``;
         ``client_id``, the id the client gave its request, travels as the ``clientrequestid`` extension,
-        ``version``, the model version that answered (a response), as ``modelversion``."""
+        ``version``, the model version that answered (a response), as ``modelversion``; ``shadow`` marks a
+        shadow version's answer to a mirrored copy (``shadow: true``)."""
         if self._queue is None:
             self._queue = asyncio.Queue(maxsize=self.queue_size)
         if self._worker is None or self._worker.done():  # first use, or the task ended after all: start it (again)
@@ -92,13 +94,13 @@ class PayloadLogger:
                 log.error("payload events to %s: the sending task had stopped (%r); started again", self.url, self._worker.exception())
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         try:
-            self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, client_id, version, _now()))
+            self._queue.put_nowait((event_type, event_id, payload, content_type, traceparent, client_id, version, shadow, _now()))
         except asyncio.QueueFull:
             PAYLOAD_EVENTS.labels(self.model, "dropped").inc()
         PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
 
     def headers(self, event_type: str, event_id: str, content_type: str, traceparent: str | None, time: str,
-                client_id: str | None = None, version: str | None = None) -> dict[str, str]:
+                client_id: str | None = None, version: str | None = None, shadow: bool = False) -> dict[str, str]:
         headers = {
             "ce-specversion": "1.0",
             "ce-type": event_type,
@@ -119,6 +121,8 @@ class PayloadLogger:
             headers["ce-clientrequestid"] = _header_value(client_id)
         if version:
             headers["ce-modelversion"] = version
+        if shadow:
+            headers["ce-shadow"] = "true"
         return headers
 
     async def _drain(self) -> None:
@@ -141,10 +145,10 @@ class PayloadLogger:
                 await asyncio.sleep(1.0)
 
     async def _send(self, client: httpx.AsyncClient, event_type: str, event_id: str, payload: Any, content_type: str,
-                    traceparent: str | None, client_id: str | None, version: str | None, time: str) -> str:
+                    traceparent: str | None, client_id: str | None, version: str | None, shadow: bool, time: str) -> str:
         """Post one event, retrying what may pass for up to ``retry_seconds``; returns the outcome to count."""
         body = _serialise(payload)
-        headers = self.headers(event_type, event_id, content_type, traceparent, time, client_id, version)
+        headers = self.headers(event_type, event_id, content_type, traceparent, time, client_id, version, shadow)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_seconds
         attempt = 0

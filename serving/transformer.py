@@ -35,11 +35,19 @@ takes the route that serves that version -- production, canary or a weight-0
 shadow route, as its own version or one in ``also`` -- and its rows are scaled
 for that version alone, so only a replica of that version can answer it. A
 version no route serves is a 404.
+
+A route with ``mirror: true`` (weight 0: the rollout's shadow stage) gets a copy
+of every request that is not pinned, sent after the client's answer is ready,
+on its own task: the client's answer never waits for it, and a failure is only
+counted (``kfloop_shadow_requests_total``). Its answer goes to the payload
+logger alone, as a response event with the request's id, its ``modelversion``
+and ``shadow: true``, for the watch to compare and judge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import itertools
 import random
 import re
@@ -62,7 +70,7 @@ from kfloop.preprocessing import Preprocessor
 from kfloop.registry import checked_version
 from kfloop.event_types import REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.serving.payloads import PayloadLogger
-from kfloop.serving.metrics import UPSTREAM_REQUESTS
+from kfloop.serving.metrics import SHADOW_REQUESTS, UPSTREAM_REQUESTS
 from kfloop.serving.protocol import (
     DEFAULT_MAX_BATCH,
     FEATURES_INPUT,
@@ -75,6 +83,8 @@ from kfloop.serving.protocol import (
     version_not_served,
     versioned_input,
 )
+
+log = logging.getLogger(__name__)
 
 ROUTES_PATH = "/kfloop/routes"  # on the control port
 _UPSTREAM = re.compile(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}")
@@ -95,6 +105,7 @@ class Route:
     preprocessor: Preprocessor
     upstreams: list[str]
     weight: float = 100.0
+    mirror: bool = False  # a shadow: gets a copy of every request off the request path, its answers thrown away
     also: dict[str, Preprocessor] = field(default_factory=dict)
     _answered: dict[str, float] = field(default_factory=dict, repr=False)
     _cycle: Any = field(default=None, repr=False)
@@ -141,7 +152,8 @@ class Route:
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
-            return {"version": self.version, "also": sorted(self.also), "upstreams": list(self.upstreams), "weight": self.weight}
+            return {"version": self.version, "also": sorted(self.also), "upstreams": list(self.upstreams), "weight": self.weight,
+                    "mirror": self.mirror}
 
 
 @dataclass(frozen=True)
@@ -225,6 +237,7 @@ class ForestTransformer(Model):
         self.timeout = timeout
         self.in_flight: dict[str, int] = {}
         self._loading: dict[str, asyncio.Future] = {}  # versions whose preprocessor is being loaded
+        self._mirrors: set[asyncio.Task] = set()  # shadow calls under way (kept referenced until they end)
         self._session: aiohttp.ClientSession | None = None
         self._schema = InputSchema(split.routes[0].preprocessor.feature_names, max_batch)
 
@@ -270,8 +283,13 @@ class ForestTransformer(Model):
         for spec in specs:
             try:
                 version, upstreams, weight = str(spec["version"]), list(spec["upstreams"]), float(spec.get("weight", 100))
+                mirror = spec.get("mirror", False)
             except (KeyError, TypeError, ValueError, AttributeError):
-                raise InputError('each route needs "version" and "upstreams" (list of host:port), optional "weight"') from None
+                raise InputError('each route needs "version" and "upstreams" (list of host:port), optional "weight" '
+                                 'and "mirror"') from None
+            if not isinstance(mirror, bool) or (mirror and weight != 0):
+                raise InputError(f"route {version}: a mirror (shadow) route takes no traffic of its own: weight 0, "
+                                 f"mirror true (got weight {weight!r}, mirror {mirror!r})")
             checked_version(version)
             bad = [u for u in upstreams if not isinstance(u, str) or not _UPSTREAM.fullmatch(u)]
             if bad or not 0.0 <= weight <= 100.0:
@@ -279,7 +297,9 @@ class ForestTransformer(Model):
             preprocessor = known.get(version) or self.load_preprocessor(version)
             if preprocessor.feature_names != self._schema.feature_names:
                 raise InputError(f"version {version} expects other features than the served model")
-            routes.append(Route(version, preprocessor, upstreams, weight))
+            routes.append(Route(version, preprocessor, upstreams, weight, mirror))
+        if all(r.weight == 0 for r in routes):
+            raise InputError("routes must give some route a weight above 0")
         self.split = TrafficSplit(tuple(routes))
         return self.split
 
@@ -404,6 +424,33 @@ class ForestTransformer(Model):
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
 
+    async def _mirror(self, shadow: Route, call: _Call) -> None:
+        """Send a copy of ``call``'s rows to the shadow route, off the request path; its answer goes to the payload
+        logger only (a response event marked ``shadow``, with the call's id: the watch compares and judges it).
+        Never raises: a failure is counted (``kfloop_shadow_requests_total{outcome="error"}``) and logged."""
+        try:
+            rows = shadow.preprocessor.transform(call.rows)
+            body = orjson.dumps({"id": call.inference_id, "outputs": [{"name": INDEX_OUTPUT}],
+                                 "inputs": [{"name": versioned_input(shadow.version), "shape": list(rows.shape),
+                                             "datatype": "FP32", "data": rows.ravel()}]}, option=orjson.OPT_SERIALIZE_NUMPY)
+            upstream = shadow.next_upstream(avoid=set())
+            status, content, _ = await self._post(upstream, body, child_traceparent(call.traceparent))
+            document = orjson.loads(content)
+            if status >= 400 or str(document.get("model_version")) != shadow.version:
+                raise UpstreamError(f"shadow {upstream} answered HTTP {status} (version {document.get('model_version')})")
+            indices = np.asarray({o["name"]: o for o in document["outputs"]}[INDEX_OUTPUT]["data"], dtype=np.int64)
+            labels = shadow.preprocessor.decode(indices).tolist()
+        except Exception as exc:  # the shadow never touches the client's answer
+            SHADOW_REQUESTS.labels(self.name, shadow.version, "error").inc()
+            log.warning("shadow call to version %s failed: %s: %s", shadow.version, type(exc).__name__, exc)
+            return
+        SHADOW_REQUESTS.labels(self.name, shadow.version, "ok").inc()
+        if self.payload_logger is not None:
+            answer = {"model_name": self.name, "model_version": shadow.version,
+                      "outputs": [{"name": LABEL_OUTPUT, "datatype": "BYTES", "shape": [len(labels)], "data": labels}]}
+            self.payload_logger.log(RESPONSE_EVENT, call.inference_id, answer, "application/json", call.traceparent,
+                                    client_id=call.client_id, version=shadow.version, shadow=True)
+
     async def _learn_version(self, call: _Call, version: str) -> None:
         """A replica of the route serves ``version``: add its preprocessor to the route and to this call."""
         preprocessor = call.route.preprocessors().get(version) or await self._load_once(version)
@@ -487,6 +534,11 @@ class ForestTransformer(Model):
                 infer_outputs=outputs,
                 from_grpc=call.from_grpc,
             )
+        if call.pinned is None:  # a shadow gets a copy of what the clients send, not of requests pinned elsewhere
+            for shadow in self.split.routes:
+                if shadow.mirror and shadow is not call.route:
+                    self._mirrors.add(task := asyncio.get_running_loop().create_task(self._mirror(shadow, call)))
+                    task.add_done_callback(self._mirrors.discard)
         if self.payload_logger is not None:
             self.payload_logger.log(RESPONSE_EVENT, call.inference_id, _event_body(response), "application/json", call.traceparent,
                                     client_id=call.client_id, version=call.version)

@@ -100,6 +100,7 @@ class TrafficShare:
     version: str
     weight: float
     replicas: list[Replica] = field(default_factory=list)
+    mirror: bool = False  # a shadow: weight 0, gets a copy of every request (its answers thrown away)
 
 
 class ServingRuntime:
@@ -222,12 +223,15 @@ class ServingRuntime:
             self._drain_and_stop(removed)
             return len(share.replicas)
 
-    def set_traffic(self, weights: dict[str, float]) -> None:
-        """Send ``weights`` (version -> percent) of requests to each version; starts and drains replicas."""
+    def set_traffic(self, weights: dict[str, float], mirror: str | None = None) -> None:
+        """Send ``weights`` (version -> percent) of requests to each version, and a copy of every request to
+        ``mirror`` (a shadow version, one replica, whose answers only the watch sees); starts and drains replicas."""
         if not weights or not all(0.0 <= w <= 100.0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise InputError(f"traffic weights must be percentages (0 to 100), not all zero, got {weights}")
+        if mirror is not None and weights.get(mirror, 0) > 0:
+            raise InputError(f"version {mirror} cannot be both a shadow (mirror) and take {weights[mirror]:g} % of traffic")
         with self._lock:
-            for version in weights:  # every version exists before any replica starts
+            for version in [*weights, *([mirror] if mirror is not None else [])]:  # all exist before a replica starts
                 self.registry.metadata(self.model, checked_version(version))
             replicas_each = max(1, self.replica_count())
             with self._changing() as started:
@@ -239,8 +243,15 @@ class ServingRuntime:
                     if current is None:
                         current = TrafficShare(version, weight, self._start_replicas(version, replicas_each))
                         started += current.replicas
-                    current.weight = float(weight)
+                    current.weight, current.mirror = float(weight), False
                     kept.append(current)
+                if mirror is not None:
+                    shadow = next((s for s in self.shares if s.version == mirror), None)
+                    if shadow is None:
+                        shadow = TrafficShare(mirror, 0.0, self._start_replicas(mirror, 1))
+                        started += shadow.replicas
+                    shadow.weight, shadow.mirror = 0.0, True
+                    kept.append(shadow)
                 dropped = [s for s in self.shares if s not in kept]
                 self.shares = kept
                 self._apply_routes()
@@ -260,7 +271,7 @@ class ServingRuntime:
             "endpoints": self.endpoints,
             "transformer": self._describe(self.transformer) if self.transformer else None,
             "traffic": [
-                {"version": s.version, "weight": s.weight,
+                {"version": s.version, "weight": s.weight, "mirror": s.mirror,
                  "replicas": [{"address": r.address, **self._describe(r.process)} for r in s.replicas]}
                 for s in shares
             ],
@@ -350,8 +361,8 @@ class ServingRuntime:
 
     def _routes_body(self) -> dict[str, Any]:
         """The split as ``PUT /kfloop/routes`` takes it (and the routes file holds it)."""
-        return {"routes": [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas]}
-                           for s in self.shares]}
+        return {"routes": [{"version": s.version, "weight": s.weight, "upstreams": [r.address for r in s.replicas],
+                            **({"mirror": True} if s.mirror else {})} for s in self.shares]}
 
     def _write_routes(self) -> None:
         """The routes file and the Prometheus targets of the current shares."""
@@ -381,14 +392,14 @@ class ServingRuntime:
         raises, the shares and their weights and replicas are put back, the old
         routes re-applied (best effort), and the started replicas stopped.
         """
-        previous = [(share, share.weight, list(share.replicas)) for share in self.shares]
+        previous = [(share, share.weight, share.mirror, list(share.replicas)) for share in self.shares]
         started: list[Replica] = []
         try:
             yield started
         except BaseException:
-            for share, weight, replicas in previous:
-                share.weight, share.replicas[:] = weight, replicas
-            self.shares = [share for share, _, _ in previous]
+            for share, weight, mirror, replicas in previous:
+                share.weight, share.mirror, share.replicas[:] = weight, mirror, replicas
+            self.shares = [share for share, _, _, _ in previous]
             try:
                 self._apply_routes()
             except KfloopError as exc:
@@ -467,7 +478,8 @@ class AdminServer:
     """JSON admin API of a runtime on loopback.
 
     ``GET /status``; ``GET /metrics``; ``POST /replicas`` ``{"replicas": n}``; ``POST /version``
-    ``{"version": "3"}``; ``POST /traffic`` ``{"weights": {"2": 90, "3": 10}}``.
+    ``{"version": "3"}``; ``POST /traffic`` ``{"weights": {"2": 90, "3": 10}}`` (optional ``"mirror": "4"``:
+    a shadow version that gets a copy of every request).
     The ``POST`` s change what is served: they need ``authenticator`` (the
     runtime's home token and a loopback ``Host``); the ``GET`` s only read.
     Errors come back as ``{"error": ...}`` with the error's HTTP status.
@@ -551,7 +563,11 @@ class AdminServer:
                         weights = body["weights"]
                         if not isinstance(weights, dict):
                             raise InputError('"weights" must be an object: {"2": 90, "3": 10}')
-                        runtime.set_traffic({checked_version(str(k)): _number(v, f"weights.{k}") for k, v in weights.items()})
+                        mirror = body.get("mirror")
+                        if mirror is not None and not isinstance(mirror, (str, int)):
+                            raise InputError('"mirror" must be a version, e.g. "4"')
+                        runtime.set_traffic({checked_version(str(k)): _number(v, f"weights.{k}") for k, v in weights.items()},
+                                            mirror=None if mirror is None else checked_version(str(mirror)))
                         self._reply(200, runtime.status())
                     else:
                         self._answer(NotFoundError(f"no route {self.path}; try /replicas, /version or /traffic"))

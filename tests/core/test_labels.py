@@ -124,3 +124,20 @@ def test_labelled_rows_become_one_labelled_shard_once_their_rows_are_captured_an
     assert again.join(area) == [second]
     assert sorted(p.name for p in area.labelled_shards()) == sorted([shard.name, second.name])
     assert again.join(area) == []
+
+
+def test_a_shadow_versions_answers_are_compared_with_the_served_ones_and_judged_by_the_same_labels(tmp_path):
+    book = _book(tmp_path / "book")
+    book.answered(["r1:0", "r1:1"], "1", ["a", "b"])
+    book.answered(["r1:0", "r1:1"], "2", ["a", "c"], shadow=True)
+    book.answered(["r2:0"], "2", ["d"], shadow=True)  # the mirror answered before the served answer was recorded
+    book.answered(["r2:0"], "1", ["c"])
+    assert book.agreement() == {"2": {"agreement": 1 / 3, "answers": 3}}
+    assert _metric("kfloop_shadow_agreement", version="2") == pytest.approx(1 / 3)
+    with pytest.raises(InputError):  # a label is a class of the served version ("d" is only version 2's)
+        book.add([("r2", "d")])
+    book.add([("r1:0", "a"), ("r1:1", "c"), ("r2", "c")])
+    assert book.accuracy() == {"1": {"accuracy": 2 / 3, "labels": 3}, "2": {"accuracy": 2 / 3, "labels": 3}}
+    book.close()
+    again = _book(tmp_path / "book")
+    assert again.accuracy() == book.accuracy() and again.agreement() == {"2": {"agreement": 1 / 3, "answers": 3}}

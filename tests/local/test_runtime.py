@@ -81,6 +81,34 @@ def test_a_crashed_replica_is_restarted_and_requests_keep_succeeding(stack):
     assert (replica["restarts"], replica["alive"]) == (1, True)
 
 
+def test_a_shadow_version_gets_a_copy_of_every_request_off_the_request_path_and_no_client_sees_its_answers(stack):
+    runtime, sink = stack["runtime"], stack["sink"]
+    runtime.set_traffic({"1": 100.0}, mirror="2")
+    try:
+        assert [(s["version"], s["weight"], s["mirror"]) for s in runtime.status()["traffic"]] == [("1", 100.0, False), ("2", 0.0, True)]
+        rows = stack["holdout"].holdout_features[:12]
+        answers = [v2(stack, tensor(rows[i:i + 1])) for i in range(12)]
+        assert {(a.status_code, a.json()["model_version"]) for a in answers} == {(200, "1")}
+        ids = {a.headers["x-request-id"] for a in answers}
+
+        def shadow_answers() -> list:
+            return [e for e in list(sink.events) if e["id"] in ids and e.get("shadow") == "true"]
+        deadline = time.time() + 15
+        while len(shadow_answers()) < 12 and time.time() < deadline:
+            time.sleep(0.1)
+        shadows = shadow_answers()
+        assert len(shadows) == 12 and {e["modelversion"] for e in shadows} == {"2"}
+        assert all(e["type"] == "org.kubeflow.serving.inference.response" for e in shadows)
+        assert all(len(e.data["outputs"][0]["data"]) == 1 for e in shadows)  # its own answer, in the watch's format
+        served = {e["id"]: e for e in list(sink.events) if e["id"] in ids and e["type"].endswith("response") and "shadow" not in e.get_attributes()}
+        assert set(served) == ids and {e["modelversion"] for e in served.values()} == {"1"}
+        with pytest.raises(Exception, match="cannot be both a shadow"):
+            runtime.set_traffic({"1": 50.0, "2": 50.0}, mirror="2")
+    finally:
+        runtime.set_traffic({"1": 100.0})
+    assert [s["version"] for s in runtime.status()["traffic"]] == ["1"]  # the shadow's replica is stopped
+
+
 def test_a_transformer_killed_mid_canary_answers_every_request_from_its_restart_on_with_the_current_split(stack):
     runtime = stack["runtime"]
     runtime.scale(1)
@@ -108,59 +136,55 @@ def test_a_transformer_killed_mid_canary_answers_every_request_from_its_restart_
         runtime.switch_version("1")
 
 
-def test_a_traffic_change_while_the_transformer_is_down_answers_503_and_leaves_no_process_outside_status(stack):
+@pytest.fixture
+def admin(stack):
+    """An admin API in front of the shared runtime; afterwards, the transformer ready and version 1 serving again."""
     from kfloop.local.runtime import AdminServer
 
     runtime = stack["runtime"]
-    admin = AdminServer(runtime, free_port())
-    admin.start()
-    try:
-        before = shares(runtime.status())
-        kill_transformer(runtime)  # its restart waits at least 0.5 s: the change below comes first
-        answer = httpx.post(admin.url + "/traffic", json={"weights": {"1": 50, "2": 50}}, timeout=120,
-                            headers=bearer(local_token(runtime.home)))
-
-        assert answer.status_code == 503, answer.text
-        assert "try again" in answer.json()["error"]
-        status = runtime.status()
-        assert shares(status) == before
-        in_status = {r["pid"] for s in status["traffic"] for r in s["replicas"]}
-        assert running_predictors(stack["registry"].root) == in_status  # the version-2 replica it started is stopped
-        assert all(os.kill(pid, 0) is None for pid in in_status)
-        # The restarted transformer took the old split from the routes file: no request reaches the stopped replica.
-        answers = answers_from_the_restart_on(stack)
-        assert answers and set(answers) == {(200, "1")}, answers
-    finally:
-        admin.stop()
-        wait_until_answering(runtime.transformer.ready_url, "the transformer")
-        runtime.switch_version("1")
+    server = AdminServer(runtime, free_port())
+    server.start()
+    yield server
+    server.stop()
+    wait_until_answering(runtime.transformer.ready_url, "the transformer")
+    runtime.switch_version("1")
 
 
-def test_a_traffic_change_while_the_transformer_restarts_waits_for_it_and_succeeds(stack):
-    from kfloop.local.runtime import AdminServer
-
+def test_a_traffic_change_while_the_transformer_is_down_answers_503_and_leaves_no_process_outside_status(stack, admin):
     runtime = stack["runtime"]
-    admin = AdminServer(runtime, free_port())
-    admin.start()
-    try:
-        victim = kill_transformer(runtime)
-        deadline = time.monotonic() + 30
-        while runtime.transformer.pid == victim and time.monotonic() < deadline:  # respawned, not yet ready
-            time.sleep(0.02)
-        answer = httpx.post(admin.url + "/traffic", json={"weights": {"1": 50, "2": 50}}, timeout=120,
-                            headers=bearer(local_token(runtime.home)))
+    before = shares(runtime.status())
+    kill_transformer(runtime)  # its restart waits at least 0.5 s: the change below comes first
+    answer = httpx.post(admin.url + "/traffic", json={"weights": {"1": 50, "2": 50}}, timeout=120,
+                        headers=bearer(local_token(runtime.home)))
 
-        assert answer.status_code == 200, answer.text
-        assert sorted((s["version"], s["weight"]) for s in answer.json()["traffic"]) == [("1", 50.0), ("2", 50.0)]
-        answers = [(response.status_code, response.json().get("model_version"))
-                   for response in (v2(stack, tensor(stack["holdout"].holdout_features[:1])) for _ in range(40))]
-        assert {status for status, _ in answers} == {200} and {version for _, version in answers} == {"1", "2"}
-        in_status = {r["pid"] for s in runtime.status()["traffic"] for r in s["replicas"]}
-        assert running_predictors(stack["registry"].root) == in_status
-    finally:
-        admin.stop()
-        wait_until_answering(runtime.transformer.ready_url, "the transformer")
-        runtime.switch_version("1")
+    assert answer.status_code == 503, answer.text
+    assert "try again" in answer.json()["error"]
+    status = runtime.status()
+    assert shares(status) == before
+    in_status = {r["pid"] for s in status["traffic"] for r in s["replicas"]}
+    assert running_predictors(stack["registry"].root) == in_status  # the version-2 replica it started is stopped
+    assert all(os.kill(pid, 0) is None for pid in in_status)
+    # The restarted transformer took the old split from the routes file: no request reaches the stopped replica.
+    answers = answers_from_the_restart_on(stack)
+    assert answers and set(answers) == {(200, "1")}, answers
+
+
+def test_a_traffic_change_while_the_transformer_restarts_waits_for_it_and_succeeds(stack, admin):
+    runtime = stack["runtime"]
+    victim = kill_transformer(runtime)
+    deadline = time.monotonic() + 30
+    while runtime.transformer.pid == victim and time.monotonic() < deadline:  # respawned, not yet ready
+        time.sleep(0.02)
+    answer = httpx.post(admin.url + "/traffic", json={"weights": {"1": 50, "2": 50}}, timeout=120,
+                        headers=bearer(local_token(runtime.home)))
+
+    assert answer.status_code == 200, answer.text
+    assert sorted((s["version"], s["weight"]) for s in answer.json()["traffic"]) == [("1", 50.0), ("2", 50.0)]
+    answers = [(response.status_code, response.json().get("model_version"))
+               for response in (v2(stack, tensor(stack["holdout"].holdout_features[:1])) for _ in range(40))]
+    assert {status for status, _ in answers} == {200} and {version for _, version in answers} == {"1", "2"}
+    in_status = {r["pid"] for s in runtime.status()["traffic"] for r in s["replicas"]}
+    assert running_predictors(stack["registry"].root) == in_status
 
 
 def test_the_restart_back_off_grows_with_restarts_in_a_row_and_starts_over_after_a_stable_run(tmp_path):

@@ -175,6 +175,8 @@ class InProcessDeployer(Deployer):
         self.calls: collections.Counter[str] = collections.Counter()
         self.answers: collections.Counter[str] = collections.Counter()
         self.answers_per_read = answers_per_read
+        self.mirror: str | None = None
+        self.splits: list[tuple[dict[str, float], str | None]] = []
 
     def _call(self, method: str) -> None:
         self.calls[method] += 1
@@ -187,9 +189,13 @@ class InProcessDeployer(Deployer):
         self._call("serving_version")
         return max(self.weights, key=self.weights.__getitem__)
 
-    def set_traffic(self, weights: dict[str, float]) -> None:
+    mirrors = True
+
+    def set_traffic(self, weights: dict[str, float], mirror: str | None = None) -> None:
         self._call("set_traffic")
         self.weights = {version: float(weight) for version, weight in weights.items() if weight > 0}
+        self.mirror = mirror
+        self.splits.append((dict(self.weights), mirror))
 
     def failure_counts(self, version: str) -> tuple[float, float]:
         self._call("failure_counts")
@@ -256,12 +262,15 @@ def test_a_failure_in_any_rollout_step_puts_the_old_version_back_at_100_percent_
 class LabelledDeployer(InProcessDeployer):
     """An in-process deployer whose versions have the realised accuracy the test gives (version -> (accuracy, labels))."""
 
-    def __init__(self, serving: str, accuracy: dict[str, tuple[float, int]]) -> None:
+    def __init__(self, serving: str, accuracy: dict[str, tuple[float, int]], agreement: dict[str, tuple[float, int]] | None = None) -> None:
         super().__init__(serving)
-        self.accuracy = accuracy
+        self.accuracy, self.agreements = accuracy, agreement or {}
 
     def realised_accuracy(self, version: str) -> tuple[float, int] | None:
         return self.accuracy.get(version)
+
+    def agreement(self, version: str) -> tuple[float, int] | None:
+        return self.agreements.get(version) if self.mirror == version else None
 
 
 @pytest.mark.parametrize("canary, outcome, note", [
@@ -280,7 +289,7 @@ def test_a_canary_is_judged_on_its_labelled_accuracy_against_production(tmp_path
     started = time.monotonic()
     result = roll_out(deployer, store, "digits", policy, "2", "1", retries=FEW_TRIES,
                       on_step=lambda facts: judged.extend([facts] if facts["step"] == "judged" else [])).record()
-    assert result["outcome"] == outcome and judged[0]["accuracy_note"] == note
+    assert result["outcome"] == outcome and judged[0]["canary_accuracy_note"] == note
     if canary is None or canary[1] < policy.min_labelled_answers:
         assert time.monotonic() - started >= 2  # it waited for labels, up to max_observe_seconds
     if outcome == "rolled_back":
@@ -290,6 +299,31 @@ def test_a_canary_is_judged_on_its_labelled_accuracy_against_production(tmp_path
     else:
         assert deployer.weights == {"2": 100.0} and store.production_version("digits") == "2"
     assert (judged[0]["canary_accuracy"], judged[0]["production_accuracy"]) == (canary and canary[0], 0.90)
+
+
+@pytest.mark.parametrize("shadow_accuracy, outcome", [((0.95, 30), "promoted"), ((0.60, 30), "rolled_back")],
+                         ids=["passes the shadow", "fails the shadow"])
+def test_a_shadow_stage_mirrors_traffic_before_the_canary_and_a_shadow_that_trails_production_never_takes_a_request(
+        tmp_path, promoted_v2, shadow_accuracy, outcome):
+    shutil.copytree(promoted_v2, tmp_path / "registry")
+    store = ModelRegistry(tmp_path / "registry")
+    deployer = LabelledDeployer("1", {"1": (0.90, 200), "2": shadow_accuracy}, agreement={"2": (0.80, 25)})
+    steps: list[dict] = []
+    shadow = {"enabled": True, "observe_seconds": 0, "min_answers": 20, "max_observe_seconds": 5}
+    policy = Policy.model_validate({"model": "digits", "rollout": {**FAST, "shadow": shadow}}).rollout
+    result = roll_out(deployer, store, "digits", policy, "2", "1", retries=FEW_TRIES, on_step=steps.append).record()
+    assert result["outcome"] == outcome
+    assert deployer.splits[0] == ({"1": 100.0}, "2")  # all traffic on production, a copy of each request to the shadow
+    [shadowed] = [s for s in steps if s["step"] == "shadowed"]
+    assert (shadowed["shadow_agreement"], shadowed["shadow_answers"], shadowed["shadow_accuracy"]) == (0.80, 25, shadow_accuracy[0])
+    if outcome == "promoted":
+        assert [s["step"] for s in steps] == ["gated", "shadow", "shadowed", "canary", "judged"]
+        assert deployer.splits[1:] == [({"1": 90.0, "2": 10.0}, None), ({"2": 100.0}, None)]
+    else:
+        assert [s["step"] for s in steps] == ["gated", "shadow", "shadowed"]
+        assert shadowed["rollback_reason"].startswith("shadow accuracy 0.600 trails production's 0.900")
+        assert deployer.splits[1:] == [({"1": 100.0}, None)]  # the shadow went without ever answering a client
+        assert store.production_version("digits") == "1" and store.metadata("digits", "2")["status"] == "rolled_back"
 
 
 def test_a_rollback_that_fails_is_recorded_inconsistent_and_a_later_rollback_finishes_it(tmp_path, promoted_v2):

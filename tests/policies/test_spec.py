@@ -3,6 +3,9 @@ the captures section bounds what the captures area keeps; the delivery section s
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import yaml
 
@@ -143,3 +146,24 @@ def test_bad_delivery_fields_are_each_reported_with_what_is_allowed(tmp_path):
     path.write_text(yaml.safe_dump({"retraining": {"delivery": {"retries": 17}}}))
     with pytest.raises(PolicyError, match=r"retraining.delivery: Value error, the retries wait 131071 s in all, more than a day"):
         load_policy(path)
+
+
+def test_the_accuracy_rule_is_in_the_default_policy_and_its_promql_names_the_watchs_gauges(tmp_path):
+    from kfloop.policies import Policy
+
+    policy = load_policy(None)
+    assert (policy.accuracy.labels, policy.accuracy.below) == (200, 0.8)
+    assert "io.kfloop.accuracy.low" in policy.retraining.events
+    assert policy.accuracy.promql("leaf") == ('kfloop_realised_accuracy{model="leaf"} < 0.8 and on(model, version) '
+                                              'kfloop_realised_accuracy_labels{model="leaf"} >= 200')
+    promtool = shutil.which("promtool")  # Prometheus' own parser: the alert rule a cluster would load
+    if promtool is not None:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(yaml.safe_dump({"groups": [{"name": "kfloop", "rules": [
+            {"alert": "KfloopAccuracyLow", "expr": policy.accuracy.promql("leaf"), "for": "1m"}]}]}))
+        checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    with pytest.raises(PolicyError, match="the accuracy rule is off"):
+        Policy.model_validate({"accuracy": {"below": None}}).accuracy.promql("leaf")
+    with pytest.raises(ValueError, match=r"rollout.shadow\n  Value error, max_observe_seconds \(5\) must not be below"):
+        Policy.model_validate({"rollout": {"shadow": {"observe_seconds": 10, "max_observe_seconds": 5}}})
