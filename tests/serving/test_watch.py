@@ -697,6 +697,11 @@ def test_labels_for_served_rows_give_realised_accuracy_are_joined_into_a_labelle
         v2_answer = {"id": "client-id", "model_name": "leaf", "model_version": "1",
                      "outputs": [{"name": "label", "datatype": "BYTES", "shape": [3], "data": answers["three"]}]}
         assert post(service, event(rows[1:4], event_type=RESPONSE, event_id="three", data=v2_answer)).status_code == 202
+        shadow_answer = event(rows[1:4], event_type=RESPONSE, event_id="three",  # a shadow's answer to a mirrored copy
+                              data={"predictions": [classes[1], classes[2], classes[7]]})
+        shadow_answer[0].update({"ce-modelversion": "2", "ce-shadow": "true"})
+        assert post(service, shadow_answer).status_code == 202
+        assert service.status()["labels"]["agreement"] == {"2": {"agreement": 2 / 3, "answers": 3}}
 
         # The rows are still buffered (capture shards every 50 rows): labels are taken now, joined once written.
         assert httpx.post(service.url + "v2/models/leaf/labels", json=[{"id": "one", "label": classes[0]}]).status_code == 401
@@ -717,7 +722,7 @@ def test_labels_for_served_rows_give_realised_accuracy_are_joined_into_a_labelle
         assert labels_of(service, [{"id": "three:1", "label": classes[2]}]).json()["accepted"] == 1  # the refused batch's
 
         accuracy = service.status()["labels"]["accuracy"]
-        assert accuracy == {"1": {"accuracy": 0.75, "labels": 4}}
+        assert accuracy == {"1": {"accuracy": 0.75, "labels": 4}, "2": {"accuracy": 1 / 3, "labels": 3}}  # the shadow's too
         assert service.metric('kfloop_realised_accuracy{model="leaf",version="1"}') == 0.75
         assert service.metric('kfloop_realised_accuracy_labels{model="leaf",version="1"}') == 4
         for outcome, count in (("unknown_id", 1), ("unknown_class", 1), ("conflict", 1), ("duplicate", 1), ("accepted", 4)):
