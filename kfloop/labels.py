@@ -273,7 +273,7 @@ class LabelBook:
     def waiting(self) -> int:
         """Labels whose rows are not joined yet."""
         with self._lock:
-            return sum(1 for label in self._labels.values() if not label.joined) + sum(map(len, self._joining.values()))
+            return sum(1 for label in self._labels.values() if not label.joined)
 
     def agreement(self) -> dict[str, dict[str, float]]:
         """Per shadow version: ``{"agreement": share, "answers": n}`` -- its last ``accuracy_window`` answers to
@@ -297,7 +297,8 @@ class LabelBook:
                     for row_id in CaptureArea.read(shard).ids:
                         if row_id in self._answers:
                             self._located[row_id] = shard
-            waiting = [i for i, label in self._labels.items() if not label.joined and i in self._located]
+            logged = {i for ids in self._joining.values() for i in ids}  # a join logged before, not written yet
+            waiting = [i for i, label in self._labels.items() if not label.joined and i in self._located and i not in logged]
             if waiting:
                 name = "labelled-" + hashlib.sha256("\n".join(sorted(waiting)).encode()).hexdigest()[:16]
                 self._labels_log.append([{"join": name, "ids": waiting}])
@@ -357,10 +358,6 @@ class LabelBook:
         for row_id in joined:
             if row_id in self._labels:
                 self._labels[row_id].joined = True
-        for ids in self._joining.values():  # logged, maybe not written: written again by the next join
-            for row_id in ids:
-                if row_id in self._labels:
-                    self._labels[row_id].joined = True
 
     def close(self) -> None:
         with self._lock:

@@ -141,3 +141,20 @@ def test_a_shadow_versions_answers_are_compared_with_the_served_ones_and_judged_
     book.close()
     again = _book(tmp_path / "book")
     assert again.accuracy() == book.accuracy() and again.agreement() == {"2": {"agreement": 1 / 3, "answers": 3}}
+
+
+def test_a_join_that_failed_is_written_again_under_its_name_and_later_labels_go_to_another_shard(tmp_path):
+    area = CaptureArea(str(tmp_path / "captures"), "m", is_local=True)
+    book = _book(tmp_path / "book")
+    book.answered(["r1:0", "r2:0"], "1", ["a", "b"])
+    _captured(area, ["r1:0", "r2:0"])
+    book.add([("r1", "a")])
+    (tmp_path / "captures" / "labelled").write_text("a file where the shards' folder belongs")  # the write fails
+    with pytest.raises(OSError):
+        book.join(area)
+    (tmp_path / "captures" / "labelled").unlink()
+    book.add([("r2", "b")])
+    shards = book.join(area)
+    rows = [load_dataset(str(s), target="label").ids.tolist() for s in shards]
+    assert sorted(rows) == [["r1:0"], ["r2:0"]]  # each row in one shard only
+    assert book.join(area) == [] and book.waiting == 0
