@@ -202,10 +202,11 @@ class AccuracyPolicy(_Spec):
                 f"and on(model, version) kfloop_realised_accuracy_labels{{{selector}}} >= {self.labels}")
 
 
-def _check_observation(observe_seconds: int, max_observe_seconds: int) -> None:
-    """An observation window must not end before its minimum length."""
+def _observation_problem(observe_seconds: int, max_observe_seconds: int) -> str | None:
+    """What is wrong with an observation window that ends before its minimum length (None: nothing)."""
     if max_observe_seconds < observe_seconds:
-        raise ValueError(f"max_observe_seconds ({max_observe_seconds}) must not be below observe_seconds ({observe_seconds})")
+        return f"max_observe_seconds ({max_observe_seconds}) must not be below observe_seconds ({observe_seconds})"
+    return None
 
 
 class ShadowPolicy(_Spec):
@@ -224,7 +225,9 @@ class ShadowPolicy(_Spec):
 
     @model_validator(mode="after")
     def _observation(self) -> "ShadowPolicy":
-        _check_observation(self.observe_seconds, self.max_observe_seconds)
+        problem = _observation_problem(self.observe_seconds, self.max_observe_seconds)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
@@ -253,7 +256,9 @@ class RolloutPolicy(_Spec):
 
     @model_validator(mode="after")
     def _observation(self) -> "RolloutPolicy":
-        _check_observation(self.observe_seconds, self.max_observe_seconds)
+        problem = _observation_problem(self.observe_seconds, self.max_observe_seconds)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
