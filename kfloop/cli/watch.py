@@ -36,7 +36,7 @@ def watch(
     sink: Annotated[str, typer.Option("--sink", help="Where alarms (CloudEvents) go: a Knative Broker, or the trigger service.")],
     registry: RegistryOption = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Registry model name (default: the policy's 'model').")] = None,
-    http_port: Annotated[int, typer.Option("--http-port", help="Port for payload CloudEvents (POST /).")] = 8085,
+    http_port: Annotated[int, typer.Option("--http-port", help="Port for payload CloudEvents (POST /) and labels (POST /v2/models/MODEL/labels, or io.kfloop.label events).")] = 8085,
     backend: Annotated[str, typer.Option("--backend", help="Detector backend: scipy (default) or alibi (BSL 1.1, needs kfloop[alibi]).")] = "scipy",
     window: Annotated[int, typer.Option("--window", min=10, help="Rows per tested window.")] = 100,
     stride: Annotated[Optional[int], typer.Option("--stride", min=1, help="Rows between tests (default: window / 4).")] = None,
@@ -56,7 +56,8 @@ def watch(
     policy: PolicyOption = None,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Watch payload CloudEvents for drift and outliers; send alarms to --sink."""
+    """Watch payload CloudEvents for drift and outliers, and judge the answers on the labels clients send (realised
+    accuracy, the policy's accuracy rule); send alarms to --sink."""
     from kfloop.policies import load_policy
     from kfloop.drift.detectors import BACKENDS, DetectorConfig
     from kfloop.credentials import local_token, token_path
