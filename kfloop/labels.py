@@ -53,7 +53,7 @@ from prometheus_client import Counter, Gauge
 from kfloop.captures import CaptureArea
 from kfloop.data import LabelledData
 from kfloop.durable import append_whole, atomic_write
-from kfloop.errors import ConflictError, InputError, NotFoundError, PayloadTooLarge
+from kfloop.errors import ConflictError, InputError, NotFoundError, PayloadTooLarge, TemporaryError
 
 __all__ = ["ACCURACY_LABELS_METRIC", "ACCURACY_METRIC", "LABEL_OUTCOMES", "Answer", "LabelBook", "LabelIntake"]
 
@@ -168,8 +168,11 @@ class LabelBook:
             raise InputError(f"{len(ids)} rows but {len(predicted)} answers")
         at = time.time() if at is None else at
         with self._lock:
-            self._answers_log.append([{"ids": list(ids), "version": version, "predicted": list(predicted), "at": at,
-                                       **({"shadow": True} if shadow else {})}])
+            try:
+                self._answers_log.append([{"ids": list(ids), "version": version, "predicted": list(predicted), "at": at,
+                                           **({"shadow": True} if shadow else {})}])
+            except OSError as exc:
+                raise TemporaryError(f"answers of {self.model} cannot be written ({exc}); send them again") from None
             self._remember(ids, version, predicted, at, shadow)
             self._answers_written += len(ids)
             if self._answers_written > 2 * self.max_answers:
@@ -183,14 +186,16 @@ class LabelBook:
     def _remember(self, ids: Sequence[str], version: str, predicted: Sequence[str], at: float, shadow: bool) -> None:
         for row_id, label in zip(ids, predicted):
             answers = self._answers.setdefault(row_id, {})
-            answers[version] = Answer(version, str(label), at, shadow)
+            answers[version] = answer = Answer(version, str(label), at, shadow)
             self._answers.move_to_end(row_id)
             served = _served(answers)
-            for other in answers.values():  # a shadow's answer is compared with the served one, whichever came first
-                if other.shadow and served is not None and (other is answers[version] or not shadow):
-                    agreed = self._agreements.setdefault(other.version, deque(maxlen=self.accuracy_window))
-                    agreed.append(other.predicted == served.predicted)
-                    AGREEMENT.labels(self.model, other.version).set(sum(agreed) / len(agreed))
+            if served is None:
+                continue
+            # A shadow's answer is compared with the served one, whichever of the two came first.
+            for other in [answer] if shadow else [a for a in answers.values() if a.shadow]:
+                agreed = self._agreements.setdefault(other.version, deque(maxlen=self.accuracy_window))
+                agreed.append(other.predicted == served.predicted)
+                AGREEMENT.labels(self.model, other.version).set(sum(agreed) / len(agreed))
         while len(self._answers) > self.max_answers:
             old, _ = self._answers.popitem(last=False)
             if self._labels.get(old, _Label("", 0.0, joined=True)).joined:
@@ -246,8 +251,11 @@ class LabelBook:
             if refused:
                 raise _refusal(refused)
             if new:
-                self._labels_log.append([{"id": row_id, "label": label, "at": at} for row_id, label in new.items()])
-                self._labels_log.sync()
+                try:
+                    self._labels_log.append([{"id": row_id, "label": label, "at": at} for row_id, label in new.items()])
+                    self._labels_log.sync()
+                except OSError as exc:  # nothing of the batch is kept in memory: its retry is taken as new
+                    raise TemporaryError(f"labels of {self.model} cannot be written ({exc}); send them again") from None
                 for row_id, label in new.items():
                     self._learn(row_id, label, at)
             LABELS.labels(self.model, "accepted").inc(len(new))
@@ -317,7 +325,8 @@ class LabelBook:
             return written
 
     def _write_shard(self, area: CaptureArea, name: str, ids: Sequence[str]) -> Path | None:
-        """The rows ``ids`` as the labelled shard(s) ``name`` (one per schema), each with its ``.json`` of what was served."""
+        """The rows ``ids`` as the labelled shard(s) ``name`` (one per captured shard), each with its ``.meta.json`` of
+        what was served."""
         by_shard: dict[Path, list[str]] = {}
         for row_id in ids:
             if row_id in self._located:

@@ -77,7 +77,7 @@ from prometheus_client import Counter
 from kfloop.captures import assemble_training_set, training_base
 from kfloop.durable import atomic_write, fsync_folder
 from kfloop.errors import ClusterError, DataError, PipelineError, TemporaryError, is_temporary
-from kfloop.policies.rollout import Deployer, Retries, roll_back, roll_out
+from kfloop.policies.rollout import ROLLOUT_STEPS, Deployer, Retries, roll_back, roll_out
 from kfloop.policies.spec import Policy
 from kfloop.registry import ModelRegistry
 
@@ -107,7 +107,6 @@ RUNS_KEPT = 200  # finished runs kept in the state file (besides those the daily
 DAY_SECONDS = 86400
 ADMISSION_OUTCOMES = ("started", "duplicate", "coalesced", "budget", "cooldown")
 STATE_FILE = "trigger-state.json"
-ROLLOUT_UNDER_WAY = ("gated", "shadow", "shadowed", "canary", "judged")  # steps after which traffic or the pointer may have moved
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +510,8 @@ class RetrainingService:
         why = (f"interrupted {run['restarts']} times (the service stopped while it ran, last in step {step!r}), "
                f"more than max_restarts ({self.config.max_restarts})")
         log.error("retraining run %s (alarm %s) abandoned: %s", run["id"], run.get("event_id"), why)
-        if step in ROLLOUT_UNDER_WAY and self.deployer is not None and run.get("old_version"):
+        # A step of the rollout was reached: traffic or the pointer may have moved.
+        if step in ROLLOUT_STEPS and self.deployer is not None and run.get("old_version"):
             ended = roll_back(self.deployer, self.registry, self.config.model, str(run["version"]), str(run["old_version"]),
                               f"run abandoned: {why}", retries=self.config.retries, clock=self.clock, facts=run).record()
             if ended["outcome"] == "rolled_back":

@@ -384,14 +384,14 @@ def _judge(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Mapping[s
         time.sleep(CANARY_POLL_SECONDS)
     rate = (failed - failed_before) / answers if answers else 0.0
     truth = _on_truth(deployer, policy, "canary", new, str(facts["old_version"]), labelled) if on_truth else {}
+    truth_reason = truth.pop("reason", None)
     if answers < policy.min_canary_answers:
         reason = (f"{answers:g} canary answers in {policy.max_observe_seconds} s, "
                   f"fewer than min_canary_answers ({policy.min_canary_answers})")
     elif rate > policy.rollback_failure_rate:
         reason = f"canary 5xx share {rate:.1%} over rollback_failure_rate {policy.rollback_failure_rate:.1%}"
     else:
-        reason = truth.pop("reason", None)
-    truth.pop("reason", None)
+        reason = truth_reason
     return {"canary_failure_rate": rate, "canary_answers": answers, "rollback_reason": reason, **truth}
 
 
@@ -413,6 +413,7 @@ def _judge_shadow(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Ma
             break
         time.sleep(CANARY_POLL_SECONDS)
     truth = _on_truth(deployer, policy, "shadow", new, old, labelled) if on_truth else {}
+    truth_reason = truth.pop("reason", None)
     answers = 0 if agreement is None else agreement[1]
     if answers < shadow.min_answers:
         reason = (f"{answers} shadow answers in {shadow.max_observe_seconds} s, fewer than shadow.min_answers "
@@ -420,8 +421,7 @@ def _judge_shadow(deployer: Deployer, policy: RolloutPolicy, new: str, facts: Ma
     elif shadow.min_agreement is not None and agreement is not None and agreement[0] < shadow.min_agreement:
         reason = f"shadow agrees with production on {agreement[0]:.1%} of answers, below shadow.min_agreement {shadow.min_agreement:.1%}"
     else:
-        reason = truth.get("reason")
-    truth.pop("reason", None)
+        reason = truth_reason
     return {"shadow_agreement": None if agreement is None else agreement[0], "shadow_answers": answers,
             "rollback_reason": reason, **truth}
 

@@ -35,7 +35,8 @@ UPSTREAM_REQUESTS = Counter(
 )
 SHADOW_REQUESTS = Counter(
     "kfloop_shadow_requests",
-    "Mirrored copies of requests sent to a shadow version, by outcome (ok / error); the answers are thrown away.",
+    "Mirrored copies of requests sent to a shadow version, by outcome (ok / error / dropped: too many in flight); "
+    "the answers are thrown away.",
     ["model", "version", "outcome"],
 )
 

@@ -39,7 +39,8 @@ version no route serves is a 404.
 A route with ``mirror: true`` (weight 0: the rollout's shadow stage) gets a copy
 of every request that is not pinned, sent after the client's answer is ready,
 on its own task: the client's answer never waits for it, and a failure is only
-counted (``kfloop_shadow_requests_total``). Its answer goes to the payload
+counted (``kfloop_shadow_requests_total``), as is a copy dropped because
+``MAX_MIRRORS_IN_FLIGHT`` copies are still on their way. Its answer goes to the payload
 logger alone, as a response event with the request's id, its ``modelversion``
 and ``shadow: true``, for the watch to compare and judge.
 """
@@ -89,6 +90,7 @@ log = logging.getLogger(__name__)
 ROUTES_PATH = "/kfloop/routes"  # on the control port
 _UPSTREAM = re.compile(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}")
 VERSION_RETRIES = 3  # new versions a call may learn from predictors' 409 answers
+MAX_MIRRORS_IN_FLIGHT = 256  # copies on their way to shadow routes; more are dropped (counted)
 VERSION_IDLE_SECONDS = 120.0
 PreprocessorLoader = Callable[[str], Preprocessor]
 
@@ -536,9 +538,13 @@ class ForestTransformer(Model):
             )
         if call.pinned is None:  # a shadow gets a copy of what the clients send, not of requests pinned elsewhere
             for shadow in self.split.routes:
-                if shadow.mirror and shadow is not call.route:
-                    self._mirrors.add(task := asyncio.get_running_loop().create_task(self._mirror(shadow, call)))
-                    task.add_done_callback(self._mirrors.discard)
+                if not shadow.mirror or shadow is call.route:
+                    continue
+                if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT:  # a slow shadow never piles up work here
+                    SHADOW_REQUESTS.labels(self.name, shadow.version, "dropped").inc()
+                    continue
+                self._mirrors.add(task := asyncio.get_running_loop().create_task(self._mirror(shadow, call)))
+                task.add_done_callback(self._mirrors.discard)
         if self.payload_logger is not None:
             self.payload_logger.log(RESPONSE_EVENT, call.inference_id, _event_body(response), "application/json", call.traceparent,
                                     client_id=call.client_id, version=call.version)

@@ -522,7 +522,7 @@ class WatchService:
                 self._capture_flush_queued |= queue
             if queue:
                 self._background(self._flush_capture)
-        if self.labels.waiting and time.monotonic() - self._joined_at >= JOIN_SECONDS:
+        if time.monotonic() - self._joined_at >= JOIN_SECONDS and self.labels.waiting:  # waiting walks every label
             self._joined_at = time.monotonic()
             self._background(lambda: self._attempt("labels", lambda: self.labels.join(self.registry.captures(self.config.model))))
         with self._alarm_lock:

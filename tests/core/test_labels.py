@@ -158,3 +158,23 @@ def test_a_join_that_failed_is_written_again_under_its_name_and_later_labels_go_
     rows = [load_dataset(str(s), target="label").ids.tolist() for s in shards]
     assert sorted(rows) == [["r1:0"], ["r2:0"]]  # each row in one shard only
     assert book.join(area) == [] and book.waiting == 0
+
+
+def test_on_a_full_disk_a_batch_is_refused_as_temporary_and_nothing_of_it_is_kept(tmp_path):
+    from testbed import fill, small_disk
+
+    from kfloop.errors import TemporaryError
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        book = _book(disk / "book")
+        book.answered(["r1:0", "r2:0"], "1", ["a", "b"])
+        filler = fill(disk)
+        with pytest.raises(TemporaryError, match="send them again"):
+            book.add([("r1", "a"), ("r2", "a")])
+        with pytest.raises(TemporaryError, match="send them again"):  # more than the log's last page still holds
+            book.answered([f"r3:{i}" for i in range(1000)], "1", ["c"] * 1000)
+        assert book.accuracy() == {} and book.waiting == 0
+        filler.unlink()
+        assert book.add([("r1", "a"), ("r2", "a")]).accepted == 2  # the retry is new, not a duplicate
+        book.close()
+        assert _book(disk / "book").accuracy() == {"1": {"accuracy": 0.5, "labels": 2}}
