@@ -42,11 +42,10 @@ _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 def train(data_uri: str, registry: Path, work: Path) -> tuple[str, list[float]]:
     """Register one forest as model 'leaf' v1; returns its version folder and one raw row."""
     from kfloop.registry import ModelRegistry
-    from kfloop.steps import fit_export_step, load_step, prepare_step, register_step
+    from kfloop.steps import fit_export_step, prepare_step, register_step
     from kfloop.training import Prepared
 
-    summary = load_step(data_uri, "", 2, str(work / "dataset.npz"))
-    prepare_step(str(work / "dataset.npz"), 0.2, 42, str(work / "prepared.npz"), str(work / "prep.joblib"))
+    summary = prepare_step(data_uri, "", 2, 0.2, 42, str(work / "prepared.npz"), str(work / "prep.joblib"))
     final = fit_export_step(str(work / "prepared.npz"), str(work / "prep.joblib"), PARAMS, 42, str(work / "model"))
     candidate = {"params": PARAMS, "metrics": final["metrics"]}
     version = register_step(str(registry), "leaf", str(work / "model"), str(work / "prep.joblib"),

@@ -28,17 +28,70 @@ ONNX_OPSET = 15
 
 
 def export_onnx(forest: Any, n_features: int) -> bytes:
-    """Serialise a fitted forest to ONNX: input ``features`` float32 [n, f], outputs label and probabilities."""
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
+    """Serialise a fitted forest to ONNX: input ``features`` float32 [n, f], outputs ``label`` int64 [n] and
+    ``probabilities`` float32 [n, classes] -- one ``ai.onnx.ml`` TreeEnsembleClassifier, the graph skl2onnx
+    makes, written straight from the trees' arrays (vectorised: about a second where skl2onnx's per-node
+    conversion took 14 s for 300 trees and 99 classes) and sparse: a leaf lists only the classes it gives a
+    share to, so a forest of pure leaves is ~99 times smaller.
 
-    onx = to_onnx(
-        forest,
-        initial_types=[("features", FloatTensorType([None, n_features]))],
-        options={id(forest): {"zipmap": False}},
-        target_opset={"": ONNX_OPSET, "ai.onnx.ml": 3},
+    scikit-learn compares float32 features with float64 thresholds; each threshold becomes the largest float32
+    not above it, so ``x <= threshold`` decides the same for every float32 ``x``. Callers still check the graph
+    against the forest (:func:`onnx_agreement`).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes: dict[str, list[np.ndarray]] = {name: [] for name in (
+        "treeids", "nodeids", "featureids", "values", "leaf", "true", "false")}
+    leaves: dict[str, list[np.ndarray]] = {name: [] for name in ("treeids", "nodeids", "ids", "weights")}
+    for tree_id, estimator in enumerate(forest.estimators_):
+        tree = estimator.tree_
+        count = tree.node_count
+        leaf = tree.children_left == -1
+        nodes["treeids"].append(np.full(count, tree_id))
+        nodes["nodeids"].append(np.arange(count))
+        nodes["featureids"].append(np.where(leaf, 0, tree.feature))
+        nodes["values"].append(np.where(leaf, 0.0, _float32_not_above(tree.threshold)))
+        nodes["leaf"].append(leaf)
+        nodes["true"].append(np.where(leaf, 0, tree.children_left))
+        nodes["false"].append(np.where(leaf, 0, tree.children_right))
+        shares = tree.value[:, 0, :] / tree.value[:, 0, :].sum(axis=1, keepdims=True)
+        leaf_ids, class_ids = np.nonzero(shares * leaf[:, None])
+        leaves["treeids"].append(np.full(len(leaf_ids), tree_id))
+        leaves["nodeids"].append(leaf_ids)
+        leaves["ids"].append(class_ids)
+        leaves["weights"].append(shares[leaf_ids, class_ids] / len(forest.estimators_))
+    node = {name: np.concatenate(parts) for name, parts in nodes.items()}
+    leaf = {name: np.concatenate(parts) for name, parts in leaves.items()}
+    classes = len(forest.classes_)
+    ensemble = helper.make_node(
+        "TreeEnsembleClassifier", ["features"], ["label", "probabilities"], domain="ai.onnx.ml",
+        nodes_treeids=node["treeids"].tolist(), nodes_nodeids=node["nodeids"].tolist(),
+        nodes_featureids=node["featureids"].tolist(), nodes_values=node["values"].astype(np.float32).tolist(),
+        nodes_modes=np.where(node["leaf"], "LEAF", "BRANCH_LEQ").tolist(),
+        nodes_truenodeids=node["true"].tolist(), nodes_falsenodeids=node["false"].tolist(),
+        nodes_missing_value_tracks_true=[0] * len(node["treeids"]),
+        class_treeids=leaf["treeids"].tolist(), class_nodeids=leaf["nodeids"].tolist(),
+        class_ids=leaf["ids"].tolist(), class_weights=leaf["weights"].astype(np.float32).tolist(),
+        classlabels_int64s=[int(label) for label in forest.classes_], post_transform="NONE",
     )
-    return onx.SerializeToString()
+    graph = helper.make_graph(
+        [ensemble], "random_forest",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, n_features])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, classes])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid("ai.onnx.ml", 1)],
+                              producer_name="kfloop")
+    model.ir_version = 8  # what onnxruntime >= 1.14 reads for opset 15
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _float32_not_above(thresholds: np.ndarray) -> np.ndarray:
+    """Each float64 threshold as the largest float32 that is not above it."""
+    rounded = thresholds.astype(np.float32)
+    return np.where(rounded > thresholds, np.nextafter(rounded, np.float32(-np.inf)), rounded)
 
 
 def onnx_session(model_bytes: bytes | str, threads: int = 1) -> Any:

@@ -113,20 +113,6 @@ def check_class_counts(data: LabelledData, minimum: int) -> None:
         )
 
 
-def save_npz(data: LabelledData, path: str) -> None:
-    """Write ``data`` to ``path`` as an uncompressed, pickle-free ``.npz``."""
-    arrays = {
-        "features": data.features,
-        "labels": data.labels.astype(str),
-        "feature_names": np.array(data.feature_names, dtype=str),
-        "source": np.array(data.source),
-    }
-    if data.ids is not None:
-        arrays["ids"] = data.ids.astype(str)
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-
-
 def save_csv(data: LabelledData, path: str | TextIO, *, id_prefix: str = "") -> None:
     """Write ``data`` as a CSV shard ``id,label,<features>`` (to a file path or an open text
     handle) that :func:`load_dataset` reads back with ``target="label"``; rows without ids get
@@ -144,18 +130,6 @@ def _write_csv(data: LabelledData, handle: TextIO, id_prefix: str) -> None:
     writer.writerow([ID_COLUMN, LABEL_COLUMN, *data.feature_names])
     for row_id, label, row in zip(ids, data.labels, data.features):
         writer.writerow([row_id, label, *(repr(float(value)) for value in row)])
-
-
-def load_npz(path: str) -> LabelledData:
-    """Read what :func:`save_npz` wrote."""
-    with np.load(path, allow_pickle=False) as arrays:
-        return LabelledData(
-            features=arrays["features"],
-            labels=arrays["labels"],
-            feature_names=tuple(arrays["feature_names"].tolist()),
-            source=str(arrays["source"]),
-            ids=arrays["ids"] if "ids" in arrays.files else None,
-        )
 
 
 # --- formats ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from kfloop.errors import ClusterError, InputError
 from kfloop.kube import first_line
 from kfloop.pipelines.training import compile_training_pipeline, pipeline_arguments
 from kfloop.policies import Policy
+from kfloop.search import Search
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 ALLOW_HTTP_FLAG = "--kfp-allow-http"  # how a user says allow_plain_http, in 'kfloop submit' and 'kfloop trigger'
@@ -99,9 +100,10 @@ def submit_training(
     wait: bool = False,
     timeout_seconds: int = 3600,
     move_production: bool = True,
+    search: Search | None = None,
 ) -> dict[str, Any]:
     """Create a run of the training pipeline; with ``wait``, block until it ends
-    (``move_production``: see :func:`~kfloop.pipelines.training.pipeline_arguments`)."""
+    (``move_production`` and ``search``: see :func:`~kfloop.pipelines.training.pipeline_arguments`)."""
     import kfp
     import urllib3
     from kfp_server_api import ApiException
@@ -109,7 +111,7 @@ def submit_training(
     probe(endpoint)
     client = kfp.Client(host=endpoint.host, existing_token=endpoint.token, namespace=endpoint.namespace or "kubeflow")
     arguments = pipeline_arguments(policy, data_uri=data_uri, target=target, registry_uri=registry_uri, model=model,
-                                   move_production=move_production)
+                                   move_production=move_production, search=search)
     with tempfile.TemporaryDirectory(prefix="kfloop-submit-") as tmp:
         package = compile_training_pipeline(policy, Path(tmp) / "pipeline.yaml", image=image, registry_uri=registry_uri)
         try:

@@ -26,6 +26,7 @@ import kfloop.errors
 from kfloop.errors import KfloopError, PipelineError
 from kfloop.pipelines.training import build_training_pipeline, pipeline_arguments
 from kfloop.policies import Policy
+from kfloop.search import Search
 
 TaskCallback = Callable[[str, str], None]  # (task name, "started" | "succeeded" | "failed")
 
@@ -105,9 +106,10 @@ def run_training_locally(
     model: str | None = None,
     on_task: TaskCallback | None = None,
     move_production: bool = True,
+    search: Search | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline under kfp.local; returns the promotion gate's decision
-    (``move_production``: see :func:`~kfloop.pipelines.training.pipeline_arguments`).
+    (``move_production`` and ``search``: see :func:`~kfloop.pipelines.training.pipeline_arguments`).
 
     Artifacts of the run stay under ``workdir/runs``, its log in ``workdir/logs``.
     """
@@ -116,10 +118,12 @@ def run_training_locally(
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = workdir / "logs" / f"train-{datetime.now():%Y%m%d-%H%M%S-%f}.log"
     arguments = pipeline_arguments(
-        policy, data_uri=data_uri, target=target, registry_uri=str(registry_uri), model=model, move_production=move_production
+        policy, data_uri=data_uri, target=target, registry_uri=str(registry_uri), model=model, move_production=move_production,
+        search=search,
     )
     pipeline = build_training_pipeline(policy, registry_uri=str(registry_uri))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "runs"))
+    # No cache (kfp.local's default, said out loud): see build_training_pipeline.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "runs"), enable_caching=False)
     with open(log_path, "w") as log, _task_tmpdir(workdir), _root_logging_kept(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kfp.local warns about base_image and display names on every task
         tap = _LogTap(log, on_task)

@@ -1,5 +1,5 @@
-"""The KFP v2 training pipeline: load -> prepare -> ParallelFor(train) -> Collected -> select
--> fit/export -> register -> promotion gate.
+"""The KFP v2 training pipeline: prepare -> ParallelFor(candidate batches) -> Collected -> select +
+fit + export + register + promotion gate.
 
 :func:`build_training_pipeline` makes the pipeline for one policy and image
 (``parallelism`` is a compile-time constant in KFP, so it comes from the
@@ -18,8 +18,17 @@ from kfp import compiler, dsl
 from kfloop.components.training import DEFAULT_IMAGE, build_training_components
 from kfloop.data import DEFAULT_DATA_URI
 from kfloop.policies import Policy
+from kfloop.search import Search, full_search
 
 PIPELINE_NAME = "kfloop-training"
+CANDIDATE_TASK = "train-candidates"
+SELECT_TASK = "select-to-gate"
+# The pipeline's tasks in run order: KFP task name -> the name the Kubeflow UI and `kfloop train` show.
+PIPELINE_TASKS = {
+    "prepare-data": "load + validate + preprocess",
+    CANDIDATE_TASK: "train candidates",
+    SELECT_TASK: "select + fit + export + register + promotion gate",
+}
 
 
 def pipeline_arguments(
@@ -30,19 +39,24 @@ def pipeline_arguments(
     registry_uri: str = "",
     model: str | None = None,
     move_production: bool = True,
+    search: Search | None = None,
 ) -> dict[str, Any]:
     """Run-time arguments of the training pipeline for ``policy``.
 
     ``move_production`` False: the promotion gate only approves a winner, and the
     caller's rollout moves the production pointer (the trigger service's runs).
+    ``search``: the candidates and their lineage (default: the policy's full grid).
     """
     training = policy.training
+    search = search or full_search(training.search_space.candidates())
     return {
         "data_uri": data_uri or DEFAULT_DATA_URI,
         "target": target or "",
         "registry_uri": registry_uri,
         "model_name": model or policy.model,
-        "search_space": training.search_space.candidates(),
+        "search_batches": training.batches(search.candidates),
+        "lineage": search.lineage(),
+        "evaluation": search.evaluation,
         "cv_folds": training.cv_folds,
         "holdout_fraction": training.holdout_fraction,
         "seed": training.seed,
@@ -54,10 +68,22 @@ def pipeline_arguments(
 
 
 def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry_uri: str = "") -> Any:
-    """The training pipeline function; its parameter defaults come from ``policy``."""
+    """The training pipeline function; its parameter defaults come from ``policy``.
+
+    Three kinds of task, as few as keep the UI readable (each task start pays ~4 s of imports on a laptop):
+    prepare (load, validate, split, preprocess), the candidate batches in a ``ParallelFor``, and select +
+    refit + export + register + promotion gate (its output is the gate's decision). No task is ever taken from KFP's cache: its key ignores
+    input artifacts' URIs, so a run on new data at the same address (or new captures) would reuse old
+    results, and the last two read and write the registry, which is state outside their inputs.
+    """
     steps = build_training_components(image)
     defaults = pipeline_arguments(policy, registry_uri=registry_uri)
     training_dict = policy.training.model_dump(mode="json", exclude_none=True)
+
+    def uncached(task: Any, name: str) -> Any:
+        task.set_display_name(PIPELINE_TASKS[name])
+        task.set_caching_options(False)
+        return task
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -68,7 +94,9 @@ def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry
         target: str = defaults["target"],
         registry_uri: str = defaults["registry_uri"],
         model_name: str = defaults["model_name"],
-        search_space: list = defaults["search_space"],
+        search_batches: list = defaults["search_batches"],
+        lineage: dict = defaults["lineage"],
+        evaluation: str = defaults["evaluation"],
         cv_folds: int = defaults["cv_folds"],
         holdout_fraction: float = defaults["holdout_fraction"],
         seed: int = defaults["seed"],
@@ -77,48 +105,31 @@ def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry
         min_rows_per_class: int = defaults["min_rows_per_class"],
         move_production: bool = defaults["move_production"],
     ) -> dict:
-        loaded = steps.load_data(data_uri=data_uri, target=target, min_rows_per_class=min_rows_per_class)
-        loaded.set_display_name("load + validate")
-        prepared = steps.prepare_data(dataset=loaded.outputs["dataset"], holdout_fraction=holdout_fraction, seed=seed)
-        prepared.set_display_name("preprocess")
-        with dsl.ParallelFor(items=search_space, parallelism=policy.training.parallelism) as params:
-            candidate = steps.train_candidate(
-                prepared=prepared.outputs["prepared"], params=params, cv_folds=cv_folds, seed=seed
-            )
-            candidate.set_display_name("train candidate")
-        selected = steps.select_best(candidates=dsl.Collected(candidate.outputs["Output"]), metric=selection_metric)
-        selected.set_display_name("select best")
-        final = steps.fit_and_export(
-            prepared=prepared.outputs["prepared"],
-            preprocessor=prepared.outputs["preprocessor"],
-            selection=selected.output,
+        prepared = uncached(steps.prepare_data(
+            data_uri=data_uri, target=target, min_rows_per_class=min_rows_per_class, holdout_fraction=holdout_fraction,
             seed=seed,
-        )
-        final.set_display_name("fit + export")
-        registered = steps.register_model(
-            registry_uri=registry_uri,
-            model_name=model_name,
-            model=final.outputs["model"],
+        ), "prepare-data")
+        with dsl.ParallelFor(items=search_batches, parallelism=policy.training.parallelism) as batch:
+            candidates = uncached(steps.train_candidates(
+                prepared=prepared.outputs["prepared"], batch=batch, cv_folds=cv_folds, seed=seed, metric=selection_metric,
+                evaluation=evaluation,
+            ), CANDIDATE_TASK)
+        gate = uncached(steps.select_to_gate(
+            prepared=prepared.outputs["prepared"],
             preprocessor=prepared.outputs["preprocessor"],
-            prepared=prepared.outputs["prepared"],
-            data_summary=loaded.outputs["Output"],
-            selection=selected.output,
-            final=final.outputs["Output"],
-            training=training_dict,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
-        registered.set_display_name("register")
-        gate = steps.promotion_gate(
+            candidates=dsl.Collected(candidates.outputs["Output"]),
+            data_summary=prepared.outputs["Output"],
             registry_uri=registry_uri,
             model_name=model_name,
-            version=registered.output,
-            prepared=prepared.outputs["prepared"],
+            training=training_dict,
+            lineage=lineage,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            seed=seed,
             metric=selection_metric,
             margin=promotion_margin,
             move_production=move_production,
-        )
-        gate.set_display_name("promotion gate")
-        return gate.output
+        ), SELECT_TASK)
+        return gate.outputs["Output"]
 
     return training_pipeline
 

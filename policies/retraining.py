@@ -80,6 +80,7 @@ from kfloop.errors import ClusterError, DataError, PipelineError, TemporaryError
 from kfloop.policies.rollout import ROLLOUT_STEPS, Deployer, Retries, roll_back, roll_out
 from kfloop.policies.spec import Policy
 from kfloop.registry import ModelRegistry
+from kfloop.search import Search, full_search, warm_search
 
 if TYPE_CHECKING:
     import kfp
@@ -112,9 +113,10 @@ log = logging.getLogger(__name__)
 
 
 class Retrainer:
-    """Contract: run the training pipeline on ``data_uri`` (label column ``target``); return the promotion gate's decision."""
+    """Contract: run the training pipeline on ``data_uri`` (label column ``target``) over the candidates of
+    ``search``; return the promotion gate's decision."""
 
-    def run(self, data_uri: str | None, target: str | None, run_name: str) -> dict[str, Any]:
+    def run(self, data_uri: str | None, target: str | None, run_name: str, search: Search) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -125,7 +127,7 @@ class ResumableRetrainer(Retrainer):
     restarted service waits for that same run again instead of starting another.
     """
 
-    def submit(self, data_uri: str | None, target: str | None, run_name: str) -> str:
+    def submit(self, data_uri: str | None, target: str | None, run_name: str, search: Search) -> str:
         raise NotImplementedError
 
     def find(self, run_name: str) -> str | None:
@@ -141,8 +143,8 @@ class ResumableRetrainer(Retrainer):
         """Stop the run ``handle``: a run the service gives up on must not go on and promote a version."""
         raise NotImplementedError
 
-    def run(self, data_uri: str | None, target: str | None, run_name: str) -> dict[str, Any]:
-        return self.wait(self.submit(data_uri, target, run_name))
+    def run(self, data_uri: str | None, target: str | None, run_name: str, search: Search) -> dict[str, Any]:
+        return self.wait(self.submit(data_uri, target, run_name, search))
 
 
 class LocalRetrainer(Retrainer):
@@ -151,11 +153,12 @@ class LocalRetrainer(Retrainer):
     def __init__(self, policy: Policy, registry_uri: str, workdir: Path, *, model: str) -> None:
         self.policy, self.registry_uri, self.workdir, self.model = policy, registry_uri, workdir, model
 
-    def run(self, data_uri: str | None, target: str | None, run_name: str) -> dict[str, Any]:
+    def run(self, data_uri: str | None, target: str | None, run_name: str, search: Search) -> dict[str, Any]:
         from kfloop.pipelines.local import run_training_locally
 
         return run_training_locally(self.policy, registry_uri=self.registry_uri, workdir=self.workdir,
-                                    data_uri=data_uri, target=target, model=self.model, move_production=False)
+                                    data_uri=data_uri, target=target, model=self.model, move_production=False,
+                                    search=search)
 
 
 class ClusterRetrainer(ResumableRetrainer):
@@ -186,12 +189,12 @@ class ClusterRetrainer(ResumableRetrainer):
             return kfp.Client(host=self.endpoint.host, existing_token=self.endpoint.token,
                               namespace=self.endpoint.namespace or "kubeflow", verify_ssl=self.endpoint.verify_tls)
 
-    def submit(self, data_uri: str | None, target: str | None, run_name: str) -> str:
+    def submit(self, data_uri: str | None, target: str | None, run_name: str, search: Search) -> str:
         from kfloop.pipelines.cluster import submit_training
 
         outcome = submit_training(self.policy, self.endpoint, registry_uri=self.registry_uri, data_uri=data_uri,
                                   target=target, model=self.model, run_name=run_name, image=self.image, wait=False,
-                                  move_production=False)
+                                  move_production=False, search=search)
         return str(outcome["run_id"])
 
     def find(self, run_name: str) -> str | None:
@@ -490,8 +493,9 @@ class RetrainingService:
                 handle = self.retrainer.find(name) if "data" in run else None
                 if handle is None:
                     data_uri, target = self.training_data(run["id"])
-                    self._record(run, {"data": data_uri})
-                    handle = self.retrainer.submit(data_uri, target, name)
+                    search = self.search()
+                    self._record(run, {"data": data_uri, "search": search.lineage()})
+                    handle = self.retrainer.submit(data_uri, target, name, search)
                 else:
                     log.warning("retraining run %s: found pipeline run %s submitted before the restart; waiting for it",
                                 run["id"], handle)
@@ -499,8 +503,9 @@ class RetrainingService:
             decision = self.retrainer.wait(str(run["pipeline_run"]))
         else:
             data_uri, target = self.training_data(run["id"])
-            self._record(run, {"data": data_uri})
-            decision = self.retrainer.run(data_uri, target, name)
+            search = self.search()
+            self._record(run, {"data": data_uri, "search": search.lineage()})
+            decision = self.retrainer.run(data_uri, target, name, search)
         self._record(run, {"step": "trained", "version": decision.get("version"), "gate": decision.get("reason"),
                            "promoted": bool(decision.get("promoted")), "production_version": decision.get("production_version"),
                            "trained": self.clock()})
@@ -562,6 +567,18 @@ class RetrainingService:
         if not shards or base is None:
             return base, target
         return assemble_training_set(base, target, shards, Path(self.config.state_dir) / "data" / run_id)
+
+    def search(self) -> Search:
+        """The run's candidates: with ``retraining.search: warm``, seeded from the serving version's own search
+        (:func:`~kfloop.search.warm_search`); the full grid with ``full`` or with nothing serving."""
+        policy = self.config.policy
+        grid = policy.training.search_space.candidates()
+        serving = self.registry.production_version(self.config.model)
+        if policy.retraining.search == "full" or serving is None:
+            return full_search(grid)
+        return warm_search(grid, serving, self.registry.metadata(self.config.model, serving),
+                           neighbourhood=policy.retraining.neighbourhood,
+                           pinned=[pinned.params() for pinned in policy.retraining.pinned])
 
     def _serving_base(self) -> tuple[str | None, str | None]:
         """The data the serving version was trained on, less the shards an earlier run of ours added."""

@@ -54,6 +54,20 @@ class ForestGrid(_Spec):
         return sorted(combos, key=_relative_cost, reverse=True)
 
 
+class ForestParams(_Spec):
+    """One RandomForestClassifier hyper-parameter set (a pinned candidate); left out: scikit-learn's default."""
+
+    n_estimators: Annotated[int, Field(ge=1, le=5000)] = 100
+    max_features: MaxFeatures = "sqrt"
+    min_samples_leaf: Annotated[int, Field(ge=1)] = 1
+    max_depth: Annotated[int, Field(ge=1)] | None = None
+    criterion: Literal["gini", "entropy", "log_loss"] | None = None
+    class_weight: Literal["balanced", "balanced_subsample"] | None = None
+
+    def params(self) -> dict[str, int | float | str]:
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
 def _relative_cost(params: dict[str, int | float | str]) -> float:
     share = {"sqrt": 0.1, "log2": 0.05}.get(str(params.get("max_features")), None)
     if share is None:
@@ -71,6 +85,27 @@ class TrainingPolicy(_Spec):
     seed: int = 42
     selection_metric: SelectionMetric = "accuracy"
     promotion_margin: float = Field(default=0.0, ge=0.0)
+    # Candidates cross-validated one after another in one pipeline task (null: spread over ``parallelism``
+    # tasks). Each task pays its start-up once (on a laptop ~2 s: interpreter, KFP executor, scikit-learn;
+    # on a cluster a pod: seconds to minutes); fewer, fuller tasks pay it less often, more tasks spread the
+    # work over more nodes.
+    candidates_per_task: int | None = Field(default=None, ge=1)
+
+    def batches(self, candidates: list[dict[str, int | float | str]]) -> list[list[dict[str, int | float | str]]]:
+        """``candidates`` split into the pipeline's tasks, balanced by their relative cost (longest first
+        onto the least loaded task with room), each batch longest first."""
+        if not candidates:
+            return []
+        per_task = self.candidates_per_task or -(-len(candidates) // self.parallelism)
+        tasks = -(-len(candidates) // per_task)
+        batches: list[list[dict[str, int | float | str]]] = [[] for _ in range(tasks)]
+        loads = [0.0] * tasks
+        for params in sorted(candidates, key=_relative_cost, reverse=True):
+            open_tasks = [i for i in range(tasks) if len(batches[i]) < per_task]
+            task = min(open_tasks, key=lambda i: loads[i])
+            batches[task].append(params)
+            loads[task] += _relative_cost(params)
+        return batches
 
     def min_rows_per_class(self) -> int:
         """Rows each class needs: one in the holdout and ``cv_folds`` in the training split."""
@@ -179,6 +214,11 @@ class RetrainingPolicy(_Spec):
     )
     cooldown_seconds: int = Field(default=3600, ge=0)
     max_runs_per_day: int = Field(default=4, ge=1)
+    # warm: an alarm's run evaluates the serving version's winner, its ``neighbourhood`` closest sets on the
+    # grid and the ``pinned`` sets (kfloop.search); full: the whole grid, as ``kfloop train`` always does.
+    search: Literal["warm", "full"] = "warm"
+    neighbourhood: int = Field(default=2, ge=0, le=64)
+    pinned: list[ForestParams] = Field(default=[])
     base_data: str | None = None  # data URI of the base training set (default: the one of the serving version)
     include_captures: bool = True  # add labelled capture shards (<registry>/<model>/captures/**/labelled*.csv)
     delivery: DeliveryPolicy = DeliveryPolicy()

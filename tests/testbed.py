@@ -36,11 +36,10 @@ def register_version(registry: Path, model: str, data_uri: str, *, n_estimators:
                      target: str = "") -> str:
     """Train one forest with the pipeline's own step functions (no KFP) and register it."""
     from kfloop.registry import ModelRegistry
-    from kfloop.steps import fit_export_step, load_step, prepare_step, register_step
+    from kfloop.steps import fit_export_step, prepare_step, register_step
 
     work.mkdir(parents=True, exist_ok=True)
-    summary = load_step(data_uri, target, 2, str(work / "dataset.npz"))
-    prepare_step(str(work / "dataset.npz"), 0.2, 42, str(work / "prepared.npz"), str(work / "prep.joblib"))
+    summary = prepare_step(data_uri, target, 2, 0.2, 42, str(work / "prepared.npz"), str(work / "prep.joblib"))
     params = {"n_estimators": n_estimators, "max_features": "sqrt"}
     final = fit_export_step(str(work / "prepared.npz"), str(work / "prep.joblib"), params, 42, str(work / "model"))
     candidate = {"params": params, "metrics": final["metrics"]}

@@ -18,18 +18,6 @@ from kfloop.cli.options import (
 __all__ = ["compile_pipeline", "models_app", "submit", "train"]
 
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
-PIPELINE_STEPS = (
-    ("load-data", "load + validate"),
-    ("prepare-data", "preprocess"),
-    ("train-candidate", "train candidates"),
-    ("select-best", "select best"),
-    ("fit-and-export", "fit + export"),
-    ("register-model", "register"),
-    ("promotion-gate", "promotion gate"),
-)
-
-
-
 def train(
     data: DataOption = None,
     target: TargetOption = None,
@@ -41,19 +29,20 @@ def train(
 ) -> None:
     """Run the training pipeline locally (kfp.local): tune in parallel, select, register, gate."""
     from kfloop.pipelines.local import run_training_locally
+    from kfloop.pipelines.training import CANDIDATE_TASK, PIPELINE_TASKS
     from kfloop.policies import load_policy
     from kfloop.registry import ModelRegistry
 
     loaded_policy = load_policy(policy)
     registry_root = registry_uri(registry, home)
-    candidates = len(loaded_policy.training.search_space.candidates())
+    batches = len(loaded_policy.training.batches(loaded_policy.training.search_space.candidates()))
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=json_output,
     ) as progress:
         rows = {
-            name: progress.add_task(label, total=candidates if name == "train-candidate" else 1, start=False)
-            for name, label in PIPELINE_STEPS
+            name: progress.add_task(label, total=batches if name == CANDIDATE_TASK else 1, start=False)
+            for name, label in PIPELINE_TASKS.items()
         }
 
         def on_task(name: str, state: str) -> None:
@@ -65,7 +54,7 @@ def train(
             elif state == "succeeded":
                 progress.advance(task_id)
             else:
-                progress.update(task_id, description=f"[red]{dict(PIPELINE_STEPS)[name]} (failed)")
+                progress.update(task_id, description=f"[red]{PIPELINE_TASKS[name]} (failed)")
 
         data_uri = absolute_if_local(data)
         decision = run_training_locally(
@@ -110,14 +99,17 @@ def _candidates_table(metadata: dict[str, Any]) -> Table:
     metric = metadata["selection_metric"]
     table = Table(title=f"candidates (ranked by cross-validated {metric}; holdout kept for the winner)")
     param_names = sorted({k for c in metadata["candidates"] for k in c["params"]})
-    for column in ["#", *param_names, "cv accuracy", "cv macro-F1", "cv log-loss"]:
+    folds = metadata.get("training", {}).get("cv_folds")
+    for column in ["#", *param_names, "cv accuracy", "cv macro-F1", "cv log-loss", "folds"]:
         table.add_column(column, justify="right" if column != "#" else "left")
     for rank, candidate in enumerate(metadata["candidates"], start=1):
         m = candidate["metrics"]
+        done = candidate.get("folds", folds)
         table.add_row(
             "winner" if rank == 1 else str(rank),
             *[str(candidate["params"].get(p, "")) for p in param_names],
             f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['log_loss']:.4f}",
+            "out of bag" if done == 0 else f"{done} (stopped early)" if done != folds else str(done),
             style="bold green" if rank == 1 else None,
         )
     return table

@@ -250,6 +250,7 @@ class Demo:
 
     def train(self) -> None:
         from kfloop.pipelines.local import run_training_locally
+        from kfloop.pipelines.training import CANDIDATE_TASK, SELECT_TASK
 
         self._enter("train", "training: tuning candidates in parallel")
         candidate_starts: list[float] = []
@@ -258,12 +259,12 @@ class Demo:
 
         def on_task(name: str, state: str) -> None:
             now = time.time()
-            if name.startswith("train-candidate"):
+            if name.startswith(CANDIDATE_TASK):
                 running["now"] += 1 if state == "started" else -1
                 running["most"] = max(running["most"], running["now"])
                 if state == "started":
                     candidate_starts.append(now)
-            if name.startswith("select-best") and state == "succeeded":
+            if name.startswith(SELECT_TASK) and state == "succeeded":
                 selected["time"] = now
             if state == "succeeded":
                 self.tasks_done += 1
@@ -281,7 +282,7 @@ class Demo:
                                 "cv_metrics": metadata["cv_metrics"], "holdout_metrics": metadata["metrics"],
                                 "finished": time.time()}
         self._fire("tune", min(candidate_starts, default=self.result.phases["train"]), "tune many sets in parallel",
-                   f"{len(candidates)} candidates, up to {running['most']} at once; CV "
+                   f"{len(candidates)} candidates in {len(candidate_starts)} tasks, up to {running['most']} at once; CV "
                    f"{metadata['selection_metric']} {min(scores):.3f}-{max(scores):.3f}")
         self._fire("select", selected.get("time", time.time()), "select the best",
                    f"best {metadata['params']} (CV {metadata['cv_metrics'][metadata['selection_metric']]:.3f}, "

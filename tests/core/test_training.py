@@ -6,23 +6,22 @@ import numpy as np
 import pytest
 
 from kfloop.bundle import ModelBundle
-from kfloop.data import load_dataset, save_npz
-from kfloop.steps import candidate_step, fit_export_step, prepare_step
-from kfloop.training import Prepared, beats, classification_metrics, select_best
+from kfloop.steps import candidates_step, fit_export_step, prepare_step
+from kfloop.training import Prepared, beats, classification_metrics, cross_validate_candidate, select_best
 
 
 @pytest.fixture(scope="module")
 def prepared_digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digits")
-    save_npz(load_dataset("builtin:digits"), str(folder / "dataset.npz"))
-    sizes = prepare_step(str(folder / "dataset.npz"), 0.25, 3, str(folder / "prepared.npz"), str(folder / "prep.joblib"))
-    return folder, sizes
+    summary = prepare_step("builtin:digits", "", 2, 0.25, 3, str(folder / "prepared.npz"), str(folder / "prep.joblib"))
+    return folder, summary
 
 
 def test_holdout_is_stratified_and_reference_is_raw_training_rows(prepared_digits):
     folder, sizes = prepared_digits
     prepared = Prepared.load(str(folder / "prepared.npz"))
-    assert sizes == {"train_rows": 1347, "holdout_rows": 450}
+    assert (sizes["rows"], sizes["features"], sizes["classes"]) == (1797, 64, 10)
+    assert (sizes["train_rows"], sizes["holdout_rows"]) == (1347, 450)
     _, counts = np.unique(prepared.holdout_labels, return_counts=True)
     assert counts.min() >= 43 and counts.max() <= 46
     assert prepared.reference.shape == (1347, 64)
@@ -32,9 +31,12 @@ def test_holdout_is_stratified_and_reference_is_raw_training_rows(prepared_digit
 
 def test_candidate_metrics_come_from_out_of_fold_predictions(prepared_digits):
     folder, _ = prepared_digits
-    result = candidate_step(str(folder / "prepared.npz"), {"n_estimators": 30.0, "max_features": "sqrt"}, 3, 3)
+    batch = [{"n_estimators": 30.0, "max_features": "sqrt"}, {"n_estimators": 5, "max_features": "log2"}]
+    result, small = candidates_step(str(folder / "prepared.npz"), batch, 3, 3)
     assert result["params"] == {"n_estimators": 30, "max_features": "sqrt"}
+    assert small["params"] == {"n_estimators": 5, "max_features": "log2"}
     assert 0.9 < result["metrics"]["accuracy"] < 1.0
+    assert small["metrics"]["accuracy"] < result["metrics"]["accuracy"]
     assert result["metrics"]["log_loss"] > 0
 
 
@@ -79,3 +81,73 @@ def test_onnx_export_agrees_with_scikit_learn_and_loads_as_a_bundle(prepared_dig
     sk_labels, sk_proba = sklearn.predict(prepared.holdout_features)
     assert (onnx_labels == sk_labels).all()
     np.testing.assert_allclose(onnx_proba, sk_proba, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
+def test_a_candidate_that_cannot_catch_the_leader_stops_early_and_the_winner_is_unchanged(prepared_digits, metric):
+    folder, _ = prepared_digits
+    strong = {"n_estimators": 30, "max_features": "sqrt"}
+    weak = {"n_estimators": 1, "max_depth": 2, "max_features": "sqrt"}
+    leader, stopped = candidates_step(str(folder / "prepared.npz"), [strong, weak], 5, 3, metric)
+    assert leader["folds"] == 5 and stopped["folds"] <= 2  # accuracy: after 1 fold; log-loss sums up: after 2
+    prepared = Prepared.load(str(folder / "prepared.npz"))
+    full = cross_validate_candidate(prepared, weak, cv_folds=5, seed=3)
+    assert full["folds"] == 5
+    # stopped or not, the weak set ranks below the leader: the winner is the same
+    assert select_best([stopped, leader], metric)[0] is leader and select_best([full, leader], metric)[0] is leader
+    # without a leader to chase (the batch's first set) nothing stops
+    [alone] = candidates_step(str(folder / "prepared.npz"), [weak], 5, 3, metric)
+    assert alone == full
+
+
+def test_macro_f1_has_no_bound_so_nothing_stops_early(prepared_digits):
+    folder, _ = prepared_digits
+    strong = {"n_estimators": 30, "max_features": "sqrt"}
+    weak = {"n_estimators": 1, "max_depth": 2, "max_features": "sqrt"}
+    results = candidates_step(str(folder / "prepared.npz"), [strong, weak], 3, 3, "macro_f1")
+    assert [r["folds"] for r in results] == [3, 3]
+
+
+@pytest.mark.parametrize("params", [{"n_estimators": 20, "max_features": "sqrt"},
+                                    {"n_estimators": 15, "max_features": 0.5, "min_samples_leaf": 4, "max_depth": 6}])
+def test_the_onnx_export_computes_what_skl2onnx_s_graph_computes_in_a_fraction_of_its_size(prepared_digits, params):
+    """skl2onnx (the reference) and kfloop's export, on pure leaves and on mixed ones: the same labels and
+    probabilities on every holdout row, and on rows that sit exactly on a split's float32 threshold."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    from kfloop.bundle import export_onnx, onnx_session
+    from kfloop.training import fit_final
+
+    folder, _ = prepared_digits
+    prepared = Prepared.load(str(folder / "prepared.npz"))
+    forest = fit_final(prepared, params, seed=3)
+    features = prepared.train_features.shape[1]
+    reference = to_onnx(forest, initial_types=[("features", FloatTensorType([None, features]))],
+                        options={id(forest): {"zipmap": False}}, target_opset={"": 15, "ai.onnx.ml": 3}).SerializeToString()
+    ours = export_onnx(forest, features)
+    assert len(ours) < len(reference) / 2
+    tree = forest.estimators_[0].tree_
+    split = int(np.flatnonzero(tree.children_left != -1)[0])
+    on_threshold = np.repeat(prepared.train_features[:3], 3, axis=0).astype(np.float32)
+    for row, value in enumerate(np.float32(tree.threshold[split]) + np.array([-1, 0, 1]) * np.float32(1e-7)):
+        on_threshold[row::3, tree.feature[split]] = value
+    for rows in (prepared.train_features.astype(np.float32), on_threshold):
+        expected = onnx_session(reference).run(None, {"features": rows})
+        got = onnx_session(ours).run(None, {"features": rows})
+        assert (got[0] == expected[0]).all() and (got[0] == forest.predict(rows)).all()
+        np.testing.assert_allclose(got[1], expected[1], atol=1e-6)
+        np.testing.assert_allclose(got[1], forest.predict_proba(rows), atol=1e-5)
+
+
+def test_out_of_bag_scoring_takes_one_fit_and_ranks_like_cross_validation(prepared_digits):
+    folder, _ = prepared_digits
+    strong = {"n_estimators": 40, "max_features": "sqrt"}
+    weak = {"n_estimators": 3, "max_depth": 3, "max_features": "sqrt"}
+    oob = candidates_step(str(folder / "prepared.npz"), [strong, weak], 5, 3, "accuracy", "oob")
+    cv = candidates_step(str(folder / "prepared.npz"), [strong, weak], 5, 3, "accuracy", "cv")
+    assert [r["folds"] for r in oob] == [0, 0]
+    assert abs(oob[0]["metrics"]["accuracy"] - cv[0]["metrics"]["accuracy"]) < 0.03
+    assert select_best(oob, "accuracy")[0]["params"] == select_best(cv, "accuracy")[0]["params"] == strong
+    with pytest.raises(ValueError, match="unknown candidate evaluation 'loo'"):
+        candidates_step(str(folder / "prepared.npz"), [strong], 5, 3, "accuracy", "loo")

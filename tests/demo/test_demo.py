@@ -35,7 +35,7 @@ def test_a_shortened_demo_on_leaf_data_fires_every_rule_in_order_without_a_faile
     actions = {rule: first[rule]["action"] for rule in SCENARIO_ORDER}
     assert actions == {"tune": "tune many sets in parallel", "select": "select the best", "request-rate": "scale out",
                        "predictor-failures": "scale out", "drift": "retrain and update the model"}
-    assert first["tune"]["outcome"].startswith("4 candidates, up to 2 at once")
+    assert first["tune"]["outcome"].startswith("4 candidates in 2 tasks, up to 2 at once")
     assert "1 -> " in first["request-rate"]["outcome"] and "1 -> 2" in first["predictor-failures"]["outcome"]
     assert "version 2 passed the gate" in first["drift"]["outcome"] and "then 100 %" in first["drift"]["outcome"]
     assert any(f["action"] == "scale in" for f in summary["timeline"])

@@ -23,20 +23,29 @@ def test_compiled_pipeline_is_a_pipeline_spec_with_parallel_for_and_collected(kf
     document = yaml.safe_load((tmp_path / "pipeline.yaml").read_text())
     spec = json_format.ParseDict(document, pipeline_spec_pb2.PipelineSpec())
     tasks = spec.root.dag.tasks
+    assert set(tasks) == {"prepare-data", "for-loop-1", "select-to-gate"}
     loop = tasks["for-loop-1"]
-    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--search_space"
+    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--search_batches"
     assert loop.iterator_policy.parallelism_limit == 2
-    collected = tasks["select-best"].inputs.parameters["candidates"].task_output_parameter
+    collected = tasks["select-to-gate"].inputs.parameters["candidates"].task_output_parameter
     assert collected.producer_task == "for-loop-1"
-    loop_outputs = spec.components["comp-for-loop-1"].dag.outputs.parameters
-    assert loop_outputs[collected.output_parameter_key].value_from_parameter.producer_subtask == "train-candidate"
+    loop_dag = spec.components["comp-for-loop-1"].dag
+    assert loop_dag.outputs.parameters[collected.output_parameter_key].value_from_parameter.producer_subtask == "train-candidates"
+    # No task comes from KFP's cache: its key ignores input artifacts' URIs, and the last two read and write
+    # the registry (the gate reads the production version).
+    every_task = [*tasks.values(), *loop_dag.tasks.values()]
+    assert len(every_task) == 4 and not any(task.caching_options.enable_cache for task in every_task)
+    assert "enableCache: true" not in (tmp_path / "pipeline.yaml").read_text()
     images = {e["container"]["image"] for e in document["deploymentSpec"]["executors"].values()}
     assert images == {"example.org/kfloop:1.2.3"}
     parameters = document["root"]["inputDefinitions"]["parameters"]
-    assert len(parameters["search_space"]["defaultValue"]) == 8
+    # the default grid's 8 candidates, over `parallelism` (2) tasks of 4
+    assert [len(batch) for batch in parameters["search_batches"]["defaultValue"]] == [4, 4]
+    assert parameters["lineage"]["defaultValue"] == {"search": "full", "candidates": 8, "evaluation": "cv"}
+    assert parameters["evaluation"]["defaultValue"] == "cv"
     # a person's run promotes through its gate; the trigger service passes false and promotes through its rollout
     assert parameters["move_production"] == {"defaultValue": True, "isOptional": True, "parameterType": "BOOLEAN"}
-    gate_inputs = tasks["promotion-gate"].inputs.parameters["move_production"]
+    gate_inputs = tasks["select-to-gate"].inputs.parameters["move_production"]
     assert gate_inputs.component_input_parameter == "move_production"
 
 
@@ -77,6 +86,7 @@ def test_train_promotes_first_refuses_no_gain_and_bad_data_then_promotes_better(
     assert better["metrics"]["accuracy"] > one["metrics"]["accuracy"]
     meta = store.metadata("digits", "3")
     assert meta["status"] == "promoted" and meta["gate"]["production_version"] == "1"
+    assert meta["lineage"] == {"search": "full", "candidates": 2, "evaluation": "cv"}
     assert meta["data"]["rows"] == 1797 and meta["params"]["n_estimators"] in (20, 40)
 
     listing = kfloop_cli("models", "list", "--registry", str(registry))
@@ -91,7 +101,7 @@ def test_too_few_rows_per_class_fails_in_the_first_task_with_one_line(kfloop_cli
     result = kfloop_cli("train", "--data", str(csv), "--target", "label", "--registry", str(tmp_path / "r"))
     assert result.code == 1
     lines = result.stderr.strip().splitlines()
-    assert "load + validate (failed)" in lines[0]  # the progress display marks the failed task
+    assert "load + validate + preprocess (failed)" in lines[0]  # the progress display marks the failed task
     assert [line for line in lines if "error" in line] == [
         f"error: {csv}: classes with too few rows for a stratified holdout and cross-validation "
         "(need >= 7 each): 'x' (4), 'y' (4)"

@@ -254,7 +254,15 @@ def test_a_pipeline_run_that_outlasts_its_timeout_is_terminated_and_the_run_fail
     assert f"POST /apis/v2beta1/runs/{kfp_run}:terminate" in api.requests
     assert api.runs[kfp_run]["display_name"] == f"kfloop-retrain-{run['id']}"
     [created] = api.created
-    assert created["runtime_config"]["parameters"]["move_production"] is False
+    parameters = created["runtime_config"]["parameters"]
+    assert parameters["move_production"] is False
+    # warm-started from the serving version 1 (one hand-picked set, not on the policy's grid: no neighbours)
+    v1_params = {"n_estimators": 40, "max_features": "sqrt"}
+    assert parameters["search_batches"] == [[v1_params]]
+    assert parameters["lineage"] == {"search": "warm", "candidates": 1, "parent_version": "1", "seed_params": v1_params,
+                                     "pinned": [], "evaluation": "oob"}
+    assert parameters["evaluation"] == "oob"
+    assert run["search"] == parameters["lineage"]
     assert ModelRegistry(registry).production_version("digits") == "1"
     assert json.loads((tmp_path / "state" / "trigger-state.json").read_text())["runs"][-1]["outcome"] == "failed"
 
@@ -270,8 +278,8 @@ def test_a_trigger_stopped_after_creating_a_pipeline_run_finds_that_run_by_name_
     from kfloop.policies.retraining import ClusterRetrainer
 
     class StopsAfterSubmit(ClusterRetrainer):
-        def submit(self, data_uri, target, run_name):
-            super().submit(data_uri, target, run_name)
+        def submit(self, data_uri, target, run_name, search):
+            super().submit(data_uri, target, run_name, search)
             raise _StoppedAfterSubmit  # the run exists; its id was never recorded
 
     registry, _, full = registry_with_weak_v1

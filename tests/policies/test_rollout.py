@@ -213,7 +213,7 @@ class GateRetrainer(Retrainer):
         self.registry, self.data, self.work = registry, data, work
         self.calls = 0
 
-    def run(self, data_uri, target, run_name):
+    def run(self, data_uri, target, run_name, search):
         from kfloop.steps import gate_step
 
         self.calls += 1
