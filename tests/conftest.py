@@ -81,7 +81,7 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.fixture
 def small_policy(tmp_path: Path) -> Path:
-    """A policy with a tiny, fast search (2 candidates, 3-fold CV)."""
+    """A policy with a tiny, fast search (2 candidates in one task, 3-fold CV)."""
     path = tmp_path / "small-policy.yaml"
     path.write_text(yaml.safe_dump({
         "model": "digits",
@@ -90,6 +90,7 @@ def small_policy(tmp_path: Path) -> Path:
             "cv_folds": 3,
             "holdout_fraction": 0.25,
             "seed": 7,
+            "candidates_per_task": 2,
         },
     }))
     return path
@@ -145,8 +146,11 @@ def registry_with_weak_v1(tmp_path, weak_v1):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``heavy`` (both cores, or timing-sensitive) run on one xdist worker, one after another;
-    the others share the second worker (``-n 2 --dist loadgroup`` in pyproject.toml)."""
+    """Tests marked ``heavy`` (pipeline runs that keep both cores busy) run one after another on one xdist
+    worker, and so do those marked ``timing`` (light, but they judge windows of seconds) on another; the
+    others share all three workers (``-n 3 --dist loadgroup`` in pyproject.toml). Most of the serial tests'
+    time is spent waiting (cooldowns, canaries, scaling windows), which the other workers fill."""
     for item in items:
-        if item.get_closest_marker("heavy") is not None:
-            item.add_marker(pytest.mark.xdist_group("heavy"))
+        for group in ("heavy", "timing"):
+            if item.get_closest_marker(group) is not None:
+                item.add_marker(pytest.mark.xdist_group(group))

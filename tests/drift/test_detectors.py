@@ -16,18 +16,23 @@ def leaf_streams(shared_data):
     return calibration.clean_streams(load_dataset(str(shared_data / "kaggle_leaf_train.csv")), load_dataset(str(shared_data)))
 
 
+# alibi-detect's KSDrift runs scipy's ks_2samp feature by feature: ~0.5 s per window of 192 features, 15 times the
+# SciPy backend's cost. It is held to the same bounds on half as many windows and trials (single-threaded: these
+# tests share the cores with the others rather than run in the serial heavy group).
+SAMPLES = {"scipy": 1.0, "alibi": 0.5}
+
+
 @pytest.mark.parametrize("backend", ["scipy", "alibi"])
-@pytest.mark.heavy
 def test_false_alarm_rate_on_clean_leaf_rows_stays_under_alpha(leaf_streams, backend):
     reference, clean, _ = leaf_streams
     detector = make_detector(backend, DetectorConfig(alpha=0.05)).fit(reference)
-    rate, windows = calibration.false_alarm_rate(detector, clean, windows=120, window=100, stride=25, seed=3)
-    assert windows >= 100
+    wanted = int(120 * SAMPLES[backend])
+    rate, windows = calibration.false_alarm_rate(detector, clean, windows=wanted, window=100, stride=25, seed=3)
+    assert windows >= wanted
     assert rate <= 0.05
 
 
 @pytest.mark.parametrize("backend", ["scipy", "alibi"])
-@pytest.mark.heavy
 def test_shifted_leaf_rows_are_detected_within_one_window(leaf_streams, backend):
     reference, clean, labels = leaf_streams
     detector = make_detector(backend, DetectorConfig(alpha=0.05)).fit(reference)
@@ -39,7 +44,7 @@ def test_shifted_leaf_rows_are_detected_within_one_window(leaf_streams, backend)
     }
     shifts["shape shuffled"] = calibration.shuffle_columns(slice(64, 128))  # only a joint outlier score sees it
     for name, shift in shifts.items():
-        found = calibration.detection(detector, clean, shift, trials=20, window=100, stride=25, seed=4)
+        found = calibration.detection(detector, clean, shift, trials=int(20 * SAMPLES[backend]), window=100, stride=25, seed=4)
         assert found.rate >= 0.95, name
         assert found.max_delay <= 100, name
 
