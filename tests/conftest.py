@@ -146,11 +146,9 @@ def registry_with_weak_v1(tmp_path, weak_v1):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``heavy`` (pipeline runs that keep both cores busy) run one after another on one xdist
-    worker, and so do those marked ``timing`` (light, but they judge windows of seconds) on another; the
-    others share all three workers (``-n 3 --dist loadgroup`` in pyproject.toml). Most of the serial tests'
-    time is spent waiting (cooldowns, canaries, scaling windows), which the other workers fill."""
+    """Tests marked ``heavy`` (pipeline runs that keep both cores busy, or tests that judge windows of seconds)
+    run on one xdist worker, one after another; the others share the second worker (``-n 2 --dist loadgroup``
+    in pyproject.toml). A third worker does not help: the suite is CPU-bound (1.74 cores busy on average)."""
     for item in items:
-        for group in ("heavy", "timing"):
-            if item.get_closest_marker(group) is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))

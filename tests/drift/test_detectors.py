@@ -17,8 +17,8 @@ def leaf_streams(shared_data):
 
 
 # alibi-detect's KSDrift runs scipy's ks_2samp feature by feature: ~0.5 s per window of 192 features, 15 times the
-# SciPy backend's cost. It is held to the same bounds on half as many windows and trials (single-threaded: these
-# tests share the cores with the others rather than run in the serial heavy group).
+# SciPy backend's cost. It is held to the same bounds on half as many windows and trials (single-threaded and not
+# timing-sensitive: these tests run beside the others, not in the serial heavy group).
 SAMPLES = {"scipy": 1.0, "alibi": 0.5}
 
 

@@ -17,6 +17,7 @@ from kfloop.local.supervisor import free_port
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.heavy
 def test_up_trains_serves_and_down_stops_every_process(tmp_path, kfloop_cli, small_policy):
     home = tmp_path / "home"
     ports = {name: free_port() for name in ("http", "grpc", "admin", "watch", "trigger")}

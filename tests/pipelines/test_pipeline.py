@@ -131,6 +131,7 @@ def test_leaf_training_reaches_097_with_eight_parallel_candidates(kfloop_cli, sh
     assert outcome["data"]["classes"] == 99 and outcome["data"]["features"] == 192
 
 
+@pytest.mark.heavy
 def test_uci_folder_trains(kfloop_cli, shared_data, tmp_path, small_policy):
     result = kfloop_cli(
         "train", "--data", str(shared_data), "--model", "uci", "--policy", str(small_policy),

@@ -112,7 +112,7 @@ def test_drift_retrains_and_rolls_out_by_canary_with_no_failed_request_and_worse
 
 
 @pytest.mark.slow
-@pytest.mark.timing
+@pytest.mark.heavy
 def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_serving(tmp_path, serving_v1):
     registry, full, runtime, admin = serving_v1
     new = register_version(registry, "digits", full, n_estimators=20, work=tmp_path / "v2", target="digit")
@@ -441,7 +441,7 @@ class _Trickle:
 
 
 @pytest.mark.slow
-@pytest.mark.timing
+@pytest.mark.heavy
 def test_a_trigger_restarted_mid_canary_judges_the_running_canary_of_the_runtime_without_training_again(tmp_path, serving_v1):
     registry, full, runtime, admin = serving_v1
     store = ModelRegistry(registry)
@@ -483,7 +483,7 @@ def test_a_trigger_restarted_mid_canary_judges_the_running_canary_of_the_runtime
 
 
 @pytest.mark.slow
-@pytest.mark.timing
+@pytest.mark.heavy
 def test_a_rollback_the_runtime_cannot_take_is_recorded_inconsistent_and_done_when_the_trigger_restarts(tmp_path, serving_v1):
     registry, full, runtime, admin = serving_v1
     store = ModelRegistry(registry)

@@ -127,7 +127,7 @@ def wait_for(predicate, seconds: float, step: float = 0.25) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.timing
+@pytest.mark.heavy
 def test_prometheus_driven_scaling_out_in_and_holding_and_the_embedded_engine_agrees(model, tmp_path):
     root, rows = model
     policy = ScalingPolicy(min_replicas=1, max_replicas=3, evaluation_seconds=2, cooldown_seconds=8, rules=[RATE])
@@ -191,7 +191,7 @@ def test_prometheus_driven_scaling_out_in_and_holding_and_the_embedded_engine_ag
 
 
 @pytest.mark.slow
-@pytest.mark.timing
+@pytest.mark.heavy
 def test_predictor_failures_scale_out_and_client_errors_do_not(model, tmp_path):
     root, rows = model
     policy = ScalingPolicy(min_replicas=1, max_replicas=3, evaluation_seconds=2, cooldown_seconds=60, rules=[FAILURES])

@@ -74,6 +74,7 @@ def test_alarms_without_the_local_token_start_nothing(tmp_path, registry_with_we
         trigger.stop()
 
 
+@pytest.mark.heavy
 def test_a_run_interrupted_by_a_restart_is_run_again(tmp_path, registry_with_weak_v1):
     registry, _, full = registry_with_weak_v1
     policy = write_policy(tmp_path / "p.yaml", full)
