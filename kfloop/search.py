@@ -61,12 +61,13 @@ def warm_search(grid: list[Params], parent_version: str, parent: dict[str, Any],
     ranked = [normalise_params(c["params"]) for c in parent.get("candidates", []) if c.get("params")]
     neighbours = [params for params in grid if _one_step_apart(winner, params, grid)]
     neighbours.sort(key=lambda params: ranked.index(params) if params in ranked else len(ranked) + grid.index(params))
+    pinned_sets = [normalise_params(p) for p in pinned or []]
     chosen: list[Params] = [winner]
-    for params in [*neighbours[:neighbourhood], *(normalise_params(p) for p in pinned or [])]:
+    for params in [*neighbours[:neighbourhood], *pinned_sets]:
         if params not in chosen:
             chosen.append(params)
     return Search(candidates=chosen, mode="warm", parent_version=parent_version, seed_params=winner,
-                  pinned=[normalise_params(p) for p in pinned or []], evaluation="oob")
+                  pinned=pinned_sets, evaluation="oob")
 
 
 def _one_step_apart(winner: Params, params: Params, grid: list[Params]) -> bool:

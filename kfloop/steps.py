@@ -159,7 +159,8 @@ def register_step(
         files = {PREPROCESSOR: preprocessor_path, REFERENCE: reference_path}
         files.update({p.name: str(p) for p in Path(model_dir).iterdir() if p.is_file()})
         # KFP hands dict parameters over as JSON with every number a float: restore the ints.
-        ranked = [{**c, "params": normalise_params(c["params"])} for c in selection["ranked"]]
+        ranked = [{**c, "params": normalise_params(c["params"]), **({"folds": int(c["folds"])} if "folds" in c else {})}
+                  for c in selection["ranked"]]
         metadata = {
             "params": ranked[0]["params"],
             "cv_metrics": selection["best"]["metrics"],

@@ -72,9 +72,10 @@ def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry
 
     Three kinds of task, as few as keep the UI readable (each task start pays ~4 s of imports on a laptop):
     prepare (load, validate, split, preprocess), the candidate batches in a ``ParallelFor``, and select +
-    refit + export + register + promotion gate (its output is the gate's decision). No task is ever taken from KFP's cache: its key ignores
-    input artifacts' URIs, so a run on new data at the same address (or new captures) would reuse old
-    results, and the last two read and write the registry, which is state outside their inputs.
+    refit + export + register + promotion gate (its output is the gate's decision). No task is ever taken
+    from KFP's cache: its key ignores input artifacts' URIs, so a run on new data at the same address (or
+    new captures) would reuse old results, and the last task reads and writes the registry, which is state
+    outside its inputs.
     """
     steps = build_training_components(image)
     defaults = pipeline_arguments(policy, registry_uri=registry_uri)

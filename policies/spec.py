@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -242,14 +242,23 @@ class AccuracyPolicy(_Spec):
                 f"and on(model, version) kfloop_realised_accuracy_labels{{{selector}}} >= {self.labels}")
 
 
-def _observation_problem(observe_seconds: int, max_observe_seconds: int) -> str | None:
-    """What is wrong with an observation window that ends before its minimum length (None: nothing)."""
-    if max_observe_seconds < observe_seconds:
-        return f"max_observe_seconds ({max_observe_seconds}) must not be below observe_seconds ({observe_seconds})"
-    return None
+class _ObservationWindow(_Spec):
+    """A stage observed for at least ``observe_seconds`` and at most ``max_observe_seconds``. Each subclass
+    declares both fields, with its own defaults and in its own place in the policy file."""
+
+    if TYPE_CHECKING:
+        observe_seconds: int
+        max_observe_seconds: int
+
+    @model_validator(mode="after")
+    def _observation(self) -> "_ObservationWindow":
+        if self.max_observe_seconds < self.observe_seconds:
+            raise ValueError(f"max_observe_seconds ({self.max_observe_seconds}) must not be below "
+                             f"observe_seconds ({self.observe_seconds})")
+        return self
 
 
-class ShadowPolicy(_Spec):
+class ShadowPolicy(_ObservationWindow):
     """The optional shadow stage before the canary: the new version gets a mirrored copy of every request (its
     answers thrown away) for at least ``observe_seconds`` and until it has answered ``min_answers`` of them (and,
     where labels come, ``min_labelled_answers`` are labelled), at most ``max_observe_seconds``. It goes on to the
@@ -263,15 +272,8 @@ class ShadowPolicy(_Spec):
     max_observe_seconds: int = Field(default=600, ge=0)
     min_agreement: float | None = Field(default=None, ge=0, le=1)
 
-    @model_validator(mode="after")
-    def _observation(self) -> "ShadowPolicy":
-        problem = _observation_problem(self.observe_seconds, self.max_observe_seconds)
-        if problem is not None:
-            raise ValueError(problem)
-        return self
 
-
-class RolloutPolicy(_Spec):
+class RolloutPolicy(_ObservationWindow):
     """How a newly promoted version reaches all traffic.
 
     The canary is observed for at least ``observe_seconds`` and until it has
@@ -293,13 +295,6 @@ class RolloutPolicy(_Spec):
     max_accuracy_drop: float | None = Field(default=0.02, ge=0, le=1)
     min_labelled_answers: int = Field(default=20, ge=0)  # ... once it has this many labelled answers (waited for, too)
     shadow: ShadowPolicy = ShadowPolicy()
-
-    @model_validator(mode="after")
-    def _observation(self) -> "RolloutPolicy":
-        problem = _observation_problem(self.observe_seconds, self.max_observe_seconds)
-        if problem is not None:
-            raise ValueError(problem)
-        return self
 
 
 

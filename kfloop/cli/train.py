@@ -18,6 +18,8 @@ from kfloop.cli.options import (
 __all__ = ["compile_pipeline", "models_app", "submit", "train"]
 
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+
+
 def train(
     data: DataOption = None,
     target: TargetOption = None,
@@ -99,20 +101,26 @@ def _candidates_table(metadata: dict[str, Any]) -> Table:
     metric = metadata["selection_metric"]
     table = Table(title=f"candidates (ranked by cross-validated {metric}; holdout kept for the winner)")
     param_names = sorted({k for c in metadata["candidates"] for k in c["params"]})
-    folds = metadata.get("training", {}).get("cv_folds")
+    folds = metadata["training"]["cv_folds"]
     for column in ["#", *param_names, "cv accuracy", "cv macro-F1", "cv log-loss", "folds"]:
         table.add_column(column, justify="right" if column != "#" else "left")
     for rank, candidate in enumerate(metadata["candidates"], start=1):
         m = candidate["metrics"]
-        done = candidate.get("folds", folds)
         table.add_row(
             "winner" if rank == 1 else str(rank),
             *[str(candidate["params"].get(p, "")) for p in param_names],
             f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['log_loss']:.4f}",
-            "out of bag" if done == 0 else f"{done} (stopped early)" if done != folds else str(done),
+            _folds_cell(candidate.get("folds", folds), folds),
             style="bold green" if rank == 1 else None,
         )
     return table
+
+
+def _folds_cell(done: int, folds: int) -> str:
+    """How a candidate was scored: out of bag (0 folds), all ``folds``, or stopped early after ``done``."""
+    if done == 0:
+        return "out of bag"
+    return str(done) if done == folds else f"{done} (stopped early)"
 
 
 def compile_pipeline(
