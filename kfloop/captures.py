@@ -70,7 +70,9 @@ with other features than the base's is aligned to the base's columns when it
 has them all, and left out (with a warning) when it does not. A version
 trained on such a folder names it as its data source, and its
 ``000-base.csv`` is the next run's base (:func:`training_base`), so shards
-are never added twice.
+are never added twice. The newest label of a row wins: a labelled row with
+exactly a base row's features relabels it there (truth correction), so a
+changed concept is learnt rather than contradicted.
 """
 
 from __future__ import annotations
@@ -743,27 +745,61 @@ def assemble_training_set(base: str, target: str | None, shards: Sequence[Path],
     written with the base's columns; a shard that lacks some is left out, with a warning (it
     was labelled for a version with other features). The folder is emptied first, so a run
     restarted after a crash starts from a clean folder.
+
+    Truth correction: the newest label of a row wins. A labelled row whose features are exactly
+    a base row's relabels that base row (the field's truth has changed, or corrected a mistake),
+    and of a row labelled several times only the last shard's label is kept; such rows are not
+    written again. So the set never teaches one row two classes, and the next run's base (this
+    set's ``000-base.csv``) carries the correction on.
     """
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     data = load_dataset(base, target=target)
-    save_csv(data, str(folder / BASE_SHARD), id_prefix="base-")
-    wanted = [ID_COLUMN, LABEL_COLUMN, *data.feature_names]
-    index = 0
-    for shard in shards:
-        with open(shard, newline="") as handle:
-            header = next(csv.reader(handle), [])
-        name = folder / f"{index + 1:03d}-{shard.name}"
-        if header == wanted:
-            shutil.copyfile(shard, name)
-        elif set(data.feature_names) <= set(header[2:]) and header[:2] == wanted[:2]:
-            rows = load_dataset(str(shard), target=LABEL_COLUMN)
-            columns = [rows.feature_names.index(feature) for feature in data.feature_names]
-            save_csv(LabelledData(rows.features[:, columns], rows.labels, data.feature_names, rows.source, ids=rows.ids), str(name))
-        else:
-            missing = [feature for feature in data.feature_names if feature not in header[2:]]
-            log.warning("labelled shard %s lacks %d of the base's features (%s...); left out of the training set",
-                        shard, len(missing), ", ".join(missing[:3]))
-            continue
-        index += 1
+    aligned = [(shard, rows) for shard in shards if (rows := _aligned(shard, data.feature_names)) is not None]
+    newest: dict[bytes, str] = {}
+    for _, rows in aligned:
+        newest.update(zip(_row_keys(rows.features), rows.labels.tolist()))
+    base_keys = _row_keys(data.features)
+    labels = np.array([newest.get(key, label) for key, label in zip(base_keys, data.labels.tolist())], dtype=str)
+    relabelled = int(np.sum(labels != data.labels))
+    save_csv(LabelledData(data.features, labels, data.feature_names, data.source, ids=data.ids), str(folder / BASE_SHARD),
+             id_prefix="base-")
+    seen = set(base_keys)
+    kept: list[np.ndarray] = []
+    for _, rows in reversed(aligned):  # newest first: a row's last label is the one kept
+        keep = np.zeros(rows.rows, dtype=bool)
+        for index in range(rows.rows - 1, -1, -1):
+            key = rows.features[index].tobytes()
+            keep[index] = key not in seen
+            seen.add(key)
+        kept.append(keep)
+    written = 0
+    for (shard, rows), keep in zip(aligned, reversed(kept)):
+        if keep.any():
+            written += 1
+            ids = None if rows.ids is None else rows.ids[keep]
+            save_csv(LabelledData(rows.features[keep], rows.labels[keep], data.feature_names, rows.source, ids=ids),
+                     str(folder / f"{written:03d}-{shard.name}"))
+    superseded = sum(int((~keep).sum()) for keep in kept)
+    if relabelled or superseded:
+        log.info("training set %s: %d base rows relabelled and %d labelled rows superseded by a newer label of the same "
+                 "features", folder, relabelled, superseded)
     return str(folder), LABEL_COLUMN
+
+
+def _aligned(shard: Path, feature_names: Sequence[str]) -> LabelledData | None:
+    """A labelled shard's rows in ``feature_names``' columns; None (with a warning) if it lacks some."""
+    rows = load_dataset(str(shard), target=LABEL_COLUMN)
+    if not set(feature_names) <= set(rows.feature_names):
+        missing = [feature for feature in feature_names if feature not in rows.feature_names]
+        log.warning("labelled shard %s lacks %d of the base's features (%s...); left out of the training set",
+                    shard, len(missing), ", ".join(missing[:3]))
+        return None
+    columns = [rows.feature_names.index(feature) for feature in feature_names]
+    return LabelledData(np.ascontiguousarray(rows.features[:, columns]), rows.labels, tuple(feature_names), rows.source,
+                        ids=rows.ids)
+
+
+def _row_keys(features: np.ndarray) -> list[bytes]:
+    """Each row's exact float64 bytes: equal features, equal key (CSV shards keep every digit)."""
+    return [row.tobytes() for row in np.ascontiguousarray(features, dtype=np.float64)]

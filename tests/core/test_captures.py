@@ -149,6 +149,29 @@ def test_a_training_set_is_the_base_then_the_labelled_shards_in_one_schema(tmp_p
     assert data.ids.tolist()[:2] == ["base-0", "base-1"] and data.ids.tolist()[-1] == "cap:6"
 
 
+def test_the_newest_label_of_a_row_wins_over_the_base_and_older_shards(tmp_path, area):
+    """Truth correction: labels from the field relabel the base's identical rows, the last shard's label of a
+    row counts, and the corrected base is what the next run starts from."""
+    base = load_dataset("builtin:iris")
+    first = area.add_labelled(labelled(base.features[:3], ["virginica", "virginica", "setosa"], ["c:0", "c:1", "c:2"],
+                                       base.feature_names))
+    second = area.add_labelled(labelled(np.vstack([base.features[:1], base.features[:1] + 50]), ["versicolor", "setosa"],
+                                        ["c:3", "c:4"], base.feature_names))
+    uri, target = assemble_training_set("builtin:iris", None, [first, second], tmp_path / "data")
+    data = load_dataset(uri, target=target)
+    assert data.rows == base.rows + 1  # only the row new to the base is added
+    expected = base.labels.copy()
+    same = lambda row: np.all(base.features == row, axis=1)  # noqa: E731 -- iris repeats some rows
+    expected[same(base.features[1])] = "virginica"
+    expected[same(base.features[0])] = "versicolor"  # the second shard's label, newer than the first's
+    assert data.labels[: base.rows].tolist() == expected.tolist()
+    assert (data.ids[-1], data.labels[-1]) == ("c:4", "setosa")
+    np.testing.assert_array_equal(data.features[: base.rows], base.features)
+    base_uri, base_target = training_base(uri, target)
+    again = load_dataset(base_uri, target=base_target)
+    assert again.labels.tolist() == expected.tolist()  # the correction carries on into the next run's base
+
+
 def test_assembling_again_starts_from_an_empty_folder(tmp_path, iris_shards):
     base, labelled_shards = iris_shards
     folder = tmp_path / "data"
