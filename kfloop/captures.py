@@ -77,7 +77,6 @@ changed concept is learnt rather than contradicted.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -98,7 +97,7 @@ import numpy as np
 import orjson
 from prometheus_client import Counter, Gauge
 
-from kfloop.data import ID_COLUMN, LABEL_COLUMN, LabelledData, load_dataset, save_csv
+from kfloop.data import LABEL_COLUMN, LabelledData, load_dataset, save_csv
 from kfloop.durable import TornAppend, append_whole, atomic_write, fsync_folder
 from kfloop.errors import InputError, TemporaryError
 
