@@ -38,12 +38,13 @@ def prepare_data(
 
 
 def train_candidates(prepared: Input[Dataset], batch: list, cv_folds: int, seed: int, metric: str, evaluation: str,
-                     metrics: Output[Metrics]) -> list:
+                     metrics: Output[Metrics], fitted: Output[Model]) -> list:
     """Score a batch of random forests -- cross-validated (those that cannot catch the batch's leader stop
-    early) or out of bag; log each one's metrics, folds and parameters for the run view."""
+    early) or out of bag (the leader's forest kept in ``fitted``: the final fit if it wins); log each one's
+    metrics, folds and parameters for the run view."""
     from kfloop.steps import candidates_step
 
-    results = candidates_step(prepared.path, batch, cv_folds, seed, metric, evaluation)
+    results = candidates_step(prepared.path, batch, cv_folds, seed, metric, evaluation, fitted.path)
     for number, result in enumerate(results, start=1):
         metrics.log_metric(f"{number}_folds", result["folds"])
         for name, value in result["metrics"].items():
@@ -57,6 +58,7 @@ def select_to_gate(
     prepared: Input[Dataset],
     preprocessor: Input[Model],
     candidates: List[list],
+    fitted: Input[List[Model]],
     data_summary: dict,
     registry_uri: str,
     model_name: str,
@@ -71,13 +73,14 @@ def select_to_gate(
     holdout_metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
 ) -> dict:
-    """Rank the candidates, refit the winner, export joblib + ONNX (holdout metrics and confusion matrix
-    logged), store it as a new registry version, and pass it only if it beats production on the same
-    holdout; with move_production, promote it. (One task: each task start pays ~4 s of imports.)"""
+    """Rank the candidates, take the winner's kept forest or refit it, export joblib + ONNX (holdout metrics and
+    confusion matrix logged), store it as a new registry version, and pass it only if it beats production on
+    the same holdout; with move_production, promote it. (One task: each task start pays ~4 s of imports.)"""
     from kfloop.steps import fit_export_step, gate_step, register_step, select_step
 
     selection = select_step(candidates, metric)
-    final = fit_export_step(prepared.path, preprocessor.path, selection["best"]["params"], seed, model.path)
+    final = fit_export_step(prepared.path, preprocessor.path, selection["best"]["params"], seed, model.path,
+                            [artifact.path for artifact in fitted])
     for name, value in final["metrics"].items():
         holdout_metrics.log_metric(name, value)
     holdout_metrics.log_metric("onnx_agreement", final["onnx_agreement"])

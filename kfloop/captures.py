@@ -745,41 +745,41 @@ def assemble_training_set(base: str, target: str | None, shards: Sequence[Path],
     was labelled for a version with other features). The folder is emptied first, so a run
     restarted after a crash starts from a clean folder.
 
-    Truth correction: the newest label of a row wins. A labelled row whose features are exactly
-    a base row's relabels that base row (the field's truth has changed, or corrected a mistake),
-    and of a row labelled several times only the last shard's label is kept; such rows are not
-    written again. So the set never teaches one row two classes, and the next run's base (this
-    set's ``000-base.csv``) carries the correction on.
+    Truth correction: the newest label of a row wins -- by when it was labelled (a joined
+    shard's ``.meta.json`` has each row's ``labelled_at``; other shards count as labelled when
+    they were written). A labelled row whose features are exactly a base row's relabels that
+    base row (the field's truth has changed, or corrected a mistake), and of a row labelled
+    several times only the newest label is kept; such rows are not written again. So the set
+    never teaches one row two classes, and the next run's base (this set's ``000-base.csv``)
+    carries the correction on.
     """
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     data = load_dataset(base, target=target)
     aligned = [(shard, rows) for shard in shards if (rows := _aligned(shard, data.feature_names)) is not None]
-    newest: dict[bytes, str] = {}
-    for _, rows in aligned:
-        newest.update(zip(_row_keys(rows.features), rows.labels.tolist()))
+    newest: dict[bytes, tuple[float, int, int]] = {}  # features -> (labelled at, shard, row) of its newest label
+    keys = []
+    for number, (shard, rows) in enumerate(aligned):
+        keys.append(_row_keys(rows.features))
+        for row, (key, at) in enumerate(zip(keys[-1], _labelled_times(shard, rows))):
+            if key not in newest or (at, number, row) >= newest[key]:
+                newest[key] = (at, number, row)
     base_keys = _row_keys(data.features)
-    labels = np.array([newest.get(key, label) for key, label in zip(base_keys, data.labels.tolist())], dtype=str)
+    labels = np.array([str(aligned[newest[key][1]][1].labels[newest[key][2]]) if key in newest else label
+                       for key, label in zip(base_keys, data.labels.tolist())], dtype=str)
     relabelled = int(np.sum(labels != data.labels))
     save_csv(LabelledData(data.features, labels, data.feature_names, data.source, ids=data.ids), str(folder / BASE_SHARD),
              id_prefix="base-")
-    seen = set(base_keys)
-    kept: list[np.ndarray] = []
-    for _, rows in reversed(aligned):  # newest first: a row's last label is the one kept
-        keep = np.zeros(rows.rows, dtype=bool)
-        for index in range(rows.rows - 1, -1, -1):
-            key = rows.features[index].tobytes()
-            keep[index] = key not in seen
-            seen.add(key)
-        kept.append(keep)
-    written = 0
-    for (shard, rows), keep in zip(aligned, reversed(kept)):
+    in_base, written, superseded = set(base_keys), 0, 0
+    for number, ((shard, rows), shard_keys) in enumerate(zip(aligned, keys)):
+        keep = np.array([key not in in_base and newest[key][1:] == (number, row) for row, key in enumerate(shard_keys)],
+                        dtype=bool)
+        superseded += int((~keep).sum())
         if keep.any():
             written += 1
             ids = None if rows.ids is None else rows.ids[keep]
             save_csv(LabelledData(rows.features[keep], rows.labels[keep], data.feature_names, rows.source, ids=ids),
                      str(folder / f"{written:03d}-{shard.name}"))
-    superseded = sum(int((~keep).sum()) for keep in kept)
     if relabelled or superseded:
         log.info("training set %s: %d base rows relabelled and %d labelled rows superseded by a newer label of the same "
                  "features", folder, relabelled, superseded)
@@ -797,6 +797,22 @@ def _aligned(shard: Path, feature_names: Sequence[str]) -> LabelledData | None:
     columns = [rows.feature_names.index(feature) for feature in feature_names]
     return LabelledData(np.ascontiguousarray(rows.features[:, columns]), rows.labels, tuple(feature_names), rows.source,
                         ids=rows.ids)
+
+
+def _labelled_times(shard: Path, rows: LabelledData) -> list[float]:
+    """When each row of a labelled shard was labelled: its ``.meta.json``'s ``labelled_at``, else the shard's write time."""
+    written = shard.stat().st_mtime
+    try:
+        described = json.loads(shard.with_name(shard.name + META_SUFFIX).read_text()).get("rows", {})
+    except (OSError, ValueError, AttributeError):
+        described = {}
+    ids = rows.ids if rows.ids is not None else [None] * rows.rows
+    times = []
+    for row_id in ids:
+        entry = described.get(str(row_id)) if isinstance(described, dict) else None
+        at = entry.get("labelled_at") if isinstance(entry, dict) else None
+        times.append(float(at) if isinstance(at, (int, float)) else written)
+    return times
 
 
 def _row_keys(features: np.ndarray) -> list[bytes]:

@@ -8,6 +8,7 @@ Inputs and results are JSON-able dicts, as KFP passes them between tasks.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -61,16 +62,23 @@ def prepare_step(data_uri: str, target: str, min_rows_per_class: int, holdout_fr
 
 
 def candidates_step(prepared_path: str, batch: list[dict[str, Any]], cv_folds: int, seed: int,
-                    metric: str = "accuracy", evaluation: str = "cv") -> list[dict[str, Any]]:
+                    metric: str = "accuracy", evaluation: str = "cv", fitted_dir: str | None = None) -> list[dict[str, Any]]:
     """Score a batch of hyper-parameter sets, one after another, in one process.
 
     ``evaluation`` ``cv``: stratified k-fold; a set that cannot catch the batch's leader in ``metric`` stops
     early (:func:`~kfloop.training.cross_validate_candidate`). ``oob``: one fit each, out-of-bag metrics
-    (:func:`~kfloop.training.out_of_bag_candidate`; a warm search's few sets).
+    (:func:`~kfloop.training.out_of_bag_candidate`; a warm search's few sets); the batch leader's forest is
+    kept in ``fitted_dir`` (:data:`FITTED_PARAMS` + :data:`FITTED_FOREST`), so a winner is not grown twice.
+    With ``fitted_dir`` and CV the folder stays empty: fold models are not the final model.
     """
     prepared = Prepared.load(prepared_path)
+    if fitted_dir is not None:
+        Path(fitted_dir).mkdir(parents=True, exist_ok=True)
     if evaluation == "oob":
-        return [out_of_bag_candidate(prepared, params, seed=seed) for params in batch]
+        scored = [out_of_bag_candidate(prepared, params, seed=seed) for params in batch]
+        if fitted_dir is not None and scored:
+            _keep_fitted(fitted_dir, *max(scored, key=lambda pair: _rank_key(pair[0], metric)))
+        return [result for result, _ in scored]
     if evaluation != "cv":
         raise InputError(f"unknown candidate evaluation {evaluation!r}: cv or oob")
     results: list[dict[str, Any]] = []
@@ -81,14 +89,45 @@ def candidates_step(prepared_path: str, batch: list[dict[str, Any]], cv_folds: i
     return results
 
 
+FITTED_PARAMS = "params.json"  # the kept forest's hyper-parameters
+FITTED_FOREST = "forest.joblib"  # a batch leader's forest, grown on the whole training split
+
+
+def _rank_key(candidate: dict[str, Any], metric: str) -> float:
+    """Larger is better in ``metric``, whichever way the metric points."""
+    value = float(candidate["metrics"][metric])
+    return value if HIGHER_IS_BETTER[metric] else -value
+
+
+def _keep_fitted(folder: str, candidate: dict[str, Any], forest: Any) -> None:
+    import joblib
+
+    joblib.dump(forest, Path(folder) / FITTED_FOREST, compress=("zlib", 1))
+    (Path(folder) / FITTED_PARAMS).write_text(json.dumps(candidate["params"]))
+
+
+def _fitted_forest(folders: list[str], params: dict[str, Any]) -> Any | None:
+    """The forest a candidate task kept for ``params`` (None: none did; the winner is grown again)."""
+    import joblib
+
+    wanted = normalise_params(params)
+    for folder in folders:
+        kept = Path(folder) / FITTED_PARAMS
+        if kept.is_file() and normalise_params(json.loads(kept.read_text())) == wanted:
+            return joblib.load(Path(folder) / FITTED_FOREST)
+    return None
+
+
 def select_step(batches: list[list[dict[str, Any]]], metric: str) -> dict[str, Any]:
     """``{"best": candidate, "ranked": [...], "metric": metric}`` over every batch's candidates."""
     best, ranked = select_best([candidate for batch in batches for candidate in batch], metric)
     return {"best": best, "ranked": ranked, "metric": metric}
 
 
-def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dict[str, Any], seed: int, model_dir: str) -> dict[str, Any]:
-    """Refit the winner, evaluate it on the holdout, export joblib + ONNX into ``model_dir``.
+def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dict[str, Any], seed: int, model_dir: str,
+                    fitted_dirs: list[str] | None = None) -> dict[str, Any]:
+    """Take the winner's forest from a candidate task's ``fitted_dirs`` or refit it, evaluate it on the holdout,
+    export joblib + ONNX into ``model_dir``. ``final_fit`` says which: ``reused`` or ``refit``.
 
     The ONNX file is kept only if it predicts the same label as scikit-learn on
     every holdout row; otherwise servers fall back to the joblib forest.
@@ -97,9 +136,13 @@ def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dic
 
     prepared = Prepared.load(prepared_path)
     preprocessor: Preprocessor = joblib.load(preprocessor_path)
+    forest = _fitted_forest(fitted_dirs or [], best_params)
+    final_fit = "refit" if forest is None else "reused"
+    if forest is None:
+        forest = fit_final(prepared, best_params, seed=seed)
     # Grown on every core, but served one request at a time: a pickled n_jobs=-1 would make
     # every single-row predict dispatch its trees to a thread pool.
-    forest = fit_final(prepared, best_params, seed=seed).set_params(n_jobs=1)
+    forest.set_params(n_jobs=1)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     # zlib level 1: a forest over many classes is mostly zeros (99 classes, 300 trees: 95 MB -> 5 MB, 0.4 s)
@@ -115,6 +158,7 @@ def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dic
     predicted = preprocessor.decode(np.argmax(proba, axis=1))
     return {
         "metrics": metrics,
+        "final_fit": final_fit,
         "onnx_agreement": agreement,
         "onnx_exported": agreement == 1.0,
         "classes": list(preprocessor.classes),
@@ -168,13 +212,14 @@ def register_step(
             "selection_metric": selection["metric"],
             "candidates": ranked,
             "onnx_agreement": final["onnx_agreement"],
+            "final_fit": final.get("final_fit", "refit"),
             "runtime": "onnx" if final["onnx_exported"] else "joblib",
             "classes": final["classes"],
             "feature_names": list(prepared.feature_names),
             "data": {**data_summary, **{k: int(data_summary[k]) for k in ("rows", "features", "classes")}},
             "training": TrainingPolicy.model_validate(training).model_dump(mode="json", exclude_none=True),
             "pipeline_run_id": run_id,
-            "lineage": lineage or {"search": "full"},
+            "lineage": _restored_lineage(lineage or {"search": "full"}),
             "software": {
                 "kfloop": __version__,
                 **{name: installed(name) for name in ("scikit-learn", "onnx", "onnxruntime")},
@@ -183,6 +228,18 @@ def register_step(
             },
         }
         return ModelRegistry(registry_uri).register(model_name, files, metadata)
+
+
+def _restored_lineage(lineage: dict[str, Any]) -> dict[str, Any]:
+    """A search's lineage as it was before KFP turned its numbers into floats."""
+    restored = dict(lineage)
+    if "candidates" in restored:
+        restored["candidates"] = int(restored["candidates"])
+    if restored.get("seed_params"):
+        restored["seed_params"] = normalise_params(restored["seed_params"])
+    if restored.get("pinned"):
+        restored["pinned"] = [normalise_params(params) for params in restored["pinned"]]
+    return restored
 
 
 def gate_step(registry_uri: str, model_name: str, version: str, prepared_path: str, metric: str, margin: float,

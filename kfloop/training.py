@@ -170,12 +170,14 @@ def cross_validate_candidate(prepared: Prepared, params: dict[str, Any], *, cv_f
     return {"params": normalise_params(params), "metrics": metrics, "folds": done}
 
 
-def out_of_bag_candidate(prepared: Prepared, params: dict[str, Any], *, seed: int) -> dict[str, Any]:
+def out_of_bag_candidate(prepared: Prepared, params: dict[str, Any], *, seed: int) -> tuple[dict[str, Any], Any]:
     """Out-of-bag metrics of one hyper-parameter set from a single fit on the training split (each row scored
-    by the trees whose bootstrap sample left it out): ``{"params", "metrics", "folds": 0}``.
+    by the trees whose bootstrap sample left it out): ``{"params", "metrics", "folds": 0}``, and the forest.
 
     A k-th of k-fold CV's cost, for a warm search's few candidates around a winner the parent's
     cross-validated search already ranked. A row that every tree drew scores as no vote (probability 0).
+    The forest, stripped of its out-of-bag scores, is the one :func:`fit_final` grows for these parameters
+    (same rows, same seed), so a winner needs no refit.
     """
     x, y = prepared.train_features, prepared.train_codes
     n_classes = int(y.max()) + 1
@@ -185,7 +187,8 @@ def out_of_bag_candidate(prepared: Prepared, params: dict[str, Any], *, seed: in
     proba = np.zeros((len(y), n_classes), dtype=np.float64)
     proba[:, forest.classes_] = np.nan_to_num(forest.oob_decision_function_)
     metrics = classification_metrics(y.astype(str), proba, [str(i) for i in range(n_classes)])
-    return {"params": normalise_params(params), "metrics": metrics, "folds": 0}
+    del forest.oob_score_, forest.oob_decision_function_
+    return {"params": normalise_params(params), "metrics": metrics, "folds": 0}, forest.set_params(oob_score=False)
 
 
 def _can_reach(proba: np.ndarray, codes: np.ndarray, rows: int, metric: str, leader: float) -> bool:

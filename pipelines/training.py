@@ -119,6 +119,7 @@ def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry
             prepared=prepared.outputs["prepared"],
             preprocessor=prepared.outputs["preprocessor"],
             candidates=dsl.Collected(candidates.outputs["Output"]),
+            fitted=dsl.Collected(candidates.outputs["fitted"]),
             data_summary=prepared.outputs["Output"],
             registry_uri=registry_uri,
             model_name=model_name,

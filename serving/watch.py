@@ -93,6 +93,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,8 @@ MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that canno
 FLUSH_SECONDS = 0.2  # how often delivery keys are written, the capture journal fsynced, due shards queued
 CAPTURE_JOURNAL = "capture-journal"  # under the state folder
 RELEASE_SECONDS = 1.0  # the journal of rows in shards is deleted at most this often (it costs an fsync)
+RECENT_ALARMS = 20  # alarms /status lists
+ALARM_ROWS_WAIT_SECONDS = 2.0  # an alarm waits this long at most for the rows of labels it stands on
 JOIN_SECONDS = 5.0  # labels waiting for their rows are joined with the captured shards at most this often
 TESTED, ALARMED = "tested", "alarmed"  # the capture journal's marks on the last row of a tested window
 
@@ -217,6 +220,7 @@ class WatchService:
         self._failing: dict[str, str] = {}  # what the flush timer could not do, by part (logged once per error)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.last_alarm: dict[str, Any] | None = None
+        self.recent_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT_ALARMS)  # for /status, oldest first
         self._last_row: str | None = None  # the journaled id of the last row in the window
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
@@ -524,12 +528,30 @@ class WatchService:
                 self._background(self._flush_capture)
         if time.monotonic() - self._joined_at >= JOIN_SECONDS and self.labels.waiting:  # waiting walks every label
             self._joined_at = time.monotonic()
-            self._background(lambda: self._attempt("labels", lambda: self.labels.join(self.registry.captures(self.config.model))))
+            self._background(lambda: self._attempt("labels", self._join))
         with self._alarm_lock:
             queue = bool(self._unstored) and not self._unstored_queued
             self._unstored_queued |= queue
         if queue:
             self._background(self._store_unstored)
+
+    def _join(self) -> None:
+        self.labels.join(self.registry.captures(self.config.model))
+
+    def _join_before_alarm(self) -> None:
+        """Write the buffered rows and join the labels that wait for them (on the worker, before an alarm is stored),
+        so the retraining the alarm starts reads every label kept so far as a labelled shard. The payload logger
+        sends a request's and its answer's events apart, and the answer's can come first: a label whose row is
+        not captured yet is waited for, up to :data:`ALARM_ROWS_WAIT_SECONDS`."""
+        if self.capture is None:
+            return
+        deadline = time.monotonic() + ALARM_ROWS_WAIT_SECONDS
+        while self.labels.waiting:
+            self._flush_capture()
+            self._attempt("labels", self._join)
+            if not self.labels.waiting or time.monotonic() > deadline:
+                return
+            time.sleep(FLUSH_SECONDS)
 
     def _attempt(self, part: str, work: Callable[[], object]) -> None:
         try:
@@ -586,6 +608,7 @@ class WatchService:
         event_type = DRIFT_EVENT if result.drift else OUTLIER_EVENT
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
+        self._join_before_alarm()
         with self._alarm_lock:
             self._unstored.append(_Alarm(str(uuid.uuid4()), event_type, f"{self.config.source}/{model}", alarm.kind, data,
                                          through))
@@ -615,12 +638,18 @@ class WatchService:
         model = self.config.model
         data = {"model": model, "version": version, "kind": "accuracy", "accuracy": figure["accuracy"],
                 "labels": int(figure["labels"]), "below": rule.below, "rule": f"accuracy below {rule.below:g} over "
-                f"the last {rule.labels} labelled answers"}
+                f"the last {rule.labels} labelled answers", "judged_time": _iso(time.time())}
         log.warning("accuracy alarm for %s v%s: %.3f over the last %d labelled answers (below %g)",
                     model, version, figure["accuracy"], figure["labels"], rule.below)
+        alarm = _Alarm(str(uuid.uuid4()), ACCURACY_EVENT, f"{self.config.source}/{model}", "accuracy", data, None)
+        self._background(lambda: self._raise_joined(alarm))
+
+    def _raise_joined(self, alarm: _Alarm) -> None:
+        """Store an accuracy alarm once the labels behind it are joined (the worker's job: the labels' request
+        has its answer already)."""
+        self._join_before_alarm()
         with self._alarm_lock:
-            self._unstored.append(_Alarm(str(uuid.uuid4()), ACCURACY_EVENT, f"{self.config.source}/{model}", "accuracy",
-                                         data, None))
+            self._unstored.append(alarm)
         self._store_unstored()
 
     def _store_unstored(self) -> None:
@@ -639,6 +668,7 @@ class WatchService:
                 self._unstored.pop(0)
                 ALARMS.labels(model, alarm.kind).inc()
                 self.last_alarm = {"id": alarm.id, "type": alarm.type, **alarm.data}
+                self.recent_alarms.append(self.last_alarm)
                 self._mark(alarm.through, ALARMED)  # durable now: a restart need not raise it again
             UNSTORED.labels(model).set(0)
             self._recovered("alarms")
@@ -675,6 +705,7 @@ class WatchService:
                 "outliers": result.outliers, "drift": result.drift, "outlier_alarm": result.outlier_alarm,
             },
             "last_alarm": self.last_alarm,
+            "recent_alarms": list(self.recent_alarms),
             "outbox": len(self.outbox.pending()),
             "unstored_alarms": len(self._unstored),
             "capture": None if self.capture is None else {

@@ -69,7 +69,8 @@ def demo(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: rule firings, failed client requests, loop timings.")] = False,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
-    """Play the automation table on a fresh local stack: train, scale out and in, predictor failures, drift -> retrain -> canary.
+    """Play the automation table on a fresh local stack: train, scale out and in, predictor failures, concept drift
+    (labels) -> accuracy alarm -> retrain -> shadow -> canary, covariate drift -> retrain -> shadow -> canary.
 
     Everything runs under HOME/demo/<time> on free loopback ports and is stopped at the end.
     """

@@ -1,7 +1,8 @@
 """The demo's report: ``index.html`` and PNG charts drawn from a :class:`~kfloop.demo.DemoResult`.
 
 Charts (matplotlib, Agg): request rate and replicas, failure rate, drift
-p-values with the alarm, served model version and accuracy, latency
+p-values with the alarm, served model version and accuracy, the watch's
+realised accuracy per version with the accuracy rule's threshold, latency
 percentiles -- all over the demo's time axis with its phases shaded -- and a
 page with the automation table (when each rule fired, what it did), the loop
 timings and the headline counts.
@@ -16,18 +17,21 @@ from typing import Any
 import numpy as np
 
 from kfloop.demo.scenario import DemoResult, alarm_time
+from kfloop.event_types import ACCURACY_EVENT
 
 TITLES = {
     "requests.png": "Request rate and predictor replicas",
     "failures.png": "Predictor failure rate",
     "drift.png": "Drift test: smallest p-value per window",
     "model.png": "Served model version and accuracy",
+    "accuracy.png": "Realised accuracy per version (labelled answers, as the watch measures it)",
     "latency.png": "Client latency percentiles",
 }
 BUCKET_SECONDS = 2.0
 ACCURACY_BUCKET_SECONDS = 10.0
 P_VALUE_FLOOR = 1e-40  # smaller p-values are drawn at the floor
-PHASE_COLOURS = {"train": "#f2f2f2", "clean": "#e8f4ea", "load": "#fdebd0", "calm": "#e8f4ea", "fault": "#f9d6d5", "drift": "#e3e4fa"}
+PHASE_COLOURS = {"train": "#f2f2f2", "clean": "#e8f4ea", "load": "#fdebd0", "calm": "#e8f4ea", "fault": "#f9d6d5", "concept": "#fcf3cf",
+                 "drift": "#e3e4fa"}
 
 
 def write_report(result: DemoResult, folder: Path) -> Path:
@@ -147,7 +151,7 @@ def _drift_chart(result: DemoResult, path: Path) -> None:
 
 def _model_chart(result: DemoResult, path: Path) -> None:
     figure, axes = _figure(result, TITLES["model.png"])
-    answered = [r for r in result.requests if r.status == 200 and r.version is not None]
+    answered = [r for r in result.requests if r.status == 200 and r.version is not None and r.correct is not None]
     times = np.array([r.time - result.started for r in answered])
     versions = np.array([int(r.version) for r in answered]) if answered else np.array([])
     axes.scatter(times, versions, s=4, color="tab:green", label="version that answered")
@@ -161,6 +165,23 @@ def _model_chart(result: DemoResult, path: Path) -> None:
     right.set_ylim(0, 1.05)
     right.set_ylabel("accuracy")
     _legend(axes, right)
+    _save(figure, path)
+
+
+def _accuracy_chart(result: DemoResult, path: Path) -> None:
+    figure, axes = _figure(result, TITLES["accuracy.png"])
+    versions = sorted({v for sample in result.samples for v in sample.get("realised_accuracy", {})}, key=int)
+    for version in versions:
+        points = [(s["time"] - result.started, s["realised_accuracy"][version]) for s in result.samples
+                  if version in s.get("realised_accuracy", {})]
+        axes.step([t for t, _ in points], [a for _, a in points], where="post", label=f"version {version}")
+    if result.accuracy_below is not None:
+        axes.axhline(result.accuracy_below, color="tab:gray", linestyle=":", label=f"accuracy rule: below {result.accuracy_below:g}")
+    for alarm in (a for a in result.alarms if a["type"] == ACCURACY_EVENT):
+        axes.axvline(alarm_time(alarm) - result.started, color="tab:red", label=f"accuracy alarm (version {alarm['version']})")
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("realised accuracy")
+    _legend(axes)
     _save(figure, path)
 
 
@@ -194,6 +215,7 @@ CHARTS = {
     "failures.png": _failures_chart,
     "drift.png": _drift_chart,
     "model.png": _model_chart,
+    "accuracy.png": _accuracy_chart,
     "latency.png": _latency_chart,
 }
 

@@ -9,15 +9,28 @@ with the policy's windows, periods and cooldowns divided by ``speed``, and plays
    threshold, then at four times it until the autoscaler scales out (row 4),
    then low again until it has scaled back in;
 3. ``fault``: every predictor answers 503 until the failure-rate rule scales out (row 3);
-4. ``drift``: a labelled shard of shifted rows arrives and the traffic shifts
-   to the same shift: drift alarm -> retraining on base + shard -> promotion
-   gate -> canary -> all traffic (row 5).
+4. ``concept``: concept drift. The features stay as they were and the labels of
+   some classes swap: a client sends its whole catalogue, the labelling team's
+   labels for it come in one batch, and the labels of the traffic keep coming.
+   The drift detector stays quiet; the accuracy rule fires -> retraining on the
+   labelled captures (each labelled row relabels the base's identical row) ->
+   promotion gate -> shadow -> canary -> all traffic (row 6);
+5. ``drift``: a labelled shard of shifted rows arrives and the traffic shifts
+   to the same shift: drift alarm -> retraining on base + shards -> promotion
+   gate -> shadow -> canary -> all traffic (row 5).
 
-Every client request, every autoscaling decision and the services' state
-(sampled twice a second) are recorded in a :class:`DemoResult`, with the rule
-firings and the loop timings; :mod:`kfloop.demo.report` draws it. Client requests
-that fail while 503s are being injected on purpose are counted apart from
-the others, which must all succeed.
+From the ``clean`` phase on, the true label of every answered request goes to
+the watch's label door (``POST /v2/models/{model}/labels``, the home's token),
+as a labelling team would send it. The demo plays the policy with the shadow
+stage on, the retraining cooldown at most :data:`DEMO_RETRAINING_COOLDOWN` and
+a budget of :data:`DEMO_RUNS` runs (:func:`demo_policy`), so that both phases
+retrain and show every stage.
+
+Every client request, every autoscaling decision, every alarm and the services'
+state (sampled twice a second) are recorded in a :class:`DemoResult`, with the
+rule firings and the loop timings; :mod:`kfloop.demo.report` draws it. Client
+requests that fail while 503s are being injected on purpose are counted apart
+from the others, which must all succeed.
 """
 
 from __future__ import annotations
@@ -35,22 +48,28 @@ from typing import Any, Callable
 import httpx
 import numpy as np
 
+from kfloop.credentials import bearer, local_token
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import PermanentError, PolicyError
+from kfloop.event_types import ACCURACY_EVENT
 from kfloop.policies import Policy, ScalingRule
 from kfloop.policies.retraining import FINISHED_OUTCOMES
 from kfloop.policies.signals import signal_of
 from kfloop.registry import ModelRegistry
-from kfloop.demo.traffic import RequestRecord, Traffic, shift
+from kfloop.demo.traffic import Labeller, RequestRecord, Traffic, serve_rows, shift, swapped_classes
 from kfloop.local.stack import LocalStack, StackPorts
 
-PHASES = ("train", "clean", "load", "calm", "fault", "drift", "done")
+PHASES = ("train", "clean", "load", "calm", "fault", "concept", "drift", "done")
 SAMPLE_SECONDS = 0.5
 DEMO_WATCH_ALPHA = 0.001  # false alarms per tested window: clean traffic must not start a retraining mid-scenario
 LABELLED_FRACTION = 0.5  # share of the training split that arrives shifted and labelled
+SWAPPED_SHARE = 0.4  # concept drift: share of the classes whose labels swap, in pairs (realised accuracy ~0.6)
+CATALOGUE_ROWS_PER_REQUEST = 50  # the concept phase's catalogue goes in requests of this many rows
+DEMO_RETRAINING_COOLDOWN = 300  # s (before the speed divides it): the concept run's cooldown ends before the drift alarm
+DEMO_RUNS = 2  # retraining runs the demo's budget allows: the concept phase's and the drift phase's
 # Client request rates of the phases, as multiples of the request-rate rule's threshold (per replica).
 # The fault phase runs at the clean rate so that only the failure-rate rule has a reason to scale out.
-CLEAN_RATE, LOAD_RATE, FAULT_RATE, DRIFT_RATE = 0.5, 4.0, 0.5, 1.5
+CLEAN_RATE, LOAD_RATE, FAULT_RATE, CONCEPT_RATE, DRIFT_RATE = 0.5, 4.0, 0.5, 1.5, 1.5
 SETTLED_SHARE = 0.75  # before the fault: the windowed request rate below this share of what min replicas take
 
 log = logging.getLogger(__name__)
@@ -75,7 +94,23 @@ def automation_rows(policy: Policy) -> tuple[AutomationRow, ...]:
     for rule in sorted(policy.scaling.rules, key=lambda r: r.signal):  # failure_rate before request_rate, as in the table
         rows.append(AutomationRow(rule.name, "inference", signal_of(rule).describe(rule.threshold, rule.window), "scale out"))
     rows.append(AutomationRow("drift", "inference", "drift or outliers in new data", "retrain and update the model"))
+    accuracy = policy.accuracy
+    rows.append(AutomationRow("accuracy", "inference", f"accuracy of the served version below {accuracy.below:g} over "
+                              f"{accuracy.labels} labels", "retrain and update the model"))
     return tuple(rows)
+
+
+def demo_policy(policy: Policy) -> Policy:
+    """``policy`` as the demo plays it: the shadow stage on; the retraining cooldown at most
+    :data:`DEMO_RETRAINING_COOLDOWN`, so the drift phase's alarm comes after the concept run's cooldown; and a
+    budget of :data:`DEMO_RUNS` runs, so the alarms that the new version's shifted traffic goes on raising start
+    no third run that the demo's end would cut short."""
+    document = policy.model_dump(mode="json")
+    document["rollout"]["shadow"]["enabled"] = True
+    retraining = document["retraining"]
+    retraining["cooldown_seconds"] = min(retraining["cooldown_seconds"], DEMO_RETRAINING_COOLDOWN)
+    retraining["max_runs_per_day"] = DEMO_RUNS
+    return Policy.model_validate(document)
 
 
 @dataclass(frozen=True)
@@ -116,10 +151,27 @@ class DemoResult:
     timeline: list[Firing] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
-    alarm: dict[str, Any] | None = None
+    alarms: list[dict[str, Any]] = field(default_factory=list)  # every alarm the watch raised, in order
     rows: tuple[AutomationRow, ...] = ()
     scaling_rules: list[dict[str, Any]] = field(default_factory=list)  # the (time-scaled) policy's rules
+    accuracy_below: float | None = None  # the accuracy rule's threshold
+    label_shift: float | None = None  # when the first swapped label was sent
+    labels: dict[str, int] = field(default_factory=dict)  # labels sent: accepted, duplicate, refused
     timings: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def alarm(self) -> dict[str, Any] | None:
+        """The first drift or outlier alarm."""
+        return next((a for a in self.alarms if a["type"] != ACCURACY_EVENT), None)
+
+    @property
+    def accuracy_alarm(self) -> dict[str, Any] | None:
+        """The first accuracy alarm."""
+        return next((a for a in self.alarms if a["type"] == ACCURACY_EVENT), None)
+
+    def run_of(self, alarm: dict[str, Any]) -> dict[str, Any] | None:
+        """The retraining run ``alarm`` started (None: the trigger started none for it)."""
+        return next((r for r in self.runs if r.get("event_id") == alarm["id"]), None)
 
     def first_firings(self) -> dict[str, Firing]:
         """The first firing of each rule."""
@@ -157,6 +209,7 @@ class DemoResult:
             "duration_s": round(self.finished - self.started, 1),
             "timeline": [{**asdict(f), "at_s": round(f.time - self.started, 1)} for f in self.timeline],
             "requests": len(self.requests),
+            "labels": self.labels,
             "failed_client_requests": len(self.failed_requests),
             "injected_failures": self.injected_failures,
             "loop_timings": self.timings,
@@ -172,12 +225,15 @@ class Demo:
         signals = {rule.signal for rule in settings.policy.scaling.rules}
         if signals != {"request_rate", "failure_rate"}:
             raise PolicyError(f"the demo needs one request_rate and one failure_rate scaling rule; the policy has {sorted(signals)}")
+        accuracy = settings.policy.accuracy
+        if accuracy.below is None or ACCURACY_EVENT not in settings.policy.retraining.events:
+            raise PolicyError(f"the demo needs the accuracy rule (accuracy.below) and {ACCURACY_EVENT} among retraining.events")
         self.settings = settings
-        self.policy = settings.policy.time_scaled(settings.speed)
+        self.policy = demo_policy(settings.policy).time_scaled(settings.speed)
         self.home = Path(settings.home)
         self.result = DemoResult(model=self.policy.model, speed=settings.speed,
                                  data=settings.data_uri or "builtin:digits", started=time.time(),
-                                 rows=automation_rows(self.policy),
+                                 rows=automation_rows(self.policy), accuracy_below=accuracy.below,
                                  scaling_rules=[rule.model_dump() for rule in self.policy.scaling.rules])
         self.phase = PHASES[0]
         self.status_line = "starting"
@@ -226,18 +282,24 @@ class Demo:
         self.status_line = "starting predictor, transformer, watch, trigger and autoscaler"
         self.stack.start()
         sampler = threading.Thread(target=self._sample, name="kfloop-demo-sampler", daemon=True)
+        labeller = Labeller(f"{self.stack.urls['watch']}/v2/models/{self.policy.model}/labels", bearer(local_token(self.home)))
         traffic = None
         try:
             sampler.start()
-            traffic = Traffic(self.stack.runtime.endpoints["v2"], self._record, lambda: self.phase)
+            traffic = Traffic(self.stack.runtime.endpoints["v2"], self._record, lambda: self.phase, labeller)
             traffic.start()
             self.scale_out_and_in(traffic, holdout_rows, holdout_labels)
             self.fail_predictors(traffic)
-            self.drift(traffic, data, holdout_rows, holdout_labels, train_rows, train_labels)
+            truth = swapped_classes(data.classes, SWAPPED_SHARE, self.policy.training.seed)
+            self.concept(traffic, labeller, data, truth, holdout_rows, holdout_labels)
+            self.drift(traffic, data, holdout_rows, _relabelled(holdout_labels, truth), train_rows,
+                       _relabelled(train_labels, truth))
         finally:
             try:
                 if traffic is not None:
                     traffic.stop()
+                self.result.labels = dict(labeller.outcomes)
+                labeller.close()
                 self._stop.set()
                 sampler.join(timeout=10)
                 self._collect()
@@ -314,8 +376,8 @@ class Demo:
     def scale_out_and_in(self, traffic: Traffic, rows: np.ndarray, labels: np.ndarray) -> None:
         threshold = self._rule("request_rate").threshold
         scaling = self.policy.scaling
-        self._enter("clean", f"clean holdout traffic at {CLEAN_RATE * threshold:g} req/s")
-        traffic.set(CLEAN_RATE * threshold, rows, labels)
+        self._enter("clean", f"clean holdout traffic at {CLEAN_RATE * threshold:g} req/s, its labels sent")
+        traffic.set(CLEAN_RATE * threshold, rows, labels, send_labels=True)
         time.sleep(self.seconds(100))
         self._enter("load", f"load at {LOAD_RATE * threshold:g} req/s: {LOAD_RATE:g}x the request-rate threshold")
         start = time.time()
@@ -346,6 +408,49 @@ class Demo:
         finally:
             self.stack.runtime.inject_failures(0.0)
 
+    def concept(self, traffic: Traffic, labeller: Labeller, data: LabelledData, truth: dict[str, str],
+                holdout_rows: np.ndarray, holdout_labels: np.ndarray) -> None:
+        """Concept drift: the same features, the labels of the classes in ``truth`` swapped."""
+        self._enter("concept", f"the labels of {len(truth)} classes swap; a client's catalogue is served and labelled")
+        start = time.time()
+        with httpx.Client(timeout=60.0) as client:
+            ids = serve_rows(client, self.stack.runtime.endpoints["v2"], data.features, CATALOGUE_ROWS_PER_REQUEST,
+                             self._record, self.phase)
+        true_labels = _relabelled(data.labels, truth)
+        self.result.label_shift = time.time()
+        self.status_line = "the catalogue's labels arrive in one batch; the traffic's labels keep coming"
+        labeller.send([{"id": row_id, "label": str(label)} for row_id, label in zip(ids, true_labels) if row_id])
+        traffic.set(CONCEPT_RATE * self._rule("request_rate").threshold, holdout_rows, _relabelled(holdout_labels, truth))
+        self.wait_for(lambda: self._finished_run(start), 900, "an accuracy alarm's retraining run and its rollout")
+        time.sleep(self.seconds(50))
+        self.refill_window(holdout_rows)
+
+    def refill_window(self, rows: np.ndarray) -> None:
+        """The watch starts a new version's window empty: fill it with clean rows (one client's batch) and wait for
+        its first test, so the drift phase's shift meets a watch in its steady state."""
+        production = ModelRegistry(self.stack.registry_uri).production_version(self.policy.model)
+        self.wait_for(lambda: self._watch_status().get("version") == production, 60,
+                      f"the watch to follow production version {production}")
+        watch = self._watch_status()
+        missing = int(watch.get("window", 0)) - int(watch.get("rows_in_window", 0))
+        if missing <= 0:
+            return
+        tested = int(watch.get("windows_tested", 0))
+        self.status_line = f"the watch's window of version {watch.get('version')} fills ({missing} clean rows)"
+        with httpx.Client(timeout=60.0) as client:
+            serve_rows(client, self.stack.runtime.endpoints["v2"], rows[:missing], CATALOGUE_ROWS_PER_REQUEST,
+                       self._record, self.phase)
+        self.wait_for(lambda: int(self._watch_status().get("windows_tested", 0)) > tested, 30, "the watch's first test of the new version")
+
+    def _watch_status(self) -> dict[str, Any]:
+        try:
+            return httpx.get(self.stack.urls["watch"] + "/status", timeout=5).json()
+        except httpx.HTTPError:
+            return {}
+
+    def _finished_run(self, since: float) -> bool:
+        return any(r.get("outcome") in FINISHED_OUTCOMES and r.get("queued", 0) >= since for r in self._trigger_runs())
+
     def drift(self, traffic: Traffic, data: LabelledData, holdout_rows: np.ndarray, holdout_labels: np.ndarray,
               train_rows: np.ndarray, train_labels: np.ndarray) -> None:
         self._enter("drift", "a labelled shard of shifted rows arrives; traffic shifts")
@@ -355,8 +460,7 @@ class Demo:
                                                data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
         start = time.time()
         traffic.set(DRIFT_RATE * self._rule("request_rate").threshold, shift(holdout_rows, train_rows), holdout_labels)
-        self.wait_for(lambda: any(r.get("outcome") in FINISHED_OUTCOMES and r.get("queued", 0) >= start
-                                  for r in self._trigger_runs()), 900, "a retraining run and its rollout")
+        self.wait_for(lambda: self._finished_run(start), 900, "a drift alarm's retraining run and its rollout")
         time.sleep(self.seconds(50))
 
     def write_labelled_shard(self, data: LabelledData) -> Path:
@@ -379,10 +483,7 @@ class Demo:
                 log.exception("demo: sampling the stack failed; next try in %.1f s", SAMPLE_SECONDS)
 
     def _take_sample(self) -> None:
-        try:
-            watch = httpx.get(self.stack.urls["watch"] + "/status", timeout=2).json()
-        except httpx.HTTPError:
-            watch = {}
+        watch = self._watch_status()
         shares = self.stack.runtime.status()["traffic"]  # waits while the runtime starts replicas
         now = time.time()
         decisions = self.stack.autoscaler.decisions
@@ -390,6 +491,8 @@ class Demo:
         window = watch.get("last_window") or {}
         with self._lock:
             recent = [r for r in self.result.requests if r.time >= now - 5.0]
+            known = {alarm["id"] for alarm in self.result.alarms}
+            self.result.alarms += [alarm for alarm in watch.get("recent_alarms", []) if alarm["id"] not in known]
         self.result.samples.append({
             "time": now,
             "phase": self.phase,
@@ -400,9 +503,9 @@ class Demo:
             "watched_version": watch.get("version"),
             "alarm": bool(watch.get("last_alarm")),
             "client_rate": len(recent) / 5.0,
+            "realised_accuracy": {version: figure["accuracy"]
+                                  for version, figure in (watch.get("labels") or {}).get("accuracy", {}).items()},
         })
-        if watch.get("last_alarm") and self.result.alarm is None:
-            self.result.alarm = watch["last_alarm"]
 
     def _decision_records(self) -> list[dict[str, Any]]:
         """The autoscaler's decisions so far, as plain records (with their derived ``action``)."""
@@ -415,13 +518,9 @@ class Demo:
         result.runs = self._trigger_runs()
         for firing in scaling_firings(result.decisions):
             self._fire(firing.rule, firing.time, firing.action, firing.outcome)
-        if result.alarm is not None:
-            raised = alarm_time(result.alarm)
-            run = result.run_after(raised)
-            outcome = "no retraining run" if run is None else _describe_run(run, self.policy)
-            self._fire("drift", raised, "retrain and update the model",
-                       f"{result.alarm['type']} ({result.alarm['drifted_features']} drifted features, "
-                       f"min p {result.alarm['min_p_value']:.1e}); {outcome}")
+        for alarm in result.alarms:
+            self._fire(_alarm_rule(alarm), alarm_time(alarm), "retrain and update the model",
+                       f"{_describe_alarm(alarm)}; {_alarm_outcome(alarm, result, self.policy)}")
 
     def live_state(self) -> dict[str, Any]:
         """What the live display shows now."""
@@ -433,8 +532,8 @@ class Demo:
         if self.stack is not None and self.stack.autoscaler is not None:  # scaling rules fire before _collect
             for firing in scaling_firings(self._decision_records()):
                 fired.setdefault(firing.rule, firing.time)
-        if self.result.alarm is not None:
-            fired.setdefault("drift", alarm_time(self.result.alarm))
+        for alarm in list(self.result.alarms):
+            fired.setdefault(_alarm_rule(alarm), alarm_time(alarm))
         return {
             "phase": self.phase,
             "line": self.status_line,
@@ -466,9 +565,9 @@ def _describe_run(run: dict[str, Any], policy: Policy) -> str:
     outcome = run.get("outcome")
     if outcome == "promoted":
         observed = run.get("full_traffic", 0.0) - run.get("canary_started", 0.0)
-        return (f"version {run.get('version')} passed the gate, canary {policy.rollout.canary_percent:g} % for "
-                f"{observed:.0f} s ({run.get('canary_answers', 0):g} answers, "
-                f"{run.get('canary_failure_rate', 0):.0%} 5xx), then 100 %")
+        return (f"version {run.get('version')} passed the gate, {_describe_shadow(run)}canary "
+                f"{policy.rollout.canary_percent:g} % for {observed:.0f} s ({run.get('canary_answers', 0):g} answers, "
+                f"{run.get('canary_failure_rate', 0):.0%} 5xx{_accuracy_of(run, 'canary')}), then 100 %")
     if outcome == "rejected":
         return f"version {run.get('version')} rejected by the gate: {run.get('gate')}"
     if outcome == "rolled_back":
@@ -476,9 +575,60 @@ def _describe_run(run: dict[str, Any], policy: Policy) -> str:
     return f"run {outcome}: {run.get('error', '')}"
 
 
+def _describe_shadow(run: dict[str, Any]) -> str:
+    """``shadow for ... s (...), `` when the run had a shadow stage."""
+    if run.get("shadow_started") is None or run.get("canary_started") is None:
+        return ""
+    agreement = run.get("shadow_agreement")
+    agrees = "" if agreement is None else f", {agreement:.0%} agreement with production"
+    return (f"shadow for {run['canary_started'] - run['shadow_started']:.0f} s ({run.get('shadow_answers', 0)} mirrored "
+            f"answers{agrees}{_accuracy_of(run, 'shadow')}), ")
+
+
+def _accuracy_of(run: dict[str, Any], stage: str) -> str:
+    """``, realised accuracy A over N labels (production P)`` of a stage judged on labels."""
+    accuracy = run.get(f"{stage}_accuracy")
+    if accuracy is None:
+        return ""
+    production = run.get("production_accuracy")
+    against = "" if production is None else f", production {production:.3f}"
+    return f", realised accuracy {accuracy:.3f} over {run.get(f'{stage}_labels', 0)} labels{against}"
+
+
+def _relabelled(labels: np.ndarray, truth: dict[str, str]) -> np.ndarray:
+    """``labels`` after the concept drift ``truth`` (class -> its new label)."""
+    return np.array([truth.get(str(label), str(label)) for label in labels])
+
+
+def _alarm_rule(alarm: dict[str, Any]) -> str:
+    """The automation-table row an alarm belongs to."""
+    return "accuracy" if alarm["type"] == ACCURACY_EVENT else "drift"
+
+
+def _describe_alarm(alarm: dict[str, Any]) -> str:
+    if alarm["type"] == ACCURACY_EVENT:
+        return (f"{alarm['type']} (version {alarm['version']}: realised accuracy {alarm['accuracy']:.3f} over "
+                f"{alarm['labels']} labels, below {alarm['below']:g})")
+    return f"{alarm['type']} ({alarm['drifted_features']} drifted features, min p {alarm['min_p_value']:.1e})"
+
+
+def _alarm_outcome(alarm: dict[str, Any], result: DemoResult, policy: Policy) -> str:
+    """What came of ``alarm``: the run it started, or the run already under way (the trigger starts one at a time)."""
+    run = result.run_of(alarm)
+    if run is not None:
+        return _describe_run(run, policy)
+    raised = alarm_time(alarm)
+    under_way = next((r for r in result.runs if r.get("queued", 0) <= raised <= r.get("finished", float("inf"))), None)
+    if under_way is not None:
+        return f"no run of its own: a retraining run was under way ({_describe_run(under_way, policy)})"
+    return "no run: the retraining cooldown or the day's budget held it"
+
+
 def alarm_time(alarm: dict[str, Any]) -> float:
-    """When the watch raised ``alarm``: the time of the last row of the window that tripped it."""
-    return datetime.fromisoformat(alarm["window"]["last_time"].replace("Z", "+00:00")).timestamp()
+    """When the watch raised ``alarm``: for a window's alarm, the time of the window's last row; for the accuracy
+    rule, when the labels that tripped it were judged."""
+    moment = alarm["judged_time"] if alarm["type"] == ACCURACY_EVENT else alarm["window"]["last_time"]
+    return datetime.fromisoformat(moment.replace("Z", "+00:00")).timestamp()
 
 
 def loop_timings(result: DemoResult) -> dict[str, float | None]:
@@ -490,12 +640,18 @@ def loop_timings(result: DemoResult) -> dict[str, float | None]:
     shifted = min((r.time for r in result.requests if r.phase == "drift"), default=None)
     alarm = alarm_time(result.alarm) if result.alarm else None
     run = (result.run_after(alarm) if alarm is not None else None) or {}
+    accuracy_alarm = alarm_time(result.accuracy_alarm) if result.accuracy_alarm else None
+    concept_run = (result.run_of(result.accuracy_alarm) if result.accuracy_alarm else None) or {}
     load = result.phases.get("load")
     first_out = next((d for d in result.decisions if d["action"] == "scale_out" and result.phase_at(d["time"]) == "load"), None)
     scale_out = first_out["time"] if first_out else None
     ready = next((s["time"] for s in result.samples
                   if first_out and s["time"] >= first_out["time"] and s["replicas"] >= first_out["desired"]), None)
     return {
+        "label_shift_to_accuracy_alarm_s": gap(result.label_shift, accuracy_alarm),
+        "accuracy_alarm_to_pipeline_start_s": gap(accuracy_alarm, concept_run.get("started")),
+        "concept_pipeline_s": gap(concept_run.get("started"), concept_run.get("trained")),
+        "label_shift_to_full_traffic_s": gap(result.label_shift, concept_run.get("full_traffic")),
         "first_shifted_request_to_alarm_s": gap(shifted, alarm),
         "alarm_to_pipeline_start_s": gap(alarm, run.get("started")),
         "pipeline_s": gap(run.get("started"), run.get("trained")),
@@ -516,4 +672,4 @@ def save_result(result: DemoResult, path: Path) -> None:
     """The whole record as JSON, for a look after the run (what the report and ``--json`` summarise)."""
     path.write_text(json.dumps({**result.summary(), "samples": result.samples, "decisions": result.decisions,
                                 "requests": [asdict(r) for r in result.requests], "runs": result.runs,
-                                "training": result.training, "alarm": result.alarm}, default=str))
+                                "training": result.training, "alarms": result.alarms}, default=str))

@@ -36,7 +36,7 @@ def live_view(demo: Demo) -> Group:
 
 
 def automation_table(result: DemoResult, fired: dict[str, float]) -> Table:
-    """The five rows of the automation table and when each first fired (``fired``: rule -> time)."""
+    """The rows of the automation table and when each first fired (``fired``: rule -> time)."""
     table = Table(title="automation table", title_justify="left")
     for column in ("stage", "event", "action", "fired at"):
         table.add_column(column)

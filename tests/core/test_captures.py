@@ -154,10 +154,15 @@ def test_the_newest_label_of_a_row_wins_over_the_base_and_older_shards(tmp_path,
     row counts, and the corrected base is what the next run starts from."""
     base = load_dataset("builtin:iris")
     first = area.add_labelled(labelled(base.features[:3], ["virginica", "virginica", "setosa"], ["c:0", "c:1", "c:2"],
-                                       base.feature_names))
+                                       base.feature_names), name="labelled-b")
     second = area.add_labelled(labelled(np.vstack([base.features[:1], base.features[:1] + 50]), ["versicolor", "setosa"],
-                                        ["c:3", "c:4"], base.feature_names))
-    uri, target = assemble_training_set("builtin:iris", None, [first, second], tmp_path / "data")
+                                        ["c:3", "c:4"], base.feature_names), name="labelled-a")  # newer, first by name
+    os.utime(first, ns=(10**18, 10**18))
+    os.utime(second, ns=(2 * 10**18, 2 * 10**18))
+    # A join's shard, written last but its row labelled first (its .meta.json says when): it loses.
+    late = area.add_labelled(labelled(base.features[1:2], ["setosa"], ["c:5"], base.feature_names), name="labelled-z",
+                             meta={"rows": {"c:5": {"labelled_at": 1.0}}})
+    uri, target = assemble_training_set("builtin:iris", None, [second, late, first], tmp_path / "data")
     data = load_dataset(uri, target=target)
     assert data.rows == base.rows + 1  # only the row new to the base is added
     expected = base.labels.copy()

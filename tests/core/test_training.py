@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import joblib
 import numpy as np
 import pytest
 
@@ -151,3 +152,24 @@ def test_out_of_bag_scoring_takes_one_fit_and_ranks_like_cross_validation(prepar
     assert select_best(oob, "accuracy")[0]["params"] == select_best(cv, "accuracy")[0]["params"] == strong
     with pytest.raises(ValueError, match="unknown candidate evaluation 'loo'"):
         candidates_step(str(folder / "prepared.npz"), [strong], 5, 3, "accuracy", "loo")
+
+
+def test_the_out_of_bag_winner_s_forest_is_the_final_model_and_equals_a_refit(prepared_digits, tmp_path):
+    """A warm search's batch leader keeps its forest: the final model is not grown twice, and is the same forest."""
+    folder, _ = prepared_digits
+    prepared_path, preprocessor_path = str(folder / "prepared.npz"), str(folder / "prep.joblib")
+    strong = {"n_estimators": 40.0, "max_features": "sqrt"}  # as KFP hands numbers back
+    weak = {"n_estimators": 3, "max_depth": 3, "max_features": "sqrt"}
+    candidates_step(prepared_path, [weak, strong], 5, 3, "accuracy", "oob", str(tmp_path / "batch-1"))
+    candidates_step(prepared_path, [weak], 5, 3, "accuracy", "cv", str(tmp_path / "batch-2"))  # CV keeps no forest
+    assert sorted(p.name for p in (tmp_path / "batch-1").iterdir()) == ["forest.joblib", "params.json"]
+    assert list((tmp_path / "batch-2").iterdir()) == []
+    fitted = [str(tmp_path / "batch-2"), str(tmp_path / "batch-1")]
+    reused = fit_export_step(prepared_path, preprocessor_path, strong, 3, str(tmp_path / "reused"), fitted)
+    refit = fit_export_step(prepared_path, preprocessor_path, strong, 3, str(tmp_path / "refit"))
+    other = fit_export_step(prepared_path, preprocessor_path, weak, 3, str(tmp_path / "other"), fitted)
+    assert (reused["final_fit"], refit["final_fit"], other["final_fit"]) == ("reused", "refit", "refit")
+    assert reused["metrics"] == refit["metrics"]
+    assert (tmp_path / "reused" / "model.onnx").read_bytes() == (tmp_path / "refit" / "model.onnx").read_bytes()
+    model = joblib.load(tmp_path / "reused" / "model.joblib")
+    assert not hasattr(model, "oob_decision_function_") and model.get_params()["oob_score"] is False

@@ -1,5 +1,9 @@
 """kfloop demo end to end on the leaf case study, shortened (--speed), as a user runs it:
-every row of the automation table fires, in the scenario's order, and no client request fails."""
+every row of the automation table fires, in the scenario's order, and no client request fails.
+
+Its concept phase is issue 15's end-to-end test: the labels of some classes swap while the features stay
+clean; the drift detector stays quiet, the accuracy rule fires, and the version retrained on the labelled
+captures goes through the gate, the shadow stage and the canary to all traffic."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-SCENARIO_ORDER = ("tune", "select", "request-rate", "predictor-failures", "drift")
+SCENARIO_ORDER = ("tune", "select", "request-rate", "predictor-failures", "accuracy", "drift")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,20 +38,31 @@ def test_a_shortened_demo_on_leaf_data_fires_every_rule_in_order_without_a_faile
     assert times == sorted(times), summary["timeline"]
     actions = {rule: first[rule]["action"] for rule in SCENARIO_ORDER}
     assert actions == {"tune": "tune many sets in parallel", "select": "select the best", "request-rate": "scale out",
-                       "predictor-failures": "scale out", "drift": "retrain and update the model"}
+                       "predictor-failures": "scale out", "accuracy": "retrain and update the model",
+                       "drift": "retrain and update the model"}
     assert first["tune"]["outcome"].startswith("4 candidates in 2 tasks, up to 2 at once")
     assert "1 -> " in first["request-rate"]["outcome"] and "1 -> 2" in first["predictor-failures"]["outcome"]
-    assert "version 2 passed the gate" in first["drift"]["outcome"] and "then 100 %" in first["drift"]["outcome"]
+    concept, drift = first["accuracy"]["outcome"], first["drift"]["outcome"]
+    assert concept.startswith("io.kfloop.accuracy.low (version 1: realised accuracy") and "below 0.8" in concept, concept
+    assert "version 2 passed the gate, shadow for" in concept and "then 100 %" in concept, concept
+    assert "version 3 passed the gate, shadow for" in drift and "then 100 %" in drift, drift
     assert any(f["action"] == "scale in" for f in summary["timeline"])
+    phases = summary["phases"]
+    assert phases["fault"] < phases["concept"] < first["accuracy"]["at_s"] < phases["drift"]
+    quiet = [f for f in summary["timeline"] if f["rule"] == "drift" and phases["concept"] <= f["at_s"] < phases["drift"]]
+    assert quiet == [], quiet  # the same stream: clean features, so the drift detector raised nothing
+    assert summary["labels"]["refused"] == 0 and summary["labels"]["accepted"] > 990, summary["labels"]
 
     assert summary["failed_client_requests"] == 0 and summary["injected_failures"] > 0 and summary["requests"] > 100
     timings = summary["loop_timings"]
-    for step in ("first_shifted_request_to_alarm_s", "alarm_to_pipeline_start_s", "pipeline_s",
+    for step in ("label_shift_to_accuracy_alarm_s", "concept_pipeline_s", "label_shift_to_full_traffic_s",
+                 "first_shifted_request_to_alarm_s", "alarm_to_pipeline_start_s", "pipeline_s",
                  "promotion_to_full_traffic_s", "scale_out_reaction_s"):
         assert timings[step] is not None and timings[step] >= 0, timings
     assert timings["promotion_to_full_traffic_s"] >= 4  # the canary is observed for observe_seconds (120 / 30)
 
     page = (report / "index.html").read_text()
-    for name in ("requests.png", "failures.png", "drift.png", "model.png", "latency.png"):
+    for name in ("requests.png", "failures.png", "drift.png", "model.png", "accuracy.png", "latency.png"):
         assert (report / name).read_bytes()[:8] == PNG_MAGIC and f'src="{name}"' in page
     assert "request rate over 2 req/s per replica (10s window)" in page and "0 failed" in page
+    assert "accuracy of the served version below 0.8 over 200 labels" in page

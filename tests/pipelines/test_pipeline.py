@@ -87,6 +87,7 @@ def test_train_promotes_first_refuses_no_gain_and_bad_data_then_promotes_better(
     meta = store.metadata("digits", "3")
     assert meta["status"] == "promoted" and meta["gate"]["production_version"] == "1"
     assert meta["lineage"] == {"search": "full", "candidates": 2, "evaluation": "cv"}
+    assert type(meta["lineage"]["candidates"]) is int  # KFP hands it back as a float: restored
     assert meta["data"]["rows"] == 1797 and meta["params"]["n_estimators"] in (20, 40)
 
     listing = kfloop_cli("models", "list", "--registry", str(registry))

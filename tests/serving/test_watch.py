@@ -752,8 +752,12 @@ def test_the_accuracy_rule_raises_one_alarm_when_the_serving_versions_labelled_a
     """Concept drift: the rows stay as they were (no drift alarm), the labels say the answers are wrong."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("model: leaf\naccuracy:\n  labels: 4\n  below: 0.8\n")
+    registry = tmp_path / "registry"
+    shutil.copytree(setup["registry"], registry)
+    captures = ModelRegistry(registry).captures("leaf")
+    earlier = set(captures.labelled_shards())
     sink = EventSink()
-    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state", extra=("--policy", str(policy)))
+    service = Watch(registry, sink.server.server_port, tmp_path / "state", extra=("--policy", str(policy)))
     try:
         rows = setup["rows"][:8]
         classes = ModelRegistry(setup["registry"]).metadata("leaf", "1")["classes"]
@@ -766,6 +770,11 @@ def test_the_accuracy_rule_raises_one_alarm_when_the_serving_versions_labelled_a
         [alarm] = eventually(lambda: [e for e in sink.events if e["type"] == "io.kfloop.accuracy.low"], 10, "an accuracy alarm")
         assert (alarm.data["model"], alarm.data["version"], alarm.data["labels"]) == ("leaf", "1", 4)
         assert alarm.data["accuracy"] == 0.75 and alarm.data["below"] == 0.8
+        # Stored only once the labels behind it were joined (their rows were still buffered): the retraining it
+        # starts reads them as a labelled shard.
+        joined = [load_dataset(str(shard), target="label") for shard in set(captures.labelled_shards()) - earlier]
+        assert sorted((i, label) for data in joined for i, label in zip(data.ids.tolist(), data.labels.tolist())) == \
+            [("r0:0", classes[0]), ("r1:0", classes[0]), ("r2:0", classes[0]), ("r3:0", classes[1])]
         labels_of(service, [{"id": f"r{i}", "label": classes[1]} for i in (4, 5)])  # still low: no second alarm
         time.sleep(1.0)
         assert [e["type"] for e in sink.events] == ["io.kfloop.accuracy.low"]  # and no drift alarm: the rows are clean
