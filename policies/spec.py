@@ -217,7 +217,7 @@ class RetrainingPolicy(_Spec):
     # warm: an alarm's run evaluates the serving version's winner, its ``neighbourhood`` closest sets on the
     # grid and the ``pinned`` sets (kfloop.search); full: the whole grid, as ``kfloop train`` always does.
     search: Literal["warm", "full"] = "warm"
-    neighbourhood: int = Field(default=2, ge=0, le=64)
+    neighbourhood: int = Field(default=1, ge=0, le=64)
     pinned: list[ForestParams] = Field(default=[])
     base_data: str | None = None  # data URI of the base training set (default: the one of the serving version)
     include_captures: bool = True  # add labelled capture shards (<registry>/<model>/captures/**/labelled*.csv)

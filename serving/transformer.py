@@ -517,7 +517,8 @@ class ForestTransformer(Model):
     def postprocess(self, call: _Call, headers: dict[str, str] | None = None,
                     response_headers: dict[str, str] | None = None) -> Any:
         """The answer: labels (V1) or the V2 outputs; ``x-request-id`` is the inference id the request's rows
-        were captured under (what a label names), whatever id the client gave."""
+        were captured under (what a label names), whatever id the client gave. A gRPC answer has no headers
+        (KServe's servicer sends none): it carries that id as its ``x-request-id`` parameter."""
         if response_headers is not None:
             response_headers[REQUEST_ID_HEADER] = call.inference_id
         labels = call.preprocessors[call.version].decode(call.indices).tolist()
@@ -535,6 +536,7 @@ class ForestTransformer(Model):
                 model_version=call.version,
                 infer_outputs=outputs,
                 from_grpc=call.from_grpc,
+                parameters={REQUEST_ID_HEADER: call.inference_id} if call.from_grpc else None,
             )
         if call.pinned is None:  # a shadow gets a copy of what the clients send, not of requests pinned elsewhere
             for shadow in self.split.routes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
@@ -47,6 +48,35 @@ def test_payload_events_are_kserve_shaped_cloudevents_with_the_trace_and_an_id_p
             assert event["inferenceservicename"] == "leaf" and event["component"] == "transformer"
             assert event["traceparent"].split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
             assert event["traceparent"] != trace  # a child span of the caller's
+
+
+def test_a_grpc_answer_carries_the_id_its_rows_were_captured_under_as_a_parameter(stack):
+    """gRPC has no response headers through KServe's servicer: the capture id travels as the answer's
+    ``x-request-id`` parameter, beside the client's own id in the V2 ``id``."""
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    sink = stack["sink"]
+    rows = stack["holdout"].holdout_features[:3].astype(np.float32)
+
+    async def ask():
+        request = InferRequest(model_name="leaf", request_id="call-grpc-7",
+                               infer_inputs=[InferInput("features", list(rows.shape), "FP32")])
+        request.inputs[0].set_data_from_numpy(rows)
+        client = InferenceGRPCClient(stack["runtime"].endpoints["grpc"])
+        try:
+            return await client.infer(request)
+        finally:
+            await client.close()
+
+    answer = asyncio.run(ask())
+    captured = answer.parameters["x-request-id"].string_param
+    assert answer.id == "call-grpc-7" and captured not in ("", "call-grpc-7")
+    deadline = time.time() + 10
+    while time.time() < deadline and len([e for e in sink.events if e["id"] == captured]) < 2:
+        time.sleep(0.05)
+    events = {e["type"]: e for e in sink.events if e["id"] == captured}
+    assert set(events) == {REQUEST_EVENT, "org.kubeflow.serving.inference.response"}
+    assert events[REQUEST_EVENT]["clientrequestid"] == "call-grpc-7"
 
 
 def payload_events(model: str, outcome: str) -> float:
