@@ -5,8 +5,9 @@
 
 - ServiceAccounts, the trigger service's namespaced Role and RoleBinding, the
   policy as a ConfigMap, NetworkPolicies that open only the loop's paths;
-- the Knative ``Broker`` and the ``EventPolicy`` that lets only the drift
-  detector's ServiceAccount post kfloop's alarm types to it;
+- the Knative ``Broker``, the ``EventPolicy`` that lets only the drift
+  detector's ServiceAccount post kfloop's alarm types to it, and the one that
+  lets only the labeller's ServiceAccount post ``io.kfloop.label`` events;
 - the drift detector (``kfloop watch``) as a Deployment + Service, before the
   InferenceService whose payload logger posts to it;
 - the ``ServingRuntime`` and the v1beta1 ``InferenceService`` (transformer ->
@@ -16,8 +17,10 @@
 - the trigger service (``kfloop trigger``) as a Deployment + Service, the
   alarm ``Trigger`` s from :func:`~kfloop.policies.compile.compile_triggers`
   (with the OIDC audience the trigger service checks, and the policy's
-  retries with the watch's dead-letter port as their ``deadLetterSink``), and
-  a ``PodMonitor`` for every ``/metrics``.
+  retries with the watch's dead-letter port as their ``deadLetterSink``), the
+  labels ``Trigger`` (:func:`~kfloop.policies.compile.compile_label_trigger`:
+  ``io.kfloop.label`` to the watch's dead-letter port, which also takes labels),
+  and a ``PodMonitor`` for every ``/metrics``.
 
 Who may send what (docs/cluster.md, "Who may send events"): KServe 0.20's
 payload logger cannot authenticate, so it posts *straight to the watch*, and a
@@ -55,8 +58,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from kfloop.errors import ManifestError
+from kfloop.event_types import LABEL_EVENT
 from kfloop.kube import dns_label_problem
-from kfloop.policies.compile import compile_scaled_object, compile_triggers
+from kfloop.policies.compile import compile_label_trigger, compile_scaled_object, compile_triggers
 from kfloop.policies.signals import signal_of
 from kfloop.policies.spec import Policy, ScalingRule
 
@@ -158,6 +162,9 @@ def render_objects(
                                 dead_letter_service=loop.name("watch"), dead_letter_port=DEAD_LETTER_PORT,
                                 dead_letter_audience=loop.dead_letter_audience())
     subjects = [trigger_subject(namespace, trigger["metadata"]["name"]) for trigger in triggers]
+    labels = compile_label_trigger(policy, namespace=namespace, broker=broker, watch_service=loop.name("watch"),
+                                   port=DEAD_LETTER_PORT, audience=loop.dead_letter_audience())
+    label_subject = trigger_subject(namespace, labels["metadata"]["name"])
     return [
         # Predictor (KServe's storage initializer) and transformer only read the registry.
         loop.service_account("serving", automount=False, secrets=(STORAGE_READONLY_SECRET,)),
@@ -167,13 +174,16 @@ def render_objects(
         # The KServe deployer patches the InferenceService; the token also reads the cluster's
         # OIDC discovery document, which every ServiceAccount may (system:service-account-issuer-discovery).
         loop.service_account("trigger", automount=True),
+        # The labelling team's client posts io.kfloop.label events to the Broker with a token of this account.
+        loop.service_account("labeller", automount=False),
         loop.trigger_role(),
         loop.trigger_role_binding(),
         loop.policy_config_map(),
         *loop.network_policies(monitoring_namespace),
         loop.broker(),
         loop.alarm_event_policy(),
-        loop.deployment("watch", loop.watch_args(subjects), volumes=(loop.broker_token_volume(),),
+        loop.label_event_policy(),
+        loop.deployment("watch", loop.watch_args([*subjects, label_subject]), volumes=(loop.broker_token_volume(),),
                         mounts=(loop.broker_token_mount(),), ports=(_port("dead-letters", DEAD_LETTER_PORT),)),
         loop.service("watch", ports=(_port("dead-letters", DEAD_LETTER_PORT),)),
         loop.serving_runtime(),
@@ -184,6 +194,7 @@ def render_objects(
         loop.deployment("trigger", loop.trigger_args(kfp_host, prometheus_url, subjects), env=(_kfp_token_env(),)),
         loop.service("trigger"),
         *triggers,
+        labels,
         loop.pod_monitor(),
     ]
 
@@ -437,6 +448,20 @@ class _Loop:
             },
         }
 
+    def label_event_policy(self) -> dict[str, Any]:
+        """Only the labeller's ServiceAccount may post labels to the Broker, and nothing else (its own policy:
+        the first policy whose ``from`` matches decides alone)."""
+        return {
+            "apiVersion": "eventing.knative.dev/v1alpha1",
+            "kind": "EventPolicy",
+            "metadata": self.metadata(self.name("labels"), "labeller"),
+            "spec": {
+                "to": [{"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": self.broker_name}}],
+                "from": [{"sub": service_account_subject(self.namespace, self.name("labeller"))}],
+                "filters": [{"exact": {"type": LABEL_EVENT}}],
+            },
+        }
+
     # --- serving -----------------------------------------------------------------------------
 
     def serving_runtime(self) -> dict[str, Any]:
@@ -559,7 +584,7 @@ class _Loop:
             "--event-auth", "none",
             "--policy", f"{POLICY_DIR}/policy.yaml", "--state-dir", STATE_DIR,
             "--http-port", str(PORT), "--host", "0.0.0.0",
-            # Dead letters come from broker-filter with a token of the Trigger's ServiceAccount.
+            # Dead letters and labels come from broker-filter with a token of the Trigger's ServiceAccount.
             "--dead-letter-port", str(DEAD_LETTER_PORT), "--dead-letter-auth", "oidc",
             "--oidc-audience", self.dead_letter_audience(),
         ]

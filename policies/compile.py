@@ -29,7 +29,7 @@ from kfloop.errors import PolicyError
 from kfloop.kube import dns_label_problem
 from kfloop.policies import signals
 from kfloop.policies.spec import DeliveryPolicy, Policy, ScalingPolicy
-from kfloop.event_types import REQUEST_EVENT
+from kfloop.event_types import LABEL_EVENT, REQUEST_EVENT
 
 __all__ = ["compile_kserve_autoscaling", "compile_scaled_object", "compile_triggers", "write_objects"]
 
@@ -224,6 +224,18 @@ def compile_triggers(
     triggers.append(_trigger(f"{drift_service}-requests", policy, namespace, broker, payloads,
                              _destination(drift_service, namespace, drift_port)))
     return triggers
+
+
+def compile_label_trigger(policy: Policy, *, namespace: str, broker: str, watch_service: str, port: int,
+                          audience: str | None = None) -> dict[str, Any]:
+    """The Knative Trigger that delivers ``io.kfloop.label`` events from ``broker`` to the watch's Broker-facing
+    (dead-letter) ``port``: a cluster's label door. With ``audience`` (OIDC on) each delivery carries a token of
+    the Trigger's own ServiceAccount for it, which the watch checks; who may put labels into the Broker is the
+    Broker's EventPolicy's business. No retries beyond Knative's own: a batch refused for an unknown id (404,
+    its answer not yet at the watch) is retried, a malformed one is not."""
+    _dns_label(watch_service, "watch service")
+    return _trigger(f"{watch_service}-labels", policy, namespace, broker, {"type": LABEL_EVENT},
+                    _destination(watch_service, namespace, port, audience))
 
 
 def write_objects(objects: list[dict[str, Any]], directory: str | Path) -> list[Path]:

@@ -291,9 +291,7 @@ class WatchService:
             EVENTS.labels(model, "answers").inc()
             return EventReply(202)
         if event_type == LABEL_EVENT:
-            intake = self.take_labels(event.get_data())
-            EVENTS.labels(model, "labels").inc()
-            return EventReply(202, {"x-kfloop-labels": f"accepted={intake.accepted}; duplicate={intake.duplicate}"})
+            return self.label_event(delivery)
         if event_type != REQUEST_EVENT:
             EVENTS.labels(model, "ignored").inc()
             return EventReply.ignored(f"event type {event_type!r} is not watched (only {REQUEST_EVENT}, "
@@ -614,6 +612,13 @@ class WatchService:
                                          through))
         self._store_unstored()
 
+    def label_event(self, delivery: Delivery) -> EventReply:
+        """An ``io.kfloop.label`` event (on the payload port, or through the Broker on the dead-letter port): 202 with
+        what was kept in ``x-kfloop-labels``, or the refusal's 4xx (404 unknown ids: a Knative Trigger retries it)."""
+        intake = self.take_labels(delivery.event.get_data())
+        EVENTS.labels(self.config.model, "labels").inc()
+        return EventReply(202, {"x-kfloop-labels": f"accepted={intake.accepted}; duplicate={intake.duplicate}"})
+
     def take_labels(self, body: Any) -> LabelIntake:
         """Keep a batch of labels (:meth:`Feedback.labels`), then judge the accuracy rule on what they changed."""
         intake = self.feedback.labels(body)
@@ -726,7 +731,8 @@ def knative_retries(status: int) -> bool:
 
 
 class DeadLetters:
-    """The dead-letter port's service: this model's alarms that a Knative Trigger could not deliver, back into the outbox.
+    """The dead-letter port's service: this model's alarms that a Knative Trigger could not deliver, back into the outbox;
+    and, on a cluster, labels (``io.kfloop.label``) that the labels Trigger delivers from the Broker.
 
     A dead letter carries Knative's ``knativeerrorcode`` (the trigger service's
     answer, or 500 when there was none) and ``knativeerrordata`` (its body,
@@ -740,12 +746,15 @@ class DeadLetters:
         self.watch = watch
 
     def handle(self, delivery: Delivery) -> EventReply:
-        """202 stored in the outbox, 204 not an alarm of this model or refused for good, 400 malformed, 503 not stored."""
+        """202 stored in the outbox, 204 not an alarm of this model or refused for good, 400 malformed, 503 not stored;
+        a label event as on the payload port (:meth:`WatchService.label_event`)."""
         event, model = delivery.event, self.watch.config.model
         event_id, event_type = str(event["id"]), event["type"]
+        if event_type == LABEL_EVENT:
+            return self.watch.label_event(delivery)
         if event_type not in ALARM_EVENTS:
             return self._ignored("ignored", f"event type {event_type!r} is not an alarm ({', '.join(ALARM_EVENTS)}); "
-                                            "only alarms come back here")
+                                            "only alarms and labels come here")
         data = json_object(event.get_data(), "a dead-lettered alarm's data")
         named = data.get("model")
         if not isinstance(named, str) or not named:

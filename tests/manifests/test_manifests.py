@@ -39,7 +39,7 @@ from kfloop.manifests.render import (
 )
 from kfloop.manifests.schemas import validate_manifest
 from kfloop.policies import load_policy
-from kfloop.event_types import ALARM_EVENTS, REQUEST_EVENT
+from kfloop.event_types import ALARM_EVENTS, LABEL_EVENT, REQUEST_EVENT
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "manifests" / "base"
@@ -81,6 +81,14 @@ def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> di
     return found[0]
 
 
+LABELS_TRIGGER = "classifier-watch-labels"
+
+
+def alarm_triggers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Triggers that deliver alarms to the trigger service (every Trigger but the labels one)."""
+    return [o for o in objects if o["kind"] == "Trigger" and o["metadata"]["name"] != LABELS_TRIGGER]
+
+
 def object_id(obj: dict[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
@@ -97,7 +105,7 @@ def test_the_loop_has_every_kind_the_issue_asks_for_and_nothing_else(objects):
 
 def test_every_custom_resource_matches_its_upstream_crd_with_unknown_fields_rejected(objects, shared_specs):
     checked = [o for o in objects if o["kind"] in CRD_KINDS]
-    assert len(checked) == 7  # InferenceService, ScaledObject, Broker, EventPolicy, 3 Triggers (the alarms')
+    assert len(checked) == 9  # InferenceService, ScaledObject, Broker, 2 EventPolicies, 3 alarm Triggers, the labels one
     for obj in checked:
         validate_manifest(obj, shared_specs)
 
@@ -105,7 +113,7 @@ def test_every_custom_resource_matches_its_upstream_crd_with_unknown_fields_reje
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_core_object_validates_strictly_against_kubernetes(objects, version):
     checked = [o for o in objects if o["kind"] in CORE_KINDS]
-    assert len(checked) == 16
+    assert len(checked) == 17
     for obj in checked:
         kubernetes_validate.validate(obj, version, strict=True)
 
@@ -316,7 +324,8 @@ def test_credentials_reach_the_pods_only_by_secret_reference(objects):
 def test_only_the_trigger_service_has_rights_on_the_kubernetes_api_and_only_on_its_inference_service(objects):
     accounts = {o["metadata"]["name"]: o["automountServiceAccountToken"] for o in objects if o["kind"] == "ServiceAccount"}
     # The watch's token only reads the cluster's OIDC discovery (every ServiceAccount may), to check dead letters' tokens.
-    assert accounts == {"classifier-serving": False, "classifier-watch": True, "classifier-trigger": True}
+    assert accounts == {"classifier-serving": False, "classifier-watch": True, "classifier-trigger": True,
+                        "classifier-labeller": False}
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
     assert role["rules"][0] == {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
                                 "resourceNames": ["classifier"], "verbs": ["get", "list", "watch", "patch"]}
@@ -350,14 +359,15 @@ def test_every_container_command_line_is_accepted_by_kfloops_cli_as_kserve_exten
     assert (watch["sink"], watch["host"], watch["http_port"], watch["registry"]) == \
         (broker_ingress_url(NAMESPACE, "default"), "0.0.0.0", 8080, REGISTRY)
     assert (str(watch["sink_token_file"]), watch["event_auth"]) == (BROKER_TOKEN_PATH, "none")
-    alarm_triggers = [o["metadata"]["name"] for o in objects if o["kind"] == "Trigger"]
+    alarms = [o["metadata"]["name"] for o in alarm_triggers(objects)]
     assert (watch["dead_letter_port"], watch["dead_letter_auth"], watch["oidc_audience"], list(watch["oidc_subject"])) == \
-        (DEAD_LETTER_PORT, "oidc", f"classifier-watch.{NAMESPACE}", [trigger_subject(NAMESPACE, name) for name in alarm_triggers])
+        (DEAD_LETTER_PORT, "oidc", f"classifier-watch.{NAMESPACE}",
+         [trigger_subject(NAMESPACE, name) for name in [*alarms, LABELS_TRIGGER]])
     trigger = cli_command(one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"])
     assert (trigger["inference_service"], trigger["namespace"], trigger["prometheus_url"], trigger["image"], trigger["host"]) == \
         ("classifier", NAMESPACE, PROMETHEUS, IMAGE, "0.0.0.0")
     assert (trigger["alarm_auth"], trigger["oidc_audience"], list(trigger["oidc_subject"]), trigger["kfp_allow_http"]) == \
-        ("oidc", f"classifier-trigger.{NAMESPACE}", [trigger_subject(NAMESPACE, name) for name in alarm_triggers], True)
+        ("oidc", f"classifier-trigger.{NAMESPACE}", [trigger_subject(NAMESPACE, name) for name in alarms], True)
 
 
 def test_the_transformer_names_the_predictor_protocol_and_logs_requests_to_the_watch_service(objects):
@@ -421,7 +431,7 @@ def test_values_a_cluster_cannot_use_are_all_reported_at_once(policy):
 
 def test_every_trigger_filters_on_type_and_no_subscriber_receives_what_it_emits(objects, policy):
     triggers = [o for o in objects if o["kind"] == "Trigger"]
-    assert len(triggers) == len(policy.retraining.events)  # payload events no longer pass the Broker
+    assert len(triggers) == len(policy.retraining.events) + 1  # payload events no longer pass the Broker; labels do
     services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
     emits = {"classifier-watch": set(policy.retraining.events), "classifier-trigger": set()}
     received = {}
@@ -429,11 +439,16 @@ def test_every_trigger_filters_on_type_and_no_subscriber_receives_what_it_emits(
         attributes = trigger["spec"]["filter"]["attributes"]
         assert attributes.get("type"), object_id(trigger)
         assert trigger["spec"]["broker"] == one(objects, "Broker")["metadata"]["name"]
-        ref = trigger["spec"]["subscriber"]["ref"]
-        assert ref["kind"] == "Service" and services[ref["name"]]["spec"]["ports"][0]["port"] == 80
-        received.setdefault(ref["name"], set()).add(attributes["type"])
-        assert attributes["type"] not in emits[ref["name"]]
-    assert received == {"classifier-trigger": set(policy.retraining.events)}
+        subscriber = trigger["spec"]["subscriber"]
+        if "ref" in subscriber:
+            name = subscriber["ref"]["name"]
+            assert subscriber["ref"]["kind"] == "Service" and services[name]["spec"]["ports"][0]["port"] == 80
+        else:  # the watch's dead-letter port: a uri (a Knative reference carries no port)
+            name = subscriber["uri"].removeprefix("http://").split(".")[0]
+            assert subscriber["uri"] == f"http://{name}.{NAMESPACE}.svc.cluster.local:{DEAD_LETTER_PORT}/"
+        received.setdefault(name, set()).add(attributes["type"])
+        assert attributes["type"] not in emits[name]
+    assert received == {"classifier-trigger": set(policy.retraining.events), "classifier-watch": {LABEL_EVENT}}
 
 
 def test_with_istio_the_failure_rule_reads_istio_telemetry_and_the_request_rule_stays_on_kfloops_counter(policy):
@@ -664,7 +679,7 @@ def test_the_network_policy_evaluator_follows_the_kubernetes_semantics(peers, so
 
 
 def test_only_the_watchs_service_account_may_post_the_policys_alarm_types_to_the_broker(objects, policy, shared_specs):
-    event_policy, broker = one(objects, "EventPolicy"), one(objects, "Broker")
+    event_policy, broker = one(objects, "EventPolicy", "classifier-alarms"), one(objects, "Broker")
     validate_manifest(event_policy, shared_specs)
     assert event_policy["apiVersion"] == "eventing.knative.dev/v1alpha1"
     assert event_policy["spec"]["to"] == [{"ref": {"apiVersion": broker["apiVersion"], "kind": "Broker", "name": broker["metadata"]["name"]}}]
@@ -675,6 +690,29 @@ def test_only_the_watchs_service_account_may_post_the_policys_alarm_types_to_the
     # The policy applies once the Broker exists; it comes after it in apply order.
     kinds = [o["kind"] for o in objects]
     assert kinds.index("Broker") < kinds.index("EventPolicy")
+
+
+def test_labels_enter_the_broker_only_from_the_labellers_account_and_reach_the_watchs_oidc_port(objects, shared_specs):
+    """The cluster's label door: the labeller's ServiceAccount (and no one else) may post io.kfloop.label events to
+    the Broker; a Trigger delivers them to the watch's dead-letter port with a token of its own ServiceAccount,
+    which the watch admits there -- and the trigger service does not."""
+    event_policy, trigger = one(objects, "EventPolicy", "classifier-labels"), one(objects, "Trigger", LABELS_TRIGGER)
+    for obj in (event_policy, trigger):
+        validate_manifest(obj, shared_specs)
+    labeller = one(objects, "ServiceAccount", "classifier-labeller")
+    assert labeller["automountServiceAccountToken"] is False  # its token is made for the Broker's audience, by its client
+    assert event_policy["spec"]["from"] == [{"sub": f"system:serviceaccount:{NAMESPACE}:classifier-labeller"}]
+    assert event_policy["spec"]["filters"] == [{"exact": {"type": LABEL_EVENT}}]
+    assert event_policy["spec"]["to"] == one(objects, "EventPolicy", "classifier-alarms")["spec"]["to"]
+    assert trigger["spec"]["filter"] == {"attributes": {"type": LABEL_EVENT}} and "delivery" not in trigger["spec"]
+    assert trigger["spec"]["subscriber"] == {"uri": f"http://classifier-watch.{NAMESPACE}.svc.cluster.local:{DEAD_LETTER_PORT}/",
+                                             "audience": f"classifier-watch.{NAMESPACE}"}
+    watch_args = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["args"]
+    trigger_args = one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
+    label_subject = trigger_subject(NAMESPACE, LABELS_TRIGGER)
+    assert label_subject in watch_args and label_subject not in trigger_args
+    names = [object_id(o) for o in objects]
+    assert names.index("Deployment/classifier-watch") < names.index(f"Trigger/{LABELS_TRIGGER}")
 
 
 def test_the_watch_posts_alarms_with_a_projected_token_for_the_brokers_audience(objects):
@@ -698,7 +736,7 @@ def test_the_watch_posts_alarms_with_a_projected_token_for_the_brokers_audience(
 
 
 def test_the_trigger_service_checks_the_audience_and_the_subject_of_each_trigger(objects):
-    triggers = [o for o in objects if o["kind"] == "Trigger"]
+    triggers = alarm_triggers(objects)
     audiences = {t["spec"]["subscriber"]["audience"] for t in triggers}
     assert audiences == {f"classifier-trigger.{NAMESPACE}"}
     args = one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -722,7 +760,7 @@ def test_the_trigger_service_checks_the_audience_and_the_subject_of_each_trigger
 
 
 def test_every_alarm_trigger_retries_with_the_policys_back_off_and_dead_letters_to_the_watch(objects, policy, shared_specs):
-    triggers = [o for o in objects if o["kind"] == "Trigger"]
+    triggers = alarm_triggers(objects)
     watch_service = one(objects, "Service", "classifier-watch")
     watch_args = one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["args"]
     trigger_args = one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -742,7 +780,8 @@ def test_every_alarm_trigger_retries_with_the_policys_back_off_and_dead_letters_
     assert watch_args[watch_args.index("--oidc-audience") + 1] == triggers[0]["spec"]["delivery"]["deadLetterSink"]["audience"]
     assert watch_args[watch_args.index("--oidc-audience") + 1] != trigger_args[trigger_args.index("--oidc-audience") + 1]
     subjects = [args[i + 1] for args in (watch_args, trigger_args) for i, arg in enumerate(args) if arg == "--oidc-subject"]
-    assert subjects == 2 * [trigger_subject(NAMESPACE, t["metadata"]["name"]) for t in triggers]
+    alarm_subjects = [trigger_subject(NAMESPACE, t["metadata"]["name"]) for t in triggers]
+    assert subjects == [*alarm_subjects, trigger_subject(NAMESPACE, LABELS_TRIGGER), *alarm_subjects]
     # The Triggers, which name the sink, are applied after the watch that serves it.
     names = [object_id(o) for o in objects]
     assert all(names.index("Deployment/classifier-watch") < names.index(object_id(t)) for t in triggers)
@@ -752,7 +791,7 @@ def test_the_policys_delivery_settings_reach_the_triggers(policy):
     slow = policy.model_copy(update={"retraining": policy.retraining.model_copy(update={
         "delivery": policy.retraining.delivery.model_copy(update={"retries": 3, "backoff_delay_seconds": 0.5,
                                                                   "backoff_policy": "linear"})})})
-    for trigger in (o for o in render(slow) if o["kind"] == "Trigger"):
+    for trigger in alarm_triggers(render(slow)):
         delivery = trigger["spec"]["delivery"]
         assert (delivery["retry"], delivery["backoffPolicy"], delivery["backoffDelay"]) == (3, "linear", "PT0.5S")
 
@@ -799,9 +838,9 @@ def test_inference_service_pods_have_disruption_budgets_that_never_block_a_drain
 
 
 @pytest.mark.parametrize("break_it, validator", [
-    (lambda o: one(o, "EventPolicy")["spec"]["from"][0].update(subject="x"), "crd"),
-    (lambda o: one(o, "EventPolicy")["spec"].update(form=[]), "crd"),
-    (lambda o: one(o, "EventPolicy")["spec"]["to"][0]["ref"].update(namespace="x"), "crd"),
+    (lambda o: one(o, "EventPolicy", "classifier-alarms")["spec"]["from"][0].update(subject="x"), "crd"),
+    (lambda o: one(o, "EventPolicy", "classifier-labels")["spec"].update(form=[]), "crd"),
+    (lambda o: one(o, "EventPolicy", "classifier-alarms")["spec"]["to"][0]["ref"].update(namespace="x"), "crd"),
     (lambda o: one(o, "Trigger", "classifier-trigger-on-drift-detected")["spec"]["subscriber"].update(audiance="x"), "crd"),
     (lambda o: one(o, "Trigger", "classifier-trigger-on-drift-detected")["spec"]["delivery"]["deadLetterSink"].update(audiance="x"), "crd"),
     (lambda o: one(o, "Trigger", "classifier-trigger-on-outlier-detected")["spec"]["delivery"].update(retry="8"), "crd"),
@@ -904,7 +943,7 @@ def test_deploy_dry_run_lists_every_object_without_a_cluster(tmp_path, objects):
     result = run_kfloop("deploy", *RENDER_ARGS, "--dry-run", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"^│ \d+", line)]
-    assert len(rows) == len(objects) == 25
+    assert len(rows) == len(objects) == 28
     for row, obj in zip(rows, objects):
         assert obj["kind"] in row and f"{NAMESPACE}/{obj['metadata']['name']}" in row
     assert "dry run: nothing applied" in result.stdout
@@ -1154,12 +1193,12 @@ def test_kfloop_deploy_applies_waits_and_reports_what_changed(objects, fake_clus
     first = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "60", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("created") == len(objects)
-    assert "25 created, 0 configured, 0 unchanged" in first.stderr
+    assert "28 created, 0 configured, 0 unchanged" in first.stderr
     assert "warning" not in first.stderr
     assert f"InferenceService {NAMESPACE}/classifier is Ready at http://classifier.{NAMESPACE}.example.com" in first.stderr
     second = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "0", env=env)
     assert second.returncode == 0, second.stderr
-    assert "0 created, 0 configured, 25 unchanged" in second.stderr
+    assert "0 created, 0 configured, 28 unchanged" in second.stderr
 
 
 @pytest.mark.parametrize("features, shown", [

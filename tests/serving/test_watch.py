@@ -674,6 +674,40 @@ def test_with_oidc_the_dead_letter_port_takes_only_the_knative_triggers_tokens(s
         issuer.stop()
 
 
+def test_on_a_cluster_labels_come_through_the_broker_to_the_oidc_port_with_the_labels_triggers_token(setup, tmp_path):
+    """The cluster's label door: Knative's broker-filter forwards io.kfloop.label events to the dead-letter port with
+    a token of the labels Trigger's ServiceAccount; they are kept as on the payload port (a label for an answer the
+    watch has not seen is 404, which Knative retries); another subject's token is 403."""
+    from test_oidc import AUDIENCE, TRIGGER, Issuer, signed
+
+    labels_trigger = "system:serviceaccount:ml:leaf-watch-labels-oidc-eventing.knative.dev-trigger"
+    issuer, sink = Issuer(), EventSink()
+    service = DeadLetterWatch(setup["registry"], sink.server.server_port, tmp_path / "state", extra=(
+        "--dead-letter-auth", "oidc", "--oidc-issuer-url", issuer.url, "--oidc-audience", AUDIENCE,
+        "--oidc-subject", TRIGGER, "--oidc-subject", labels_trigger))
+    try:
+        rows = setup["rows"][:1]
+        classes = ModelRegistry(setup["registry"]).metadata("leaf", "1")["classes"]
+        label = lambda event_id, row_id: event(rows[:0], event_type="io.kfloop.label", event_id=event_id,  # noqa: E731
+                                                data=[{"id": row_id, "label": classes[0]}])
+        as_trigger = {"authorization": f"Bearer {signed(sub=labels_trigger)}"}
+        assert service.dead_letter(label("early", "served-1"), credentials=as_trigger).status_code == 404  # not answered yet
+        assert post(service, event(rows, event_id="served-1")).status_code == 202
+        answer = event(rows, event_type=RESPONSE, event_id="served-1", data={"predictions": [classes[0]]})
+        assert post(service, answer).status_code == 202
+        taken = service.dead_letter(label("retried", "served-1"), credentials=as_trigger)
+        assert taken.status_code == 202 and taken.headers["x-kfloop-labels"] == "accepted=1; duplicate=0"
+        outsider = {"authorization": f"Bearer {signed(sub='system:serviceaccount:ml:someone')}"}
+        assert service.dead_letter(label("again", "served-1"), credentials=outsider).status_code == 403
+        assert service.dead_letter(label("again", "served-1"), credentials={}).status_code == 401
+        assert service.status()["labels"]["accuracy"]["1"] == {"accuracy": 1.0, "labels": 1}
+        assert sink.events == []  # labels are no alarms: nothing went to the Broker
+    finally:
+        service.stop()
+        sink.close()
+        issuer.stop()
+
+
 def labels_of(service: Watch, body, **headers: str) -> httpx.Response:
     return httpx.post(service.url + "v2/models/leaf/labels", json=body, headers=service.auth | headers)
 
