@@ -429,36 +429,30 @@ class _Loop:
         }
 
     def alarm_event_policy(self) -> dict[str, Any]:
-        """Only the watch's ServiceAccount may post to the Broker, and only the policy's alarm types.
-
-        One policy holds the watch's subject: Knative lets the first policy (by
-        name) whose ``from`` matches decide alone, so a second one could not
-        widen or narrow this. Needs ``authentication-oidc`` (the webhook
-        refuses an EventPolicy without it).
-        """
+        """Only the watch's ServiceAccount may post to the Broker, and only the policy's alarm types."""
         alarm_types = [{"exact": {"type": event}} for event in self.policy.retraining.events]
-        return {
-            "apiVersion": "eventing.knative.dev/v1alpha1",
-            "kind": "EventPolicy",
-            "metadata": self.metadata(self.name("alarms"), "watch"),
-            "spec": {
-                "to": [{"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": self.broker_name}}],
-                "from": [{"sub": service_account_subject(self.namespace, self.name("watch"))}],
-                "filters": [{"any": alarm_types}],
-            },
-        }
+        return self._broker_event_policy("alarms", "watch", {"any": alarm_types})
 
     def label_event_policy(self) -> dict[str, Any]:
-        """Only the labeller's ServiceAccount may post labels to the Broker, and nothing else (its own policy:
-        the first policy whose ``from`` matches decides alone)."""
+        """Only the labeller's ServiceAccount may post labels to the Broker, and nothing else."""
+        return self._broker_event_policy("labels", "labeller", {"exact": {"type": LABEL_EVENT}})
+
+    def _broker_event_policy(self, name: str, sender: str, admitted: dict[str, Any]) -> dict[str, Any]:
+        """An EventPolicy on the Broker: ``sender``'s ServiceAccount may post the events ``admitted`` filters.
+
+        One policy per sender: Knative lets the first policy (by name) whose
+        ``from`` matches decide alone, so a second one could not widen or narrow
+        it. Needs ``authentication-oidc`` (the webhook refuses an EventPolicy
+        without it).
+        """
         return {
             "apiVersion": "eventing.knative.dev/v1alpha1",
             "kind": "EventPolicy",
-            "metadata": self.metadata(self.name("labels"), "labeller"),
+            "metadata": self.metadata(self.name(name), sender),
             "spec": {
                 "to": [{"ref": {"apiVersion": "eventing.knative.dev/v1", "kind": "Broker", "name": self.broker_name}}],
-                "from": [{"sub": service_account_subject(self.namespace, self.name("labeller"))}],
-                "filters": [{"exact": {"type": LABEL_EVENT}}],
+                "from": [{"sub": service_account_subject(self.namespace, self.name(sender))}],
+                "filters": [admitted],
             },
         }
 
