@@ -141,9 +141,11 @@ def _drift_chart(result: DemoResult, path: Path) -> None:
     axes.semilogy(times, np.clip(values, P_VALUE_FLOOR, 1.0), color="tab:purple",
                   label=f"smallest per-feature p-value (floor {P_VALUE_FLOOR:.0e})")
     axes.set_ylim(P_VALUE_FLOOR / 10, 10.0)
-    if result.alarm is not None:
-        axes.axvline(alarm_time(result.alarm) - result.started, color="tab:red", label=f"alarm: {result.alarm['type']}")
-        axes.axhline(result.alarm["drift_threshold"], color="tab:gray", linestyle=":", label="drift threshold (FDR)")
+    window_alarms = [a for a in result.alarms if a["type"] != ACCURACY_EVENT]
+    for alarm in window_alarms:
+        axes.axvline(alarm_time(alarm) - result.started, color="tab:red", label=f"alarm: {alarm['type']}")
+    if window_alarms:
+        axes.axhline(window_alarms[0]["drift_threshold"], color="tab:gray", linestyle=":", label="drift threshold (FDR)")
     axes.set_ylabel("p-value")
     _legend(axes)
     _save(figure, path)

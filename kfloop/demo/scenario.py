@@ -159,15 +159,12 @@ class DemoResult:
     labels: dict[str, int] = field(default_factory=dict)  # labels sent: accepted, duplicate, refused
     timings: dict[str, float | None] = field(default_factory=dict)
 
-    @property
-    def alarm(self) -> dict[str, Any] | None:
-        """The first drift or outlier alarm."""
-        return next((a for a in self.alarms if a["type"] != ACCURACY_EVENT), None)
-
-    @property
-    def accuracy_alarm(self) -> dict[str, Any] | None:
-        """The first accuracy alarm."""
-        return next((a for a in self.alarms if a["type"] == ACCURACY_EVENT), None)
+    def first_alarm(self, phase: str, *, accuracy: bool) -> dict[str, Any] | None:
+        """The first accuracy alarm (``accuracy``), or drift or outlier alarm, raised since ``phase`` began."""
+        start = self.phases.get(phase)
+        if start is None:
+            return None
+        return next((a for a in self.alarms if (a["type"] == ACCURACY_EVENT) == accuracy and alarm_time(a) >= start), None)
 
     def run_of(self, alarm: dict[str, Any]) -> dict[str, Any] | None:
         """The retraining run ``alarm`` started (None: the trigger started none for it)."""
@@ -413,10 +410,12 @@ class Demo:
         """Concept drift: the same features, the labels of the classes in ``truth`` swapped."""
         self._enter("concept", f"the labels of {len(truth)} classes swap; a client's catalogue is served and labelled")
         start = time.time()
+        # In no particular order: a file's order (digits' is by writer) would be a drift of its own, window by window.
+        order = np.random.default_rng(self.policy.training.seed).permutation(data.rows)
         with httpx.Client(timeout=60.0) as client:
-            ids = serve_rows(client, self.stack.runtime.endpoints["v2"], data.features, CATALOGUE_ROWS_PER_REQUEST,
+            ids = serve_rows(client, self.stack.runtime.endpoints["v2"], data.features[order], CATALOGUE_ROWS_PER_REQUEST,
                              self._record, self.phase)
-        true_labels = _relabelled(data.labels, truth)
+        true_labels = _relabelled(data.labels[order], truth)
         self.result.label_shift = time.time()
         self.status_line = "the catalogue's labels arrive in one batch; the traffic's labels keep coming"
         labeller.send([{"id": row_id, "label": str(label)} for row_id, label in zip(ids, true_labels) if row_id])
@@ -638,10 +637,11 @@ def loop_timings(result: DemoResult) -> dict[str, float | None]:
         return None if start is None or end is None else round(end - start, 2)
 
     shifted = min((r.time for r in result.requests if r.phase == "drift"), default=None)
-    alarm = alarm_time(result.alarm) if result.alarm else None
+    drift_alarm, low_accuracy = result.first_alarm("drift", accuracy=False), result.first_alarm("concept", accuracy=True)
+    alarm = alarm_time(drift_alarm) if drift_alarm else None
     run = (result.run_after(alarm) if alarm is not None else None) or {}
-    accuracy_alarm = alarm_time(result.accuracy_alarm) if result.accuracy_alarm else None
-    concept_run = (result.run_of(result.accuracy_alarm) if result.accuracy_alarm else None) or {}
+    accuracy_alarm = alarm_time(low_accuracy) if low_accuracy else None
+    concept_run = (result.run_of(low_accuracy) if low_accuracy else None) or {}
     load = result.phases.get("load")
     first_out = next((d for d in result.decisions if d["action"] == "scale_out" and result.phase_at(d["time"]) == "load"), None)
     scale_out = first_out["time"] if first_out else None
