@@ -757,22 +757,22 @@ def assemble_training_set(base: str, target: str | None, shards: Sequence[Path],
     folder.mkdir(parents=True)
     data = load_dataset(base, target=target)
     aligned = [(shard, rows) for shard in shards if (rows := _aligned(shard, data.feature_names)) is not None]
-    newest: dict[bytes, tuple[float, int, int]] = {}  # features -> (labelled at, shard, row) of its newest label
+    newest: dict[bytes, tuple[float, int, int, str]] = {}  # features -> (labelled at, shard, row, label): the newest
     keys = []
     for number, (shard, rows) in enumerate(aligned):
         keys.append(_row_keys(rows.features))
-        for row, (key, at) in enumerate(zip(keys[-1], _labelled_times(shard, rows))):
-            if key not in newest or (at, number, row) >= newest[key]:
-                newest[key] = (at, number, row)
+        for row, (key, at, label) in enumerate(zip(keys[-1], _labelled_times(shard, rows), rows.labels.tolist())):
+            if key not in newest or (at, number, row) >= newest[key][:3]:
+                newest[key] = (at, number, row, str(label))
     base_keys = _row_keys(data.features)
-    labels = np.array([str(aligned[newest[key][1]][1].labels[newest[key][2]]) if key in newest else label
-                       for key, label in zip(base_keys, data.labels.tolist())], dtype=str)
+    labels = np.array([newest[key][3] if key in newest else label for key, label in zip(base_keys, data.labels.tolist())],
+                      dtype=str)
     relabelled = int(np.sum(labels != data.labels))
     save_csv(LabelledData(data.features, labels, data.feature_names, data.source, ids=data.ids), str(folder / BASE_SHARD),
              id_prefix="base-")
     in_base, written, superseded = set(base_keys), 0, 0
     for number, ((shard, rows), shard_keys) in enumerate(zip(aligned, keys)):
-        keep = np.array([key not in in_base and newest[key][1:] == (number, row) for row, key in enumerate(shard_keys)],
+        keep = np.array([key not in in_base and newest[key][1:3] == (number, row) for row, key in enumerate(shard_keys)],
                         dtype=bool)
         superseded += int((~keep).sum())
         if keep.any():

@@ -76,9 +76,11 @@ def candidates_step(prepared_path: str, batch: list[dict[str, Any]], cv_folds: i
         Path(fitted_dir).mkdir(parents=True, exist_ok=True)
     if evaluation == "oob":
         scored = [out_of_bag_candidate(prepared, params, seed=seed) for params in batch]
-        if fitted_dir is not None and scored:
-            _keep_fitted(fitted_dir, *max(scored, key=lambda pair: _rank_key(pair[0], metric)))
-        return [result for result, _ in scored]
+        results = [result for result, _ in scored]
+        if fitted_dir is not None and results:
+            leader = select_best(results, metric)[0]
+            _keep_fitted(fitted_dir, leader, scored[results.index(leader)][1])
+        return results
     if evaluation != "cv":
         raise InputError(f"unknown candidate evaluation {evaluation!r}: cv or oob")
     results: list[dict[str, Any]] = []
@@ -91,12 +93,6 @@ def candidates_step(prepared_path: str, batch: list[dict[str, Any]], cv_folds: i
 
 FITTED_PARAMS = "params.json"  # the kept forest's hyper-parameters
 FITTED_FOREST = "forest.joblib"  # a batch leader's forest, grown on the whole training split
-
-
-def _rank_key(candidate: dict[str, Any], metric: str) -> float:
-    """Larger is better in ``metric``, whichever way the metric points."""
-    value = float(candidate["metrics"][metric])
-    return value if HIGHER_IS_BETTER[metric] else -value
 
 
 def _keep_fitted(folder: str, candidate: dict[str, Any], forest: Any) -> None:

@@ -219,8 +219,7 @@ class WatchService:
         self._unstored_queued = False
         self._failing: dict[str, str] = {}  # what the flush timer could not do, by part (logged once per error)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
-        self.last_alarm: dict[str, Any] | None = None
-        self.recent_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT_ALARMS)  # for /status, oldest first
+        self.recent_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT_ALARMS)  # stored alarms for /status, oldest first
         self._last_row: str | None = None  # the journaled id of the last row in the window
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
@@ -672,8 +671,7 @@ class WatchService:
                     return
                 self._unstored.pop(0)
                 ALARMS.labels(model, alarm.kind).inc()
-                self.last_alarm = {"id": alarm.id, "type": alarm.type, **alarm.data}
-                self.recent_alarms.append(self.last_alarm)
+                self.recent_alarms.append({"id": alarm.id, "type": alarm.type, **alarm.data})
                 self._mark(alarm.through, ALARMED)  # durable now: a restart need not raise it again
             UNSTORED.labels(model).set(0)
             self._recovered("alarms")
@@ -709,7 +707,7 @@ class WatchService:
                 "min_p_value": result.min_p_value, "drifted_features": len(result.drifted_features),
                 "outliers": result.outliers, "drift": result.drift, "outlier_alarm": result.outlier_alarm,
             },
-            "last_alarm": self.last_alarm,
+            "last_alarm": self.recent_alarms[-1] if self.recent_alarms else None,
             "recent_alarms": list(self.recent_alarms),
             "outbox": len(self.outbox.pending()),
             "unstored_alarms": len(self._unstored),

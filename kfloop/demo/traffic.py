@@ -137,7 +137,7 @@ class Traffic:
 
     def _send(self, row: np.ndarray, label: str, send_label: bool) -> None:
         phase = self._phase()
-        body = {"inputs": [{"name": "features", "datatype": "FP64", "shape": [1, len(row)], "data": row.tolist()}]}
+        body = _v2_body(row[None, :])
         sent = time.time()
         try:
             answer = self._client.post(self.url, json=body)
@@ -170,7 +170,7 @@ def serve_rows(client: httpx.Client, url: str, rows: np.ndarray, rows_per_reques
     ids: list[str] = []
     for start in range(0, len(rows), rows_per_request):
         part = rows[start:start + rows_per_request]
-        body = {"inputs": [{"name": "features", "datatype": "FP64", "shape": list(part.shape), "data": part.ravel().tolist()}]}
+        body = _v2_body(part)
         sent = time.time()
         try:
             answer = client.post(url, json=body)
@@ -183,6 +183,11 @@ def serve_rows(client: httpx.Client, url: str, rows: np.ndarray, rows_per_reques
         version = answer.json().get("model_version") if ok and answer is not None else None
         record(RequestRecord(sent, time.time() - sent, status, version, None, phase))
     return ids
+
+
+def _v2_body(rows: np.ndarray) -> dict[str, object]:
+    """A V2 inference request of ``rows`` (one FP64 tensor ``[n, features]``)."""
+    return {"inputs": [{"name": "features", "datatype": "FP64", "shape": list(rows.shape), "data": rows.ravel().tolist()}]}
 
 
 def swapped_classes(classes: list[str], share: float, seed: int) -> dict[str, str]:
