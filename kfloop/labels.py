@@ -6,7 +6,7 @@ logger's response events): each row's id -- the id the watch captured it under, 
 label for an older row is refused as unknown. A row may also have *shadow* answers: those of a version
 that got a mirrored copy of the request (the rollout's shadow stage), which no client saw. Each is
 compared with the served answer (``kfloop_shadow_agreement{model,version}``), and a label judges every
-version that answered the row.
+version that answered the row, including a shadow whose answer comes after the label.
 
 **Labels** name a row by that id; for a one-row request the inference id alone will do (it is the
 ``x-request-id`` header of the answer, and the V2 ``id`` when the client gave none). :meth:`LabelBook.add`
@@ -186,8 +186,12 @@ class LabelBook:
     def _remember(self, ids: Sequence[str], version: str, predicted: Sequence[str], at: float, shadow: bool) -> None:
         for row_id, label in zip(ids, predicted):
             answers = self._answers.setdefault(row_id, {})
+            first_of_version = version not in answers
             answers[version] = answer = Answer(version, str(label), at, shadow)
             self._answers.move_to_end(row_id)
+            if first_of_version and row_id in self._labels:
+                # A mirrored copy's answer often comes after the label for the served one: judged now.
+                self._judge(answer, self._labels[row_id].label)
             served = _served(answers)
             if served is None:
                 continue
@@ -271,11 +275,15 @@ class LabelBook:
 
     def _learn(self, row_id: str, label: str, at: float, joined: bool = False) -> None:
         self._labels[row_id] = _Label(label, at, joined)
-        for answer in self._answers.get(row_id, {}).values():  # the served version's and any shadow's
-            outcomes = self._outcomes.setdefault(answer.version, deque(maxlen=self.accuracy_window))
-            outcomes.append(answer.predicted == label)
-            ACCURACY.labels(self.model, answer.version).set(sum(outcomes) / len(outcomes))
-            ACCURACY_LABELS.labels(self.model, answer.version).set(len(outcomes))
+        for answer in self._answers.get(row_id, {}).values():  # the served version's and any shadow's so far
+            self._judge(answer, label)
+
+    def _judge(self, answer: Answer, label: str) -> None:
+        """Count ``answer`` right or wrong by ``label`` in its version's realised accuracy."""
+        outcomes = self._outcomes.setdefault(answer.version, deque(maxlen=self.accuracy_window))
+        outcomes.append(answer.predicted == label)
+        ACCURACY.labels(self.model, answer.version).set(sum(outcomes) / len(outcomes))
+        ACCURACY_LABELS.labels(self.model, answer.version).set(len(outcomes))
 
     @property
     def waiting(self) -> int:

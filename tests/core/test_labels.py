@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from kfloop.captures import CaptureArea
 from kfloop.data import load_dataset
 from kfloop.errors import ConflictError, InputError, NotFoundError
-from kfloop.labels import LabelBook
+from kfloop.labels import ACCURACY_LABELS_METRIC, LabelBook
 
 CLASSES = {"1": ("a", "b", "c"), "2": ("a", "b", "c", "d")}
 NAMES = ("f1", "f2", "f3")
@@ -141,6 +141,18 @@ def test_a_shadow_versions_answers_are_compared_with_the_served_ones_and_judged_
     book.close()
     again = _book(tmp_path / "book")
     assert again.accuracy() == book.accuracy() and again.agreement() == {"2": {"agreement": 1 / 3, "answers": 3}}
+
+
+def test_a_label_that_comes_before_the_shadow_s_answer_judges_that_answer_too_once(tmp_path):
+    book = _book(tmp_path / "book")
+    book.answered(["r1:0"], "1", ["a"])
+    book.add([("r1", "b")])  # the client's label, sent as soon as it got its answer
+    book.answered(["r1:0"], "2", ["b"], shadow=True)  # the mirrored copy's answer comes after it
+    book.answered(["r1:0"], "2", ["b"], shadow=True)  # the same answer recorded again judges nothing twice
+    assert book.accuracy() == {"1": {"accuracy": 0.0, "labels": 1}, "2": {"accuracy": 1.0, "labels": 1}}
+    assert _metric(ACCURACY_LABELS_METRIC, version="2") == 1
+    book.close()
+    assert _book(tmp_path / "book").accuracy() == book.accuracy()  # a restart reads the same judgement back
 
 
 def test_a_join_that_failed_is_written_again_under_its_name_and_later_labels_go_to_another_shard(tmp_path):
