@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,25 +93,33 @@ def candidates_step(prepared_path: str, batch: list[dict[str, Any]], cv_folds: i
 
 
 FITTED_PARAMS = "params.json"  # the kept forest's hyper-parameters
-FITTED_FOREST = "forest.joblib"  # a batch leader's forest, grown on the whole training split
+FITTED_FOREST = "forest.joblib"  # a batch leader's forest, grown on the whole training split, saved as a model
+
+
+def _save_forest(forest: Any, path: Path) -> None:
+    """``forest`` as a model's ``model.joblib`` holds it.
+
+    Grown on every core, but served one request at a time: a pickled n_jobs=-1 would make every single-row
+    predict dispatch its trees to a thread pool. zlib level 1: a forest over many classes is mostly zeros
+    (99 classes, 300 trees: 95 MB -> 5 MB, 0.4 s).
+    """
+    import joblib
+
+    joblib.dump(forest.set_params(n_jobs=1), path, compress=("zlib", 1))
 
 
 def _keep_fitted(folder: str, candidate: dict[str, Any], forest: Any) -> None:
-    import joblib
-
-    joblib.dump(forest, Path(folder) / FITTED_FOREST, compress=("zlib", 1))
+    _save_forest(forest, Path(folder) / FITTED_FOREST)
     (Path(folder) / FITTED_PARAMS).write_text(json.dumps(candidate["params"]))
 
 
-def _fitted_forest(folders: list[str], params: dict[str, Any]) -> Any | None:
-    """The forest a candidate task kept for ``params`` (None: none did; the winner is grown again)."""
-    import joblib
-
+def _kept_forest(folders: list[str], params: dict[str, Any]) -> Path | None:
+    """The file of the forest a candidate task kept for ``params`` (None: none did; the winner is grown again)."""
     wanted = normalise_params(params)
     for folder in folders:
         kept = Path(folder) / FITTED_PARAMS
         if kept.is_file() and normalise_params(json.loads(kept.read_text())) == wanted:
-            return joblib.load(Path(folder) / FITTED_FOREST)
+            return Path(folder) / FITTED_FOREST
     return None
 
 
@@ -132,17 +141,16 @@ def fit_export_step(prepared_path: str, preprocessor_path: str, best_params: dic
 
     prepared = Prepared.load(prepared_path)
     preprocessor: Preprocessor = joblib.load(preprocessor_path)
-    forest = _fitted_forest(fitted_dirs or [], best_params)
-    final_fit = "refit" if forest is None else "reused"
-    if forest is None:
-        forest = fit_final(prepared, best_params, seed=seed)
-    # Grown on every core, but served one request at a time: a pickled n_jobs=-1 would make
-    # every single-row predict dispatch its trees to a thread pool.
-    forest.set_params(n_jobs=1)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # zlib level 1: a forest over many classes is mostly zeros (99 classes, 300 trees: 95 MB -> 5 MB, 0.4 s)
-    joblib.dump(forest, out / MODEL_JOBLIB, compress=("zlib", 1))
+    kept = _kept_forest(fitted_dirs or [], best_params)
+    final_fit = "refit" if kept is None else "reused"
+    if kept is None:
+        forest = fit_final(prepared, best_params, seed=seed)
+        _save_forest(forest, out / MODEL_JOBLIB)
+    else:  # saved as a model already: the file is the model's
+        shutil.copyfile(kept, out / MODEL_JOBLIB)
+        forest = joblib.load(out / MODEL_JOBLIB)
     scaled_holdout = preprocessor.transform(prepared.holdout_features)
     onnx_bytes = export_onnx(forest, preprocessor.n_features)
     agreement = onnx_agreement(onnx_bytes, forest, scaled_holdout)

@@ -173,3 +173,5 @@ def test_the_out_of_bag_winner_s_forest_is_the_final_model_and_equals_a_refit(pr
     assert (tmp_path / "reused" / "model.onnx").read_bytes() == (tmp_path / "refit" / "model.onnx").read_bytes()
     model = joblib.load(tmp_path / "reused" / "model.joblib")
     assert not hasattr(model, "oob_decision_function_") and model.get_params()["oob_score"] is False
+    assert model.n_jobs == joblib.load(tmp_path / "refit" / "model.joblib").n_jobs == 1  # served one request at a time
+    assert (tmp_path / "reused" / "model.joblib").read_bytes() == (tmp_path / "batch-1" / "forest.joblib").read_bytes()
