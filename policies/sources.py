@@ -68,12 +68,13 @@ class LocalMetricsSource(MetricSource):
         self.urls = urls
         self.clock = clock
         self._samples: dict[str, deque[tuple[float, float, float]]] = defaultdict(deque)  # url -> (t, all, 5xx)
+        self._http = httpx.Client(timeout=2.0)  # one client: a new one per scrape costs ~60 ms of CPU (its TLS context)
 
     def scrape(self) -> None:
         now = self.clock()
         for url in self.urls():
             try:
-                text = httpx.get(url, timeout=2.0).text
+                text = self._http.get(url).text
             except httpx.HTTPError:
                 continue
             total = sum_samples(text, REQUESTS_METRIC, model=self.model, component=COMPONENT)

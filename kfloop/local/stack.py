@@ -164,10 +164,11 @@ def stack_status(home: Path) -> dict[str, Any]:
     """What ``kfloop status`` shows, read from a running stack's APIs."""
     record = json.loads((Path(home) / STACK_FILE).read_text())
     urls, model = record["urls"], record["model"]
-    serving = httpx.get(urls["admin"] + "/status", timeout=5).json()
-    watch = httpx.get(urls["watch"] + "/status", timeout=5).json()
-    trigger = httpx.get(urls["trigger"] + "/status", timeout=5).json()
-    metrics = httpx.get(urls["admin"] + "/metrics", timeout=5).text
+    with httpx.Client(timeout=5.0) as client:
+        serving = client.get(urls["admin"] + "/status").json()
+        watch = client.get(urls["watch"] + "/status").json()
+        trigger = client.get(urls["trigger"] + "/status").json()
+        metrics = client.get(urls["admin"] + "/metrics").text
     signals = {labels["rule"]: value for labels, value in samples(metrics, "kfloop_autoscaler_signal", model=model)}
     last_window = watch.get("last_window") or {}
     last_alarm = watch.get("last_alarm") or {}

@@ -120,15 +120,16 @@ class ManagedProcess:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise UpstreamError(f"{self.name} exited with code {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.ready_url, timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        with httpx.Client(timeout=1.0) as client:  # one for the whole wait: each new client costs ~60 ms of CPU
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise UpstreamError(f"{self.name} exited with code {self.process.returncode}; see {self.log_path}")
+                try:
+                    if client.get(self.ready_url).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
         raise UpstreamError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, timeout: float = 15.0) -> None:
