@@ -220,7 +220,7 @@ def register_step(
             "runtime": "onnx" if final["onnx_exported"] else "joblib",
             "classes": final["classes"],
             "feature_names": list(prepared.feature_names),
-            "data": {**data_summary, **{k: int(data_summary[k]) for k in ("rows", "features", "classes")}},
+            "data": {**data_summary, **{k: int(v) for k, v in data_summary.items() if k in _COUNTS}},
             "training": TrainingPolicy.model_validate(training).model_dump(mode="json", exclude_none=True),
             "pipeline_run_id": run_id,
             "lineage": _restored_lineage(lineage or {"search": "full"}),
@@ -232,6 +232,9 @@ def register_step(
             },
         }
         return ModelRegistry(registry_uri).register(model_name, files, metadata)
+
+
+_COUNTS = ("rows", "features", "classes", "train_rows", "holdout_rows")  # the data summary's ints (KFP hands back floats)
 
 
 def _restored_lineage(lineage: dict[str, Any]) -> dict[str, Any]:

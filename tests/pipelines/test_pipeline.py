@@ -89,6 +89,7 @@ def test_train_promotes_first_refuses_no_gain_and_bad_data_then_promotes_better(
     assert meta["lineage"] == {"search": "full", "candidates": 2, "evaluation": "cv"}
     assert type(meta["lineage"]["candidates"]) is int  # KFP hands it back as a float: restored
     assert meta["data"]["rows"] == 1797 and meta["params"]["n_estimators"] in (20, 40)
+    assert all(type(meta["data"][count]) is int for count in ("rows", "features", "classes", "train_rows", "holdout_rows"))
 
     listing = kfloop_cli("models", "list", "--registry", str(registry))
     assert listing.code == 0 and "rejected" in listing.stdout and "promoted" in listing.stdout
