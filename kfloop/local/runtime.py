@@ -155,15 +155,20 @@ class ServingRuntime:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start replicas, then the transformer in front of them; return once all are ready."""
+        """Start replicas, then the transformer in front of them; return once all are ready. If one of them
+        does not start, every process started so far is stopped before the error is raised."""
         version = self.registry.resolve(self.model, self.initial_version)
-        with self._lock:
-            share = TrafficShare(version, 100.0, self._start_replicas(version, self.initial_replicas))
-            self.shares = [share]
-            self._write_routes()
-            self.transformer = self._transformer_process(version, [r.address for r in share.replicas])
-            self.transformer.spawn()
-            self.transformer.wait_ready()
+        try:
+            with self._lock:
+                share = TrafficShare(version, 100.0, self._start_replicas(version, self.initial_replicas))
+                self.shares = [share]
+                self._write_routes()
+                self.transformer = self._transformer_process(version, [r.address for r in share.replicas])
+                self.transformer.spawn()
+                self.transformer.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         self._supervisor = threading.Thread(target=self._supervise, name="kfloop-supervisor", daemon=True)
         self._supervisor.start()
 

@@ -253,6 +253,36 @@ def test_kfloop_serve_with_inference_credentials_stops_every_process_it_started_
     assert alive == []
 
 
+def test_a_runtime_whose_transformer_cannot_start_stops_the_replicas_it_started(stack, tmp_path):
+    import socket
+
+    from kfloop.errors import UpstreamError
+    from kfloop.local.runtime import ServingRuntime
+
+    home = tmp_path / "home"
+    with socket.socket() as taken:  # the transformer's port is someone else's: it cannot bind and exits
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        runtime = ServingRuntime(str(stack["root"] / "registry"), "leaf", home=home, replicas=2,
+                                 http_port=taken.getsockname()[1], grpc_port=free_port(), log_dir=tmp_path / "logs")
+        with pytest.raises(UpstreamError, match="transformer"):
+            runtime.start()
+    assert len(list((tmp_path / "logs").glob("predictor-leaf-*.log"))) == 2  # both replicas had started
+    assert _processes_naming(str(home)) == []
+
+
+def _processes_naming(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_admin_calls_need_the_home_token_are_bounded_json_and_name_registry_versions_only(stack):
     from kfloop.local.runtime import AdminServer
 
