@@ -174,3 +174,29 @@ def test_submit_with_refused_credentials_says_so(kfloop_cli):
         server.server_close()
     assert result.code == 1
     assert f"error: Kubeflow Pipelines at {host} refused the credentials (HTTP 401)" in result.stderr
+
+
+@pytest.mark.heavy
+def test_with_kfp_local_s_cache_on_a_rerun_on_new_data_at_the_same_address_takes_nothing_from_it(tmp_path, small_policy):
+    # kfp.local's cache keys a task on its parameters, and the data's address is one: a cached task would hand the
+    # rerun the first run's split and winner. The pipeline's tasks opt out, so even with the runner's cache on the
+    # rerun reads the new data, and nothing is written to the cache.
+    from kfp import local
+
+    from kfloop.pipelines.training import build_training_pipeline, pipeline_arguments
+    from kfloop.policies import load_policy
+
+    policy, data, registry = load_policy(small_policy), tmp_path / "digits.csv", str(tmp_path / "registry")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "runs"), enable_caching=True,
+               cache_root=str(tmp_path / "cache"))
+    pipeline = build_training_pipeline(policy, registry_uri=registry)
+    arguments = pipeline_arguments(policy, data_uri=str(data), target="digit", registry_uri=registry)
+    decisions = []
+    for every in (6, 3):  # new data at the same address
+        digits_csv(data, every=every)
+        decisions.append(pipeline(**arguments).output)
+    store = ModelRegistry(registry)
+    first, second = (store.metadata("digits", decision["version"])["data"] for decision in decisions)
+    assert (first["rows"], second["rows"]) == (300, 599)
+    assert first["fingerprint"] != second["fingerprint"] and first["train_rows"] < second["train_rows"]
+    assert not any((tmp_path / "cache").glob("*.json"))
