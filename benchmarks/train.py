@@ -13,6 +13,8 @@ All runs use the policy's estimator settings, a stratified holdout and stratifie
     select + fit + export, register + promotion gate), a subprocess per task, into a fresh registry;
   * warm retraining pipeline: the same pipeline as an alarm's run starts it (retraining.search: warm),
     seeded from the production version that a full-grid run trained on a different holdout split.
+   And early stopping's effect on the full grid: how many candidates stopped before their last fold, how many
+   folds were scored, and whether the winner and its holdout accuracy are GridSearchCV's (which scores every fold).
 2. Accuracy, on N holdout splits (seeds seed ... seed + N - 1; default 3): on each split a full-grid
    run, and a warm run seeded from the full-grid version of the next split (the last from the first's).
    One split's holdout decides a leaf model's accuracy in steps of one row (1/198 = 0.005), so the warm
@@ -67,8 +69,9 @@ def in_process(data_uri: str, policy, with_export: bool) -> tuple[float, float, 
     return time.perf_counter() - start, accuracy, search.best_params_
 
 
-def pipeline(data_uri: str, policy, registry: str, workdir: Path, search=None) -> tuple[float, float, dict]:
-    """Wall seconds, holdout accuracy and best params of one kfp.local run into ``registry``."""
+def pipeline(data_uri: str, policy, registry: str, workdir: Path, search=None) -> tuple[float, float, dict, list]:
+    """Wall seconds, holdout accuracy, best params and the ranked candidates (with the folds each was scored on)
+    of one kfp.local run into ``registry``."""
     from kfloop.pipelines.local import run_training_locally
     from kfloop.registry import ModelRegistry
 
@@ -77,10 +80,10 @@ def pipeline(data_uri: str, policy, registry: str, workdir: Path, search=None) -
                                     move_production=search is None)
     elapsed = time.perf_counter() - start
     meta = ModelRegistry(registry).metadata(decision["model"], decision["version"])
-    return elapsed, meta["metrics"]["accuracy"], meta["params"]
+    return elapsed, meta["metrics"]["accuracy"], meta["params"], meta["candidates"]
 
 
-def warm_pipeline(data_uri: str, policy, registry: str, workdir: Path) -> tuple[float, float, dict]:
+def warm_pipeline(data_uri: str, policy, registry: str, workdir: Path) -> tuple[float, float, dict, list]:
     """The timed warm run on ``policy``'s split, seeded from the production version of ``registry`` (a full-grid
     run on another split)."""
     from kfloop.registry import ModelRegistry
@@ -122,22 +125,28 @@ def main() -> None:
         warm = {seed: warm_pipeline(args.data, on_split(policy, seed), registries[seeds[(i + 1) % len(seeds)]], Path(tmp))
                 for i, seed in enumerate(seeds)}
     own = seeds[0]
-    job_s, (full_s, full_accuracy, _) = job[0], full[own]
+    job_s, (full_s, full_accuracy, _, full_candidates) = job[0], full[own]
     table = Table(title=f"training time: kfp.local pipeline (full grid, warm) vs the same job in process (split {own})")
     for column in ("run", "wall s", "holdout accuracy", "x same job", "x full-grid pipeline", "accuracy - full grid", "best params"):
         table.add_column(column)
     rows = {"in-process search (GridSearchCV n_jobs=2)": searched, "in-process same job (+ ONNX export)": job,
             "full-grid pipeline": full[own], f"warm retraining pipeline (parent: split {seeds[1]})": warm[own]}
-    for name, (seconds, accuracy, params) in rows.items():
+    for name, (seconds, accuracy, params, *_) in rows.items():
         table.add_row(name, f"{seconds:.1f}", f"{accuracy:.4f}", f"{seconds / job_s:.2f}", f"{seconds / full_s:.2f}",
                       f"{accuracy - full_accuracy:+.4f}", str(params))
     console.print(table)
+    folds = policy.training.cv_folds
+    stopped = [c for c in full_candidates if c["folds"] < folds]
+    same = "the same winner" if full[own][2] == searched[2] else f"another winner than GridSearchCV's {searched[2]}"
+    console.print(f"early stopping (full grid, split {own}): {len(stopped)} of {len(full_candidates)} candidates stopped "
+                  f"early, {sum(c['folds'] for c in full_candidates)} of {folds * len(full_candidates)} folds scored; "
+                  f"{same} as GridSearchCV over every fold, holdout accuracy {full_accuracy - searched[1]:+.4f}")
     accuracy_table = Table(title=f"warm retraining against the full grid on {len(seeds)} holdout splits")
     for column in ("split", "parent: split", "full grid s", "warm s", "warm x full", "full grid accuracy", "warm accuracy",
                    "warm - full", "full grid best", "warm best"):
         accuracy_table.add_column(column)
     for i, seed in enumerate(seeds):
-        (f_s, f_acc, f_params), (w_s, w_acc, w_params) = full[seed], warm[seed]
+        (f_s, f_acc, f_params, _), (w_s, w_acc, w_params, _) = full[seed], warm[seed]
         accuracy_table.add_row(str(seed), str(seeds[(i + 1) % len(seeds)]), f"{f_s:.1f}", f"{w_s:.1f}", f"{w_s / f_s:.2f}",
                                f"{f_acc:.4f}", f"{w_acc:.4f}", f"{w_acc - f_acc:+.4f}", str(f_params), str(w_params))
     mean_full, mean_warm = (sum(run[seed][1] for seed in seeds) / len(seeds) for run in (full, warm))
