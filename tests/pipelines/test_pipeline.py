@@ -177,6 +177,7 @@ def test_submit_with_refused_credentials_says_so(kfloop_cli):
 
 
 @pytest.mark.heavy
+@pytest.mark.filterwarnings("ignore")  # kfp.local warns about base_image and display names on every task
 def test_with_kfp_local_s_cache_on_a_rerun_on_new_data_at_the_same_address_takes_nothing_from_it(tmp_path, small_policy):
     # kfp.local's cache keys a task on its parameters, and the data's address is one: a cached task would hand the
     # rerun the first run's split and winner. The pipeline's tasks opt out, so even with the runner's cache on the
