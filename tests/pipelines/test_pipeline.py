@@ -178,7 +178,8 @@ def test_submit_with_refused_credentials_says_so(kfloop_cli):
 
 @pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore")  # kfp.local warns about base_image and display names on every task
-def test_with_kfp_local_s_cache_on_a_rerun_on_new_data_at_the_same_address_takes_nothing_from_it(tmp_path, small_policy):
+def test_with_kfp_local_s_cache_on_a_rerun_on_new_data_at_the_same_address_takes_nothing_from_it(tmp_path, small_policy,
+                                                                                                monkeypatch):
     # kfp.local's cache keys a task on its parameters, and the data's address is one: a cached task would hand the
     # rerun the first run's split and winner. The pipeline's tasks opt out, so even with the runner's cache on the
     # rerun reads the new data, and nothing is written to the cache.
@@ -188,6 +189,8 @@ def test_with_kfp_local_s_cache_on_a_rerun_on_new_data_at_the_same_address_takes
     from kfloop.policies import load_policy
 
     policy, data, registry = load_policy(small_policy), tmp_path / "digits.csv", str(tmp_path / "registry")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # each task leaves its mktemp folder behind
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "runs"), enable_caching=True,
                cache_root=str(tmp_path / "cache"))
     pipeline = build_training_pipeline(policy, registry_uri=registry)
