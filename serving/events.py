@@ -124,8 +124,10 @@ class EventService(Protocol):
         """Act on one event; raise a :class:`~kfloop.errors.KfloopError` to refuse it."""
         ...
 
-    def refused(self, error: KfloopError) -> None:
-        """Count an event that was refused (malformed or failed)."""
+    def refused(self, error: KfloopError, event_type: str | None) -> None:
+        """Count an event that was refused (malformed or failed): ``event_type`` is the type of the event the service
+        (or the work its reply waited for) refused, None when it was refused before the service saw it (credentials,
+        size, not a CloudEvent)."""
         ...
 
     def status(self) -> dict[str, Any]: ...
@@ -192,6 +194,14 @@ def error_body(exc: KfloopError) -> tuple[int, bytes, dict[str, str]]:
     return answer.status, orjson.dumps(answer.body), answer.headers
 
 
+class _Refusal(Exception):
+    """A service's refusal of an event it was handed, with the event's type: what ``refused`` counts it by."""
+
+    def __init__(self, error: KfloopError, event_type: str) -> None:
+        super().__init__(str(error))
+        self.error, self.event_type = error, event_type
+
+
 class EventApp:
     """The ASGI app :func:`create_event_app` returns."""
 
@@ -231,17 +241,26 @@ class EventApp:
                 self.authenticator.check(headers)
             body = await read_limited_body(scope, receive, self.max_body_bytes)
             if self.offload:
-                reply = await asyncio.get_running_loop().run_in_executor(None, self._handle, headers, body)
+                event_type, reply = await asyncio.get_running_loop().run_in_executor(None, self._handle, headers, body)
             else:
-                reply = self._handle(headers, body)
+                event_type, reply = self._handle(headers, body)
             if reply.wait is not None:
-                await asyncio.wrap_future(reply.wait)
+                try:
+                    await asyncio.wrap_future(reply.wait)
+                except KfloopError as exc:
+                    raise _Refusal(exc, event_type) from exc
+        except _Refusal as refusal:
+            await self._refuse(send, refusal.error, refusal.event_type)
+            return
         except KfloopError as exc:
-            self.service.refused(exc)
-            status, content, extra = error_body(exc)
-            await _reply(send, status, content, headers=extra)
+            await self._refuse(send, exc, None)
             return
         await _reply(send, reply.status, b"", headers=reply.headers, content_type=None)
+
+    async def _refuse(self, send: ASGISend, error: KfloopError, event_type: str | None) -> None:
+        self.service.refused(error, event_type)
+        status, content, extra = error_body(error)
+        await _reply(send, status, content, headers=extra)
 
     async def _json_post(self, handler: JsonPost, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         """A JSON request beside the events: the same credentials and body limit; the handler runs in a worker thread."""
@@ -264,9 +283,14 @@ class EventApp:
             return
         await _reply(send, 200, orjson.dumps(answer))
 
-    def _handle(self, headers: dict[str, str], body: bytes) -> EventReply:
+    def _handle(self, headers: dict[str, str], body: bytes) -> tuple[str, EventReply]:
+        """The delivery's event type and the service's reply; the service's refusal as a :class:`_Refusal`."""
         event = parse_cloudevent(headers, body)
-        return self.service.handle(Delivery(event, event.get("datacontenttype") or headers.get("content-type", ""), body))
+        event_type = str(event["type"])
+        try:
+            return event_type, self.service.handle(Delivery(event, event.get("datacontenttype") or headers.get("content-type", ""), body))
+        except KfloopError as exc:
+            raise _Refusal(exc, event_type) from exc
 
     async def _lifespan(self, receive: ASGIReceive, send: ASGISend) -> None:
         while True:

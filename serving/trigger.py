@@ -46,7 +46,7 @@ class TriggerApp:
             return EventReply.ignored(f"alarm is for model {model!r}, this service retrains {config.model!r}")
         return EventReply(202, {OUTCOME_HEADER: self.service.admit(str(event["id"]), event["type"])})
 
-    def refused(self, error: KfloopError) -> None:
+    def refused(self, error: KfloopError, event_type: str | None) -> None:
         pass  # a refused alarm is answered with its reason; admissions are counted by outcome
 
     def status(self) -> dict[str, Any]:

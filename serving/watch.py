@@ -488,7 +488,7 @@ class WatchService:
             return event_id
         return f"{event_id}~{key.rsplit(' ', 1)[-1][:12]}"
 
-    def refused(self, error: KfloopError) -> None:
+    def refused(self, error: KfloopError, event_type: str | None) -> None:
         EVENTS.labels(self.config.model, "invalid" if error.status < 500 else "refused").inc()
 
     def health(self) -> dict[str, str]:
@@ -780,7 +780,9 @@ class DeadLetters:
         DEAD_LETTERS.labels(self.watch.config.model, outcome).inc()
         return EventReply.ignored(reason)
 
-    def refused(self, error: KfloopError) -> None:
+    def refused(self, error: KfloopError, event_type: str | None) -> None:
+        if event_type == LABEL_EVENT:  # no dead letter: a label batch, counted by kfloop_labels_total{outcome}
+            return
         DEAD_LETTERS.labels(self.watch.config.model, "invalid" if error.status < 500 else "failed").inc()
 
     def status(self) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.refusals: list[KfloopError] = []
+        self.refused_types: list[str | None] = []  # the type of each refused event, None where it was not read
         self.lifecycle: list[str] = []
         self.handling_slow = threading.Event()  # set while a ``test.slow`` event is being handled
         self.release = threading.Event()  # a ``test.slow`` event waits for it
@@ -66,8 +67,9 @@ class Recorder:
         self.events.append({"id": event["id"], "data": event.get_data(), "content_type": content_type})
         return EventReply(202, {"x-test-outcome": "recorded"})
 
-    def refused(self, error: KfloopError) -> None:
+    def refused(self, error: KfloopError, event_type: str | None) -> None:
         self.refusals.append(error)
+        self.refused_types.append(event_type)
 
     def status(self) -> dict[str, Any]:
         return {"events": len(self.events), "refused": len(self.refusals)}
@@ -157,7 +159,7 @@ def test_a_delivery_that_is_not_a_cloudevent_is_refused_400_and_counted(app, hea
     assert message.startswith("not a CloudEvent: ")
     assert answer.json() == {"error": message}
     assert no_cloudevent(answer)
-    assert [(type(e), str(e)) for e in service.refusals] == [(InputError, message)]
+    assert [(type(e), str(e)) for e in service.refusals] == [(InputError, message)] and service.refused_types == [None]
     assert service.events == []
 
 
@@ -177,7 +179,7 @@ def test_an_error_the_service_raises_is_answered_with_its_status_and_message(app
     assert {name: answer.headers[name] for name in headers} == headers
     assert ("x-kfloop-model-version" in answer.headers) == bool(headers)
     assert no_cloudevent(answer)
-    assert service.refusals == [error]
+    assert service.refusals == [error] and service.refused_types == [event_type]
 
 
 def test_status_healthz_and_metrics_answer_for_the_service(app):
@@ -235,7 +237,7 @@ def test_when_the_work_a_reply_waits_for_raises_that_error_is_the_answer(app):
     answer = deliver(served, to_binary(event("test.waits")))
     assert answer.status_code == 503 and answer.json() == {"error": str(error)}
     assert no_cloudevent(answer)
-    assert service.refusals == [error]
+    assert service.refusals == [error] and service.refused_types == ["test.waits"]
 
 
 def test_the_startup_and_shutdown_hooks_run_with_the_server():

@@ -702,6 +702,10 @@ def test_on_a_cluster_labels_come_through_the_broker_to_the_oidc_port_with_the_l
         assert service.dead_letter(label("again", "served-1"), credentials={}).status_code == 401
         assert service.status()["labels"]["accuracy"]["1"] == {"accuracy": 1.0, "labels": 1}
         assert sink.events == []  # labels are no alarms: nothing went to the Broker
+        # The early label's 404 counts as a label for an unknown id, not as a malformed dead letter; the refused
+        # credentials (403, 401) do count there: nobody's events are read without them.
+        assert service.metric('kfloop_labels_total{model="leaf",outcome="unknown_id"}') == 1
+        assert service.metric('kfloop_watch_dead_letters_total{model="leaf",outcome="invalid"}') == 2
     finally:
         service.stop()
         sink.close()
