@@ -1,7 +1,8 @@
 """The training pipeline's KFP v2 lightweight components.
 
 Each function body only moves artifact paths and metrics between KFP and one
-step function of :mod:`kfloop.steps`. The functions are turned into
+step function of :mod:`kfloop.steps`, and ends with :func:`~kfloop.steps.end_of_task`
+(the task's process then exits in 0.05 s instead of 0.35 s). The functions are turned into
 components by :func:`build_training_components`, which pins ``base_image`` to
 the kfloop image (configurable, it must have kfloop installed) and skips
 KFP's per-task ``pip install kfp`` (the image has it).
@@ -28,12 +29,13 @@ def prepare_data(
     preprocessor: Output[Model],
 ) -> dict:
     """Load and validate the labelled data, split the stratified holdout, fit the scaler and label encoder."""
-    from kfloop.steps import prepare_step
+    from kfloop.steps import end_of_task, prepare_step
 
     summary = prepare_step(data_uri, target, min_rows_per_class, holdout_fraction, seed, prepared.path, preprocessor.path)
     prepared.metadata.update({k: v for k, v in summary.items() if k != "notes"})
     for note in summary["notes"]:
         print(f"note: {note}")
+    end_of_task()
     return summary
 
 
@@ -42,7 +44,7 @@ def train_candidates(prepared: Input[Dataset], batch: list, cv_folds: int, seed:
     """Score a batch of random forests -- cross-validated (those that cannot catch the batch's leader stop
     early) or out of bag (the leader's forest kept in ``fitted``: the final fit if it wins); log each one's
     metrics, folds and parameters for the run view."""
-    from kfloop.steps import candidates_step
+    from kfloop.steps import candidates_step, end_of_task
 
     results = candidates_step(prepared.path, batch, cv_folds, seed, metric, evaluation, fitted.path)
     for number, result in enumerate(results, start=1):
@@ -51,6 +53,7 @@ def train_candidates(prepared: Input[Dataset], batch: list, cv_folds: int, seed:
             metrics.log_metric(f"{number}_{name}", value)
         for name, value in result["params"].items():
             metrics.log_metric(f"{number}_param_{name}", value if isinstance(value, (int, float)) else str(value))
+    end_of_task()
     return results
 
 
@@ -76,7 +79,7 @@ def select_to_gate(
     """Rank the candidates, take the winner's kept forest or refit it, export joblib + ONNX (holdout metrics and
     confusion matrix logged), store it as a new registry version, and pass it only if it beats production on
     the same holdout; with move_production, promote it. (One task: each task start pays ~4 s of imports.)"""
-    from kfloop.steps import fit_export_step, gate_step, register_step, select_step
+    from kfloop.steps import end_of_task, fit_export_step, gate_step, register_step, select_step
 
     selection = select_step(candidates, metric)
     final = fit_export_step(prepared.path, preprocessor.path, selection["best"]["params"], seed, model.path,
@@ -88,7 +91,9 @@ def select_to_gate(
     model.metadata.update({"framework": "scikit-learn", "runtime": "onnx" if final["onnx_exported"] else "joblib"})
     version = register_step(registry_uri, model_name, model.path, preprocessor.path, prepared.path, data_summary,
                             selection, final, training, run_id, lineage)
-    return gate_step(registry_uri, model_name, version, prepared.path, metric, margin, move_production)
+    decision = gate_step(registry_uri, model_name, version, prepared.path, metric, margin, move_production)
+    end_of_task()
+    return decision
 
 
 @dataclass(frozen=True)
