@@ -781,7 +781,8 @@ class DeadLetters:
         return EventReply.ignored(reason)
 
     def refused(self, error: KfloopError, event_type: str | None) -> None:
-        if event_type == LABEL_EVENT:  # no dead letter: a label batch, counted by kfloop_labels_total{outcome}
+        if event_type == LABEL_EVENT:  # no dead letter: a label batch, counted as on the payload port
+            self.watch.refused(error, event_type)
             return
         DEAD_LETTERS.labels(self.watch.config.model, "invalid" if error.status < 500 else "failed").inc()
 
