@@ -186,7 +186,7 @@ EOF
 
 step "kfloop deploy: render for this model version, server-side apply, wait until Ready"
 "$WORK/venv/bin/kfloop" deploy --namespace "$NAMESPACE" --image "$IMAGE" --registry "$REGISTRY" \
-  --storage-uri "$REGISTRY/$MODEL/$VERSION" \
+  --storage-uri "$REGISTRY/$MODEL/$VERSION/" \
   --prometheus-url http://prometheus-operated.monitoring.svc.cluster.local:9090 \
   --context "$CONTEXT" --timeout 900
 

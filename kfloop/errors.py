@@ -50,6 +50,8 @@ __all__ = [
     "PipelineError",
     "PolicyError",
     "RegistryError",
+    "StorageError",
+    "StorageUnavailable",
     "TemporaryError",
     "Unauthenticated",
     "UnsupportedMediaType",
@@ -209,6 +211,10 @@ class ClusterError(TemporaryError):
     status = 502
 
 
+class StorageUnavailable(TemporaryError):
+    """The registry's object store did not answer, or other writers kept taking the version numbers tried."""
+
+
 class InjectedFailure(TemporaryError):
     """A failure a server was told to simulate (fault injection, for failure-rate drills)."""
 
@@ -221,6 +227,10 @@ class PermanentError(KfloopError, RuntimeError):
 
 class PipelineError(PermanentError):
     """A pipeline run failed; the message is the failing task's own error."""
+
+
+class StorageError(PermanentError):
+    """The registry's storage refused for good: wrong credentials, a bucket that does not exist."""
 
 
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]], *, show_input: bool = True) -> str:

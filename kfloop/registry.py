@@ -1,25 +1,33 @@
-"""The versioned model registry on a local path or any fsspec URI.
+"""The versioned model registry on a local path or any fsspec URI (``s3://`` with the ``s3`` extra).
 
 Layout (each version folder is directly usable as a KServe ``storageUri``)::
 
     <root>/<model>/<version>/   model.joblib, model.onnx, preprocessor.joblib,
                                 reference.npz, metadata.json
     <root>/<model>/production.json   {"version": "3", "updated": ...}
+    <root>/<model>/.claims/<version> who took the number (object stores only)
     <root>/<model>/captures/    payload rows and labelled shards (:mod:`kfloop.captures`)
 
-Versions are whole numbers, counted up. A version folder is written under a
-staging name and renamed into place, and ``metadata.json`` is written last,
-so a crash never leaves a torn version: a folder without ``metadata.json`` is
-not a version. Metadata and the production pointer are replaced by
-write-then-rename, never edited in place.
+Versions are whole numbers, counted up, and ``metadata.json`` is written last: a
+folder without it is not a version (never listed, served or counted). On a
+local disk a version is written under a staging name and renamed into place.
+An object store has no rename (s3fs "moves" by copy and delete), so there a
+writer takes a number by creating its claim only if it does not exist yet
+(S3's ``If-None-Match: *``) and writes into the numbered folder. Both ways try
+a bounded number of numbers; what a killed writer left is swept once stale.
+Metadata and the production pointer are replaced whole, never edited in place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
+import socket
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -31,10 +39,14 @@ import fsspec
 from kfloop.bundle import METADATA, PREPROCESSOR, ModelBundle
 from kfloop.captures import CAPTURES, CaptureArea
 from kfloop.durable import atomic_write
-from kfloop.errors import InputError, RegistryError
+from kfloop.errors import InputError, KfloopError, RegistryError, StorageError, StorageUnavailable
 from kfloop.preprocessing import Preprocessor
 
 PRODUCTION_POINTER = "production.json"
+CLAIMS = ".claims"  # <model>/.claims/<version>: who took a number on an object store (kept: numbers are never reused)
+STAGING = ".staging-"  # <model>/.staging-<id>/: a local version before its rename
+VERSION_ATTEMPTS = 16  # numbers a writer tries (each taken by another writer meanwhile) before it gives up
+STALE_SECONDS = 3600.0  # an unfinished version this old was left by a writer that died: swept
 STATUS_CANDIDATE = "candidate"
 STATUS_APPROVED = "approved"  # passed the promotion gate; a rollout moves the production pointer to it
 STATUS_PROMOTED = "promoted"
@@ -70,15 +82,22 @@ def utc_now() -> str:
 class ModelRegistry:
     """Versioned model storage under one root URI."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, stale_seconds: float = STALE_SECONDS) -> None:
         self.root = str(root).rstrip("/")
-        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        # No listing cache (other processes write versions, and a cached listing would hide them), and a
+        # file system of its own (fsspec shares one per URI, with the credentials it was first built with).
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root, use_listings_cache=False, skip_instance_cache=True)
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.stale_seconds = stale_seconds
 
     # --- addresses ---------------------------------------------------------------------------
 
     def uri(self, model: str, version: str | None = None) -> str:
-        """The URI of a model, or of one version (what KServe's storageUri points at)."""
+        """The URI of a model, or of one version's folder (what KServe's ``storageUri`` points at).
+
+        A version's URI ends with ``/``: KServe's storage initializer lists objects by
+        the bare prefix, so ``.../1`` would also copy versions 10-19, 100-199, ...
+        """
         checked_model(model)
         if version is not None:
             checked_version(version)
@@ -86,7 +105,7 @@ class ModelRegistry:
             base = str(Path(self._root_path).resolve() / model)
         else:
             base = f"{self.root}/{model}"
-        return f"{base}/{version}" if version is not None else base
+        return f"{base}/{version}/" if version is not None else base
 
     def captures(self, model: str) -> CaptureArea:
         """The model's captures area: captured payload rows and labelled shards."""
@@ -98,38 +117,34 @@ class ModelRegistry:
     # --- reading -----------------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        if not self.fs.exists(self._root_path):
-            return []
-        return sorted(
-            Path(p).name for p in self.fs.ls(self._root_path, detail=False) if self.versions(Path(p).name)
-        )
+        with self._storage_errors():
+            if not self.fs.exists(self._root_path):
+                self._check_bucket()
+                return []
+            names = [Path(p).name for p in self.fs.ls(self._root_path, detail=False)]
+        return sorted(name for name in names if self.versions(name))
 
     def versions(self, model: str) -> list[str]:
-        """Complete versions of ``model``, oldest first."""
-        folder = self._path(model)
-        if not self.fs.exists(folder):
-            return []
-        found = []
-        for entry in self.fs.ls(folder, detail=False):
-            name = Path(entry).name
-            if name.isdigit() and self.fs.exists(self._path(model, name, METADATA)):
-                found.append(name)
-        return sorted(found, key=int)
+        """Complete versions of ``model`` (their ``metadata.json`` written), oldest first."""
+        with self._storage_errors():
+            return sorted((n for n in self._numbered_folders(model) if self._is_complete(model, n)), key=int)
 
     def metadata(self, model: str, version: str) -> dict[str, Any]:
         path = self._path(checked_model(model), checked_version(version), METADATA)
-        if not self.fs.exists(path):
-            known = ", ".join(self.versions(model)) or "none"
-            raise RegistryError(f"model {model!r} has no version {version!r} in {self.root} (versions: {known})")
-        with self.fs.open(path, "r") as handle:
-            return json.load(handle)
+        with self._storage_errors():
+            if not self.fs.exists(path):
+                known = ", ".join(self.versions(model)) or "none"
+                raise RegistryError(f"model {model!r} has no version {version!r} in {self.root} (versions: {known})")
+            with self.fs.open(path, "r") as handle:
+                return json.load(handle)
 
     def production_version(self, model: str) -> str | None:
         path = self._path(model, PRODUCTION_POINTER)
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "r") as handle:
-            return str(json.load(handle)["version"])
+        with self._storage_errors():
+            if not self.fs.exists(path):
+                return None
+            with self.fs.open(path, "r") as handle:
+                return str(json.load(handle)["version"])
 
     def resolve(self, model: str, version: str | None = None) -> str:
         """``version`` itself, or the production version when None."""
@@ -149,7 +164,8 @@ class ModelRegistry:
             yield Path(self._path(model, version))
             return
         with tempfile.TemporaryDirectory(prefix="kfloop-version-") as tmp:
-            self.fs.get(self._path(model, version) + "/", tmp + "/", recursive=True)
+            with self._storage_errors():
+                self.fs.get(self._path(model, version) + "/", tmp + "/", recursive=True)
             yield Path(tmp)
 
     def load(self, model: str, version: str | None = None, **options: Any) -> ModelBundle:
@@ -167,31 +183,47 @@ class ModelRegistry:
     # --- writing -----------------------------------------------------------------------------
 
     def register(self, model: str, files: dict[str, str], metadata: dict[str, Any]) -> str:
-        """Store local ``files`` (name -> path) as the next version of ``model``; returns the version."""
-        staging = self._path(model, f".staging-{uuid.uuid4().hex}")
-        self.fs.makedirs(staging, exist_ok=True)
-        try:
-            for name, local_path in files.items():
-                self._store_file(local_path, f"{staging}/{name}")
-            while True:
-                version = str(max((int(v) for v in self._all_version_folders(model)), default=0) + 1)
-                target = self._path(model, version)
-                if self.fs.exists(target):
-                    continue
-                try:
-                    self._rename(staging, target)
-                except OSError:
-                    if self.fs.exists(target):  # another writer took this number first
-                        continue
-                    raise
-                break
-        except BaseException:
-            if self.fs.exists(staging):
-                self.fs.rm(staging, recursive=True)
-            raise
-        record = {**metadata, "model": model, "version": version, "status": STATUS_CANDIDATE, "created": utc_now()}
-        self._write_json(self._path(model, version, METADATA), record)
+        """Store local ``files`` (name -> path) as the next version of ``model``; returns the version.
+
+        The files are written first and ``metadata.json`` last, as the commit. Raises
+        :class:`StorageUnavailable` when every number tried was taken meanwhile (or the
+        store did not answer) and :class:`StorageError` when the store refuses for good.
+        """
+        checked_model(model)
+        if not files:
+            raise InputError(f"a version of {model!r} needs at least one file")
+        with self._storage_errors():
+            self.sweep(model)
+            version = self._write_by_rename(model, files) if self.is_local else self._write_by_claim(model, files)
+            record = {**metadata, "model": model, "version": version, "status": STATUS_CANDIDATE, "created": utc_now()}
+            self._write_json(self._path(model, version, METADATA), record)
         return version
+
+    def sweep(self, model: str) -> list[str]:
+        """Remove what writers that died left of ``model`` once it is ``stale_seconds`` old: staging folders
+        (local) and claimed versions without ``metadata.json`` (object stores). Returns the paths removed."""
+        now = time.time()
+        removed = []
+        with self._storage_errors():
+            if self.is_local:
+                folder = Path(self._path(model))
+                for staging in folder.glob(f"{STAGING}*") if folder.is_dir() else ():
+                    if now - staging.stat().st_mtime >= self.stale_seconds:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        removed.append(str(staging))
+                return removed
+            for version, claim in self._claims(model).items():
+                if claim.get("abandoned") or now - float(claim.get("claimed", 0)) < self.stale_seconds:
+                    continue
+                if self._is_complete(model, version):
+                    continue
+                # Marked first: a writer that was only slow finds the mark before its commit and gives up.
+                self.fs.pipe_file(self._path(model, CLAIMS, version), json.dumps({**claim, "abandoned": now}).encode())
+                folder = self._path(model, version)
+                if self.fs.exists(folder):
+                    self.fs.rm(folder, recursive=True)
+                removed.append(folder)
+        return removed
 
     def update_metadata(self, model: str, version: str, **fields: Any) -> dict[str, Any]:
         record = {**self.metadata(model, version), **fields}
@@ -221,6 +253,132 @@ class ModelRegistry:
             {"version": version, "updated": utc_now(), "previous": self.production_version(model)},
         )
 
+    # --- version numbers and the two ways to write a version ---------------------------------------
+
+    def _write_by_rename(self, model: str, files: dict[str, str]) -> str:
+        """A local version: staged under a private name, renamed into the first free number (atomic)."""
+        staging = Path(self._path(model, f"{STAGING}{uuid.uuid4().hex}"))
+        staging.mkdir(parents=True)
+        try:
+            for name, local_path in files.items():
+                self._store_file(local_path, str(staging / name))
+            for _ in range(VERSION_ATTEMPTS):
+                version = self._next_number(model)
+                try:
+                    os.rename(staging, self._path(model, version))  # fails when the number's folder holds files
+                    return version
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+            raise self._contention(model)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _write_by_claim(self, model: str, files: dict[str, str]) -> str:
+        """An object-store version: a number taken by a conditional create of its claim, then the files."""
+        writer = uuid.uuid4().hex
+        for _ in range(VERSION_ATTEMPTS):
+            version = self._next_number(model)
+            if self._claim(model, version, writer):
+                break
+        else:
+            raise self._contention(model)
+        folder = self._path(model, version)
+        try:
+            for name, local_path in files.items():
+                self.fs.put_file(local_path, f"{folder}/{name}")
+            if self._claims(model, version).get(version, {}).get("abandoned"):
+                raise StorageUnavailable(
+                    f"registry {self.root}: version {version} of {model!r} took longer than {self.stale_seconds:g} s "
+                    "to write and was swept as abandoned; register again"
+                )
+        except BaseException:
+            if self.fs.exists(folder):  # the claim stays: the number is never handed out again
+                self.fs.rm(folder, recursive=True)
+            raise
+        return version
+
+    def _claim(self, model: str, version: str, writer: str) -> bool:
+        """Create ``.claims/<version>`` only if no one has (``If-None-Match: *``): whether this writer took it."""
+        record = {"writer": writer, "host": socket.gethostname(), "pid": os.getpid(), "claimed": time.time()}
+        try:
+            with self.fs.open(self._path(model, CLAIMS, version), "xb") as handle:
+                handle.write(json.dumps(record).encode())
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if _s3_error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def _claims(self, model: str, only: str | None = None) -> dict[str, dict[str, Any]]:
+        """The claims of ``model`` (or the one of version ``only``) by version."""
+        folder = self._path(model, CLAIMS)
+        paths = [f"{folder}/{only}"] if only is not None else (
+            self.fs.ls(folder, detail=False) if self.fs.exists(folder) else [])
+        found = {}
+        for path in paths:
+            try:
+                found[Path(path).name] = json.loads(self.fs.cat_file(path))
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                found[Path(path).name] = {}  # unreadable: it still holds its number
+        return found
+
+    def _next_number(self, model: str) -> str:
+        taken = [int(n) for n in self._numbered_folders(model)]
+        if not self.is_local:
+            taken += [int(n) for n in self._claims(model) if n.isdigit()]
+        return str(max(taken, default=0) + 1)
+
+    def _numbered_folders(self, model: str) -> list[str]:
+        folder = self._path(model)
+        if not self.fs.exists(folder):
+            self._check_bucket()
+            return []
+        return [name for name in (Path(p).name for p in self.fs.ls(folder, detail=False)) if name.isdigit()]
+
+    def _is_complete(self, model: str, version: str) -> bool:
+        return self.fs.exists(self._path(model, version, METADATA))
+
+    def _check_bucket(self) -> None:
+        """On an object store, an absent folder is either new or in a bucket that does not exist: tell them apart."""
+        bucket = self._root_path.lstrip("/").split("/", 1)[0]
+        if not self.is_local and bucket and not self.fs.exists(bucket):
+            raise StorageError(f"registry {self.root}: the bucket {bucket!r} does not exist")
+
+    def _contention(self, model: str) -> StorageUnavailable:
+        return StorageUnavailable(
+            f"registry {self.root}: other writers took each of {VERSION_ATTEMPTS} version numbers of {model!r} "
+            "tried; register again"
+        )
+
+    @contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        """The store's own errors as kfloop's: refused for good, or not answering (retry)."""
+        try:
+            yield
+        except KfloopError:
+            raise
+        except PermissionError as exc:
+            raise StorageError(
+                f"registry {self.root}: the storage refused the credentials ({exc}); check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or the store's own)"
+            ) from exc
+        except FileNotFoundError as exc:
+            if _s3_error_code(exc) == "NoSuchBucket" or "bucket does not exist" in str(exc):
+                raise StorageError(f"registry {self.root}: the bucket does not exist ({exc})") from exc
+            raise
+        except Exception as exc:
+            if not type(exc).__module__.startswith(("botocore", "aiobotocore")):
+                raise
+            if "Credential" in type(exc).__name__:
+                raise StorageError(f"registry {self.root}: no usable credentials ({exc})") from exc
+            raise StorageUnavailable(f"registry {self.root}: the storage did not answer ({exc})") from exc
+
     def _store_file(self, local_path: str, target: str) -> None:
         """Copy a file in; on a local registry a hard link when possible (forests are 100+ MB, and
         the files handed in are fresh pipeline artifacts that nothing rewrites in place)."""
@@ -232,23 +390,16 @@ class ModelRegistry:
                 pass  # another file system, or links not allowed: copy
         self.fs.put_file(local_path, target)
 
-    def _all_version_folders(self, model: str) -> list[str]:
-        folder = self._path(model)
-        return [Path(p).name for p in self.fs.ls(folder, detail=False) if Path(p).name.isdigit()]
-
-    def _rename(self, source: str, target: str) -> None:
-        if self.is_local:
-            Path(source).rename(target)  # atomic; fails if target exists and is not empty
-        else:
-            self.fs.mv(source, target, recursive=True)
-
     def _write_json(self, path: str, record: dict[str, Any]) -> None:
         text = json.dumps(record, indent=2, sort_keys=True)
         if self.is_local:
             atomic_write(path, text)
             return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open(tmp, "w") as handle:
-            handle.write(text)
-        self.fs.mv(tmp, path)
+        with self._storage_errors():
+            self.fs.pipe_file(path, text.encode())  # one PUT: an object is replaced whole
 
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind an error s3fs raised (it keeps botocore's ``ClientError`` as the cause)."""
+    response = getattr(exc.__cause__, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None

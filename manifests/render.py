@@ -137,7 +137,7 @@ def render_objects(
 
     ``image`` is the kfloop image (a tag other than ``latest``, or a digest) and
     also the pipeline's ``base_image`` the trigger service submits with;
-    ``storage_uri`` is the registry version to serve, ``<registry_uri>/<model>/<version>``;
+    ``storage_uri`` is the registry version to serve, ``<registry_uri>/<model>/<version>/``;
     ``prometheus_url`` is what KEDA and the trigger service query;
     ``monitoring_namespace`` is where Prometheus runs (the NetworkPolicies let
     it scrape); ``kfp_host`` may be ``http://`` only for an in-cluster Service
@@ -187,7 +187,8 @@ def render_objects(
                         mounts=(loop.broker_token_mount(),), ports=(_port("dead-letters", DEAD_LETTER_PORT),)),
         loop.service("watch", ports=(_port("dead-letters", DEAD_LETTER_PORT),)),
         loop.serving_runtime(),
-        loop.inference_service(storage_uri.rstrip("/")),
+        # A folder URI: KServe's storage initializer lists by bare prefix (".../1" would copy ".../10/" too).
+        loop.inference_service(f"{storage_uri.rstrip('/')}/"),
         scaled_object,
         loop.disruption_budget("predictor"),
         loop.disruption_budget("transformer"),

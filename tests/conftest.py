@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:  # pytest's default (prepend) import mode puts it there; the other modes do not
     sys.path.insert(0, str(TESTS))
 
+from objectstore import SeaweedS3  # noqa: E402
 from testbed import EventSink, digits_csv, register_version  # noqa: E402
 from kfloop.local.runtime import ServingRuntime  # noqa: E402
 from kfloop.local.supervisor import free_port  # noqa: E402
@@ -124,6 +126,28 @@ def stack(tmp_path_factory, serving_data):
     yield {"runtime": runtime, "registry": ModelRegistry(registry), "sink": sink, "holdout": prepared, "root": root}
     runtime.stop()
     sink.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback with the bucket ``kfloop``, one per test worker."""
+    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process's environment pointed at ``s3_server`` (s3fs and botocore read their credentials from it)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.env
+
+
+@pytest.fixture
+def s3_registry(s3_env, request) -> str:
+    """A registry URI of this test's own in the S3 server's bucket."""
+    return f"s3://kfloop/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}/registry"
 
 
 @pytest.fixture(scope="session")

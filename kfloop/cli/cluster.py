@@ -25,7 +25,8 @@ from kfloop.cli.options import ImageOption, PolicyOption, err, out, with_options
 __all__ = ["RenderOptions", "deploy", "manifests"]
 
 NamespaceOption = Annotated[str, typer.Option("--namespace", help="Namespace of the loop (a Kubeflow profile namespace on multi-user Kubeflow).")]
-StorageUriOption = Annotated[str, typer.Option("--storage-uri", help="Registry version to serve: REGISTRY/MODEL/VERSION (KServe storageUri).")]
+StorageUriOption = Annotated[str, typer.Option("--storage-uri", help="Registry version to serve: REGISTRY/MODEL/VERSION/ (KServe storageUri; rendered with the final '/', "
+                                  "without which KServe's storage initializer also copies versions VERSION0, VERSION00, ...).")]
 ClusterRegistryOption = Annotated[str, typer.Option("--registry", envvar="KFLOOP_REGISTRY", help="Registry root the cluster reads and writes (s3://... or gs://...).")]
 PrometheusOption = Annotated[Optional[str], typer.Option("--prometheus-url", help="Prometheus that KEDA and the trigger service query (default: the policy's scaling.prometheus_url).")]
 BrokerOption = Annotated[str, typer.Option("--broker", help="Knative Broker of the loop's events.")]

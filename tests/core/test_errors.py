@@ -30,6 +30,8 @@ from kfloop.errors import (
     PipelineError,
     PolicyError,
     RegistryError,
+    StorageError,
+    StorageUnavailable,
     TemporaryError,
     Unauthenticated,
     UnsupportedMediaType,
@@ -62,8 +64,10 @@ TAXONOMY = {
     UpstreamError: (502, ConnectionError, True),
     ClusterError: (502, ConnectionError, True),
     InjectedFailure: (503, ConnectionError, True),
+    StorageUnavailable: (503, ConnectionError, True),
     PermanentError: (500, RuntimeError, False),
     PipelineError: (500, RuntimeError, False),
+    StorageError: (500, RuntimeError, False),
 }
 
 

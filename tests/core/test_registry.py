@@ -27,7 +27,7 @@ def test_versions_count_up_and_start_as_candidates(tmp_path, files):
     meta = registry.metadata("m", "2")
     assert meta["status"] == "candidate" and meta["version"] == "2" and meta["model"] == "m"
     assert (tmp_path / "reg" / "m" / "2" / "model.joblib").read_bytes() == b"model"
-    assert registry.uri("m", "2") == str((tmp_path / "reg" / "m" / "2").resolve())
+    assert registry.uri("m", "2") == f"{(tmp_path / 'reg' / 'm' / '2').resolve()}/"
 
 
 def test_promote_moves_the_pointer_and_reject_leaves_it(tmp_path, files):

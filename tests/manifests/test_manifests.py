@@ -48,7 +48,7 @@ OVERLAYS = REPO / "manifests" / "overlays"
 NAMESPACE = "kfloop"
 IMAGE = "ghcr.io/kfloop/kfloop:0.1.0"
 REGISTRY = "s3://kfloop/registry"
-STORAGE_URI = f"{REGISTRY}/classifier/1"
+STORAGE_URI = f"{REGISTRY}/classifier/1/"
 PROMETHEUS = "http://prometheus-operated.monitoring.svc.cluster.local:9090"
 RENDER_ARGS = ["--namespace", NAMESPACE, "--storage-uri", STORAGE_URI, "--registry", REGISTRY, "--prometheus-url", PROMETHEUS]
 CRD_KINDS = {"InferenceService", "ScaledObject", "Broker", "Trigger", "EventPolicy"}  # those whose CRD ../shared/specs holds
@@ -406,7 +406,7 @@ def test_the_compiled_pipeline_and_the_inference_service_agree_on_image_and_stor
     assert served_images == pipeline_images
     isvc = one(objects, "InferenceService")
     storage = isvc["spec"]["predictor"]["model"]["storageUri"]
-    assert re.fullmatch(re.escape(f"{root}/{model}/") + r"[0-9]+", storage), storage  # ModelRegistry.uri(model, version)
+    assert re.fullmatch(re.escape(f"{root}/{model}/") + r"[0-9]+/", storage), storage  # ModelRegistry.uri(model, version)
     assert isvc["metadata"]["name"] == model
     trigger_args = one(objects, "Deployment", "classifier-trigger")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert trigger_args[trigger_args.index("--image") + 1] == IMAGE  # retraining runs submit the same base_image

@@ -145,7 +145,11 @@ def test_a_canary_with_too_few_answers_is_rolled_back_and_the_old_version_keeps_
 def test_a_kserve_rollout_is_a_storage_uri_and_canary_percentage_patch():
     from kfloop.policies.rollout import canary_patch
 
-    assert canary_patch("s3://b/r/leaf/4", 10) == {"spec": {"predictor": {"model": {"storageUri": "s3://b/r/leaf/4"}, "canaryTrafficPercent": 10}}}
+    from kfloop.registry import ModelRegistry
+
+    version_uri = ModelRegistry("s3://b/r").uri("leaf", "4")  # what KServeDeployer.set_traffic patches in
+    assert version_uri == "s3://b/r/leaf/4/"  # a folder: KServe's storage initializer would copy leaf/40/ for "leaf/4"
+    assert canary_patch(version_uri, 10) == {"spec": {"predictor": {"model": {"storageUri": version_uri}, "canaryTrafficPercent": 10}}}
     # All traffic: the merge patch removes canaryTrafficPercent (null), as KServe's promotion does.
     assert canary_patch("s3://b/r/leaf/4", None)["spec"]["predictor"]["canaryTrafficPercent"] is None
 
