@@ -1,23 +1,29 @@
-# syntax=docker/dockerfile:1.7
-#
 # kfloop's one image. Its entry point is the kfloop CLI, so the same image runs
 #   kfloop predictor | transformer   (the KServe InferenceService's containers)
 #   kfloop watch | trigger           (the drift detector and the trigger service)
-# and it is the base_image of the training pipeline's KFP components (their pods run
-# their own command, which replaces the entry point).
+# is the base_image of the training pipeline's KFP components (their pods run their own
+# command, which replaces the entry point; `kfloop train --runner docker` does the same here),
+# and carries KServe's storage initializer (kserve-storage, pinned to KServe's version).
 #
-#   docker build -t ghcr.io/kfloop/kfloop:0.1.0 .
+#   make image                                   # builds it with its own Docker daemon (hack/containers.py)
+#   docker build --network host -t kfloop:local .                        # where python:3.11-slim can be pulled
+#   docker build --network host --build-arg BASE_IMAGE=IMG -t kfloop:local .   # IMG: any Debian-like
+#                                                # image with python3 and python3-venv
 #
-# The base is pinned by exact tag. Its digest is NOT recorded: this file was written on a
-# machine with no Docker engine and no access to the image registry, so no digest could be
-# read. Before a production build, pin it in PYTHON_IMAGE, e.g. with
-#   docker buildx imagetools inspect python:3.11.14-slim-bookworm
-# -> python:3.11.14-slim-bookworm@sha256:<digest>
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# No `syntax` line (BuildKit would fetch a frontend image) and no other downloads than the
+# Python packages. What has run on this project's machines (Docker 20.10, no image registry):
+# the build on a Debian bookworm base made with debootstrap, every pipeline task under
+# kfp.local's DockerRunner, the predictor and transformer containers as KServe starts them
+# (read-only root, all capabilities dropped, uid 10001), the storage initializer against a
+# real S3 server, the watch and trigger containers (tests/containers, `make test-containers`).
+# What has not: any of it on Kubernetes. Pin the base by digest for a production build.
+ARG BASE_IMAGE=python:3.11-slim
 
-# ---- builder: the kfloop wheel and wheels of everything it needs ------------------------------
-FROM ${PYTHON_IMAGE} AS builder
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# ---- builder: a virtual environment with kfloop and everything it needs -----------------------
+FROM ${BASE_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/kfloop/bin:$PATH
+# --upgrade-deps: a current pip and setuptools (Debian's pip 23 cannot build sdists without wheel).
+RUN python3 -m venv --upgrade-deps /opt/kfloop
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kfloop/ kfloop/
@@ -26,27 +32,27 @@ COPY pipelines/ pipelines/
 COPY serving/ serving/
 COPY policies/ policies/
 COPY manifests/ manifests/
-# Registry back-ends: kfloop's pods read and write s3:// (or gs://, with gcsfs) through fsspec.
-ARG STORAGE_PACKAGES="s3fs==2026.9.0"
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
- && python -m pip wheel --wheel-dir /wheels /wheels/kfloop-*.whl ${STORAGE_PACKAGES}
+# s3: the registry in object storage; storage-initializer: KServe's own, for the init container.
+RUN pip install --quiet '.[s3,storage-initializer]' \
+ && pip uninstall --quiet --yes pip \
+ && find /opt/kfloop -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
+ && find /opt/kfloop -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.h' -o -name '*.c' \
+      -o -name '*.cpp' \) -path '*/site-packages/*' -delete \
+ && kfloop --help >/dev/null \
+ && cd / && python3 -c "import kfloop.serving.predictor, kfloop.serving.transformer, kfloop.serving.watch, \
+      kfloop.serving.trigger, kfloop.steps, kfloop.drift.detectors, sklearn.ensemble, sklearn.covariance, \
+      onnxruntime, s3fs, kserve_storage"
 
-# ---- final: wheels installed, no compilers, no sources, a non-root user -----------------------
-FROM ${PYTHON_IMAGE}
-ARG STORAGE_PACKAGES="s3fs==2026.9.0"
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+# ---- final: the environment, no sources, no pip, a non-root user --------------------------------
+FROM ${BASE_IMAGE}
+ENV PATH=/opt/kfloop/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/home/kfloop \
     KFLOOP_HOME=/home/kfloop/.kfloop
 RUN groupadd --gid 10001 kfloop \
  && useradd --uid 10001 --gid 10001 --home-dir /home/kfloop --create-home --shell /usr/sbin/nologin kfloop
-# Installed from the builder's wheels only (--no-index): nothing is compiled or fetched here.
-# setuptools stays: grpcio-tools (a kserve dependency) imports it at run time.
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m pip install --no-index --find-links /wheels kfloop ${STORAGE_PACKAGES} \
- && kfloop --help >/dev/null
+COPY --from=builder /opt/kfloop /opt/kfloop
 USER 10001:10001
 WORKDIR /home/kfloop
 EXPOSE 8080

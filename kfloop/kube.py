@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from kfloop.errors import ClusterError
+
 __all__ = ["SERVICE_ACCOUNT_TOKEN", "dns_label_problem", "first_line", "in_cluster", "load_kube_config"]
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -31,13 +33,21 @@ def in_cluster() -> bool:
 
 
 def load_kube_config(context: str | None = None) -> None:
-    """Configure the kubernetes client: the named kube context, or inside a pod its service account."""
+    """Configure the kubernetes client: the named kube context, or inside a pod its service account.
+
+    Raises :class:`~kfloop.errors.ClusterError` naming what is missing (no kubeconfig, a pod without
+    ``KUBERNETES_SERVICE_HOST``, an unreadable token or CA), never the client's own traceback.
+    """
     from kubernetes import config
 
-    if context or not in_cluster():
-        config.load_kube_config(context=context)
-    else:
-        config.load_incluster_config()
+    try:
+        if context or not in_cluster():
+            config.load_kube_config(context=context)
+        else:
+            config.load_incluster_config()
+    except (config.ConfigException, OSError) as exc:
+        where = f"kube context {context!r}" if context else ("this pod's service account" if in_cluster() else "the kubeconfig")
+        raise ClusterError(f"cannot reach Kubernetes with {where}: {first_line(exc)}") from None
 
 
 def first_line(value: object) -> str:

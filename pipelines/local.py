@@ -1,4 +1,5 @@
-"""Run the training pipeline on this machine with ``kfp.local`` (SubprocessRunner, no venvs).
+"""Run the training pipeline on this machine with ``kfp.local``: each task a subprocess (no venvs) or,
+with :class:`ContainerTasks`, a container of the kfloop image (``DockerRunner``).
 
 kfp.local writes its progress and every task's output to stdout; the run is
 tapped so that the full log goes to a file, each task's start and end reach a
@@ -16,17 +17,74 @@ import tempfile
 import threading
 import warnings
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from kfp import local
 
 import kfloop.errors
-from kfloop.errors import KfloopError, PipelineError
+from kfloop.errors import ClusterError, InputError, KfloopError, PipelineError
 from kfloop.pipelines.training import build_training_pipeline, pipeline_arguments
 from kfloop.policies import Policy
+from kfloop.registry import ModelRegistry
 from kfloop.search import Search
+
+LOCAL_IMAGE = "kfloop:local"  # the tag `make image` builds
+
+
+@dataclass(frozen=True)
+class ContainerTasks:
+    """Every task in a container of ``image`` through kfp.local's ``DockerRunner`` (docker-py, ``DOCKER_HOST``).
+
+    What a task needs is arranged here, not by the user: the image's entry point is cleared (KFP sends its
+    command as the container's Cmd; a pod's command replaces the entry point, Docker's does not), the task
+    runs as the caller's uid (the pipeline root's outputs stay the caller's), a local registry and local data
+    are mounted at their own paths, and there is no network -- unless the registry is remote: then the host's
+    (an object store on loopback here; on a cluster, the pod network). ``environment`` reaches every task:
+    an object store's credentials.
+    """
+
+    image: str = LOCAL_IMAGE
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+    def runner(self, *, registry_uri: str, data_uri: str | None) -> local.DockerRunner:
+        from docker.types import Mount
+
+        self._check_daemon()
+        registry = ModelRegistry(registry_uri)
+        mounts = []
+        if registry.is_local:
+            root = Path(registry.root).resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            mounts.append(Mount(target=str(root), source=str(root), type="bind"))
+        if data_uri is not None and Path(data_uri).exists():
+            data = str(Path(data_uri).resolve())
+            mounts.append(Mount(target=data, source=data, type="bind", read_only=True))
+        return local.DockerRunner(
+            entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}", mounts=mounts,
+            network_mode="none" if registry.is_local else "host",
+            environment={"HOME": "/tmp", **self.environment},
+        )
+
+    def _check_daemon(self) -> None:
+        """A clear error now rather than a pull that cannot succeed (kfp.local pulls a missing image)."""
+        try:
+            import docker
+        except ImportError:
+            raise InputError("--runner docker needs docker-py: pip install 'kfloop[docker]'") from None
+        try:
+            client = docker.from_env()
+            client.ping()
+        except docker.errors.DockerException as exc:
+            raise ClusterError(f"no Docker daemon answers at DOCKER_HOST={os.environ.get('DOCKER_HOST', '(default)')}: {exc}") from None
+        try:
+            client.images.get(self.image)
+        except docker.errors.ImageNotFound:
+            raise InputError(f"image {self.image!r} is not in the Docker daemon: build it (make image) or docker load it") from None
+        finally:
+            client.close()
 
 TaskCallback = Callable[[str, str], None]  # (task name, "started" | "succeeded" | "failed")
 
@@ -107,9 +165,11 @@ def run_training_locally(
     on_task: TaskCallback | None = None,
     move_production: bool = True,
     search: Search | None = None,
+    containers: ContainerTasks | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline under kfp.local; returns the promotion gate's decision
     (``move_production`` and ``search``: see :func:`~kfloop.pipelines.training.pipeline_arguments`).
+    Tasks are subprocesses of this interpreter, or containers with ``containers``.
 
     Artifacts of the run stay under ``workdir/runs``, its log in ``workdir/logs``.
     """
@@ -121,9 +181,14 @@ def run_training_locally(
         policy, data_uri=data_uri, target=target, registry_uri=str(registry_uri), model=model, move_production=move_production,
         search=search,
     )
-    pipeline = build_training_pipeline(policy, registry_uri=str(registry_uri))
+    if containers is None:
+        runner: local.SubprocessRunner | local.DockerRunner = local.SubprocessRunner(use_venv=False)
+        pipeline = build_training_pipeline(policy, registry_uri=str(registry_uri))
+    else:
+        runner = containers.runner(registry_uri=str(registry_uri), data_uri=data_uri)
+        pipeline = build_training_pipeline(policy, containers.image, registry_uri=str(registry_uri))
     # No cache (kfp.local's default, said out loud): see build_training_pipeline.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "runs"), enable_caching=False)
+    local.init(runner=runner, pipeline_root=str((workdir / "runs").resolve()), enable_caching=False)
     with open(log_path, "w") as log, _task_tmpdir(workdir), _root_logging_kept(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kfp.local warns about base_image and display names on every task
         tap = _LogTap(log, on_task)

@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+# What KServe 0.20's init container runs for args [storageUri, "/mnt/models"] (python -c INITIALIZER URI DIR).
+INITIALIZER = "import sys; from kserve_storage import Storage; Storage.download_files(sys.argv[1::2], sys.argv[2::2])"
 KEY_ID = "kfloop-test-key"
 SECRET = "kfloop-test-secret"
 _PORTS = ("master", "volume", "filer", "s3", "admin")

@@ -83,6 +83,10 @@ def demo(
     from kfloop.local.supervisor import free_port
     from kfloop.local.stack import StackPorts
 
+    try:  # the report's charts; an extra, so the image's serving containers do not carry it
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter("kfloop demo draws its report with matplotlib: pip install 'kfloop[demo]'") from None
     folder = new_demo_home(home)
     ports = StackPorts(http=free_port(), grpc=free_port(), admin=free_port(), watch=free_port(), trigger=free_port())
     settings = DemoSettings(load_policy(policy), folder, data_uri=absolute_if_local(data), target=target, speed=speed, ports=ports)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,6 +19,14 @@ from kfloop.cli.options import (
 
 __all__ = ["compile_pipeline", "models_app", "submit", "train"]
 
+
+class Runner(str, enum.Enum):
+    """Where ``kfloop train`` runs each pipeline task."""
+
+    subprocess = "subprocess"
+    docker = "docker"
+
+
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
 
 
@@ -26,11 +36,15 @@ def train(
     registry: RegistryOption = None,
     policy: PolicyOption = None,
     model: ModelOption = None,
+    runner: Annotated[Runner, typer.Option("--runner", help="Where each task runs: a subprocess, or a container of "
+                                           "--image (kfp.local's DockerRunner; DOCKER_HOST names the daemon).")] = Runner.subprocess,
+    image: Annotated[Optional[str], typer.Option("--image", help="With --runner docker: the kfloop image (default: "
+                                                 "kfloop:local, what `make image` builds).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with the result.")] = False,
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Run the training pipeline locally (kfp.local): tune in parallel, select, register, gate."""
-    from kfloop.pipelines.local import run_training_locally
+    from kfloop.pipelines.local import LOCAL_IMAGE, ContainerTasks, run_training_locally
     from kfloop.pipelines.training import CANDIDATE_TASK, PIPELINE_TASKS
     from kfloop.policies import load_policy
     from kfloop.registry import ModelRegistry
@@ -59,9 +73,16 @@ def train(
                 progress.update(task_id, description=f"[red]{PIPELINE_TASKS[name]} (failed)")
 
         data_uri = absolute_if_local(data)
+        containers = None
+        if runner is Runner.docker:
+            # An object store's credentials go to the tasks as they are here (s3fs reads AWS_*).
+            passed = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "S3_", "FSSPEC_"))}
+            containers = ContainerTasks(image or LOCAL_IMAGE, passed)
+        elif image is not None:
+            raise typer.BadParameter("--image goes with --runner docker", param_hint="--image")
         decision = run_training_locally(
             loaded_policy, registry_uri=registry_root, workdir=home, data_uri=data_uri,
-            target=target, model=model, on_task=on_task,
+            target=target, model=model, on_task=on_task, containers=containers,
         )
     store = ModelRegistry(registry_root)
     name, version = decision["model"], decision["version"]
