@@ -1,8 +1,8 @@
-# The two commands a newcomer needs (see README): `make run` and `make test`.
+# The commands a newcomer needs (see README): `make run`, `make test` and `make test-containers`.
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: run test install install-test system-deps
+.PHONY: run test test-containers image install install-test system-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(VENV)/bin/pip:
@@ -29,3 +29,13 @@ run: install
 
 test: install-test
 	$(VENV)/bin/pytest
+
+# The kfloop image (hack/containers.py: Debian's docker.io and debootstrap where missing, a private dockerd,
+# the base from python:3.11-slim or debootstrap); prints its size and where the saved image is cached.
+image:
+	$(PYTHON) hack/containers.py image
+
+# The container tests: the image (cached by a hash of its inputs), a real S3 server, every container
+# started as KServe starts it; the daemon is stopped by its PID and its data root removed at the end.
+test-containers: install-test
+	$(PYTHON) hack/containers.py test

@@ -3,6 +3,7 @@
 
     hack/containers.py image            # build the kfloop image (make image), print its size
     hack/containers.py test [PYTEST...] # make test-containers: daemon, image, tests, clean-up
+    hack/containers.py run -- CMD...    # CMD with DOCKER_HOST and KFLOOP_TEST_IMAGE set (benchmarks)
 
 Each command installs Debian's docker.io and debootstrap where they are missing, starts its own
 dockerd (overlay2; vfs only where overlay2 cannot mount, said out loud) on a unix socket in a
@@ -241,18 +242,27 @@ def image_command(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def test_command(arguments: argparse.Namespace) -> int:
+def with_image(command: list[str]) -> int:
+    """``command`` run with a private daemon holding the kfloop image (``DOCKER_HOST``, ``KFLOOP_TEST_IMAGE``)."""
     install_system_packages()
     started = time.monotonic()
     with docker_daemon() as env:
         tag = kfloop_image(env)
         report_size(env, tag)
-        python = ROOT / ".venv" / "bin" / "python"
-        tests = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", "tests/containers", "-m",
-                                "containers", "-n", "0", *arguments.pytest], cwd=ROOT,
-                               env={**env, "KFLOOP_TEST_IMAGE": tag})
-    say(f"make test-containers took {time.monotonic() - started:.0f} s")
-    return tests.returncode
+        completed = subprocess.run(command, cwd=ROOT, env={**env, "KFLOOP_TEST_IMAGE": tag})
+    say(f"{' '.join(command[:4])} ... with its daemon and image took {time.monotonic() - started:.0f} s")
+    return completed.returncode
+
+
+def test_command(arguments: argparse.Namespace) -> int:
+    python = str(ROOT / ".venv" / "bin" / "python")
+    return with_image([python, "-m", "pytest", "-p", "no:cacheprovider", "tests/containers", "-m", "containers",
+                       "-n", "0", *arguments.pytest])
+
+
+def run_command(arguments: argparse.Namespace) -> int:
+    command = arguments.command[1:] if arguments.command[:1] == ["--"] else arguments.command
+    return with_image(command)
 
 
 def main() -> int:
@@ -264,6 +274,9 @@ def main() -> int:
     test = commands.add_parser("test", help="the container tests, with their own daemon")
     test.add_argument("pytest", nargs="*", help="more pytest arguments")
     test.set_defaults(run=test_command)
+    run = commands.add_parser("run", help="a command with the daemon and the image (after --)")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    run.set_defaults(run=run_command)
     arguments = parser.parse_args()
     return arguments.run(arguments)
 

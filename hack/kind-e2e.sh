@@ -2,10 +2,15 @@
 # kfloop on kind, end to end: a kind cluster, the operators the loop runs on, the kfloop image,
 # a first model in an in-cluster MinIO, `kfloop deploy`, and one smoke request.
 #
-# WHERE THIS WAS RUN: NOWHERE YET. It was written on a machine without a Docker engine (so no
-# kind cluster and no image build were possible there); every command below is unverified.
-# Read it before running it, and expect to fix a version or a flag. Needs: docker, kind,
-# kubectl, helm, python3 >= 3.11, curl, network access to GitHub releases and the image registries.
+# WHERE THIS WAS RUN: NOWHERE YET, as a whole. What has run, on this project's machines (Docker
+# 20.10, no image registry, no Kubernetes): the image build (`make image`), the pipeline's tasks in
+# that image (kfp.local's DockerRunner), the InferenceService's containers as KServe starts them
+# (storage initializer from S3, predictor and transformer with the rendered args, read-only root,
+# uid 10001, no capabilities), the watch and trigger containers, and the S3 registry against a real
+# S3 server (SeaweedFS) -- all in `make test-containers`. No kind cluster could start there (kind
+# needs its node image from a registry), so every kubectl/helm/kind command below is unverified:
+# read it before running it, and expect to fix a version or a flag. Needs: docker, kind, kubectl,
+# helm, python3 >= 3.11, curl, network access to GitHub releases and the image registries.
 #
 #   hack/kind-e2e.sh            # create the cluster (if missing), install, deploy, smoke-test
 #   KEEP=0 hack/kind-e2e.sh     # ... and delete the cluster at the end
@@ -164,7 +169,7 @@ EOF
   | "${KUBECTL[@]}" apply -f -
 
 step "the kfloop image $IMAGE, built here and loaded into kind (no registry push)"
-docker build -t "$IMAGE" "$ROOT"
+docker build --network host -t "$IMAGE" "$ROOT"   # BASE_IMAGE defaults to python:3.11-slim
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 step "a first model: trained locally (builtin digits), uploaded to MinIO"

@@ -41,8 +41,8 @@ class ContainerTasks:
     What a task needs is arranged here, not by the user: the image's entry point is cleared (KFP sends its
     command as the container's Cmd; a pod's command replaces the entry point, Docker's does not), the task
     runs as the caller's uid (the pipeline root's outputs stay the caller's), a local registry and local data
-    are mounted at their own paths, and there is no network -- unless the registry is remote: then the host's
-    (an object store on loopback here; on a cluster, the pod network). ``environment`` reaches every task:
+    are mounted at their own paths, and there is no network -- unless the registry or the data is remote: then
+    the host's (an object store on loopback here; on a cluster, the pod network). ``environment`` reaches every task:
     an object store's credentials.
     """
 
@@ -62,9 +62,10 @@ class ContainerTasks:
         if data_uri is not None and Path(data_uri).exists():
             data = str(Path(data_uri).resolve())
             mounts.append(Mount(target=data, source=data, type="bind", read_only=True))
+        remote_data = data_uri is not None and "://" in data_uri and not data_uri.startswith("file://")
         return local.DockerRunner(
             entrypoint=[""], user=f"{os.getuid()}:{os.getgid()}", mounts=mounts,
-            network_mode="none" if registry.is_local else "host",
+            network_mode="host" if remote_data or not registry.is_local else "none",
             environment={"HOME": "/tmp", **self.environment},
         )
 

@@ -1,5 +1,5 @@
 """The real parts tests build on: trained registry versions, CSV data, an event sink, a trigger process, request
-bodies, a small real disk to fill.
+bodies, a small real disk to fill, containers started as the manifests start them.
 
 Plain functions and classes (the fixtures are in ``conftest.py``), imported by test modules in every
 folder as ``from testbed import ...``: ``tests/conftest.py`` puts this folder on ``sys.path``.
@@ -78,6 +78,37 @@ class EventSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+SERVING_USER = "10001:10001"  # the manifests' runAsUser / runAsGroup
+
+
+class Containers:
+    """Containers started by one test, all removed at its end (by id, whatever state they are in)."""
+
+    def __init__(self, client, image: str) -> None:
+        self.client, self.image = client, image
+        self.started: list = []
+
+    def serving(self, args: list[str], *, mounts: list | None = None, environment: dict[str, str] | None = None,
+                **options):
+        """A container as the manifests' securityContext runs it: uid 10001, read-only root filesystem, every
+        capability dropped, no privilege escalation, writable only where a pod has an emptyDir."""
+        container = self.client.containers.run(
+            self.image, args, detach=True, network_mode="host", user=SERVING_USER, read_only=True,
+            cap_drop=["ALL"], security_opt=["no-new-privileges"], mounts=mounts or [],
+            tmpfs={"/tmp": "", "/home/kfloop": f"uid={SERVING_USER.split(':')[0]}"},
+            environment={"HOME": "/home/kfloop", **(environment or {})}, **options,
+        )
+        self.started.append(container)
+        return container
+
+    def remove_all(self) -> None:
+        for container in self.started:
+            try:
+                container.remove(force=True)
+            except Exception:  # already gone (auto-removed or the daemon removed it)
+                pass
 
 
 def digits_csv(path: Path, every: int = 1) -> str:

@@ -70,8 +70,9 @@ WorkersOption = Annotated[int, typer.Option("--workers", hidden=True, help="Acce
 
 
 def registry_uri(registry: str | None, home: Path) -> str:
-    """The registry root: the one given, or ``HOME/registry``."""
-    return registry or str(home / "registry")
+    """The registry root: the one given, or ``HOME/registry``; a local one made absolute (pipeline tasks,
+    servers and containers started elsewhere read it at the same path)."""
+    return absolute_if_local(registry or str(home / "registry"))
 
 
 def absolute_if_local(uri: str | None) -> str | None:

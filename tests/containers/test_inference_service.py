@@ -28,13 +28,15 @@ from docker.types import Mount
 
 from objectstore import INITIALIZER
 from oidc_issuer import ISSUER, RSA_KEY, Issuer
-from testbed import register_version
+from testbed import Containers, register_version
 from kfloop.local.runtime import ServingRuntime
 from kfloop.local.supervisor import free_port
 from kfloop.manifests.render import render_objects
 from kfloop.policies import load_policy
 from kfloop.registry import ModelRegistry
 from kfloop.training import Prepared
+
+pytestmark = pytest.mark.containers
 
 MODEL = "classifier"  # the default policy's model, the InferenceService's name
 NAMESPACE = "kfloop"
@@ -107,8 +109,6 @@ def served(tmp_path_factory, s3_server):
 @pytest.fixture(scope="module")
 def chain(served, s3_server, docker_client, image, tmp_path_factory):
     """The storage initializer, predictor, transformer and watch containers, up and answering."""
-    from conftest import Containers
-
     objects, root = served["objects"], tmp_path_factory.mktemp("chain")
     started = Containers(docker_client, image)
     ports = {name: free_port() for name in ("predictor", "transformer", "grpc", "watch", "dead_letters", "sink")}

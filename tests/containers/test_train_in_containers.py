@@ -9,6 +9,8 @@ import pytest
 
 from kfloop.registry import ModelRegistry
 
+pytestmark = pytest.mark.containers
+
 
 def winner(result) -> tuple[dict, float]:
     assert result.code == 0, result.stderr[-3000:]
