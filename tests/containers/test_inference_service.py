@@ -29,6 +29,7 @@ from docker.types import Mount
 from objectstore import INITIALIZER
 from oidc_issuer import ISSUER, RSA_KEY, Issuer
 from testbed import Containers, register_version
+from kfloop.event_types import DRIFT_EVENT
 from kfloop.local.runtime import ServingRuntime
 from kfloop.local.supervisor import free_port
 from kfloop.manifests.render import render_objects
@@ -274,7 +275,7 @@ def test_an_alarm_with_the_rendered_credentials_reaches_the_trigger_container(se
         now = int(time.time())
         token = jwt.encode({"iss": ISSUER, "aud": [audience], "sub": subject, "iat": now, "nbf": now, "exp": now + 600},
                            RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1"})
-        headers, body = to_binary(CloudEvent({"type": "io.kfloop.drift.detected", "source": f"kfloop/watch/{MODEL}",
+        headers, body = to_binary(CloudEvent({"type": DRIFT_EVENT, "source": f"kfloop/watch/{MODEL}",
                                               "id": str(uuid.uuid4())}, {"model": MODEL, "kind": "drift"}))
         url = f"http://127.0.0.1:{port}/"
         assert httpx.post(url, headers=headers, content=body, timeout=30).status_code == 401
