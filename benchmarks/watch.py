@@ -76,7 +76,8 @@ def as_received(encoding: str, names: tuple[str, ...]) -> Callable[[np.ndarray],
 def calibration_table(args: argparse.Namespace, console: Console) -> None:
     from kfloop.data import load_dataset
     from kfloop.drift import calibration
-    from kfloop.drift.detectors import DetectorConfig, make_detector
+    from kfloop.drift.backends import make_detector
+    from kfloop.drift.detectors import DetectorConfig
     from kfloop.serving.protocol import ENCODINGS
 
     kaggle = load_dataset(str(SHARED / "kaggle_leaf_train.csv"))

@@ -205,13 +205,14 @@ class DeliveryPolicy(_Spec):
         return f"PT{self.backoff_delay_seconds:.3f}".rstrip("0").rstrip(".") + "S"
 
 
+AlarmEvent = Literal[ALARM_EVENTS]  # type: ignore[valid-type]  # the alarm types, spelled once (kfloop.event_types)
+
+
 class RetrainingPolicy(_Spec):
     """When alarms (drift, outliers, low realised accuracy) rerun the training pipeline, and on what data, and how
     alarms reach it on a cluster."""
 
-    events: list[Literal["io.kfloop.drift.detected", "io.kfloop.outlier.detected", "io.kfloop.accuracy.low"]] = Field(  # ALARM_EVENTS
-        default=list(ALARM_EVENTS), min_length=1
-    )
+    events: list[AlarmEvent] = Field(default=list(ALARM_EVENTS), min_length=1)
     cooldown_seconds: int = Field(default=3600, ge=0)
     max_runs_per_day: int = Field(default=4, ge=1)
     # warm: an alarm's run evaluates the serving version's winner, its ``neighbourhood`` closest sets on the

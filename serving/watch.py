@@ -109,8 +109,9 @@ from kfloop.errors import InputError, KfloopError, TemporaryError
 from kfloop.event_types import ACCURACY_EVENT, ALARM_EVENTS, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.labels import LabelBook, LabelIntake
 from kfloop.registry import ModelRegistry
+from kfloop.drift.backends import make_detector
 from kfloop.drift.detectors import (
-    DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot, make_detector,
+    DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot,
 )
 from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile

@@ -26,10 +26,11 @@ import yaml
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
+from kfloop.event_types import DRIFT_EVENT
 from kfloop.credentials import bearer, local_token
 from kfloop.local.supervisor import free_port
 
-DRIFT = "io.kfloop.drift.detected"
+DRIFT = DRIFT_EVENT  # the alarm tests send most
 
 
 def register_version(registry: Path, model: str, data_uri: str, *, n_estimators: int, work: Path, promote: bool = True,

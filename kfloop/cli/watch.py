@@ -59,7 +59,8 @@ def watch(
     """Watch payload CloudEvents for drift and outliers, and judge the answers on the labels clients send (realised
     accuracy, the policy's accuracy rule); send alarms to --sink."""
     from kfloop.policies import load_policy
-    from kfloop.drift.detectors import BACKENDS, DetectorConfig
+    from kfloop.drift.backends import BACKENDS
+    from kfloop.drift.detectors import DetectorConfig
     from kfloop.credentials import local_token, token_path
     from kfloop.serving.auth import Authenticator, LocalToken, is_loopback
     from kfloop.serving.watch import DeadLetterPort, WatchConfig, run_watch

@@ -25,11 +25,9 @@ float32-rounded rows splits every tie of a feature with few distinct values
 makes the KS statistic jump on clean data. On one grid, ties fall on the same
 values in both samples, and the KS test with ties is conservative.
 
-Backends: ``scipy`` (KS from SciPy, Mahalanobis distance with a Ledoit-Wolf
-covariance; no alibi-detect) and ``alibi`` (alibi-detect's ``KSDrift`` and
-``GMM``; alibi-detect is BSL 1.1 -- production use needs a licence from
-Seldon -- so it is an optional extra, imported only by
-:mod:`kfloop.drift.alibi`).
+Backends: ``scipy`` (here: KS from SciPy, Mahalanobis distance with a
+Ledoit-Wolf covariance) and ``alibi`` (:mod:`kfloop.drift.alibi`); choose one
+with :func:`kfloop.drift.backends.make_detector`.
 """
 
 from __future__ import annotations
@@ -43,8 +41,6 @@ import numpy as np
 from kfloop.errors import InputError
 
 Correction = Literal["bonferroni", "fdr"]
-Backend = Literal["scipy", "alibi"]
-BACKENDS: tuple[str, ...] = ("scipy", "alibi")
 
 
 @dataclass(frozen=True)
@@ -372,14 +368,3 @@ class WindowMonitor:
         arrive faster than one test per ``stride_seconds``); returns the alarm it raised, if any."""
         snapshot = self.take(now, timer=True)
         return [] if snapshot is None else self.record(snapshot, self.detector.test(snapshot.rows))
-
-
-def make_detector(backend: str, config: DetectorConfig) -> WindowDetector:
-    """A detector of the named backend (``alibi`` needs the ``kfloop[alibi]`` extra)."""
-    if backend == "scipy":
-        return ScipyDetector(config)
-    if backend == "alibi":
-        from kfloop.drift.alibi import AlibiDetector
-
-        return AlibiDetector(config)
-    raise InputError(f"unknown detector backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from kfloop.event_types import ACCURACY_EVENT
+
 pytestmark = pytest.mark.slow
 
 SCENARIO_ORDER = ("tune", "select", "request-rate", "predictor-failures", "accuracy", "drift")
@@ -43,7 +45,7 @@ def test_a_shortened_demo_on_leaf_data_fires_every_rule_in_order_without_a_faile
     assert first["tune"]["outcome"].startswith("4 candidates in 2 tasks, up to 2 at once")
     assert "1 -> " in first["request-rate"]["outcome"] and "1 -> 2" in first["predictor-failures"]["outcome"]
     concept, drift = first["accuracy"]["outcome"], first["drift"]["outcome"]
-    assert concept.startswith("io.kfloop.accuracy.low (version 1: realised accuracy") and "below 0.8" in concept, concept
+    assert concept.startswith(f"{ACCURACY_EVENT} (version 1: realised accuracy") and "below 0.8" in concept, concept
     assert "version 2 passed the gate, shadow for" in concept and "then 100 %" in concept, concept
     assert "version 3 passed the gate, shadow for" in drift and "then 100 %" in drift, drift
     assert any(f["action"] == "scale in" for f in summary["timeline"])

@@ -8,7 +8,8 @@ import pytest
 
 from kfloop.data import load_dataset
 from kfloop.drift import calibration
-from kfloop.drift.detectors import DetectorConfig, make_detector
+from kfloop.drift.backends import make_detector
+from kfloop.drift.detectors import DetectorConfig
 
 
 @pytest.fixture(scope="module")

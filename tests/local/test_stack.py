@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kfloop.event_types import DRIFT_EVENT
 from kfloop.local.supervisor import free_port
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def probe_every_control_surface_without_the_token(home: Path, ports: dict[str, i
     assert httpx.put(url["http"] + "/kfloop/routes", json=hijack).status_code == 404  # not on the client port
     for path, body in (("/traffic", {"weights": {"1": 100}}), ("/replicas", {"replicas": 3}), ("/version", {"version": "1"})):
         assert httpx.post(url["admin"] + path, json=body).status_code == 401, path
-    alarm = {"specversion": "1.0", "id": "forged", "source": "me", "type": "io.kfloop.drift.detected", "data": {"model": "digits"}}
+    alarm = {"specversion": "1.0", "id": "forged", "source": "me", "type": DRIFT_EVENT, "data": {"model": "digits"}}
     as_text = httpx.post(url["trigger"] + "/", content=json.dumps(alarm).encode(), headers={"content-type": "text/plain"})
     structured = httpx.post(url["trigger"] + "/", json=alarm, headers={"content-type": "application/cloudevents+json"})
     assert (as_text.status_code, structured.status_code) == (401, 401)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT, OUTLIER_EVENT
 from kfloop.errors import ManifestError, PolicyError
 from kfloop.manifests.schemas import validate_manifest
 from kfloop.policies import load_policy, signals
@@ -222,11 +223,11 @@ def test_triggers_match_the_knative_crd_and_every_one_filters_on_type(policy, sh
         assert trigger["spec"]["broker"] == "default"
         assert trigger["spec"]["filter"]["attributes"]["type"]
     assert [(t["metadata"]["name"], t["spec"]["filter"]["attributes"], t["spec"]["subscriber"]) for t in triggers] == [
-        ("kfloop-trigger-on-drift-detected", {"type": "io.kfloop.drift.detected"},
+        ("kfloop-trigger-on-drift-detected", {"type": DRIFT_EVENT},
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "kfloop-trigger"}}),
-        ("kfloop-trigger-on-outlier-detected", {"type": "io.kfloop.outlier.detected"},
+        ("kfloop-trigger-on-outlier-detected", {"type": OUTLIER_EVENT},
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "kfloop-trigger"}}),
-        ("kfloop-trigger-on-accuracy-low", {"type": "io.kfloop.accuracy.low"},
+        ("kfloop-trigger-on-accuracy-low", {"type": ACCURACY_EVENT},
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "kfloop-trigger"}}),
         ("leaf-watch-requests", {"type": "org.kubeflow.serving.inference.request"},
          {"ref": {"apiVersion": "v1", "kind": "Service", "name": "leaf-watch"}}),
@@ -234,9 +235,9 @@ def test_triggers_match_the_knative_crd_and_every_one_filters_on_type(policy, sh
 
 
 def test_only_the_policys_retraining_events_get_a_trigger(policy):
-    drift_only = policy.model_copy(update={"retraining": policy.retraining.model_copy(update={"events": ["io.kfloop.drift.detected"]})})
+    drift_only = policy.model_copy(update={"retraining": policy.retraining.model_copy(update={"events": [DRIFT_EVENT]})})
     types = [t["spec"]["filter"]["attributes"]["type"] for t in compile_triggers(drift_only, **TRIGGER_SETTINGS)]
-    assert types == ["io.kfloop.drift.detected", "org.kubeflow.serving.inference.request"]
+    assert types == [DRIFT_EVENT, "org.kubeflow.serving.inference.request"]
 
 
 def test_the_drift_trigger_can_be_narrowed_to_one_inference_service_and_another_port(policy):

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import yaml
 
+from kfloop.event_types import ACCURACY_EVENT
 from kfloop.captures import CaptureRetention
 from kfloop.errors import PolicyError
 from kfloop.policies import load_policy
@@ -153,7 +154,7 @@ def test_the_accuracy_rule_is_in_the_default_policy_and_its_promql_names_the_wat
 
     policy = load_policy(None)
     assert (policy.accuracy.labels, policy.accuracy.below) == (200, 0.8)
-    assert "io.kfloop.accuracy.low" in policy.retraining.events
+    assert ACCURACY_EVENT in policy.retraining.events
     assert policy.accuracy.promql("leaf") == ('kfloop_realised_accuracy{model="leaf"} < 0.8 and on(model, version) '
                                               'kfloop_realised_accuracy_labels{model="leaf"} >= 200')
     promtool = shutil.which("promtool")  # Prometheus' own parser: the alert rule a cluster would load

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from kfloop.event_types import DRIFT_EVENT
 from kfloop.errors import Forbidden, InputError, Unauthenticated, UpstreamError
 from kfloop.local.supervisor import free_port
 from kfloop.serving.oidc import MAX_TOKEN_CHARS, ServiceAccountTokens
@@ -307,7 +308,7 @@ def test_kfloop_trigger_with_oidc_takes_alarms_only_from_the_knative_triggers_se
         url = f"http://127.0.0.1:{port}"
         wait_until_answering(url + "/healthz", "trigger", 60)
         # A drift alarm for another model: admitted past authentication, then ignored (no run can start).
-        headers, body = to_binary(CloudEvent({"type": "io.kfloop.drift.detected", "source": "broker", "id": "a-1"},
+        headers, body = to_binary(CloudEvent({"type": DRIFT_EVENT, "source": "broker", "id": "a-1"},
                                              {"model": "someone-else"}))
 
         def send(extra: dict[str, str]) -> httpx.Response:

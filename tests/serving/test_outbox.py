@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from kfloop.event_types import DRIFT_EVENT
 from kfloop.serving.outbox import Outbox, is_permanent_refusal
 
 FAST = (0.05, 0.1)  # back-off for tests: 50 ms, then at most 100 ms
@@ -122,7 +123,7 @@ async def until(condition: Callable[[], bool], what: str, seconds: float = 5.0) 
 
 
 def alarm(outbox: Outbox, n: int) -> str:
-    return outbox.put("io.kfloop.drift.detected", "kfloop/watch/test", {"n": n})
+    return outbox.put(DRIFT_EVENT, "kfloop/watch/test", {"n": n})
 
 
 # --- permanent refusals ---------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_an_unreachable_then_failing_sink_is_retried_until_it_recovers_with_the_
     assert {seen for seen, *_ in sink.requests} == {event_id}, "the same ce-id on every attempt"
     assert len({body for *_, body in sink.requests}) == 1, "the same body on every attempt"
     headers = sink.requests[-1][2]
-    assert headers["ce-type"] == "io.kfloop.drift.detected" and headers["ce-source"] == "kfloop/watch/test"
+    assert headers["ce-type"] == DRIFT_EVENT and headers["ce-source"] == "kfloop/watch/test"
     assert headers["content-type"] == "application/json" and json.loads(sink.requests[-1][3]) == {"n": 1}
     assert outbox.dead_lettered() == []
     assert metric("kfloop_outbox_deliveries_total", outbox, outcome="sent") == 1
@@ -305,10 +306,10 @@ def test_the_loop_survives_an_error_handling_one_file_and_retries_it(tmp_path, s
 def test_put_stores_one_parseable_file_per_event_in_order_and_no_temporaries(tmp_path):
     folder = tmp_path / "outbox"
     outbox = outbox_at(folder, "http://127.0.0.1:9/")
-    first = outbox.put("io.kfloop.drift.detected", "kfloop/watch/leaf", {"p": np.float64(0.25), "rows": np.arange(3)})
+    first = outbox.put(DRIFT_EVENT, "kfloop/watch/leaf", {"p": np.float64(0.25), "rows": np.arange(3)})
     assert [path.name for path in folder.iterdir()] == [outbox.pending()[0].name]
     record = json.loads(outbox.pending()[0].read_text())
-    assert record["id"] == first and record["type"] == "io.kfloop.drift.detected"
+    assert record["id"] == first and record["type"] == DRIFT_EVENT
     assert record["source"] == "kfloop/watch/leaf" and record["data"] == {"p": 0.25, "rows": [0, 1, 2]}
     assert record["time"].endswith("+00:00")
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from testbed import Trigger, write_policy
+from testbed import DRIFT, Trigger, write_policy
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,8 @@ def test_alarms_without_the_local_token_start_nothing(tmp_path, registry_with_we
         assert trigger.alarm(auth={"authorization": "Bearer not-the-token"}).status_code == 403
         assert trigger.alarm(auth={"authorization": "Basic dXNlcjpwdw=="}).status_code == 401
         # What a web page can send cross-site without a preflight: a text/plain POST, no credentials.
-        form = httpx.post(trigger.url + "/", content=b'{"specversion": "1.0", "id": "x", "source": "s", '
-                          b'"type": "io.kfloop.drift.detected"}', headers={"content-type": "text/plain"})
+        form = httpx.post(trigger.url + "/", content=json.dumps({"specversion": "1.0", "id": "x", "source": "s", "type": DRIFT}),
+                          headers={"content-type": "text/plain"})
         assert form.status_code == 401 and "x-kfloop-outcome" not in form.headers
         # DNS rebinding: the right token through a foreign Host name is still refused.
         rebound = trigger.alarm(auth=trigger.auth | {"host": "attacker.example:8095"})

@@ -28,6 +28,7 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
 from testbed import fill, small_disk, wait_until_answering, EventSink, register_version
+from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT
 from kfloop.credentials import bearer, local_token
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
@@ -142,7 +143,7 @@ def test_malformed_ignored_and_duplicate_events(watch, setup):
     assert response.status_code == 400 and "V1 \"predictions\" or V2 \"outputs\"" in response.json()["error"]
     no_label = post(service, event(rows, event_type=RESPONSE, data={"outputs": [{"name": "probabilities", "data": [0.5]}]}))
     assert no_label.status_code == 204 and no_label.headers["x-kfloop-ignored"] == 'the answer carries no "label" output'
-    other = post(service, event(rows, event_type="io.kfloop.drift.detected"))
+    other = post(service, event(rows, event_type=DRIFT_EVENT))
     assert other.status_code == 204 and "is not watched" in other.headers["x-kfloop-ignored"]
     assert post(service, event(rows, event_id="same")).status_code == 202
     assert post(service, event(rows, event_id="same")).status_code == 202
@@ -162,7 +163,7 @@ def test_drifted_rows_raise_a_drift_alarm_at_the_sink(watch, setup):
     while time.time() < deadline and not sink.events:
         time.sleep(0.1)
     alarm = sink.events[0]
-    assert alarm["type"] == "io.kfloop.drift.detected" and alarm["source"] == "kfloop/watch/leaf"
+    assert alarm["type"] == DRIFT_EVENT and alarm["source"] == "kfloop/watch/leaf"
     data = alarm.data
     assert data["model"] == "leaf" and data["version"] == "1" and data["drift"] is True
     assert data["drifted_features"] > 0 and data["min_p_value"] < data["drift_threshold"]
@@ -386,7 +387,7 @@ def test_a_full_disk_answers_503_and_the_retry_is_processed_with_its_rows_and_it
             assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 0
             assert service.metric("kfloop_watch_rows_scored_total") == 2 * WINDOW
             alarm = eventually(lambda: sink.events, what="an alarm at the sink")[0]
-            assert alarm["type"] == "io.kfloop.drift.detected" and alarm.data["window"]["last_row"] > WINDOW  # the retried rows'
+            assert alarm["type"] == DRIFT_EVENT and alarm.data["window"]["last_row"] > WINDOW  # the retried rows'
         finally:
             service.stop()
             sink.close()
@@ -421,7 +422,7 @@ def test_an_alarm_the_outbox_cannot_store_holds_events_back_until_it_is_stored(s
             assert service.metric('kfloop_watch_alarms_unstored{model="leaf"}') == 1
             filler.unlink()
             alarm = eventually(lambda: sink.events, what="the alarm at the sink")[0]
-            assert alarm["type"] == "io.kfloop.drift.detected" and service.status()["last_alarm"]["id"] == alarm["id"]
+            assert alarm["type"] == DRIFT_EVENT and service.status()["last_alarm"]["id"] == alarm["id"]
             eventually(lambda: post(service, shifted[raised]).status_code == 202, 5, "the retry taken")
             assert service.status()["unstored_alarms"] == 0
             assert service.metric('kfloop_watch_events_total{model="leaf",outcome="duplicate"}') == 1  # that retry
@@ -498,7 +499,7 @@ def test_the_event_that_completes_a_window_is_answered_only_once_its_alarm_is_in
             assert answer.status_code == 202
             alarms = outbox_alarms(state)  # right after the answer, before anything else
             assert len(alarms) == number, f"event {number} was answered (after {waited:.3f} s) before its alarm was stored"
-            assert alarms[-1]["type"] == "io.kfloop.drift.detected" and alarms[-1]["data"]["drift"] is True
+            assert alarms[-1]["type"] == DRIFT_EVENT and alarms[-1]["data"]["drift"] is True
             assert alarms[-1]["data"]["window"]["last_row"] == number * WINDOW
         assert post(service, event(setup["rows"][:5])).status_code == 202  # no window due: answered at once
         assert len(outbox_alarms(state)) == 3
@@ -532,7 +533,7 @@ def test_a_window_completed_before_a_crash_is_tested_after_the_restart_and_its_a
         assert status["windows_tested"] == 1  # the shifted window only: the clean one was marked tested
         (alarm,) = eventually(lambda: sink.events, what="the alarm after the restart")
         data = alarm.data
-        assert alarm["type"] == "io.kfloop.drift.detected" and data["drift"] is True and data["window"]["rows"] == WINDOW
+        assert alarm["type"] == DRIFT_EVENT and data["drift"] is True and data["window"]["rows"] == WINDOW
         first_time = datetime.fromisoformat(data["window"]["first_time"]).timestamp()
         assert first_time < crashed_at  # the rows taken before the crash, with their capture times
         assert status["last_alarm"]["id"] == alarm["id"] and status["rows_in_window"] == 0  # afresh after the alarm
@@ -552,7 +553,7 @@ def test_a_window_completed_before_a_crash_is_tested_after_the_restart_and_its_a
 # --- dead letters: alarms a Knative Trigger could not deliver come back and are sent again ---------------
 
 
-DRIFT = "io.kfloop.drift.detected"
+DRIFT = DRIFT_EVENT
 
 
 class DeadLetterWatch(Watch):
@@ -805,7 +806,7 @@ def test_the_accuracy_rule_raises_one_alarm_when_the_serving_versions_labelled_a
             assert post(service, answer).status_code == 202
         assert labels_of(service, [{"id": f"r{i}", "label": classes[0]} for i in range(3)]).status_code == 200
         assert labels_of(service, [{"id": "r3", "label": classes[1]}]).status_code == 200  # 3 of 4: 0.75 < 0.8
-        [alarm] = eventually(lambda: [e for e in sink.events if e["type"] == "io.kfloop.accuracy.low"], 10, "an accuracy alarm")
+        [alarm] = eventually(lambda: [e for e in sink.events if e["type"] == ACCURACY_EVENT], 10, "an accuracy alarm")
         assert (alarm.data["model"], alarm.data["version"], alarm.data["labels"]) == ("leaf", "1", 4)
         assert alarm.data["accuracy"] == 0.75 and alarm.data["below"] == 0.8
         # Stored only once the labels behind it were joined (their rows were still buffered): the retraining it
@@ -815,7 +816,7 @@ def test_the_accuracy_rule_raises_one_alarm_when_the_serving_versions_labelled_a
             [("r0:0", classes[0]), ("r1:0", classes[0]), ("r2:0", classes[0]), ("r3:0", classes[1])]
         labels_of(service, [{"id": f"r{i}", "label": classes[1]} for i in (4, 5)])  # still low: no second alarm
         time.sleep(1.0)
-        assert [e["type"] for e in sink.events] == ["io.kfloop.accuracy.low"]  # and no drift alarm: the rows are clean
+        assert [e["type"] for e in sink.events] == [ACCURACY_EVENT]  # and no drift alarm: the rows are clean
         assert service.metric('kfloop_watch_alarms_total{kind="accuracy",model="leaf"}') == 1
     finally:
         service.stop()
