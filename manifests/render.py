@@ -1,50 +1,14 @@
 """The loop on a cluster as Kubernetes objects: one pure function from the policy and a few addresses.
 
-:func:`render_objects` returns every object ``kfloop deploy`` applies (and
-``kfloop manifests`` writes), in the order they can be applied:
-
-- ServiceAccounts, the trigger service's namespaced Role and RoleBinding, the
-  policy as a ConfigMap, NetworkPolicies that open only the loop's paths;
-- the Knative ``Broker``, the ``EventPolicy`` that lets only the drift
-  detector's ServiceAccount post kfloop's alarm types to it, and the one that
-  lets only the labeller's ServiceAccount post ``io.kfloop.label`` events;
-- the drift detector (``kfloop watch``) as a Deployment + Service, before the
-  InferenceService whose payload logger posts to it;
-- the ``ServingRuntime`` and the v1beta1 ``InferenceService`` (transformer ->
-  predictor on the kfloop image, payload logger on the transformer) with KEDA's
-  ``ScaledObject`` from :func:`~kfloop.policies.compile.compile_scaled_object`
-  and a ``PodDisruptionBudget`` for each of its components;
-- the trigger service (``kfloop trigger``) as a Deployment + Service, the
-  alarm ``Trigger`` s from :func:`~kfloop.policies.compile.compile_triggers`
-  (with the OIDC audience the trigger service checks, and the policy's
-  retries with the watch's dead-letter port as their ``deadLetterSink``), the
-  labels ``Trigger`` (:func:`~kfloop.policies.compile.compile_label_trigger`:
-  ``io.kfloop.label`` to the watch's dead-letter port, which also takes labels),
-  and a ``PodMonitor`` for every ``/metrics``.
-
-Who may send what (docs/cluster.md, "Who may send events"): KServe 0.20's
-payload logger cannot authenticate, so it posts *straight to the watch*, and a
-NetworkPolicy admits only the InferenceService's transformer pods (and
-Prometheus) to the watch's port; the watch posts alarms to the Broker with a
-projected token of its own ServiceAccount (audience :func:`broker_audience`),
-which Knative checks against the EventPolicy (this needs the Knative Eventing
-feature ``authentication-oidc``, see :data:`REQUIRED_EVENTING_FEATURES`); the
-Broker delivers them with a token of each Trigger's ServiceAccount, which the
-trigger service verifies, and a NetworkPolicy admits only Knative's
-broker-filter pods (and Prometheus) to its port. An alarm the trigger service
-has not taken after the policy's retries comes back from broker-filter -- with
-a token of the Trigger's ServiceAccount for :meth:`_Loop.dead_letter_audience`
--- to the watch's second port, :data:`DEAD_LETTER_PORT`, which verifies it; a
-NetworkPolicy admits only broker-filter pods to that port, so the payload
-port still admits only the transformer's.
-
-Everything the objects need from outside is *referenced*, never inlined: the
-storage credentials (Secrets :data:`STORAGE_SECRET`, read-write, for the watch
-and the trigger service, and :data:`STORAGE_READONLY_SECRET`, read-only, for
-the client-facing transformer and KServe's storage initializer) and the
-Kubeflow Pipelines token (Secret :data:`KFP_TOKEN_SECRET`) are created by the
-operator, as ``docs/cluster.md`` shows. All values are checked in one place
-before anything is built, and every bad one is reported at once.
+:func:`render_objects` checks every value (one :class:`~kfloop.errors.ManifestError` lists each
+bad one), then returns every object of one model's loop in apply order: ServiceAccounts, RBAC,
+the policy ConfigMap, NetworkPolicies, the Knative Broker and EventPolicies, the watch, the
+``ServingRuntime`` and ``InferenceService`` with KEDA's ``ScaledObject`` and PodDisruptionBudgets,
+the trigger service, the Knative ``Trigger`` s and a ``PodMonitor`` (``_Loop`` builds each).
+It also names the Secrets the operator creates (:data:`STORAGE_SECRET`,
+:data:`STORAGE_READONLY_SECRET`, :data:`KFP_TOKEN_SECRET`) and the Knative features the objects
+need (:data:`REQUIRED_EVENTING_FEATURES`). :mod:`kfloop.cli.cluster` calls it for
+``kfloop manifests`` (with :func:`kustomization`) and ``kfloop deploy``. See ``docs/manifests.md``.
 """
 
 from __future__ import annotations

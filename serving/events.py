@@ -1,31 +1,14 @@
 """The CloudEvent app base that the watch and the trigger share: ``POST /`` events plus the service routes.
 
-:func:`create_event_app` builds a small ASGI app around an :class:`EventService`:
-``POST /`` parses the delivery as a CloudEvent (binary or structured mode;
-anything else is an :class:`~kfloop.errors.InputError`) and hands it to the
-service; ``GET /status``, ``GET /healthz`` and ``GET /metrics`` answer for the
-service. ``POST /`` needs the app's :class:`~kfloop.serving.auth.Authenticator`
-when it has one (checked before the body is read: 401 without credentials, 403
-with wrong ones). Every :class:`~kfloop.errors.KfloopError` becomes an answer through
-:func:`kfloop.errors.to_http` (``{"error": ...}`` with the error's status).
-
-The app is plain ASGI rather than a web framework's: it is the watch's hot
-path (one payload event per inference request), and a binary-mode event --
-what KServe's logger and kfloop's transformer send -- is read straight from
-its ``ce-*`` headers and its JSON body (structured mode goes through the
-CloudEvents SDK).
-
-Replies never carry a CloudEvent -- no ``ce-*`` headers, no body on success --
-so a Knative Trigger subscriber cannot loop a reply back into its Broker: 202
-accepted (what was done in a header), 204 ignored (the reason in
-``x-kfloop-ignored``), 4xx/5xx with ``{"error": reason}``.
-
-A service that must finish work off the event loop before it may answer (the
-watch: the test of the window an event completed, and its alarm in the outbox)
-returns its reply with that work's :class:`concurrent.futures.Future`
-(:attr:`EventReply.wait`): the app awaits it without blocking the loop, and
-answers once it is done -- with the error's status instead when it raised a
-:class:`~kfloop.errors.KfloopError`.
+:func:`create_event_app` builds an :class:`EventApp` (plain ASGI) around an :class:`EventService`:
+``POST /`` parses the delivery as a CloudEvent (:func:`parse_cloudevent`, binary or structured mode),
+hands it to the service as a :class:`Delivery` and answers with the service's :class:`EventReply`,
+which never carries a CloudEvent; ``GET /status``, ``/healthz`` and ``/metrics`` answer for the
+service, and ``json_posts`` adds JSON ``POST`` routes. Every :class:`~kfloop.errors.KfloopError`
+becomes an answer through :func:`kfloop.errors.to_http`. Used by :mod:`kfloop.serving.watch` (its
+payload and dead-letter ports), :mod:`kfloop.serving.trigger` (the alarm intake) and
+:mod:`kfloop.serving.feedback` (:class:`Delivery`). Parsing, credentials, replies and deferred
+answers: ``docs/events.md``.
 """
 
 from __future__ import annotations

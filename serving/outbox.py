@@ -1,32 +1,13 @@
 """A durable outbox of CloudEvents: kept on disk until the sink has taken them.
 
-The outbox owns one folder and everything in it:
-
-* ``<folder>/*.json`` -- events waiting for the sink, one JSON record a file,
-  named ``<UTC stamp>-<id>.json`` so that the names sort oldest first. Each is
-  written with :func:`kfloop.durable.atomic_write` (temporary file, fsync,
-  rename, fsync of the folder), so a crash never leaves half an event and a
-  stored event survives a power cut.
-* ``<folder>/dead-letter/`` -- events the sink refused for good (a 4xx answer
-  other than 408 and 429), each beside a ``<name>.reason.json`` with the
-  answer's status and the start of its body.
-* ``<folder>/quarantine/`` -- files that are not an event (not JSON, or a key
-  missing), each beside a ``<name>.reason.json`` saying what was wrong.
-
-:meth:`Outbox.run` posts every due event as a binary-mode CloudEvent, oldest
-first, and deletes its file on a 2xx answer. A temporary failure (the sink
-unreachable, a 5xx, 408 or 429 answer) puts *that event* back with its own
-capped, jittered exponential back-off (a ``Retry-After`` answer is honoured up
-to the cap), while the other events keep flowing. The retry schedule lives in
-memory: after a restart every stored event is due at once. An event keeps its
-id across retries and restarts, so a receiver that saw it before can drop the
-duplicate. The delivery loop is supervised: an unexpected error is logged and
-the loop carries on after a short pause; only cancelling the task stops it.
-
-Metrics (labelled by the outbox's name): ``kfloop_outbox_size`` (events
-waiting), ``kfloop_outbox_deliveries_total`` by outcome (``sent``, ``failed``,
-``dead_lettered``, ``quarantined``), ``kfloop_outbox_dead_lettered`` and
-``kfloop_outbox_quarantined`` (files in those folders).
+:class:`Outbox` owns one folder and everything in it: :meth:`Outbox.put` stores an event there
+durably (from any thread of the process), and :meth:`Outbox.run`, a task that runs until cancelled,
+posts the stored events to the sink as binary-mode CloudEvents, oldest first, each with its own
+retry schedule. Events the sink refuses for good (:func:`is_permanent_refusal`) move to
+``dead-letter/``, files that are not an event to ``quarantine/``. Used by the watch
+(:mod:`kfloop.serving.watch`): ``WatchService`` keeps its alarms in one and ``DeadLetters``
+stores there the alarms Knative dead-lettered back; the watch's app runs the delivery loop.
+Folder layout, retries and metrics: ``docs/events.md``.
 """
 
 from __future__ import annotations

@@ -1,31 +1,12 @@
 """Payload CloudEvents as KServe's logger sends them, emitted off the request path.
 
-In a cluster KServe's agent sidecar logs payloads (``spec.transformer.logger``);
-on one machine there is no sidecar, so the transformer sends the *same*
-binary-mode events itself: ``ce-type`` ``org.kubeflow.serving.inference.request``
-/ ``.response``, one ``ce-id`` shared by the request and its response (the
-request's own inference id: a new one for every request, whatever id the
-client gave), ``ce-source`` the emitting process, the request's
-``Content-Type`` on both, and KServe's extensions (``inferenceservicename``,
-``namespace``, ``component``, ``endpoint``, ``recordedtime``, ``metadata``)
-plus ``traceparent`` and, when the client named its request, kfloop's
-``clientrequestid``; a response also carries ``modelversion``, the version that answered
-(the watch judges each version on the labels of its own answers), and a shadow version's answer to a
-mirrored copy of a request carries ``shadow: true``. As in KServe, a response is logged only for a successful
-call.
-
-Events wait in a bounded queue and a background task posts them, so logging
-never slows or fails an inference; when the queue is full the event is dropped
-and counted. An answer that says "later" -- 5xx, 408, 429, or the sink not
-reachable -- is retried with capped back-off for up to ``retry_seconds`` (the
-watch answers 503 when it cannot keep an event, e.g. on a full disk, and
-processes the retry); events behind it wait in the queue meanwhile. Other
-refusals count as ``failed``. The task never stops on its own: an event that
-raises anything unexpected (its payload cannot be serialised, say) is logged,
-counted as ``error`` and skipped, and should the task end anyway, the next
-event starts a new one. On one machine the events carry the watch's local
-bearer token (``token_file``); KServe's logger sends none, so in a cluster a
-NetworkPolicy decides who may post to the watch.
+:class:`PayloadLogger` queues ``org.kubeflow.serving.inference.request`` / ``.response`` events
+(binary mode, with KServe's extensions; :class:`EventContext` is what every event of one server
+carries) and a background task posts them to the watch, retrying what may pass later, so logging
+never slows or fails an inference. It stands in on one machine for KServe's logger sidecar:
+``run_transformer`` (:mod:`kfloop.serving.entrypoints`) builds it when given a logger URL, and
+the transformer (:mod:`kfloop.serving.transformer`) logs each request and answer through it.
+Headers, retries and failure handling: ``docs/events.md``.
 """
 
 from __future__ import annotations

@@ -1,32 +1,14 @@
-"""Start a KServe ModelServer for one kfloop model, the way kfloop needs it.
+"""Run one kfloop model in KServe's ModelServer, the way kfloop serves it.
 
-On top of ``kserve.ModelServer`` this binds REST and gRPC to ``host``
-(127.0.0.1 unless told otherwise; kserve hard-codes 0.0.0.0 and [::]),
-refuses bodies over the size limit with 413 before reading them whole
-(:mod:`kfloop.serving.limits`), answers every :class:`~kfloop.errors.KfloopError` and request-validation
-failure in the protocol's error format (``{"error": ...}`` with the error's
-status; gRPC INVALID_ARGUMENT / NOT_FOUND / UNAVAILABLE; Starlette's own
-404/405/400 answers too), leaves out the ``null`` fields kserve emits (the Open
-Inference Protocol schema does not allow them), counts requests by status
-class, and turns off per-request access and latency logging.
-
-It serves the Open Inference Protocol's versioned routes, to which kserve 0.20
-answers 501: ``GET /v2/models/{m}/versions/{v}`` (metadata),
-``GET .../versions/{v}/ready`` and ``POST .../versions/{v}/infer``, and gRPC
-``ModelReady``/``ModelMetadata``/``ModelInfer`` with a version. A model says
-which versions it serves (:class:`~kfloop.serving.protocol.ServesVersions`;
-V2 metadata lists them as ``versions``); any other version is a 404 (gRPC
-NOT_FOUND). The pinned version reaches the model in
-``InferRequest.model_version`` (:func:`~kfloop.serving.protocol.pinned_version`).
-
-Two opt-ins guard it (:mod:`kfloop.serving.auth`): ``inference_auth``
-requires credentials on inference calls (REST ``:predict``/``/infer`` and
-gRPC ``ModelInfer``; health, metadata and ``/metrics`` stay open), and a
-:class:`ControlPlane` serves a small admin app on its own loopback port, every
-route behind the local token -- control never shares the client-facing port.
-
-``import kserve`` parses ``sys.argv`` at import time, so callers import this
-module only from a process entry point, after setting ``sys.argv``.
+:func:`run_model_server` loads a model and serves it on ``kserve.ModelServer``
+with kfloop's additions: its own bind address, body limits, kfloop's error
+format, no ``null`` fields, request counts, the Open Inference Protocol's
+versioned routes (:func:`install_v2_infer`, :func:`install_v2_versions`),
+opt-in inference credentials and a :class:`ControlPlane` (admin routes on their
+own loopback port). :mod:`kfloop.serving.entrypoints` calls it for ``kfloop predictor``
+and ``kfloop transformer``, whose control routes read bodies with :func:`control_json`.
+``import kserve`` parses ``sys.argv``, so import this module only from a process
+entry point, after setting ``sys.argv``. Design notes: ``docs/serving.md``.
 """
 
 from __future__ import annotations

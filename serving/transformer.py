@@ -1,48 +1,14 @@
-"""The transformer: validates client rows, scales them with the version's preprocessor,
-calls a predictor replica over V2 REST and maps class indices to class names.
+"""The transformer: the client-facing KServe model in front of the predictor replicas.
 
-Clients send raw features (V1 rows as lists or objects keyed by feature name;
-V2 one ``[n, features]`` tensor or one tensor per feature; gRPC too) and get
-``{"predictions": [name, ...]}`` (V1) or the outputs ``label`` (BYTES) and
-``probabilities`` (FP32) (V2).
-
-Traffic goes through a :class:`TrafficSplit` of :class:`Route` s: a route is
-one model version (its preprocessor) and the predictor replicas serving it,
-called round-robin over kept-alive connections. The local runtime swaps the
-split through ``PUT /kfloop/routes`` on the transformer's control port
-(loopback, behind the local token; never the client-facing port) to add or
-drain replicas, switch versions and run canaries; in a cluster the split is the single route given on the
-command line, one Service whose pods change version in a rolling update. Given a routes file
-(``kfloop transformer --routes-file``, a ``PUT /kfloop/routes`` body that the local runtime keeps
-current), the transformer takes its split in :meth:`ForestTransformer.load`, before it listens or
-reports ready: a restarted transformer answers its first request with the current split, not with the
-route it was first started with.
-
-So that rows are never scaled for one version and scored by another, every
-call carries one tensor per version the route is known to serve
-(``features@<version>``) and the predictor picks its own. A predictor of a
-version the route does not know yet refuses with HTTP 409 naming it; the
-transformer loads that version's preprocessor from the registry, adds it to
-the route and asks again. A version no replica has answered for
-``VERSION_IDLE_SECONDS`` is dropped again (when that is the route's own
-version, the version whose answer noticed it takes its place). An answer
-from a version the call did not carry is refused (HTTP 502).
-
-A request pinned to a version (the Open Inference Protocol's
-``/v2/models/{m}/versions/{v}/infer``, gRPC ``model_version``; see
-:func:`~kfloop.serving.protocol.pinned_version`) skips the weighted pick: it
-takes the route that serves that version -- production, canary or a weight-0
-shadow route, as its own version or one in ``also`` -- and its rows are scaled
-for that version alone, so only a replica of that version can answer it. A
-version no route serves is a 404.
-
-A route with ``mirror: true`` (weight 0: the rollout's shadow stage) gets a copy
-of every request that is not pinned, sent after the client's answer is ready,
-on its own task: the client's answer never waits for it, and a failure is only
-counted (``kfloop_shadow_requests_total``), as is a copy dropped because
-``MAX_MIRRORS_IN_FLIGHT`` copies are still on their way. Its answer goes to the payload
-logger alone, as a response event with the request's id, its ``modelversion``
-and ``shadow: true``, for the watch to compare and judge.
+:class:`ForestTransformer` validates client rows (V1, V2, gRPC), scales them
+with the model version's preprocessor, calls a predictor replica over V2 REST
+and maps class indices to class names. Its traffic goes through a
+:class:`TrafficSplit` of :class:`Route` s (a version and its replicas), which
+``PUT /kfloop/routes`` on the control port or a routes file replaces; it also
+answers requests pinned to a version and mirrors requests to a shadow route.
+:func:`kfloop.serving.entrypoints.run_transformer` builds and serves it
+(``kfloop transformer``); :mod:`kfloop.local.runtime` sets its routes.
+Design notes (versions per call, pinning, shadows): ``docs/serving.md``.
 """
 
 from __future__ import annotations

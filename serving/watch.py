@@ -1,87 +1,14 @@
-"""The drift and outlier service: payload CloudEvents in, alarms (CloudEvents) out.
+"""The drift and outlier service behind ``kfloop watch``: payload CloudEvents in, alarms out.
 
-``POST /`` takes CloudEvents in binary or structured mode as KServe's payload
-logger (or kfloop's transformer) sends them. Request events
-(``org.kubeflow.serving.inference.request``) with a V1 or V2 JSON body are
-parsed with the model's own input schema (its batch limit on the real row
-count), taken once per delivery (:mod:`kfloop.serving.deliveries`: a
-redelivery -- same id, same body -- is a duplicate; two requests that share an
-id are two requests), captured for the next training and added to a sliding
-window; every ``stride`` rows (and at most once per ``stride_seconds``) the
-last ``window`` rows are tested at float32 precision against the serving
-version's reference sample (:mod:`kfloop.drift.detectors`). An alarm
-(``io.kfloop.drift.detected`` / ``io.kfloop.outlier.detected``) goes to a
-durable outbox and from there to the sink; the window then starts afresh.
-
-Replies never carry a CloudEvent (:mod:`kfloop.serving.events`): 202 accepted
-(a duplicate too), 204 ignored (response events, other types; the reason in
-``x-kfloop-ignored``), 400 malformed (``{"error": reason}``), 503 not kept
-(``{"error": reason}``: retry later).
-
-**An event is taken only once its effect is durable.** 202 means: its rows
-are in the capture journal on the watch's disk (:class:`~kfloop.captures.PayloadCapture`:
-one ``write`` per event, fsynced five times a second; the journal is replayed
-into the next shard after a restart, and carries the event's delivery key, so a
-redelivery after a crash is still a duplicate), and in the window; and when
-they made a window due, that window is tested and its alarm, if it raised one,
-is in the outbox. The reply to such an event waits for the worker thread's test
-(:attr:`~kfloop.serving.events.EventReply.wait`; the event loop serves other
-events meanwhile), so only one event in ``stride`` waits, for one test; the
-others are answered as soon as their rows are journaled. When the rows cannot
-be kept -- the journal cannot be written (a full disk), or shards have failed
-so long that ``max_buffered_rows`` rows wait -- the answer is 503 (a
-:class:`~kfloop.errors.TemporaryError`), nothing of the event was kept, and
-the sender's retry is processed as new. An alarm that the outbox cannot store
-(a full disk) is kept in memory and tried again five times a second; the event
-whose window raised it is answered 503 (its rows are kept: its retry is a
-duplicate), and until the alarm is stored every event, a duplicate too, is
-answered 503, so nothing is acknowledged on top of an alarm that is not
-durable. A detector that raises is logged and counted
-(``kfloop_watch_window_test_failures_total``) and the event answered 202: its
-rows are kept and stay in the window for the next test, and a retry would be a
-duplicate. A window that is due only because ``stride_seconds`` held its test
-back is tested by the timer, after its events were answered.
-
-**After a restart the window is where it was.** The last row of each window
-tested is marked in the capture journal (``tested``, or ``alarmed`` once its
-alarm is stored), and the journal keeps the segments the last ``window +
-stride`` rows are in, also once they are in shards. A new watch replays the serving
-version's journaled rows into its window in their order, taking the window
-where a ``tested`` mark is and starting it afresh where an ``alarmed`` one is;
-if a test is then due -- a window completed just before the crash, whose event
-was never answered, or an alarm that was only in memory -- it is tested before
-the watch serves, and its alarm stored. What a crash still loses or repeats: a
-window whose test finished but whose mark was not written yet (the instant
-between, or the marks could not be written) is tested again, and an alarm it
-raised comes a second time with a new id (the trigger coalesces it with the
-first one's run or cooldown); rows of another version than the one serving
-after the restart are not replayed (the window restarts at a version change
-anyway); with ``capture`` off there is no journal and the window starts
-afresh; a power cut can lose the journal's last 0.2 s (rows and marks). A failed
-shard keeps its rows (and retries with back-off); the captures area's retention
-(the policy's ``captures`` section) is enforced after shards are written.
-
-**Ground truth** (:mod:`kfloop.serving.feedback`, :mod:`kfloop.labels`): response events
-(``org.kubeflow.serving.inference.response``) record what each row was answered and by which version;
-labels come as ``io.kfloop.label`` events on ``POST /`` or on ``POST /v2/models/{model}/labels``
-(the same credentials), are checked whole and fsynced before the answer, and are joined with the
-captured rows into labelled shards every few seconds; the realised accuracy of each version is a gauge.
-
-The service follows the registry's production pointer: when it moves, the
-reference and detectors switch to the new version and the window restarts.
-
-**Dead letters** (a cluster): an alarm a Knative Trigger could not deliver to
-the trigger service within the policy's retries (``retraining.delivery``)
-comes back from Knative's broker-filter to a second port of the watch
-(:class:`DeadLetters`, served on its own thread so that its token checks
-never hold up payload events). This model's alarms are stored in the outbox
-again with their id, type, source and data, so the outbox sends them to the
-Broker once more and the trigger service, which deduplicates by id, takes each
-once; 202 means stored, 503 that it could not be (Knative retries). Other
-types and other models' alarms are answered 204. An alarm the trigger service
-refused with an answer Knative does not retry (400, 401, 403, 413, ...) is
-dead-lettered at once, so sending it again would circle through the Broker
-with no delay: it is logged as an error and answered 204, not stored.
+:class:`WatchService` owns one model's watch: it takes KServe's payload request events once per
+delivery, captures their rows for the next training, tests a sliding window of them against the
+serving version's reference (:mod:`kfloop.drift.detectors`), judges realised accuracy on labels
+(:mod:`kfloop.serving.feedback`), follows the registry's production pointer and stores drift,
+outlier and accuracy alarms in its :class:`~kfloop.serving.outbox.Outbox`. :class:`DeadLetters`
+serves a second port: alarms a Knative Trigger could not deliver, and labels from the Broker.
+:func:`create_app` and :func:`create_dead_letter_app` build the two apps on :mod:`kfloop.serving.events`;
+:func:`run_watch` serves them. Called by ``kfloop watch`` (:mod:`kfloop.cli.watch`), which builds
+the :class:`WatchConfig`. Replies, durability, restarts and dead letters: ``docs/watch.md``.
 """
 
 from __future__ import annotations

@@ -1,49 +1,14 @@
 """The local serving runtime: predictor replicas and the transformer as supervised processes.
 
-:class:`ServingRuntime` is the embedded stand-in for what a cluster does with
-an InferenceService: it starts ``kfloop predictor`` replicas (REST only, on
-free loopback ports) and one client-facing ``kfloop transformer`` on the
-given ports, waits until each answers its V2 readiness route, restarts a
-process that dies (with back-off), and stops every process it started by PID.
-
-Changes never fail a request: a new replica or version is started and made
-ready first, then the transformer's traffic split is swapped
-(``PUT /kfloop/routes`` on the transformer's control port), then the old
-replicas are drained (no request in flight to them) and stopped. The same
-operations are exposed over a small JSON admin API (:class:`AdminServer`) for
-other processes.
-
-The split is also kept in a routes file (``<log_dir>/transformer-<model>-routes.json``,
-the ``PUT`` body, replaced atomically before each ``PUT``), and the transformer
-is started with ``--routes-file``: a transformer the supervisor restarts takes
-the current split before it reports ready, never the one it was first started
-with. Changes and the transformer's restart exclude each other (the runtime's
-lock is held from its spawn until it is ready, or has exited again), so no
-transformer reads the file while a change is under way, and outside a change
-the file holds a split the transformer accepted. A change therefore
-  * made while the transformer restarts waits until it is ready, then goes
-    through as usual;
-  * made while the transformer is down (exited, its restart not begun) fails
-    with a :class:`~kfloop.errors.TemporaryError` (503: try again): its ``PUT``
-    cannot be sent. It does not simply leave the new split in the file for the
-    restarted transformer, because no transformer has checked that split (its
-    versions' preprocessors and features), and a split it cannot load would keep
-    it from starting at all.
-A change that fails puts everything back: the previous shares and weights, the
-old routes in the file and (when it answers) in the transformer, and the
-replicas the change started are stopped. A transformer that is running but
-cannot be given the old routes is killed, so that its restart takes them from
-the file; no traffic is left on a stopped replica and no process outside
-:meth:`ServingRuntime.status`. Draining asks the transformer what it has in
-flight; a transformer that is down has nothing in flight, and its restart reads
-a file that no longer names the drained replicas.
-
-Every control call -- the admin API's changes, the transformer's routes, the
-predictors' fault injection -- needs the bearer token of the runtime's home
-folder (:mod:`kfloop.credentials`) and a loopback ``Host``; inference needs
-credentials only when the runtime was given an ``inference_token_file``.
-
-Processes are :class:`~kfloop.local.supervisor.ManagedProcess` es.
+:class:`ServingRuntime` starts ``kfloop predictor`` replicas and one
+client-facing ``kfloop transformer`` (:class:`~kfloop.local.supervisor.ManagedProcess`
+es), restarts those that die, and changes what is served without failing a
+request (:meth:`~ServingRuntime.scale`, :meth:`~ServingRuntime.set_traffic`,
+:meth:`~ServingRuntime.switch_version`); :class:`AdminServer` offers the same
+operations as a JSON API on loopback. :class:`~kfloop.local.stack.LocalStack`
+creates both; its :class:`~kfloop.policies.scaling.Autoscaler` calls ``scale``,
+and the trigger's :class:`~kfloop.policies.rollout.LocalDeployer` uses the
+admin API. Changes, restarts and the routes file: ``docs/serving.md``.
 """
 
 from __future__ import annotations
@@ -467,7 +432,7 @@ class ServingRuntime:
                 return
             process.respawn()
             if process is self.transformer:
-                # It reads the routes file while it starts: no change until it is ready (module docstring).
+                # It reads the routes file while it starts: no change until it is ready (docs/serving.md).
                 self._wait_ready(process)
                 return
         self._wait_ready(process)
