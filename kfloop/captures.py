@@ -1,78 +1,14 @@
 """The registry's captures area: payload rows kept for the next training, and training sets built from them.
 
-Layout, under ``<registry>/<model>/captures/`` (:meth:`ModelRegistry.captures
-<kfloop.registry.ModelRegistry.captures>` hands out a :class:`CaptureArea`)::
-
-    <YYYYMMDD>/<time>-<uuid>.npz         rows the watch captured (:class:`CapturedRows`)
-    <YYYYMMDD>/<time>-<uuid>.npz.meta.json   model versions, capture times, rows
-    **/labelled*.csv                     labelled shards: id,label,<features>
-
-The id of a captured row is its payload event's ``ce-id`` and the row's
-position in it. Captured rows are kept as NumPy arrays (float64, exactly as
-received): writing them costs microseconds a row, where CSV text costs the
-watch's whole budget (about 150 us a row for 192 features) at the rates it
-must keep up with. Labelled rows -- captured rows with their labels
-(:meth:`CaptureArea.read` then :meth:`CaptureArea.add_labelled`) -- are CSV
-shards that the data loader reads, and training data. Every shard is written
-whole under a temporary name and renamed, so a reader never sees half of one.
-A shard holds the rows of one schema: the features of the version that was
-serving when they arrived (:meth:`PayloadCapture.follow`), so after a version
-change with other features new shards carry the new names.
-
-**Buffered rows are not lost.** :class:`PayloadCapture` buffers rows and writes
-a shard every ``flush_rows`` rows or ``flush_seconds`` seconds. With a
-``journal`` folder (the watch's state folder, on the watch's own disk) every
-:meth:`~PayloadCapture.add` first appends its rows to a write-ahead journal
-(one ``write`` call, no fsync on the request path; :meth:`~PayloadCapture.sync`
-fsyncs, the watch calls it five times a second), so rows that were accepted
-survive a crash of the process and are written as a shard after a restart.
-``add`` raises :class:`~kfloop.errors.TemporaryError` when the journal cannot
-be written (a full disk) -- nothing is buffered then, so the caller can answer
-"retry" -- and when ``max_buffered_rows`` rows wait because shards cannot be
-written. A failed :meth:`~PayloadCapture.flush` keeps its rows in the buffer
-(and their journal) and is tried again with back-off. Journal segments::
-
-    <journal>/<seq>.wal       rows buffered and not yet in a shard (with each add's tag)
-    <journal>/<seq>.written   rows in a shard: only the tags still count (see release)
-
-Each add may carry a ``tag`` (the watch: the event's delivery key); the tags of
-every segment still on disk are handed back after a restart
-(:attr:`PayloadCapture.recovered_tags`), and a written segment is deleted only
-by :meth:`~PayloadCapture.release`, which the caller calls once it has made the
-tags durable elsewhere -- and which keeps the newest written segments that the
-last ``keep_rows`` rows are in. The caller may also journal a *mark* on a row
-(:meth:`~PayloadCapture.mark`: the watch marks the last row of each window it
-tested). After a restart :meth:`~PayloadCapture.take_recovered` hands over, once,
-every add and mark of the segments on disk in journal order (:class:`JournaledRows`,
-:class:`JournalMark`): the watch replays them into its window.
-
-**Retention** (:class:`CaptureRetention`, from the policy's ``captures``
-section): :meth:`CaptureArea.enforce` deletes every shard older than
-``max_age_days`` and then, while the area holds more than ``max_bytes``, the
-oldest shards. Labelled shards count too -- they take the same disk, and a
-budget they escaped would not bound anything -- but to meet ``max_bytes`` the
-captured (unlabelled) shards go first, oldest first, and labelled ones only
-when the captured ones alone cannot bring the area under the budget: a label
-costs a person's time, while captured rows come again with the traffic. Age is
-a file's modification time (when it was written or labelled). The writer
-enforces retention after a flush, at most every ``retention_seconds`` unless
-the shards written since would break ``max_bytes`` (it then frees 5 % of the
-budget more, so it does not sweep after every shard). Removed shards and bytes
-are counted (``kfloop_capture_retention_removed_shards_total`` /
-``..._bytes_total`` by ``kind``); ``kfloop_capture_stored_bytes`` and
-``..._shards`` show what is kept. Only local areas are swept; a remote area's
-store keeps its own lifecycle rules.
-
-A *training set* is the base data plus the labelled shards, as one folder of
-shards in one schema (:func:`assemble_training_set`): the base written as
-``000-base.csv`` (whatever its format) and the shards beside it -- a shard
-with other features than the base's is aligned to the base's columns when it
-has them all, and left out (with a warning) when it does not. A version
-trained on such a folder names it as its data source, and its
-``000-base.csv`` is the next run's base (:func:`training_base`), so shards
-are never added twice. The newest label of a row wins: a labelled row with
-exactly a base row's features relabels it there (truth correction), so a
-changed concept is learnt rather than contradicted.
+Owns one model's ``<registry>/<model>/captures/`` folder: :class:`CaptureArea` lists, reads and stores its
+shards (captured ``.npz`` rows, :class:`CapturedRows`; labelled ``labelled*.csv`` rows) and enforces its
+:class:`CaptureRetention`; :class:`PayloadCapture` buffers captured rows, writes them as shards and
+journals them first, so a restart loses none (:class:`JournaledRows`, :class:`JournalMark`);
+:func:`assemble_training_set` and :func:`training_base` make base data plus labelled shards one training set.
+:meth:`ModelRegistry.captures <kfloop.registry.ModelRegistry.captures>` hands out the area; the watch
+(:mod:`kfloop.serving.watch`) captures, journals and replays rows; :mod:`kfloop.labels` writes labelled
+shards; :mod:`kfloop.policies.retraining` builds training sets; :mod:`kfloop.policies.spec` builds the
+retention from the policy's ``captures`` section. Layout, journal, retention order: docs/captures.md.
 """
 
 from __future__ import annotations
@@ -222,7 +158,7 @@ class CaptureArea:
     # --- retention ---------------------------------------------------------------------------
 
     def enforce(self, retention: CaptureRetention, *, now: float | None = None, slack: float = 0.0) -> RetentionSweep:
-        """Delete what ``retention`` does not keep (see the module docstring for the order); a local area only.
+        """Delete what ``retention`` does not keep (docs/captures.md gives the order); a local area only.
 
         Over ``max_bytes``, shards go until the area holds at most ``(1 - slack) * max_bytes``, so that a
         writer that sweeps whenever the area is over its budget does not sweep after every shard.
@@ -336,10 +272,10 @@ JournalEntry = JournaledRows | JournalMark
 class PayloadCapture:
     """Buffers rows; a shard is due every ``flush_rows`` rows or ``flush_seconds`` seconds, and
     :meth:`flush` writes it (the caller decides where: the watch writes on its worker thread).
-    With a ``journal`` folder every add is journaled first (module docstring). Safe to share between threads.
+    With a ``journal`` folder every add is journaled first (docs/captures.md). Safe to share between threads.
 
     ``max_buffered_rows`` (default 20 shards' worth) bounds the buffer while shards cannot be written;
-    ``retention`` is enforced after flushes, at most every ``retention_seconds`` (module docstring).
+    ``retention`` is enforced after flushes, at most every ``retention_seconds`` (docs/captures.md).
     """
 
     def __init__(self, area: CaptureArea, feature_names: Sequence[str], *, flush_rows: int = 500, flush_seconds: float = 30.0,

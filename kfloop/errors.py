@@ -1,30 +1,14 @@
 """kfloop's one error hierarchy, and the one place an error becomes an HTTP answer.
 
-Every error kfloop raises on purpose derives from :class:`KfloopError`, which
-is never raised itself: the class decides what happens next.
-
-==========================  ======  =============================================
-class                       status  what the caller does
-==========================  ======  =============================================
-:class:`InputError`         400     fix the input (a request, data, a policy, a
-                                    manifest); never retried (413: too large,
-                                    415: not JSON)
-:class:`AccessError`       401/3   present the right credentials (401: none or
-                                    unreadable, 403: valid but not allowed here)
-:class:`NotFoundError`      404     ask for something that exists
-:class:`ConflictError`      409     re-read the current state and ask again
-:class:`TemporaryError`     502/3   retry with back-off (a server, a sink, a
-                                    cluster endpoint that failed just now)
-:class:`PermanentError`     500     give up and record it (a pipeline run that
-                                    failed on its own terms)
-==========================  ======  =============================================
-
-Each class also inherits the built-in exception callers already catch
-(``ValueError``, ``PermissionError``, ``LookupError``, ``ConnectionError``,
-``RuntimeError``) and
-carries the context a user needs (file, row, column, field) in its message.
-:func:`to_http` is how every kfloop server turns an error into an answer; the
-CLI prints the message and exits 1 (:mod:`kfloop.cli`).
+Every error kfloop raises on purpose derives from :class:`KfloopError`, which is never raised itself: the
+class decides what happens next -- fix the input (:class:`InputError`), present credentials
+(:class:`AccessError`), ask for what exists (:class:`NotFoundError`), re-read the state (:class:`ConflictError`),
+retry (:class:`TemporaryError`) or give up (:class:`PermanentError`). Each class also inherits the built-in
+exception callers already catch (``ValueError``, ``PermissionError``, ``LookupError``, ``ConnectionError``,
+``RuntimeError``), and its message carries the context a user needs (file, row, column, field).
+Every module raises them; :func:`to_http` is how every kfloop server turns one into an answer, :func:`is_temporary`
+tells retry loops whether to retry, and the CLI prints the message and exits 1 (:mod:`kfloop.cli`).
+The table of classes, HTTP statuses and what the caller does: docs/architecture.md#errors.
 """
 
 from __future__ import annotations

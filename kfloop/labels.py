@@ -1,37 +1,14 @@
 """Ground truth: the answers a model gave, the labels that come for them later, and the realised accuracy.
 
-**Answers.** The watch hands every answer of the model to :meth:`LabelBook.answered` (from the payload
-logger's response events): each row's id -- the id the watch captured it under, ``<inference id>:<row>``
--- with the version that answered and the label it gave. The last ``max_answers`` rows are kept; a
-label for an older row is refused as unknown. A row may also have *shadow* answers: those of a version
-that got a mirrored copy of the request (the rollout's shadow stage), which no client saw. Each is
-compared with the served answer (``kfloop_shadow_agreement{model,version}``), and a label judges every
-version that answered the row, including a shadow whose answer comes after the label.
-
-**Labels** name a row by that id; for a one-row request the inference id alone will do (it is the
-``x-request-id`` header of the answer, and the V2 ``id`` when the client gave none). :meth:`LabelBook.add`
-checks a whole batch before it keeps any of it, and refuses it -- naming every item it refuses, and
-counting each -- when an id is not a served row (:class:`~kfloop.errors.NotFoundError`, 404), a label
-is not a class of the version that answered (:class:`~kfloop.errors.InputError`, 400) or a row already
-has another label (:class:`~kfloop.errors.ConflictError`, 409). A label sent again changes nothing
-(``duplicate``). Labels may come late and in any order.
-
-**Durability.** Both go to append-only logs in the book's folder, one JSON line per record, appended
-whole (:func:`~kfloop.durable.append_whole`): ``answers.log`` is fsynced by :meth:`sync` (the watch
-calls it with the capture journal, five times a second: a crash loses at most the answers of that
-moment, whose labels are then refused as unknown), ``labels.log`` before :meth:`add` returns, so an
-acknowledged label is never lost. A restart reads both back.
-
-**Join.** :meth:`join` turns labelled rows into labelled shards of the registry's captures (the CSV
-format retraining reads: ``id,label,<features>``), with a ``.meta.json`` beside each naming, per row,
-the version that answered, its answer, and when it answered and was labelled. A row is joined once its
-captured shard is written, so a label that comes before its row's capture is flushed waits for the
-flush. The shard's name and rows are logged before the shard is written (and ``joined`` after), so a
-crash in between writes the same shard again, under the same name: no row is joined twice.
-
-**Realised accuracy** per version is the share of its last ``accuracy_window`` labelled answers whose
-label matches what it answered: ``kfloop_realised_accuracy{model,version}``, with the number of labels
-behind it in ``kfloop_realised_accuracy_labels``.
+Owns :class:`LabelBook`, one model's answers and labels in append-only logs in its folder:
+:meth:`~LabelBook.answered` records what each row was answered (served and shadow versions),
+:meth:`~LabelBook.add` keeps a batch of labels whole or refuses it whole (:class:`LabelIntake`),
+:meth:`~LabelBook.join` writes labelled rows as labelled shards of the captures area
+(:mod:`kfloop.captures`), and each version's realised accuracy and shadow agreement are gauges.
+The watch (:mod:`kfloop.serving.watch`) owns a book, syncs and joins it and reads its accuracy;
+:mod:`kfloop.serving.feedback` turns response events and label requests into ``answered`` and ``add``;
+:mod:`kfloop.policies.rollout` queries the accuracy metrics by name (:data:`ACCURACY_METRIC`).
+Row ids, refusals, durability and the join: docs/captures.md#labels.
 """
 
 from __future__ import annotations
@@ -55,7 +32,10 @@ from kfloop.data import LabelledData
 from kfloop.durable import append_whole, atomic_write
 from kfloop.errors import ConflictError, InputError, NotFoundError, PayloadTooLarge, TemporaryError
 
-__all__ = ["ACCURACY_LABELS_METRIC", "ACCURACY_METRIC", "LABEL_OUTCOMES", "Answer", "LabelBook", "LabelIntake"]
+__all__ = ["ACCURACY_LABELS_METRIC", "ACCURACY_METRIC", "LABEL_OUTCOMES", "STATUS_KEY", "Answer", "LabelBook", "LabelIntake",
+           "TruthFigures"]
+
+STATUS_KEY = "labels"  # where the watch's ``GET /status`` carries its TruthFigures
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +115,7 @@ class _Log:
 
 
 class LabelBook:
-    """One model's answers and labels (see the module docstring); safe to share between threads."""
+    """One model's answers and labels (docs/captures.md, "Labels"); safe to share between threads."""
 
     def __init__(self, folder: Path, model: str, classes_of: Callable[[str], Sequence[str]], *,
                  accuracy_window: int = 200, max_answers: int = 200_000) -> None:
@@ -224,7 +204,7 @@ class LabelBook:
     # --- labels -----------------------------------------------------------------------------
 
     def add(self, items: Sequence[tuple[str, str]], at: float | None = None) -> LabelIntake:
-        """Keep the labels ``(row id, label)`` of one batch -- all of them, durably, or none (module docstring)."""
+        """Keep the labels ``(row id, label)`` of one batch -- all of them, durably, or none (docs/captures.md, "Labels")."""
         if len(items) > MAX_LABELS_PER_REQUEST:
             raise PayloadTooLarge(f"{len(items)} labels in one request; send at most {MAX_LABELS_PER_REQUEST}")
         at = time.time() if at is None else at
@@ -381,11 +361,57 @@ class LabelBook:
             self._answers_log.close()
             self._labels_log.close()
 
-    def status(self) -> Mapping[str, object]:
+    def figures(self) -> "TruthFigures":
+        """What the labels say now: counts, realised accuracy per version, shadows' agreement."""
         with self._lock:
-            return {"answers": len(self._answers), "labels": len(self._labels),
-                    "waiting_to_join": self.waiting,
-                    "accuracy": self.accuracy(), "agreement": self.agreement()}
+            return TruthFigures(answers=len(self._answers), labels=len(self._labels), waiting_to_join=self.waiting,
+                                accuracy=self.accuracy(), agreement=self.agreement())
+
+
+@dataclass(frozen=True)
+class TruthFigures:
+    """What the labels say, as the watch publishes it (``GET /status`` under :data:`STATUS_KEY`) and the rollout,
+    ``kfloop status`` and the demo read it -- the one definition of that contract.
+
+    ``accuracy``: per version, ``{"accuracy": share, "labels": n}`` over its last labelled answers; ``agreement``:
+    per shadow version, ``{"agreement": share, "answers": n}`` with production's answers to the same requests.
+    """
+
+    answers: int = 0
+    labels: int = 0
+    waiting_to_join: int = 0
+    accuracy: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    agreement: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {"answers": self.answers, "labels": self.labels, "waiting_to_join": self.waiting_to_join,
+                "accuracy": {v: dict(f) for v, f in self.accuracy.items()},
+                "agreement": {v: dict(f) for v, f in self.agreement.items()}}
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, object]) -> "TruthFigures":
+        """The figures in a watch's ``/status`` answer (none known when it has none); an :class:`InputError`
+        when they are not of this shape."""
+        data = status.get(STATUS_KEY) or {}
+        try:
+            accuracy = {str(v): {"accuracy": float(f["accuracy"]), "labels": int(f["labels"])}
+                        for v, f in dict(data.get("accuracy") or {}).items()}
+            agreement = {str(v): {"agreement": float(f["agreement"]), "answers": int(f["answers"])}
+                         for v, f in dict(data.get("agreement") or {}).items()}
+            return cls(int(data.get("answers", 0)), int(data.get("labels", 0)), int(data.get("waiting_to_join", 0)),
+                       accuracy, agreement)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"the watch's status carries no readable {STATUS_KEY!r} figures: {exc!r}") from None
+
+    def realised_accuracy(self, version: str) -> tuple[float, int] | None:
+        """``version``'s realised accuracy and how many labelled answers it is over (None: none labelled)."""
+        found = self.accuracy.get(version)
+        return None if not found else (float(found["accuracy"]), int(found["labels"]))
+
+    def agreement_of(self, version: str) -> tuple[float, int] | None:
+        """A shadow ``version``'s agreement with production and over how many answers (None: none yet)."""
+        found = self.agreement.get(version)
+        return None if not found else (float(found["agreement"]), int(found["answers"]))
 
 
 def _refusal(refused: dict[str, list[str]]) -> InputError | ConflictError | NotFoundError:

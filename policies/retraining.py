@@ -1,61 +1,14 @@
-"""Retraining: which alarms start a training run, the run's memory on disk, and the worker that runs it.
+"""Retraining: one model's alarm admission, its runs' memory on disk and the worker that carries each run.
 
-An alarm (a CloudEvent of the policy's ``retraining.events`` types) passes the
-admission rules in order -- duplicate id, a run already pending or running
-for the model (one at a time), the daily budget, the cooldown since the last
-run started -- and, if admitted, becomes a *pending run* in a state file
-(``trigger-state.json``). :meth:`RetrainingService.admit` returns only once
-that file holds the alarm; if it cannot be written the alarm is not taken
-(a :class:`~kfloop.errors.TemporaryError`, answered 503), so the sender's
-retry is admitted rather than taken for a duplicate.
+:class:`RetrainingService` admits alarms (:meth:`~RetrainingService.admit`: dedup, one run at a time,
+daily budget, cooldown) and carries one pending run at a time through training and
+:func:`~kfloop.policies.rollout.roll_out`, resuming a run a restart interrupted from its recorded step.
+:class:`RetrainingState` is its state file (``trigger-state.json``). A :class:`Retrainer` runs the
+training pipeline: :class:`LocalRetrainer` (``kfp.local``) or :class:`ClusterRetrainer` (Kubeflow
+Pipelines, a :class:`ResumableRetrainer`); :class:`RetrainingConfig` holds the settings.
 
-The worker carries one run at a time through its steps, writing the step and
-its facts into the run's record as each is done, so that a restarted service
-carries on where the run was:
-
-=========  =========================================================================
-step       done, and the facts recorded with it
-=========  =========================================================================
-training   the training run started: ``production_before`` (the pointer then),
-           ``pipeline_run`` (a :class:`ResumableRetrainer`'s run, e.g. on KFP)
-trained    the pipeline ended: ``version``, ``promoted`` (the gate's decision),
-           ``gate`` (its reason), ``production_version``, ``data``, ``trained``
-gated      (:func:`~kfloop.policies.rollout.roll_out`) ``old_version``; pointer on it
-shadow     (a shadow stage) ``shadow_started``; shadowed: ``shadow_agreement``, ``shadow_accuracy``, ...
-canary     ``canary_started``, ``weights``, ``canary_baseline``
-judged     ``canary_failure_rate``, ``canary_answers``, ``rollback_reason``
-=========  =========================================================================
-
-and ends with an ``outcome``: ``promoted``, ``rejected`` (by the gate),
-``rolled_back`` (``rollback_reason``), ``failed`` (``error``; the pipeline or
-the infrastructure), ``failed_inconsistent`` (the rollback itself failed:
-``rollback_reason`` and ``error``; tried again when the worker starts and
-before each next run), or ``abandoned`` (``error``).
-
-A restarted service resumes an interrupted run from its step: one stopped in
-``training`` waits for its recorded pipeline run again -- looked up by its
-name ``kfloop-retrain-<run id>`` if the service stopped before it recorded
-the run's id -- (or, for a pipeline that lived in the stopped process, trains
-again), one stopped after
-``trained`` goes on to the rollout, one stopped in ``canary`` judges the
-canary that is running -- a run is never trained twice for one alarm once it
-is ``trained``. A run interrupted more than ``max_restarts`` times is
-``abandoned``, its canary (if any) rolled back. The production pointer moves
-only through the rollout: the service's pipeline runs have a gate that only
-approves (``move_production`` false), so a run that ends before the rollout
--- or a stopped service's ``kfp.local`` task that finishes on its own -- leaves
-the pointer where it was.
-
-A run that fails on infrastructure (a :class:`~kfloop.errors.TemporaryError`,
-a network error) is recorded with ``charged: false`` and does not count
-against the daily budget; one that fails on its own terms
-(:class:`~kfloop.errors.PermanentError`, e.g. the pipeline's data check) does,
-and so does an abandoned one (a run that keeps stopping the service is not
-retried for free).
-
-Each run's record carries its times, epoch seconds: ``queued``, ``started``,
-``resumed`` (after a restart), ``trained``, ``canary_started``,
-``full_traffic`` or ``rolled_back``, ``finished``.
+Used by ``kfloop trigger`` (:mod:`kfloop.cli.act` builds the service, :mod:`kfloop.serving.trigger` serves
+it); the demo and ``benchmarks/chaos.py`` read :data:`FINISHED_OUTCOMES`. Rules, steps, outcomes: ``docs/acting.md``.
 """
 
 from __future__ import annotations

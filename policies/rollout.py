@@ -1,47 +1,14 @@
-"""Rollout: how a promoted version reaches all traffic -- or goes back -- through a gated canary.
+"""Rollout: how an approved version reaches all traffic -- or goes back -- through a shadow and a gated canary.
 
-A :class:`Deployer` is where versions are served and how traffic is split:
-:class:`LocalDeployer` drives the local serving runtime through its admin
-API, :class:`KServeDeployer` an InferenceService on a cluster. :func:`roll_out`
-sends the policy's ``canary_percent`` of traffic to the new version, watches it
-for ``observe_seconds`` and until it has ``min_canary_answers`` answers (and
-``min_labelled_answers`` labelled ones), then sends it all traffic -- or rolls
-back (traffic and the production pointer) when its 5xx share exceeds
-``rollback_failure_rate``, its realised accuracy trails production's by more
-than ``max_accuracy_drop`` (:meth:`Deployer.realised_accuracy`: the watch's
-figures), or it still has too few answers after ``max_observe_seconds``.
+:func:`roll_out` carries one version through the steps :data:`ROLLOUT_STEPS` (``gated``, ``shadow``,
+``shadowed``, ``canary``, ``judged``), handing each step's facts to ``on_step`` and carrying on from
+``resume``; it returns a :class:`RolloutOutcome` (``promoted``, ``rolled_back``, ``failed_inconsistent``).
+:func:`roll_back` puts traffic and the production pointer back, each tried per :class:`Retries`.
+A :class:`Deployer` serves versions and splits traffic: :class:`LocalDeployer` (the local serving
+runtime's admin API) or :class:`KServeDeployer` (an InferenceService, patched with :func:`canary_patch`).
 
-A rollout is a small state machine, so that a restarted trigger can carry on
-with the canary that is running instead of starting again. Each step, once
-done, is handed to the caller's ``on_step`` (which persists it), and
-``resume`` takes the facts persisted last:
-
-==========  ====================================================================
-step        done, and the facts recorded with it
-==========  ====================================================================
-gated       old version known, production pointer on it (the pipeline's gate
-            only approves ``version``): ``version``, ``old_version``
-shadow      (``shadow.enabled``, a deployer that ``mirrors``) all traffic on the
-            old version, a copy of each request to the new: ``shadow_started``
-shadowed    the shadow judged: ``shadow_agreement``, ``shadow_answers``,
-            ``shadow_accuracy``, ``shadow_labels``, ``shadow_accuracy_note``,
-            ``rollback_reason`` (None: on to the canary)
-canary      ``canary_percent`` to the new version: ``canary_started``,
-            ``weights``, ``canary_baseline`` (its 5xx and answers before)
-judged      the canary judged: ``canary_failure_rate``, ``canary_answers``,
-            ``canary_accuracy``, ``canary_labels``, ``production_accuracy``,
-            ``canary_accuracy_note``, ``rollback_reason`` (None: promote)
-==========  ====================================================================
-
-It ends ``promoted`` (the new version at 100 %, the pointer on it, its status
-``promoted``: this is where an approved version becomes production) or
-``rolled_back`` (the old version at 100 %, the pointer on it, the new version's
-status ``rolled_back``). An exception in any step -- the deployer, the
-registry, ``on_step`` itself -- also ends in ``rolled_back``, with the step and
-the error as ``rollback_reason``; traffic and pointer are each tried
-:class:`Retries` times. If even that fails the outcome is
-``failed_inconsistent`` (``error`` says what could not be undone), and the
-caller tries :func:`roll_back` again later.
+Used by :mod:`kfloop.policies.retraining` (its worker rolls out, abandons and repairs runs);
+``kfloop trigger`` (:mod:`kfloop.cli.act`) builds the deployer. Step facts, judging, failures: ``docs/acting.md``.
 """
 
 from __future__ import annotations
@@ -56,7 +23,7 @@ import httpx
 from kfloop.credentials import bearer
 from kfloop.errors import UpstreamError
 from kfloop.kube import load_kube_config
-from kfloop.labels import ACCURACY_LABELS_METRIC, ACCURACY_METRIC
+from kfloop.labels import ACCURACY_LABELS_METRIC, ACCURACY_METRIC, TruthFigures
 from kfloop.policies.signals import REQUESTS_METRIC
 from kfloop.policies.spec import RolloutPolicy
 from kfloop.prometheus_text import sum_samples
@@ -122,18 +89,17 @@ class LocalDeployer(Deployer):
         self.watch_url = watch_url.rstrip("/") if watch_url else None
         self._http = httpx.Client(timeout=10.0)  # one client for every poll (a new one costs ~60 ms of CPU)
 
-    def _labels(self, figure: str, version: str) -> tuple[float, int] | None:
-        """The watch's ``figure`` (``accuracy`` or ``agreement``) of ``version`` with its count."""
+    def _figures(self) -> TruthFigures:
+        """What the watch's labels say now (none without a watch)."""
         if self.watch_url is None:
-            return None
-        found = (self._http.get(f"{self.watch_url}/status").json().get("labels") or {}).get(figure, {}).get(version)
-        return None if not found else (float(found[figure]), int(found["labels" if figure == "accuracy" else "answers"]))
+            return TruthFigures()
+        return TruthFigures.from_status(self._http.get(f"{self.watch_url}/status").json())
 
     def realised_accuracy(self, version: str) -> tuple[float, int] | None:
-        return self._labels("accuracy", version)
+        return self._figures().realised_accuracy(version)
 
     def agreement(self, version: str) -> tuple[float, int] | None:
-        return self._labels("agreement", version)
+        return self._figures().agreement_of(version)
 
     def _status(self) -> dict[str, Any]:
         return self._http.get(f"{self.admin_url}/status").json()
@@ -173,7 +139,7 @@ class KServeDeployer(Deployer):
     Standard (raw) mode, which KEDA autoscaling needs, KServe has no canary:
     the patch becomes a rolling update and the observation window judges the
     whole new version. The transformer needs no patch: it learns the new
-    version from the predictor pods (see :mod:`kfloop.serving.transformer`).
+    version from the predictor pods (docs/serving.md, "Transformer").
     The failure rate comes from Prometheus (the predictor's
     ``kfloop_requests_total{version=...}``).
     """
@@ -279,7 +245,7 @@ def roll_out(deployer: Deployer, registry: ModelRegistry, model: str, policy: Ro
              on_step: Callable[[dict[str, Any]], None] | None = None, retries: Retries = Retries()) -> RolloutOutcome:
     """(Shadow ->) canary -> observe -> all traffic to ``new``, or everything back to ``old`` (None: what ``deployer`` serves).
 
-    ``on_step`` is given each step's facts once it is done (see the module docstring); ``resume`` -- the facts
+    ``on_step`` is given each step's facts once it is done (docs/acting.md lists them); ``resume`` -- the facts
     persisted last, e.g. the run's record -- carries on from the step it names: a running canary is judged
     from its recorded start and baseline, not started again.
     """

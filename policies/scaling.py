@@ -1,24 +1,13 @@
-"""Scaling: the decision engine and the loop that applies it, the same decisions on a cluster and on one machine.
+"""Scaling: the replica-count decision engine and the loop that applies it on one machine.
 
-:class:`ScalingEngine` turns the current replica count and the latest value
-of every scaling signal into a :class:`ScalingDecision`, with the semantics
-KEDA's HPA applies to the ScaledObject compiled from the same policy:
+:class:`ScalingEngine` turns the current replica count and the latest value of each of the policy's
+scaling rules into a :class:`ScalingDecision`, deciding as KEDA's HPA does for the ScaledObject compiled
+from the same policy (each rule's wish comes from :mod:`kfloop.policies.signals`). :class:`Autoscaler`
+runs the engine every ``evaluation_seconds`` on a :class:`Scalable` with a
+:class:`~kfloop.policies.sources.MetricSource`, scales it, and logs, records and exports each decision.
 
-* ``request_rate`` (``AverageValue``) wants ``ceil(total rate / threshold)``, nothing
-  changes while the per-replica rate is within 10 % of the threshold;
-* ``failure_rate`` (``Value``) wants ``ceil(replicas * value / threshold)``,
-  nothing changes within the HPA's 10 % tolerance;
-* the highest wish wins, clamped to ``[min_replicas, max_replicas]``;
-* scaling out happens at once; scaling in takes the highest wish of the last
-  ``cooldown_seconds`` (the HPA's scale-down stabilisation window);
-* a signal without a value (Prometheus down, no traffic for a ratio) makes
-  no wish, and while any signal is missing the engine never scales in: with
-  no values at all it holds the current count.
-
-:class:`Autoscaler` drives anything :class:`Scalable` (the local serving
-runtime) with the engine and a :class:`~kfloop.policies.sources.MetricSource`.
-Each evaluation is logged with its inputs, appended to a JSON-lines decision
-log, and exported as metrics (``kfloop_autoscaler_*``).
+Used by :class:`~kfloop.local.stack.LocalStack` (``kfloop serve --autoscale``, ``kfloop up``,
+``kfloop demo``) to scale the local serving runtime; on a cluster KEDA scales. Decision rules: ``docs/acting.md``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from kfloop.bundle import REFERENCE
 from kfloop.captures import CaptureRetention, JournalEntry, JournalMark, JournaledRows
 from kfloop.errors import InputError, KfloopError, TemporaryError
 from kfloop.event_types import ACCURACY_EVENT, ALARM_EVENTS, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
-from kfloop.labels import LabelBook, LabelIntake
+from kfloop.labels import STATUS_KEY, LabelBook, LabelIntake
 from kfloop.registry import ModelRegistry
 from kfloop.drift.backends import make_detector
 from kfloop.drift.detectors import (
@@ -463,11 +463,12 @@ class WatchService:
     def _join(self) -> None:
         self.labels.join(self.registry.captures(self.config.model))
 
-    def _join_before_alarm(self) -> None:
-        """Write the buffered rows and join the labels that wait for them (on the worker, before an alarm is stored),
-        so the retraining the alarm starts reads every label kept so far as a labelled shard. The payload logger
-        sends a request's and its answer's events apart, and the answer's can come first: a label whose row is
-        not captured yet is waited for, up to :data:`ALARM_ROWS_WAIT_SECONDS`."""
+    def join_labels_for_retraining(self) -> None:
+        """The step every alarm waits for before it is stored: write the buffered rows and join the labels that
+        wait for them into labelled shards of the captures area, so the retraining the alarm starts reads every
+        label kept so far. The payload logger sends a request's and its answer's events apart, and the answer's
+        can come first: a label whose row is not captured yet is waited for, up to
+        :data:`ALARM_ROWS_WAIT_SECONDS`. Runs on the worker thread."""
         if self.capture is None:
             return
         deadline = time.monotonic() + ALARM_ROWS_WAIT_SECONDS
@@ -533,7 +534,7 @@ class WatchService:
         event_type = DRIFT_EVENT if result.drift else OUTLIER_EVENT
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
-        self._join_before_alarm()
+        self.join_labels_for_retraining()
         with self._alarm_lock:
             self._unstored.append(_Alarm(str(uuid.uuid4()), event_type, f"{self.config.source}/{model}", alarm.kind, data,
                                          through))
@@ -579,7 +580,7 @@ class WatchService:
     def _raise_joined(self, alarm: _Alarm) -> None:
         """Store an accuracy alarm once the labels behind it are joined (the worker's job: the labels' request
         has its answer already)."""
-        self._join_before_alarm()
+        self.join_labels_for_retraining()
         with self._alarm_lock:
             self._unstored.append(alarm)
         self._store_unstored()
@@ -643,7 +644,7 @@ class WatchService:
                 "buffered_rows": self.capture.buffered, "last_error": self.capture.last_error,
             },
             "failing": dict(self._failing),
-            "labels": self.labels.status(),
+            STATUS_KEY: self.labels.figures().to_json(),
         }
 
 

@@ -1,36 +1,13 @@
-"""The scripted demo: the automation table shown working end to end on one machine.
+"""The scripted demo: the automation table played end to end on one machine.
 
-:meth:`Demo.run` starts a :class:`~kfloop.local.stack.LocalStack` in a fresh folder,
-with the policy's windows, periods and cooldowns divided by ``speed``, and plays
-(client traffic from :mod:`kfloop.demo.traffic`):
+:meth:`Demo.run` starts a :class:`~kfloop.local.stack.LocalStack` in ``DemoSettings.home`` with
+:func:`demo_policy`'s policy time-scaled by ``speed``, and plays the :data:`PHASES` -- train, scale
+out and in, injected 503s, concept drift, covariate drift -- with client traffic and labels from
+:mod:`kfloop.demo.traffic`. What it observes goes into a :class:`DemoResult` (with :func:`automation_rows`,
+:func:`scaling_firings`, :func:`loop_timings`); :func:`save_result` writes it as JSON.
 
-1. ``train``: the training pipeline (parallel tuning, then the best candidate: table rows 1-2);
-2. ``clean`` -> ``load`` -> ``calm``: holdout rows at half the request-rate
-   threshold, then at four times it until the autoscaler scales out (row 4),
-   then low again until it has scaled back in;
-3. ``fault``: every predictor answers 503 until the failure-rate rule scales out (row 3);
-4. ``concept``: concept drift. The features stay as they were and the labels of
-   some classes swap: a client sends its whole catalogue, the labelling team's
-   labels for it come in one batch, and the labels of the traffic keep coming.
-   The drift detector stays quiet; the accuracy rule fires -> retraining on the
-   labelled captures (each labelled row relabels the base's identical row) ->
-   promotion gate -> shadow -> canary -> all traffic (row 6);
-5. ``drift``: a labelled shard of shifted rows arrives and the traffic shifts
-   to the same shift: drift alarm -> retraining on base + shards -> promotion
-   gate -> shadow -> canary -> all traffic (row 5).
-
-From the ``clean`` phase on, the true label of every answered request goes to
-the watch's label door (``POST /v2/models/{model}/labels``, the home's token),
-as a labelling team would send it. The demo plays the policy with the shadow
-stage on, the retraining cooldown at most :data:`DEMO_RETRAINING_COOLDOWN` and
-a budget of :data:`DEMO_RUNS` runs (:func:`demo_policy`), so that both phases
-retrain and show every stage.
-
-Every client request, every autoscaling decision, every alarm and the services'
-state (sampled twice a second) are recorded in a :class:`DemoResult`, with the
-rule firings and the loop timings; :mod:`kfloop.demo.report` draws it. Client
-requests that fail while 503s are being injected on purpose are counted apart
-from the others, which must all succeed.
+Used by ``kfloop demo`` (:mod:`kfloop.cli.loop`, with :func:`new_demo_home`), the live display
+:mod:`kfloop.demo.view` and the report :mod:`kfloop.demo.report`. The phases: ``docs/demo.md``.
 """
 
 from __future__ import annotations
@@ -52,6 +29,7 @@ from kfloop.credentials import bearer, local_token
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import PermanentError, PolicyError
 from kfloop.event_types import ACCURACY_EVENT
+from kfloop.labels import TruthFigures
 from kfloop.policies import Policy, ScalingRule
 from kfloop.policies.retraining import FINISHED_OUTCOMES
 from kfloop.policies.signals import signal_of
@@ -505,7 +483,7 @@ class Demo:
             "alarm": bool(watch.get("last_alarm")),
             "client_rate": len(recent) / 5.0,
             "realised_accuracy": {version: figure["accuracy"]
-                                  for version, figure in (watch.get("labels") or {}).get("accuracy", {}).items()},
+                                  for version, figure in TruthFigures.from_status(watch).accuracy.items()},
         })
 
     def _decision_records(self) -> list[dict[str, Any]]:

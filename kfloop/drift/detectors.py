@@ -1,33 +1,14 @@
-"""Drift and outlier detection behind one small contract, with a SciPy backend (the default).
+"""Drift and outlier detection behind one small contract, with the SciPy backend (the default).
 
-:class:`WindowDetector` tests a window of new rows against the model
-version's reference sample and answers with a :class:`WindowResult`:
-
-* **drift** -- a two-sample Kolmogorov-Smirnov test per feature, corrected for
-  testing every feature (Bonferroni or Benjamini-Hochberg FDR);
-* **outliers** -- a per-row score whose threshold is the ``1 - outlier_rate``
-  quantile of scores on *held-out* reference rows (in-sample scores are too
-  small), and a one-sided binomial test of how many rows of the window exceed
-  it. The test uses a 95 % upper confidence bound of the exceedance rate
-  (Clopper-Pearson, from the held-out rows), because a quantile estimated
-  from a few hundred rows is itself uncertain and a slightly low threshold
-  would otherwise raise false alarms on every window.
-
-The window's significance level ``alpha`` is split between the two tests
-(``alpha / 2`` each), so on clean data the chance that a window raises any
-alarm stays at or below ``alpha``.
-
-**Precision.** Both the reference and every window are compared at float32
-(:func:`at_model_precision`), the precision of the predictor's ONNX input:
-clients send V2 tensors as FP32, and a float64 reference against
-float32-rounded rows splits every tie of a feature with few distinct values
-(the leaf ``margin`` features have a few dozen, many of them zeros), which
-makes the KS statistic jump on clean data. On one grid, ties fall on the same
-values in both samples, and the KS test with ties is conservative.
-
-Backends: ``scipy`` (here: KS from SciPy, Mahalanobis distance with a
-Ledoit-Wolf covariance) and ``alibi`` (:mod:`kfloop.drift.alibi`); choose one
-with :func:`kfloop.drift.backends.make_detector`.
+Owns :class:`WindowDetector` -- ``fit`` a version's reference sample once, then ``test`` each window of
+new rows, answering a :class:`WindowResult` (drifted features, outliers) under a :class:`DetectorConfig`
+-- and its SciPy backend :class:`ScipyDetector` (KS per feature through :class:`KsReference`,
+Mahalanobis outlier scores); :func:`at_model_precision`, the float32 grid both sides are compared on;
+and :class:`WindowMonitor`, the sliding window that decides when a test is due and turns results into
+:class:`WindowAlarm` s. Used by the watch (:mod:`kfloop.serving.watch`), :mod:`kfloop.drift.calibration`,
+``kfloop watch`` (:class:`DetectorConfig`) and the watch benchmark; :mod:`kfloop.drift.alibi` implements
+the contract, and :func:`kfloop.drift.backends.make_detector` picks a backend.
+The tests, how ``alpha`` is shared between them, and why float32: docs/drift.md.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from kfloop.durable import atomic_write
+from kfloop.labels import TruthFigures
 from kfloop.local.runtime import AdminServer, ServingRuntime
 from kfloop.local.supervisor import ManagedProcess
 from kfloop.policies.scaling import Autoscaler
@@ -180,7 +181,7 @@ def stack_status(home: Path) -> dict[str, Any]:
         "signals": signals,
         "last_p_value": last_window.get("min_p_value"),
         "last_alarm": {k: last_alarm.get(k) for k in ("type", "id", "first_drifted_row_time")} if last_alarm else None,
-        "realised_accuracy": (watch.get("labels") or {}).get("accuracy", {}),  # version -> {accuracy, labels}
+        "realised_accuracy": dict(TruthFigures.from_status(watch).accuracy),  # version -> {accuracy, labels}
         "runs_in_flight": len(trigger["pending"]) + sum(1 for r in trigger["runs"] if r["outcome"] == "running"),
         "last_run": trigger["runs"][-1] if trigger["runs"] else None,
         "urls": urls,

@@ -85,7 +85,7 @@ def test_old_answers_are_forgotten_past_max_answers_and_the_log_is_compacted(tmp
     lines = (tmp_path / "book" / "answers.log").read_text().splitlines()
     assert len(lines) <= 20 and {json.loads(line)["ids"][0] for line in lines} >= {f"r{i}:0" for i in range(15, 25)}
     book.close()
-    assert _book(tmp_path / "book", max_answers=10).status()["answers"] == 10
+    assert _book(tmp_path / "book", max_answers=10).figures().answers == 10
 
 
 def _captured(area: CaptureArea, ids: list[str], version: str = "1") -> np.ndarray:
@@ -190,3 +190,53 @@ def test_on_a_full_disk_a_batch_is_refused_as_temporary_and_nothing_of_it_is_kep
         assert book.add([("r1", "a"), ("r2", "a")]).accepted == 2  # the retry is new, not a duplicate
         book.close()
         assert _book(disk / "book").accuracy() == {"1": {"accuracy": 0.5, "labels": 2}}
+
+
+# --- the figures the watch publishes and the rollout reads (one contract: TruthFigures) ------------------------
+
+
+def test_the_figures_the_watch_publishes_are_what_the_rollout_reads(tmp_path):
+    import http.server
+    import threading
+
+    from kfloop.labels import STATUS_KEY, TruthFigures
+    from kfloop.policies.rollout import LocalDeployer
+
+    book = LabelBook(tmp_path / "labels", "m", lambda version: ["a", "b"])
+    book.answered(["r:0", "r:1", "r:2"], "1", ["a", "a", "b"])
+    book.answered(["r:0", "r:1", "r:2"], "2", ["a", "b", "b"], shadow=True)
+    book.add([("r:0", "a"), ("r:1", "b"), ("r:2", "b")])
+    published = json.dumps({"version": "1", STATUS_KEY: book.figures().to_json()}).encode()  # the watch's /status
+    book.close()
+
+    class Watch(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(published)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Watch)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        deployer = LocalDeployer("http://127.0.0.1:9", "m", "token", watch_url=f"http://127.0.0.1:{server.server_port}")
+        accuracy = deployer.realised_accuracy("1")
+        assert accuracy is not None and accuracy == pytest.approx((2 / 3, 3))
+        assert deployer.agreement("2") == pytest.approx((2 / 3, 3))  # the shadow agreed with production on 2 of 3
+        assert deployer.realised_accuracy("9") is None and deployer.agreement("1") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    figures = TruthFigures.from_status(json.loads(published))
+    assert (figures.answers, figures.labels, figures.waiting_to_join) == (3, 3, 3)
+    assert TruthFigures.from_status({}) == TruthFigures()  # a watch with no labels yet
+
+
+def test_figures_of_another_shape_are_an_input_error():
+    from kfloop.labels import TruthFigures
+
+    with pytest.raises(InputError, match="no readable 'labels' figures"):
+        TruthFigures.from_status({"labels": {"accuracy": {"1": {"share": 0.5}}}})
