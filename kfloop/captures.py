@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge
 from kfloop.data import LABEL_COLUMN, LabelledData, load_dataset, save_csv
 from kfloop.durable import TornAppend, append_whole, atomic_write, fsync_folder
 from kfloop.errors import InputError, TemporaryError
+from kfloop.retry import Backoff
 
 __all__ = [
     "BASE_SHARD",
@@ -59,7 +60,7 @@ META_SUFFIX = ".meta.json"
 LABELLED_SHARDS = "labelled*.csv"  # capture shards with a ``label`` column added
 BASE_SHARD = "000-base.csv"
 SWEEP_SLACK = 0.05  # a writer's sweep over max_bytes frees this share of it more: not one sweep per shard
-RETRY_CAP_SECONDS = 5.0  # the longest wait between attempts to write a shard that failed
+SHARD_BACKOFF = Backoff((0.5, 1.0, 2.0, 4.0, 5.0))  # waits between attempts to write a shard that failed
 STALE_SECONDS = 3600  # a temporary file or a shard's lone meta file this old is a crash's leftover
 
 CAPTURED_ROWS = Counter("kfloop_captured_rows", "Rows written to capture shards.", ["model"])
@@ -404,7 +405,7 @@ class PayloadCapture:
                     except OSError:
                         log.exception("captures of %s: journal fsync failed", self.model)
                 self._failures += 1
-                self._retry_at = time.monotonic() + min(RETRY_CAP_SECONDS, 0.5 * 2 ** (self._failures - 1))
+                self._retry_at = time.monotonic() + SHARD_BACKOFF.delay(self._failures)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 FLUSH_FAILURES.labels(self.model).inc()
                 self._buffered_gauge.set(buffered)

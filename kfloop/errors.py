@@ -13,6 +13,7 @@ The table of classes, HTTP statuses and what the caller does: docs/architecture.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -178,9 +179,18 @@ class VersionMismatch(ConflictError):
 
 
 class TemporaryError(KfloopError, ConnectionError):
-    """A failure that may pass: retry with back-off."""
+    """A failure that may pass: retry with back-off -- waiting ``delay`` seconds at least when the raiser knows
+    how long (a sink's ``Retry-After``); an HTTP answer says so in its own ``Retry-After``."""
 
     status = 503
+
+    def __init__(self, message: str, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.delay is None else {"retry-after": str(max(1, math.ceil(self.delay)))}
 
 
 class UpstreamError(TemporaryError):

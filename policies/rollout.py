@@ -18,16 +18,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
-import httpx
 
 from kfloop.credentials import bearer
 from kfloop.errors import UpstreamError
+from kfloop.http_clients import http_client
 from kfloop.kube import load_kube_config
 from kfloop.labels import ACCURACY_LABELS_METRIC, ACCURACY_METRIC, TruthFigures
 from kfloop.policies.signals import REQUESTS_METRIC
 from kfloop.policies.spec import RolloutPolicy
 from kfloop.prometheus_text import sum_samples
 from kfloop.registry import ModelRegistry
+from kfloop.retry import Backoff, wait_before_retry
 
 __all__ = [
     "CANARY_POLL_SECONDS",
@@ -87,7 +88,7 @@ class LocalDeployer(Deployer):
         self.model = model
         self.headers = bearer(token)
         self.watch_url = watch_url.rstrip("/") if watch_url else None
-        self._http = httpx.Client(timeout=10.0)  # one client for every poll (a new one costs ~60 ms of CPU)
+        self._http = http_client(timeout=10.0)
 
     def _figures(self) -> TruthFigures:
         """What the watch's labels say now (none without a watch)."""
@@ -152,7 +153,7 @@ class KServeDeployer(Deployer):
         self.namespace, self.name, self.model = namespace, name, model
         self.registry = ModelRegistry(registry_uri)
         self.prometheus_url = prometheus_url.rstrip("/")
-        self._http = httpx.Client(timeout=10.0)
+        self._http = http_client(timeout=10.0)
 
     def _patch(self, body: dict[str, Any]) -> None:
         self.api.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", self.namespace, "inferenceservices", self.name, body)
@@ -190,10 +191,15 @@ class KServeDeployer(Deployer):
 @dataclass(frozen=True)
 class Retries:
     """How often an action that puts things back (traffic, the production pointer) is tried: ``attempts`` tries,
-    waiting ``backoff_seconds`` after the first failure and twice as long after each next one."""
+    waiting ``backoff_seconds`` after the first failure and twice as long after each next one (longer when the
+    error asks for it: :func:`~kfloop.retry.wait_before_retry`)."""
 
     attempts: int = 3
     backoff_seconds: float = 1.0
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff.doubling(self.backoff_seconds, self.attempts - 1)
 
     def call(self, action: Callable[[], T], what: str) -> T:
         for attempt in range(1, self.attempts + 1):
@@ -203,7 +209,7 @@ class Retries:
                 if attempt >= self.attempts:
                     raise
                 log.warning("%s failed (try %d of %d), trying again: %s: %s", what, attempt, self.attempts, type(exc).__name__, exc)
-                time.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+                time.sleep(wait_before_retry(self.backoff, attempt, exc))
         raise AssertionError("unreachable")  # attempts < 1
 
 

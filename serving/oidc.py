@@ -26,6 +26,7 @@ import httpx
 import jwt
 
 from kfloop.errors import Forbidden, InputError, Unauthenticated, UpstreamError
+from kfloop.http_clients import http_client
 from kfloop.serving.auth import bearer_token
 
 __all__ = ["ALGORITHMS", "MAX_TOKEN_CHARS", "ServiceAccountTokens"]
@@ -156,7 +157,7 @@ class ServiceAccountTokens:
     def _fetch(self) -> None:
         """Fetch discovery (once it has succeeded, never again) and the JWKS; the caller holds the lock."""
         self._fetched_at = time.monotonic()
-        with httpx.Client(verify=self._tls(), headers=self._credentials(), timeout=_FETCH_TIMEOUT) as client:
+        with http_client(timeout=_FETCH_TIMEOUT, headers=self._credentials(), verify=self._tls()) as client:
             if self._discovery is None:
                 url = f"{self.issuer_url}/.well-known/openid-configuration"
                 self._discovery = _parse_discovery(_get_json(client, url, "OIDC discovery"), url)

@@ -3,7 +3,7 @@
 :class:`Outbox` owns one folder and everything in it: :meth:`Outbox.put` stores an event there
 durably (from any thread of the process), and :meth:`Outbox.run`, a task that runs until cancelled,
 posts the stored events to the sink as binary-mode CloudEvents, oldest first, each with its own
-retry schedule. Events the sink refuses for good (:func:`is_permanent_refusal`) move to
+retry schedule. Events the sink refuses for good (not :func:`~kfloop.retry.retryable_status`) move to
 ``dead-letter/``, files that are not an event to ``quarantine/``. Used by the watch
 (:mod:`kfloop.serving.watch`): ``WatchService`` keeps its alarms in one and ``DeadLetters``
 stores there the alarms Knative dead-lettered back; the watch's app runs the delivery loop.
@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -34,7 +33,9 @@ from prometheus_client import Counter, Gauge
 
 from kfloop.credentials import TokenFile
 from kfloop.durable import atomic_write, fsync_folder
-from kfloop.errors import InputError, is_temporary
+from kfloop.errors import InputError, UpstreamError, is_temporary
+from kfloop.http_clients import async_http_client
+from kfloop.retry import Backoff, retryable_status, wait_before_retry
 
 __all__ = [
     "DEAD_LETTER",
@@ -44,7 +45,7 @@ __all__ = [
     "OUTBOX_SIZE",
     "QUARANTINE",
     "Outbox",
-    "is_permanent_refusal",
+    "ALARM_BACKOFF",
 ]
 
 OUTBOX_SIZE = Gauge("kfloop_outbox_size", "Events waiting in the outbox for the sink.", ["outbox"])
@@ -65,14 +66,7 @@ REQUIRED_KEYS = ("id", "type", "source", "time")
 log = logging.getLogger(__name__)
 
 
-def is_permanent_refusal(status: int) -> bool:
-    """Whether a sink's answer means "never": a 4xx other than 401/403, 408 (timeout) and 429 (too many requests).
-
-    A refusal of the sender's credentials (401, 403) is mended by fixing them (a
-    rotated token, an EventPolicy that becomes ready), not by changing the event:
-    the event waits and is retried.
-    """
-    return 400 <= status < 500 and status not in (401, 403, 408, 429)
+ALARM_BACKOFF = Backoff((0.5, 1, 2, 4, 8, 16, 30), jitter=0.5)  # one event's retries
 
 
 class _Corrupt(Exception):
@@ -90,10 +84,8 @@ class _Retry:
 class Outbox:
     """Events for ``sink_url`` stored in ``folder``.
 
-    ``backoff`` is the retry schedule of one event: its n-th retry waits
-    ``backoff[n-1]`` seconds (the last value is the cap and repeats), of which
-    the fraction ``jitter`` is random (a wait is between ``(1 - jitter) * d``
-    and ``d``). ``timeout`` bounds one POST; ``error_pause`` is how long the
+    ``backoff`` is the retry schedule of one event (a sink's ``Retry-After`` is
+    honoured up to its cap). ``timeout`` bounds one POST; ``error_pause`` is how long the
     supervised loop rests after an unexpected error; ``rescan`` is the longest
     the loop sleeps without looking at the folder (for files put there by
     another process).
@@ -105,17 +97,12 @@ class Outbox:
         sink_url: str,
         *,
         name: str = "alarms",
-        backoff: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16, 30),
-        jitter: float = 0.5,
+        backoff: Backoff = ALARM_BACKOFF,
         timeout: float = 10.0,
         error_pause: float = 1.0,
         rescan: float = 30.0,
         credentials: TokenFile | None = None,
     ) -> None:
-        if not backoff or any(step <= 0 for step in backoff):
-            raise InputError(f"backoff must be one or more delays > 0 s, not {backoff!r}")
-        if not 0 <= jitter <= 1:
-            raise InputError(f"jitter must be between 0 and 1, not {jitter!r}")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dead_letter_folder = self.folder / DEAD_LETTER
@@ -123,8 +110,7 @@ class Outbox:
         self.sink_url = sink_url
         self.credentials = credentials  # the bearer token every POST carries (re-read when its file changes)
         self.name = name
-        self.backoff = tuple(float(step) for step in backoff)
-        self.jitter = jitter
+        self.backoff = backoff
         self.timeout = timeout
         self.error_pause = error_pause
         self.rescan = rescan
@@ -169,7 +155,7 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
+            async with async_http_client(timeout=self.timeout) as client:
                 while True:
                     try:
                         delay = await self._deliver_due(client)
@@ -224,10 +210,11 @@ class Outbox:
         status = response.status_code
         if 200 <= status < 300:
             self._sent(path)
-        elif is_permanent_refusal(status):
+        elif not retryable_status(status):
             self._dead_letter(path, status, response.text)
         else:
-            self._failed(path.name, f"{self.sink_url} answered {status}", _retry_after(response))
+            reason = f"{self.sink_url} answered {status}"
+            self._failed(path.name, reason, UpstreamError(reason, delay=_retry_after(response)))
 
     def _sent(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -236,21 +223,17 @@ class Outbox:
         OUTBOX_DELIVERIES.labels(self.name, "sent").inc()
         OUTBOX_SIZE.labels(self.name).set(len(self.pending()))
 
-    def _failed(self, name: str, reason: str, retry_after: float | None = None) -> None:
+    def _failed(self, name: str, reason: str, error: UpstreamError | None = None) -> None:
         OUTBOX_DELIVERIES.labels(self.name, "failed").inc()
-        retry = self._postpone(name, retry_after)
+        retry = self._postpone(name, error)
         level = logging.WARNING if retry.attempts == 1 or retry.attempts % 10 == 0 else logging.DEBUG
         log.log(level, "outbox %s: %s for %s (attempt %d); retrying in %.2f s",
                 self.name, reason, name, retry.attempts, retry.due - time.monotonic())
 
-    def _postpone(self, name: str, retry_after: float | None = None) -> _Retry:
+    def _postpone(self, name: str, error: UpstreamError | None = None) -> _Retry:
         retry = self._retries.setdefault(name, _Retry())
         retry.attempts += 1
-        step = self.backoff[min(retry.attempts - 1, len(self.backoff) - 1)]
-        delay = step * (1 - self.jitter * random.random())
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff[-1]))
-        retry.due = time.monotonic() + delay
+        retry.due = time.monotonic() + wait_before_retry(self.backoff, retry.attempts, error)
         return retry
 
     def _dead_letter(self, path: Path, status: int, body: str) -> None:

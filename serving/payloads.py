@@ -23,6 +23,8 @@ import orjson
 
 from kfloop.credentials import TokenFile
 from kfloop.errors import InputError
+from kfloop.http_clients import async_http_client
+from kfloop.retry import Backoff, retryable_status
 from kfloop.serving.metrics import PAYLOAD_EVENTS, PAYLOAD_QUEUE
 
 __all__ = ["EventContext", "PayloadLogger"]
@@ -45,12 +47,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+PAYLOAD_BACKOFF = Backoff((0.1, 0.2, 0.5, 1.0, 2.0, 5.0))  # one event's retries, within retry_seconds
+
 class PayloadLogger:
     """Queue of payload events and the task that posts them to ``url``."""
 
     def __init__(self, url: str, context: EventContext, model: str, queue_size: int = 1000, timeout: float = 5.0, *,
                  token_file: Path | None = None, retry_seconds: float = 30.0,
-                 backoff: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> None:
+                 backoff: Backoff = PAYLOAD_BACKOFF) -> None:
         self.url = url
         self.credentials = TokenFile(token_file) if token_file is not None else None  # the watch's local token
         self.context = context
@@ -58,7 +62,7 @@ class PayloadLogger:
         self.queue_size = queue_size
         self.timeout = timeout
         self.retry_seconds = retry_seconds
-        self.backoff = backoff  # the n-th retry of one event waits backoff[n-1] seconds (the last value repeats)
+        self.backoff = backoff  # one event's retries
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
 
@@ -111,7 +115,7 @@ class PayloadLogger:
         assert self._queue is not None
         while True:
             try:
-                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                async with async_http_client(timeout=self.timeout) as client:
                     while True:
                         item = await self._queue.get()
                         PAYLOAD_QUEUE.labels(self.model).set(self._queue.qsize())
@@ -141,12 +145,12 @@ class PayloadLogger:
                 if response.status_code < 300:
                     return "sent"
                 problem = f"HTTP {response.status_code}"
-                retry = response.status_code >= 500 or response.status_code in (408, 429)
+                retry = retryable_status(response.status_code)
             except (httpx.TransportError, InputError) as exc:  # InputError: the token file cannot be read (yet)
                 problem, retry = f"{type(exc).__name__}: {exc}", True
             except httpx.HTTPError as exc:
                 problem, retry = f"{type(exc).__name__}: {exc}", False
-            delay = self.backoff[min(attempt, len(self.backoff) - 1)]
+            delay = self.backoff.delay(attempt + 1)
             if not retry or loop.time() + delay > deadline:
                 log.warning("payload event %s to %s failed after %d attempts: %s", event_id, self.url, attempt + 1, problem)
                 return "failed"

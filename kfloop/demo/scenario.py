@@ -29,6 +29,7 @@ from kfloop.credentials import bearer, local_token
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import PermanentError, PolicyError
 from kfloop.event_types import ACCURACY_EVENT
+from kfloop.http_clients import http_client
 from kfloop.labels import TruthFigures
 from kfloop.policies import Policy, ScalingRule
 from kfloop.policies.retraining import FINISHED_OUTCOMES
@@ -216,7 +217,7 @@ class Demo:
         self.stack: LocalStack | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._http = httpx.Client(timeout=5.0)  # the polls of the watch's and the trigger's status (one client: ~60 ms of CPU each)
+        self._http = http_client(timeout=5.0)  # the polls of the watch's and the trigger's status
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -392,7 +393,7 @@ class Demo:
         start = time.time()
         # In no particular order: a file's order (digits' is by writer) would be a drift of its own, window by window.
         order = np.random.default_rng(self.policy.training.seed).permutation(data.rows)
-        with httpx.Client(timeout=60.0) as client:
+        with http_client(timeout=60.0) as client:
             ids = serve_rows(client, self.stack.runtime.endpoints["v2"], data.features[order], CATALOGUE_ROWS_PER_REQUEST,
                              self._record, self.phase)
         true_labels = _relabelled(data.labels[order], truth)
@@ -416,7 +417,7 @@ class Demo:
             return
         tested = int(watch.get("windows_tested", 0))
         self.status_line = f"the watch's window of version {watch.get('version')} fills ({missing} clean rows)"
-        with httpx.Client(timeout=60.0) as client:
+        with http_client(timeout=60.0) as client:
             serve_rows(client, self.stack.runtime.endpoints["v2"], rows[:missing], CATALOGUE_ROWS_PER_REQUEST,
                        self._record, self.phase)
         self.wait_for(lambda: int(self._watch_status().get("windows_tested", 0)) > tested, 30, "the watch's first test of the new version")

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 
 from kfloop.errors import InputError
+from kfloop.http_clients import http_client
 
 __all__ = ["Labeller", "RequestRecord", "Traffic", "serve_rows", "shift", "swapped_classes"]
 
@@ -50,7 +51,7 @@ class Labeller:
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         self.url = url
         self._headers = headers
-        self._client = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=16))
+        self._client = http_client(timeout=30.0, max_connections=16)
         self._lock = threading.Lock()
         self.outcomes = {"accepted": 0, "duplicate": 0, "refused": 0}
 
@@ -90,7 +91,7 @@ class Traffic:
         self._phase = phase
         self._labeller = labeller
         self._send_labels = False
-        self._client = httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=32))
+        self._client = http_client(timeout=30.0, max_connections=32)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kfloop-demo-traffic")
         self._lock = threading.Lock()
         self._rate = 0.0

@@ -32,6 +32,7 @@ from kfloop.errors import (
     InputError, KfloopError, NotFoundError, PayloadTooLarge, TemporaryError, UnsupportedMediaType, UpstreamError, to_http,
 )
 from kfloop.durable import atomic_write
+from kfloop.http_clients import http_client
 from kfloop.local.supervisor import ManagedProcess, free_port
 from kfloop.registry import ModelRegistry, checked_version
 from kfloop.serving.auth import Authenticator, LocalToken
@@ -103,8 +104,7 @@ class ServingRuntime:
         self.log_dir = Path(log_dir)
         self.routes_file = self.log_dir / f"transformer-{model}-routes.json"  # the split a (re)started transformer takes
         self.home = Path(home)
-        # Every control call, with the home's token (one client: a new one per call costs ~60 ms of CPU).
-        self._http = httpx.Client(headers=bearer(local_token(self.home)))
+        self._http = http_client(timeout=5.0, headers=bearer(local_token(self.home)))  # every control call
         self.inference_token_file = inference_token_file
         self.transformer_control_port = free_port()  # kept across transformer restarts
         self.max_batch = max_batch

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from kfloop.durable import atomic_write
+from kfloop.http_clients import http_client
 from kfloop.labels import TruthFigures
 from kfloop.local.runtime import AdminServer, ServingRuntime
 from kfloop.local.supervisor import ManagedProcess
@@ -165,7 +165,7 @@ def stack_status(home: Path) -> dict[str, Any]:
     """What ``kfloop status`` shows, read from a running stack's APIs."""
     record = json.loads((Path(home) / STACK_FILE).read_text())
     urls, model = record["urls"], record["model"]
-    with httpx.Client(timeout=5.0) as client:
+    with http_client(timeout=5.0) as client:
         serving = client.get(urls["admin"] + "/status").json()
         watch = client.get(urls["watch"] + "/status").json()
         trigger = client.get(urls["trigger"] + "/status").json()

@@ -70,7 +70,8 @@ def test_a_process_that_exits_before_it_answers_is_an_upstream_error_naming_its_
 
 
 def test_restarts_in_a_row_back_off_and_a_stable_run_ends_the_row(tmp_path):
-    assert [restart_delay(n) for n in range(len(RESTART_BACKOFF) + 2)] == [*RESTART_BACKOFF, RESTART_BACKOFF[-1], RESTART_BACKOFF[-1]]
+    steps = RESTART_BACKOFF.steps
+    assert [restart_delay(n) for n in range(len(steps) + 2)] == [*steps, steps[-1], steps[-1]]
     process = server(tmp_path)
     process.spawn()
     process.wait_ready(timeout=30)
@@ -80,9 +81,9 @@ def test_restarts_in_a_row_back_off_and_a_stable_run_ends_the_row(tmp_path):
         process.process.wait()
         delays.append(process.exited())
         process.respawn()
-    assert delays == list(RESTART_BACKOFF[:3]) and (process.restarts, process.restarts_in_a_row) == (3, 3)
+    assert delays == list(RESTART_BACKOFF.steps[:3]) and (process.restarts, process.restarts_in_a_row) == (3, 3)
     process.started -= STABLE_UPTIME  # as if this run had lasted long enough
     process.process.kill()
     process.process.wait()
-    assert process.exited() == RESTART_BACKOFF[0]
+    assert process.exited() == RESTART_BACKOFF.steps[0]
     process.stop()

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from testbed import EventSink, v1
+from kfloop.retry import Backoff
 from kfloop.event_types import REQUEST_EVENT
 from kfloop.local.supervisor import free_port
 from kfloop.serving.payloads import EventContext, PayloadLogger
@@ -122,7 +123,7 @@ def test_an_event_the_sink_cannot_take_yet_is_retried_until_it_can():
     sinks: list[EventSink] = []
 
     async def scenario() -> None:
-        logger = PayloadLogger(f"http://127.0.0.1:{port}/", EventContext("test", model), model, backoff=(0.1,))
+        logger = PayloadLogger(f"http://127.0.0.1:{port}/", EventContext("test", model), model, backoff=Backoff((0.1,)))
         logger.log(REQUEST_EVENT, "early", {"instances": [[1.0]]}, "application/json", None)
         await asyncio.sleep(0.5)  # nothing listens yet: the event waits and is tried again
         sinks.append(EventSink(port))
