@@ -1,14 +1,14 @@
-"""The registry's captures area: payload rows kept for the next training, and training sets built from them.
+"""The registry's captures area: payload rows kept for the next training.
 
 Owns one model's ``<registry>/<model>/captures/`` folder: :class:`CaptureArea` lists, reads and stores its
 shards (captured ``.npz`` rows, :class:`CapturedRows`; labelled ``labelled*.csv`` rows) and enforces its
-:class:`CaptureRetention`; :class:`PayloadCapture` buffers captured rows, writes them as shards and
-journals them first, so a restart loses none (:class:`JournaledRows`, :class:`JournalMark`);
-:func:`assemble_training_set` and :func:`training_base` make base data plus labelled shards one training set.
+:class:`CaptureRetention`; :class:`PayloadCapture` buffers captured rows and writes them as shards,
+journalling them first (:mod:`kfloop.capture_journal`), so a restart loses none. Training sets made of
+base data and labelled shards: :mod:`kfloop.training_sets`.
 :meth:`ModelRegistry.captures <kfloop.registry.ModelRegistry.captures>` hands out the area; the watch
-(:mod:`kfloop.serving.watch`) captures, journals and replays rows; :mod:`kfloop.labels` writes labelled
-shards; :mod:`kfloop.policies.retraining` builds training sets; :mod:`kfloop.policies.spec` builds the
-retention from the policy's ``captures`` section. Layout, journal, retention order: docs/captures.md.
+(:mod:`kfloop.serving.watch`) captures and replays rows; :mod:`kfloop.labels` writes labelled shards;
+:mod:`kfloop.policies.spec` builds the retention from the policy's ``captures`` section. Layout, journal,
+retention order: docs/captures.md.
 """
 
 from __future__ import annotations
@@ -17,25 +17,22 @@ import io
 import json
 import logging
 import os
-import shutil
-import struct
 import threading
 import time
 import uuid
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import fsspec
 import numpy as np
-import orjson
 from prometheus_client import Counter, Gauge
 
-from kfloop.data import LABEL_COLUMN, LabelledData, load_dataset, save_csv
-from kfloop.durable import TornAppend, append_whole, atomic_write, fsync_folder
+from kfloop.data import LabelledData, save_csv
+from kfloop.durable import atomic_write, fsync_folder
 from kfloop.errors import InputError, TemporaryError
+from kfloop.capture_journal import CaptureJournal, JournalEntry, Row
 from kfloop.retry import Backoff
 
 __all__ = [
@@ -45,13 +42,8 @@ __all__ = [
     "CaptureArea",
     "CaptureRetention",
     "CapturedRows",
-    "JournalEntry",
-    "JournalMark",
-    "JournaledRows",
     "PayloadCapture",
     "RetentionSweep",
-    "assemble_training_set",
-    "training_base",
 ]
 
 CAPTURES = "captures"
@@ -243,33 +235,6 @@ class CapturedRows:
         return LabelledData(self.features, np.asarray(labels, dtype=str), self.feature_names, source, ids=np.asarray(self.ids))
 
 
-# One buffered row: the feature names it has, its id, when it came, the version serving, its values.
-_Row = tuple[tuple[str, ...], str, str, str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class JournaledRows:
-    """One add as the journal replays it after a restart: row ids, rows (float64, as received), their
-    features, the version serving then and when they were captured (epoch seconds)."""
-
-    ids: tuple[str, ...]
-    rows: np.ndarray = field(repr=False)
-    feature_names: tuple[str, ...]
-    version: str
-    captured_at: float
-
-
-@dataclass(frozen=True)
-class JournalMark:
-    """A caller's mark on a journaled row (:meth:`PayloadCapture.mark`), as the journal replays it after a restart."""
-
-    row_id: str
-    label: str
-
-
-JournalEntry = JournaledRows | JournalMark
-
-
 class PayloadCapture:
     """Buffers rows; a shard is due every ``flush_rows`` rows or ``flush_seconds`` seconds, and
     :meth:`flush` writes it (the caller decides where: the watch writes on its worker thread).
@@ -291,7 +256,7 @@ class PayloadCapture:
         self.retention = retention
         self.retention_seconds = retention_seconds
         self.last_error: str | None = None
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._last_flush = time.monotonic()
         self._failures = 0
         self._retry_at = 0.0
@@ -299,7 +264,7 @@ class PayloadCapture:
         self._flush_lock = threading.Lock()  # one flush at a time: segments are marked in the order they were sealed
         self._swept_at = float("-inf")
         self._kept_bytes = 0
-        self._journal = _Journal(Path(journal)) if journal is not None else None
+        self._journal = CaptureJournal(Path(journal)) if journal is not None else None
         self._buffered_gauge = BUFFERED_ROWS.labels(self.model)
         self.recovered_tags: list[str] = []
         self._recovered: list[JournalEntry] = []
@@ -434,7 +399,7 @@ class PayloadCapture:
             with self._lock:
                 self._journal.close()
 
-    def _write(self, rows: list[_Row]) -> tuple[str, int]:
+    def _write(self, rows: list[Row]) -> tuple[str, int]:
         arrays = io.BytesIO()
         np.savez(arrays, ids=np.array([row_id for _, row_id, _, _, _ in rows]), features=np.vstack([r for *_, r in rows]),
                  feature_names=np.array(rows[0][0]), versions=np.array([v for _, _, _, v, _ in rows]),
@@ -478,280 +443,10 @@ class PayloadCapture:
             log.exception("captures of %s: retention sweep failed; trying again after the next shard", self.model)
 
 
-def _schema_groups(rows: list[_Row]) -> Iterator[list[_Row]]:
+def _schema_groups(rows: list[Row]) -> Iterator[list[Row]]:
     """Runs of rows with the same feature names, in order."""
     start = 0
     for index in range(1, len(rows) + 1):
         if index == len(rows) or rows[index][0] != rows[start][0]:
             yield rows[start:index]
             start = index
-
-
-class _Journal:
-    """The write-ahead journal of one :class:`PayloadCapture`: segments ``<seq>.wal`` / ``<seq>.written``.
-
-    A record is ``<u32 length><u32 crc32><kind><body>``: kind ``S`` the feature names of the rows after it
-    (JSON), kind ``R`` one add (``<u32 header length><JSON ids, version, stamp, tag><float64 rows>``), kind
-    ``M`` a mark (``<JSON row, label>``). Reading a segment stops at its first torn or corrupt record.
-    Not thread-safe: the capture's locks guard it.
-    """
-
-    HEADER = struct.Struct("<II")
-    WAL, WRITTEN = ".wal", ".written"
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = None  # the current segment
-        self._path: Path | None = None
-        self._sequence = 0  # the current segment's number
-        self._size = 0
-        self._names: tuple[str, ...] | None = None  # the schema last recorded in the current segment
-        self._pending: list[Path] = []  # sealed segments whose rows are not in a shard yet
-        self._unsynced: list[int] = []  # sealed segments' descriptors, fsynced and closed by sync_sealed
-        self._counts: dict[int, int] = {}  # rows in each segment, by sequence number (what release keeps)
-        self._next = 1 + max((int(p.stem) for p in self._segments()), default=0)
-
-    def _segments(self) -> list[Path]:
-        return sorted((p for p in self.folder.iterdir() if p.suffix in (self.WAL, self.WRITTEN) and p.stem.isdigit()),
-                      key=lambda p: int(p.stem))
-
-    def recover(self) -> tuple[list[_Row], list[str], list[JournalEntry]]:
-        """Rows of every ``.wal`` segment (they become pending), the tags of every segment, and every
-        segment's adds and marks in order."""
-        rows: list[_Row] = []
-        tags: list[str] = []
-        entries: list[JournalEntry] = []
-        for segment in self._segments():
-            written = segment.suffix == self.WRITTEN
-            count = 0
-            for names, header, values in self._records(segment):
-                if values is None:
-                    entries.append(JournalMark(str(header["row"]), str(header["label"])))
-                    continue
-                if header.get("tag"):
-                    tags.append(header["tag"])
-                count += len(values)
-                entries.append(JournaledRows(tuple(header["ids"]), values, names, header["version"],
-                                             datetime.fromisoformat(header["at"]).timestamp()))
-                if not written:
-                    rows.extend((names, row_id, header["at"], header["version"], row) for row_id, row in zip(header["ids"], values))
-            self._counts[int(segment.stem)] = count
-            if not written:
-                self._pending.append(segment)
-        return rows, tags, entries
-
-    def _records(self, segment: Path) -> Iterator[tuple[tuple[str, ...], dict, np.ndarray | None]]:
-        """The segment's adds (names, header, rows) and marks (names, header, None), up to a torn record."""
-        data = segment.read_bytes()
-        offset, names = 0, None
-        while offset + self.HEADER.size <= len(data):
-            length, crc = self.HEADER.unpack_from(data, offset)
-            body = data[offset + self.HEADER.size: offset + self.HEADER.size + length]
-            if len(body) < length or zlib.crc32(body) != crc or not body:
-                log.warning("capture journal %s: torn or corrupt record at byte %d; the rest of the segment is skipped", segment, offset)
-                return
-            offset += self.HEADER.size + length
-            if body[:1] == b"S":
-                names = tuple(orjson.loads(body[1:]))
-            elif body[:1] == b"R" and names is not None:
-                (size,) = struct.unpack_from("<I", body, 1)
-                header = orjson.loads(body[5:5 + size])
-                values = np.frombuffer(body[5 + size:], dtype=np.float64).reshape(len(header["ids"]), len(names))
-                yield names, header, values
-            elif body[:1] == b"M":
-                yield names or (), orjson.loads(body[1:]), None
-            else:
-                log.warning("capture journal %s: unknown record at byte %d; the rest of the segment is skipped", segment, offset)
-                return
-
-    def append(self, names: tuple[str, ...], ids: Sequence[str], rows: np.ndarray, version: str, stamp: str,
-               tag: str | None) -> None:
-        """Append one add in one write; on failure the segment is cut back to where it was, and the error raised."""
-        self._open()
-        header = orjson.dumps({"ids": list(ids), "version": version, "at": stamp, "tag": tag})
-        body = b"R" + struct.pack("<I", len(header)) + header + np.ascontiguousarray(rows, dtype=np.float64).tobytes()
-        record = self.HEADER.pack(len(body), zlib.crc32(body)) + body
-        if names is not self._names and names != self._names:
-            schema = b"S" + orjson.dumps(list(names))
-            record = self.HEADER.pack(len(schema), zlib.crc32(schema)) + schema + record
-        self._write(record)
-        self._names = names
-        self._counts[self._sequence] = self._counts.get(self._sequence, 0) + len(ids)
-
-    def mark(self, row_id: str, label: str) -> None:
-        """Append a mark on a row, like an add (one write, cut back on failure)."""
-        self._open()
-        body = b"M" + orjson.dumps({"row": row_id, "label": label})
-        self._write(self.HEADER.pack(len(body), zlib.crc32(body)) + body)
-
-    def _open(self) -> None:
-        """Start a new current segment if there is none."""
-        if self._fd is None:
-            self._sequence = self._next
-            self._path = self.folder / f"{self._sequence:012d}{self.WAL}"
-            self._next += 1
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._size, self._names = 0, None
-            self._pending.append(self._path)
-
-    def _write(self, record: bytes) -> None:
-        assert self._fd is not None
-        try:
-            append_whole(self._fd, record, self._size)  # no torn record left behind for the next add
-        except TornAppend:
-            self._abandon()  # cannot cut it back: later adds go to a new segment
-            raise
-        self._size += len(record)
-
-    def _abandon(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-        self._fd, self._path = None, None
-
-    def duplicate(self) -> int | None:
-        """A descriptor of the current segment (for an fsync outside the capture's lock)."""
-        return os.dup(self._fd) if self._fd is not None else None
-
-    def seal(self) -> list[Path]:
-        """End the current segment; returns every pending segment (their rows are the buffer's)."""
-        if self._fd is not None:
-            self._unsynced.append(self._fd)
-            self._fd, self._path = None, None
-        return list(self._pending)
-
-    def sync_sealed(self) -> None:
-        """fsync and close the sealed segments' descriptors (when their rows must wait in them)."""
-        while self._unsynced:
-            handle = self._unsynced.pop()
-            try:
-                os.fsync(handle)
-            finally:
-                os.close(handle)
-
-    def mark_written(self, segments: list[Path]) -> None:
-        """Their rows are in shards now: keep only their tags (until :meth:`release`)."""
-        while self._unsynced:
-            os.close(self._unsynced.pop())
-        for segment in segments:
-            try:
-                os.replace(segment, segment.with_suffix(self.WRITTEN))
-            except FileNotFoundError:
-                pass
-            except OSError:
-                log.exception("capture journal %s: cannot mark as written; a restart before the next flush "
-                              "writes its rows again", segment)
-                continue
-            self._pending.remove(segment)
-        fsync_folder(self.folder)
-
-    def releasable(self, keep_rows: int = 0) -> list[Path]:
-        """The written segments the caller may delete now: all but the newest that the last ``keep_rows`` rows are in."""
-        doomed: list[Path] = []
-        newer = 0  # rows in the segments after this one
-        for segment in reversed(self._segments()):
-            sequence = int(segment.stem)
-            if segment.suffix == self.WRITTEN and newer >= keep_rows:
-                doomed.append(segment)
-                self._counts.pop(sequence, None)
-            else:
-                newer += self._counts.get(sequence, 0)
-        return doomed
-
-    def close(self) -> None:
-        self.sync_sealed()
-        if self._fd is not None:
-            os.fsync(self._fd)
-        self._abandon()
-
-
-def training_base(source: str, target: str | None) -> tuple[str, str | None]:
-    """The base data of a version trained on ``source`` (label column ``target``): a folder that
-    :func:`assemble_training_set` wrote stands for its ``000-base.csv`` alone."""
-    if (Path(source) / BASE_SHARD).is_file():
-        return str(Path(source) / BASE_SHARD), LABEL_COLUMN
-    return source, target
-
-
-def assemble_training_set(base: str, target: str | None, shards: Sequence[Path], folder: Path) -> tuple[str, str]:
-    """Write ``base`` (any format :func:`~kfloop.data.load_dataset` reads) and ``shards`` into
-    ``folder`` as one set of ``id,label,<features>`` shards; returns its URI and label column.
-
-    The base's features are the set's: a shard with them in another order or among others is
-    written with the base's columns; a shard that lacks some is left out, with a warning (it
-    was labelled for a version with other features). The folder is emptied first, so a run
-    restarted after a crash starts from a clean folder.
-
-    Truth correction: the newest label of a row wins -- by when it was labelled (a joined
-    shard's ``.meta.json`` has each row's ``labelled_at``; other shards count as labelled when
-    they were written). A labelled row whose features are exactly a base row's relabels that
-    base row (the field's truth has changed, or corrected a mistake), and of a row labelled
-    several times only the newest label is kept; such rows are not written again. So the set
-    never teaches one row two classes, and the next run's base (this set's ``000-base.csv``)
-    carries the correction on.
-    """
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    data = load_dataset(base, target=target)
-    aligned = [(shard, rows) for shard in shards if (rows := _aligned(shard, data.feature_names)) is not None]
-    newest: dict[bytes, tuple[float, int, int, str]] = {}  # features -> (labelled at, shard, row, label): the newest
-    keys = []
-    for number, (shard, rows) in enumerate(aligned):
-        keys.append(_row_keys(rows.features))
-        for row, (key, at, label) in enumerate(zip(keys[-1], _labelled_times(shard, rows), rows.labels.tolist())):
-            if key not in newest or (at, number, row) >= newest[key][:3]:
-                newest[key] = (at, number, row, str(label))
-    base_keys = _row_keys(data.features)
-    labels = np.array([newest[key][3] if key in newest else label for key, label in zip(base_keys, data.labels.tolist())],
-                      dtype=str)
-    relabelled = int(np.sum(labels != data.labels))
-    save_csv(LabelledData(data.features, labels, data.feature_names, data.source, ids=data.ids), str(folder / BASE_SHARD),
-             id_prefix="base-")
-    in_base, written, superseded = set(base_keys), 0, 0
-    for number, ((shard, rows), shard_keys) in enumerate(zip(aligned, keys)):
-        keep = np.array([key not in in_base and newest[key][1:3] == (number, row) for row, key in enumerate(shard_keys)],
-                        dtype=bool)
-        superseded += int((~keep).sum())
-        if keep.any():
-            written += 1
-            ids = None if rows.ids is None else rows.ids[keep]
-            save_csv(LabelledData(rows.features[keep], rows.labels[keep], data.feature_names, rows.source, ids=ids),
-                     str(folder / f"{written:03d}-{shard.name}"))
-    if relabelled or superseded:
-        log.info("training set %s: %d base rows relabelled and %d labelled rows superseded by a newer label of the same "
-                 "features", folder, relabelled, superseded)
-    return str(folder), LABEL_COLUMN
-
-
-def _aligned(shard: Path, feature_names: Sequence[str]) -> LabelledData | None:
-    """A labelled shard's rows in ``feature_names``' columns; None (with a warning) if it lacks some."""
-    rows = load_dataset(str(shard), target=LABEL_COLUMN)
-    if not set(feature_names) <= set(rows.feature_names):
-        missing = [feature for feature in feature_names if feature not in rows.feature_names]
-        log.warning("labelled shard %s lacks %d of the base's features (%s...); left out of the training set",
-                    shard, len(missing), ", ".join(missing[:3]))
-        return None
-    columns = [rows.feature_names.index(feature) for feature in feature_names]
-    return LabelledData(np.ascontiguousarray(rows.features[:, columns]), rows.labels, tuple(feature_names), rows.source,
-                        ids=rows.ids)
-
-
-def _labelled_times(shard: Path, rows: LabelledData) -> list[float]:
-    """When each row of a labelled shard was labelled: its ``.meta.json``'s ``labelled_at``, else the shard's write time."""
-    written = shard.stat().st_mtime
-    try:
-        described = json.loads(shard.with_name(shard.name + META_SUFFIX).read_text()).get("rows", {})
-    except (OSError, ValueError, AttributeError):
-        described = {}
-    ids = rows.ids if rows.ids is not None else [None] * rows.rows
-    times = []
-    for row_id in ids:
-        entry = described.get(str(row_id)) if isinstance(described, dict) else None
-        at = entry.get("labelled_at") if isinstance(entry, dict) else None
-        times.append(float(at) if isinstance(at, (int, float)) else written)
-    return times
-
-
-def _row_keys(features: np.ndarray) -> list[bytes]:
-    """Each row's exact float64 bytes: equal features, equal key (CSV shards keep every digit)."""
-    return [row.tobytes() for row in np.ascontiguousarray(features, dtype=np.float64)]

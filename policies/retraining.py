@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import Counter
 
-from kfloop.captures import assemble_training_set, training_base
+from kfloop.training_sets import assemble_training_set, training_base
 from kfloop.durable import atomic_write, fsync_folder
 from kfloop.errors import ClusterError, DataError, PipelineError, TemporaryError, is_temporary
 from kfloop.policies.rollout import ROLLOUT_STEPS, Deployer, Retries, roll_back, roll_out
@@ -513,7 +513,7 @@ class RetrainingService:
 
     def training_data(self, run_id: str) -> tuple[str | None, str | None]:
         """The run's data URI and label column: the base data alone, or -- when labelled capture
-        shards exist -- the training set of base and shards (:func:`~kfloop.captures.assemble_training_set`)."""
+        shards exist -- the training set of base and shards (:func:`~kfloop.training_sets.assemble_training_set`)."""
         policy = self.config.policy.retraining
         base, target = (policy.base_data, self.config.target) if policy.base_data else self._serving_base()
         shards = self.registry.captures(self.config.model).labelled_shards() if policy.include_captures else []

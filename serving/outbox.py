@@ -4,9 +4,9 @@
 durably (from any thread of the process), and :meth:`Outbox.run`, a task that runs until cancelled,
 posts the stored events to the sink as binary-mode CloudEvents, oldest first, each with its own
 retry schedule. Events the sink refuses for good (not :func:`~kfloop.retry.retryable_status`) move to
-``dead-letter/``, files that are not an event to ``quarantine/``. Used by the watch
-(:mod:`kfloop.serving.watch`): ``WatchService`` keeps its alarms in one and ``DeadLetters``
-stores there the alarms Knative dead-lettered back; the watch's app runs the delivery loop.
+``dead-letter/``, files that are not an event to ``quarantine/``. Used by the watch: its
+``WatchService`` keeps its alarms in one, ``DeadLetters`` (:mod:`kfloop.serving.dead_letters`)
+stores there the alarms Knative dead-lettered back, and its app runs the delivery loop.
 Folder layout, retries and metrics: ``docs/events.md``.
 """
 

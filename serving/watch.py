@@ -4,18 +4,14 @@
 delivery, captures their rows for the next training, tests a sliding window of them against the
 serving version's reference (:mod:`kfloop.drift.detectors`), judges realised accuracy on labels
 (:mod:`kfloop.serving.feedback`), follows the registry's production pointer and stores drift,
-outlier and accuracy alarms in its :class:`~kfloop.serving.outbox.Outbox`. :class:`DeadLetters`
-serves a second port: alarms a Knative Trigger could not deliver, and labels from the Broker.
-:func:`create_app` and :func:`create_dead_letter_app` build the two apps on :mod:`kfloop.serving.events`;
-:func:`run_watch` serves them. Called by ``kfloop watch`` (:mod:`kfloop.cli.watch`), which builds
-the :class:`WatchConfig`. Replies, durability, restarts and dead letters: ``docs/watch.md``.
+outlier and accuracy alarms in its :class:`~kfloop.serving.outbox.Outbox`. Its app and process are
+:mod:`kfloop.serving.watch_app`, its dead-letter port :mod:`kfloop.serving.dead_letters`; ``kfloop watch``
+(:mod:`kfloop.cli.watch`) builds the :class:`WatchConfig`. Replies, durability, restarts and dead
+letters: ``docs/watch.md``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import logging
 import threading
 import time
@@ -31,9 +27,10 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from kfloop.bundle import REFERENCE
-from kfloop.captures import CaptureRetention, JournalEntry, JournalMark, JournaledRows
+from kfloop.capture_journal import JournalEntry, JournalMark, JournaledRows
+from kfloop.captures import CaptureRetention
 from kfloop.errors import InputError, KfloopError, TemporaryError
-from kfloop.event_types import ACCURACY_EVENT, ALARM_EVENTS, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.labels import STATUS_KEY, LabelBook, LabelIntake
 from kfloop.registry import ModelRegistry
 from kfloop.drift.backends import make_detector
@@ -42,10 +39,8 @@ from kfloop.drift.detectors import (
 )
 from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
-from kfloop.serving.auth import Authenticator
-from kfloop.serving.events import Delivery, EventApp, EventReply, create_event_app, json_object
+from kfloop.serving.events import Delivery, EventReply
 from kfloop.serving.feedback import Feedback
-from kfloop.serving.limits import HeaderLimitedHttp
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
 from kfloop.policies.spec import AccuracyPolicy, CapturePolicy
@@ -72,8 +67,6 @@ ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "ki
 TEST_FAILURES = Counter("kfloop_watch_window_test_failures", "Window tests that raised an error (the rows stay in the "
                         "window for the next test).", ["model"])
 UNSTORED = Gauge("kfloop_watch_alarms_unstored", "Alarms the outbox could not store yet (events are refused meanwhile).", ["model"])
-DEAD_LETTERS = Counter("kfloop_watch_dead_letters", "Alarms Knative dead-lettered back to the watch, by outcome "
-                       "(requeued / dropped / ignored / invalid / failed).", ["model", "outcome"])
 
 log = logging.getLogger(__name__)
 
@@ -648,210 +641,7 @@ class WatchService:
         }
 
 
-def knative_retries(status: int) -> bool:
-    """Whether Knative's dispatcher retries a delivery that got ``status`` (``kncloudevents.SelectiveRetry``).
-
-    No answer at all (``status <= 0``), 404, 408, 409, 429 and 5xx are retried
-    with the Trigger's back-off; anything else goes to the dead-letter sink at once.
-    """
-    return status <= 0 or status >= 500 or status in (404, 408, 409, 429)
-
-
-class DeadLetters:
-    """The dead-letter port's service: this model's alarms that a Knative Trigger could not deliver, back into the outbox;
-    and, on a cluster, labels (``io.kfloop.label``) that the labels Trigger delivers from the Broker.
-
-    A dead letter carries Knative's ``knativeerrorcode`` (the trigger service's
-    answer, or 500 when there was none) and ``knativeerrordata`` (its body,
-    base64). It is stored again -- same id, type, source and data -- only when
-    Knative had retried it: then each round through the Broker takes at least
-    the Trigger's whole back-off, while one refused at once would come straight
-    back.
-    """
-
-    def __init__(self, watch: WatchService) -> None:
-        self.watch = watch
-
-    def handle(self, delivery: Delivery) -> EventReply:
-        """202 stored in the outbox, 204 not an alarm of this model or refused for good, 400 malformed, 503 not stored;
-        a label event as on the payload port (:meth:`WatchService.label_event`)."""
-        event, model = delivery.event, self.watch.config.model
-        event_id, event_type = str(event["id"]), event["type"]
-        if event_type == LABEL_EVENT:
-            return self.watch.label_event(delivery)
-        if event_type not in ALARM_EVENTS:
-            return self._ignored("ignored", f"event type {event_type!r} is not an alarm ({', '.join(ALARM_EVENTS)}); "
-                                            "only alarms and labels come here")
-        data = json_object(event.get_data(), "a dead-lettered alarm's data")
-        named = data.get("model")
-        if not isinstance(named, str) or not named:
-            raise InputError('an alarm\'s data must name its model: {"model": "<name>", ...}')
-        if named != model:
-            return self._ignored("ignored", f"alarm is for model {named!r}, this watch is {model!r}'s")
-        status = _error_code(event)
-        if status is not None and not knative_retries(status):
-            log.error("alarm %s (%s) of %s was refused by %s with %d, which Knative does not retry: not sent again "
-                      "(it would come straight back); the answer was: %s", event_id, event_type, model,
-                      event.get("knativeerrordest", "the trigger service"), status, _error_data(event))
-            return self._ignored("dropped", f"alarm {event_id} was refused with {status}, which Knative does not retry: "
-                                            "not sent again")
-        try:
-            self.watch.outbox.put(event_type, event["source"], data, event_id=event_id)
-        except OSError as exc:
-            raise TemporaryError(f"dead-lettered alarm {event_id} of {model} could not be stored in the outbox "
-                                 f"({type(exc).__name__}: {exc}); try again later") from None
-        DEAD_LETTERS.labels(model, "requeued").inc()
-        log.warning("alarm %s (%s) of %s came back undelivered (%s); stored in the outbox to be sent again",
-                    event_id, event_type, model, "no answer" if status is None else f"last answer {status}")
-        return EventReply(202)
-
-    def _ignored(self, outcome: str, reason: str) -> EventReply:
-        DEAD_LETTERS.labels(self.watch.config.model, outcome).inc()
-        return EventReply.ignored(reason)
-
-    def refused(self, error: KfloopError, event_type: str | None) -> None:
-        if event_type == LABEL_EVENT:  # no dead letter: a label batch, counted as on the payload port
-            self.watch.refused(error, event_type)
-            return
-        DEAD_LETTERS.labels(self.watch.config.model, "invalid" if error.status < 500 else "failed").inc()
-
-    def status(self) -> dict[str, Any]:
-        return {"model": self.watch.config.model, "outbox": len(self.watch.outbox.pending())}
-
-    def health(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-
-def _error_code(event: Any) -> int | None:
-    """The status Knative recorded for the failed delivery (``knativeerrorcode``), if it is a number."""
-    try:
-        return int(str(event.get("knativeerrorcode", "")).strip())
-    except ValueError:
-        return None
-
-
-def _error_data(event: Any) -> str:
-    """The start of the refusal's body (``knativeerrordata``, base64), printable."""
-    encoded = event.get("knativeerrordata")
-    if not encoded:
-        return "(none recorded)"
-    try:
-        text = base64.b64decode(encoded, validate=False).decode("utf-8", "replace")
-    except (binascii.Error, ValueError):
-        text = str(encoded)
-    return text[:300].replace("\n", " ")
-
-
 def _iso(epoch: float) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
-
-
-@dataclass(frozen=True)
-class DeadLetterPort:
-    """Where the watch takes back the alarms a Knative Trigger could not deliver, and from whom (None: anyone)."""
-
-    port: int
-    authenticator: Authenticator | None
-
-
-class Listener:
-    """One more port of the process, served by its own uvicorn server on its own thread and event loop.
-
-    The socket is bound here, at construction, so a port in use stops the start
-    rather than a thread; uvicorn leaves signals to the main thread's server,
-    whose shutdown stops this one.
-    """
-
-    def __init__(self, app: EventApp, host: str, port: int) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
-                                                    access_log=False, http=HeaderLimitedHttp))
-        self.socket = self.server.config.bind_socket()
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       name=f"kfloop-listener-{port}", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout)
-        self.socket.close()
-
-
-def create_dead_letter_app(service: WatchService, authenticator: Authenticator | None) -> EventApp:
-    """The dead-letter port's app: ``POST /`` dead letters (:class:`DeadLetters`), ``GET /healthz``, ``/status``, ``/metrics``.
-
-    Storing into the outbox fsyncs, so events are handled on a worker thread.
-    """
-    return create_event_app("kfloop watch (dead letters)", DeadLetters(service), offload=True, authenticator=authenticator)
-
-
-def create_app(service: WatchService, authenticator: Authenticator | None, dead_letters: Listener | None = None) -> EventApp:
-    """The service's HTTP app: ``POST /`` events, ``POST /v2/models/{model}/labels`` labels
-(:mod:`kfloop.serving.feedback`; the events' credentials), ``GET /status``, ``GET /healthz``, ``GET /metrics``.
-
-    An event is parsed and added to the window on the event loop (a fraction of
-    a millisecond); the window tests, file writes and alarms run on the
-    service's worker thread, so ``/healthz`` answers while the service is saturated.
-    ``dead_letters``, when given, is served while the app is (started with it, stopped first).
-    """
-    background: list[asyncio.Task] = []
-    model = service.config.model
-
-    async def start_tasks() -> None:
-        if dead_letters is not None:
-            dead_letters.start()
-        background.append(asyncio.create_task(service.outbox.run()))
-        background.append(asyncio.create_task(_every(service.config.follow_seconds, service.follow_production,
-                                                     f"following the production version of {model}")))
-        background.append(asyncio.create_task(_every(FLUSH_SECONDS, service.flush, f"writing the buffers of {model}")))
-        if service.config.stride_seconds > 0:  # rows that came faster than one test per stride_seconds
-            background.append(asyncio.create_task(_every(service.config.stride_seconds, service.test_due,
-                                                         f"testing the window of {model}")))
-
-    async def stop_tasks() -> None:
-        if dead_letters is not None:  # first: nothing comes into the outbox once the watch is closing
-            await asyncio.get_running_loop().run_in_executor(None, dead_letters.stop)
-        for task in background:
-            task.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, service.close)
-
-    def post_labels(body: Any) -> dict[str, Any]:
-        intake = service.take_labels(body)
-        return {"accepted": intake.accepted, "duplicate": intake.duplicate}
-
-    return create_event_app("kfloop watch", service, on_startup=start_tasks, on_shutdown=stop_tasks, authenticator=authenticator,
-                            json_posts={f"/v2/models/{model}/labels": post_labels})
-
-
-async def _every(seconds: float, work: Callable[[], object], what: str) -> None:
-    """Run ``work`` in a worker thread every ``seconds``; a failure is logged and the next round comes."""
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, work)
-        except Exception:  # a registry hiccup or a failed test must not stop the watch
-            log.exception("%s failed; trying again in %.1f s", what, seconds)
-
-
-def run_watch(config: WatchConfig, authenticator: Authenticator | None, host: str = "127.0.0.1", port: int = 8085,
-              dead_letters: DeadLetterPort | None = None) -> None:
-    """Serve the watch service until SIGTERM/SIGINT; payload events must pass ``authenticator`` (None: open).
-
-    With ``dead_letters`` the watch also takes back, on that port, the alarms a Knative Trigger could not deliver.
-    """
-    import uvicorn
-
-    if dead_letters is not None and dead_letters.port == port:
-        raise InputError(f"the dead-letter port must differ from the payload port ({port}): "
-                         "a NetworkPolicy tells the two senders apart by port")
-    service = WatchService(config)
-    listener = (Listener(create_dead_letter_app(service, dead_letters.authenticator), host, dead_letters.port)
-                if dead_letters is not None else None)
-    uvicorn.run(create_app(service, authenticator, listener), host=host, port=port, log_level="warning", access_log=False,
-                http=HeaderLimitedHttp)

@@ -63,7 +63,9 @@ def watch(
     from kfloop.drift.detectors import DetectorConfig
     from kfloop.credentials import local_token, token_path
     from kfloop.serving.auth import Authenticator, LocalToken, is_loopback
-    from kfloop.serving.watch import DeadLetterPort, WatchConfig, run_watch
+    from kfloop.serving.dead_letters import DeadLetterPort
+    from kfloop.serving.watch import WatchConfig
+    from kfloop.serving.watch_app import run_watch
 
     if backend not in BACKENDS:
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

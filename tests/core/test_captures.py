@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from testbed import fill, small_disk
-from kfloop.captures import (
-    BASE_SHARD, CaptureArea, CaptureRetention, JournaledRows, JournalMark, assemble_training_set, training_base,
-)
+from kfloop.capture_journal import JournaledRows, JournalMark
+from kfloop.captures import BASE_SHARD, CaptureArea, CaptureRetention
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import TemporaryError
 from kfloop.registry import ModelRegistry
+from kfloop.training_sets import assemble_training_set, training_base
 
 FEATURES = ("a", "b")
 ISO_MILLIS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
