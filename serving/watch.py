@@ -5,9 +5,9 @@ delivery, captures their rows for the next training, tests a sliding window of t
 serving version's reference (:mod:`kfloop.drift.detectors`), judges realised accuracy on labels
 (:mod:`kfloop.serving.feedback`), follows the registry's production pointer and stores drift,
 outlier and accuracy alarms in its :class:`~kfloop.serving.outbox.Outbox`. Its app and process are
-:mod:`kfloop.serving.watch_app`, its dead-letter port :mod:`kfloop.serving.dead_letters`; ``kfloop watch``
-(:mod:`kfloop.cli.watch`) builds the :class:`WatchConfig`. Replies, durability, restarts and dead
-letters: ``docs/watch.md``.
+:mod:`kfloop.serving.watch_app`, its alarms' contents :mod:`kfloop.serving.alarms`, its dead-letter port
+:mod:`kfloop.serving.dead_letters`; ``kfloop watch`` (:mod:`kfloop.cli.watch`) builds the
+:class:`WatchConfig`. Replies, durability, restarts and dead letters: ``docs/watch.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,13 +29,14 @@ from kfloop.bundle import REFERENCE
 from kfloop.capture_journal import JournalEntry, JournalMark, JournaledRows
 from kfloop.captures import CaptureRetention
 from kfloop.errors import InputError, KfloopError, TemporaryError
-from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT, LABEL_EVENT, OUTLIER_EVENT, REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.event_types import LABEL_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.labels import STATUS_KEY, LabelBook, LabelIntake
 from kfloop.registry import ModelRegistry
 from kfloop.drift.backends import make_detector
 from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot,
 )
+from kfloop.serving.alarms import PendingAlarm, accuracy_alarm, window_alarm
 from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
 from kfloop.serving.events import Delivery, EventReply
@@ -108,18 +108,6 @@ class _Watched:
     detector: WindowDetector
 
 
-@dataclass(frozen=True)
-class _Alarm:
-    """An alarm on its way to the outbox (its id is fixed first, so a stored retry keeps it)."""
-
-    id: str
-    type: str
-    source: str
-    kind: str
-    data: dict[str, Any]
-    through: str | None  # the journaled id of the window's last row (marked once the alarm is stored)
-
-
 class WatchService:
     """The state of one model's watch: version, window, dedup memory, outbox."""
 
@@ -136,7 +124,7 @@ class WatchService:
         self._released_at = float("-inf")
         self._joined_at = float("-inf")
         self._alarm_lock = threading.Lock()  # the alarms not stored yet; held while storing them, in order
-        self._unstored: list[_Alarm] = []
+        self._unstored: list[PendingAlarm] = []
         self._unstored_queued = False
         self._failing: dict[str, str] = {}  # what the flush timer could not do, by part (logged once per error)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
@@ -501,36 +489,14 @@ class WatchService:
     def _raise(self, alarm: WindowAlarm, version: str, through: str | None) -> None:
         """Store the alarm in the outbox (after any stored before it); if the outbox cannot take it, keep it."""
         result, model = alarm.result, self.config.model
-        names = self.watched.schema.feature_names
-        first = alarm.first_drifted
-        data = {
-            "model": model,
-            "version": version,
-            "kind": alarm.kind,
-            "backend": self.config.backend,
-            "window": {"rows": result.rows, "first_row": alarm.row_numbers[0], "last_row": alarm.row_numbers[-1],
-                       "first_time": _iso(alarm.times[0]), "last_time": _iso(alarm.times[-1])},
-            "alpha": result.alpha,
-            "correction": self.config.detector.correction,
-            "drift": result.drift,
-            "drift_threshold": result.drift_threshold,
-            "min_p_value": result.min_p_value,
-            "drifted_features": len(result.drifted_features),
-            "p_values": {names[i]: float(result.p_values[i]) for i in result.drifted_features[:20]},
-            "outlier_alarm": result.outlier_alarm,
-            "outliers": result.outliers,
-            "outlier_threshold": result.outlier_threshold,
-            "outlier_p_value": result.outlier_p_value,
-            "first_drifted_row": alarm.row_numbers[first],
-            "first_drifted_row_time": _iso(alarm.times[first]),
-        }
-        event_type = DRIFT_EVENT if result.drift else OUTLIER_EVENT
+        pending = window_alarm(alarm, model=model, version=version, source=self.config.source, backend=self.config.backend,
+                               correction=self.config.detector.correction,
+                               feature_names=self.watched.schema.feature_names, through=through)
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
         self.join_labels_for_retraining()
         with self._alarm_lock:
-            self._unstored.append(_Alarm(str(uuid.uuid4()), event_type, f"{self.config.source}/{model}", alarm.kind, data,
-                                         through))
+            self._unstored.append(pending)
         self._store_unstored()
 
     def label_event(self, delivery: Delivery) -> EventReply:
@@ -562,15 +528,12 @@ class WatchService:
                 return
             self._accuracy_alarmed.add(version)
         model = self.config.model
-        data = {"model": model, "version": version, "kind": "accuracy", "accuracy": figure["accuracy"],
-                "labels": int(figure["labels"]), "below": rule.below, "rule": f"accuracy below {rule.below:g} over "
-                f"the last {rule.labels} labelled answers", "judged_time": _iso(time.time())}
         log.warning("accuracy alarm for %s v%s: %.3f over the last %d labelled answers (below %g)",
                     model, version, figure["accuracy"], figure["labels"], rule.below)
-        alarm = _Alarm(str(uuid.uuid4()), ACCURACY_EVENT, f"{self.config.source}/{model}", "accuracy", data, None)
+        alarm = accuracy_alarm(model=model, version=version, source=self.config.source, figure=figure, rule=rule)
         self._background(lambda: self._raise_joined(alarm))
 
-    def _raise_joined(self, alarm: _Alarm) -> None:
+    def _raise_joined(self, alarm: PendingAlarm) -> None:
         """Store an accuracy alarm once the labels behind it are joined (the worker's job: the labels' request
         has its answer already)."""
         self.join_labels_for_retraining()
@@ -639,9 +602,3 @@ class WatchService:
             "failing": dict(self._failing),
             STATUS_KEY: self.labels.figures().to_json(),
         }
-
-
-def _iso(epoch: float) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
