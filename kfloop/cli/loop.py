@@ -76,7 +76,8 @@ def demo(
     """
     from rich.live import Live
 
-    from kfloop.demo.scenario import Demo, DemoSettings, new_demo_home, save_result
+    from kfloop.demo.results import save_result
+    from kfloop.demo.scenario import Demo, DemoSettings, new_demo_home
     from kfloop.demo.view import live_view, timings_table
     from kfloop.policies import load_policy
     from kfloop.demo.report import write_report

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kfloop.demo.scenario import DemoResult, alarm_time
+from kfloop.demo.results import DemoResult, alarm_time
 from kfloop.event_types import ACCURACY_EVENT
 
 TITLES = {

@@ -8,7 +8,8 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from kfloop.demo.scenario import Demo, DemoResult
+from kfloop.demo.results import DemoResult
+from kfloop.demo.scenario import Demo
 
 
 def live_view(demo: Demo) -> Group:
