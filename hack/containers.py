@@ -266,6 +266,8 @@ def run_command(arguments: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    # SIGTERM (CI's end, `kill`) unwinds like Ctrl-C, so the daemon is stopped and its data root removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     image = commands.add_parser("image", help="build the kfloop image and print its size")

@@ -25,7 +25,7 @@ def _shared_tls() -> ssl.SSLContext:
 
 def _options(timeout: float, headers: Mapping[str, str] | None, max_connections: int | None,
              verify: ssl.SSLContext | bool | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"timeout": timeout, "verify": verify or _shared_tls()}
+    options: dict[str, Any] = {"timeout": timeout, "verify": _shared_tls() if verify is None else verify}
     if headers:
         options["headers"] = dict(headers)
     if max_connections is not None:

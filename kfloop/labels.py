@@ -392,8 +392,8 @@ class TruthFigures:
     def from_status(cls, status: Mapping[str, object]) -> "TruthFigures":
         """The figures in a watch's ``/status`` answer (none known when it has none); an :class:`InputError`
         when they are not of this shape."""
-        data = status.get(STATUS_KEY) or {}
         try:
+            data = status.get(STATUS_KEY) or {}
             accuracy = {str(v): {"accuracy": float(f["accuracy"]), "labels": int(f["labels"])}
                         for v, f in dict(data.get("accuracy") or {}).items()}
             agreement = {str(v): {"agreement": float(f["agreement"]), "answers": int(f["answers"])}

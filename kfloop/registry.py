@@ -5,7 +5,8 @@ Layout (each version folder is directly usable as a KServe ``storageUri``)::
     <root>/<model>/<version>/   model.joblib, model.onnx, preprocessor.joblib,
                                 reference.npz, metadata.json
     <root>/<model>/production.json   {"version": "3", "updated": ...}
-    <root>/<model>/.claims/<version> who took the number (object stores only)
+    <root>/<model>/.claims/<version> who took the number (object stores only; ``.settled``
+                                beside it once the sweep has nothing more to do with it)
     <root>/<model>/captures/    payload rows and labelled shards (:mod:`kfloop.captures`)
 
 Versions are whole numbers, counted up, and ``metadata.json`` is written last: a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +46,7 @@ from kfloop.preprocessing import Preprocessor
 
 PRODUCTION_POINTER = "production.json"
 CLAIMS = ".claims"  # <model>/.claims/<version>: who took a number on an object store (kept: numbers are never reused)
+SETTLED = ".settled"  # <model>/.claims/<version>.settled: the sweep has nothing more to do with that version
 STAGING = ".staging-"  # <model>/.staging-<id>/: a local version before its rename
 VERSION_ATTEMPTS = 16  # numbers a writer tries (each taken by another writer meanwhile) before it gives up
 STALE_SECONDS = 3600.0  # an unfinished version this old was left by a writer that died: swept
@@ -52,6 +55,8 @@ STATUS_APPROVED = "approved"  # passed the promotion gate; a rollout moves the p
 STATUS_PROMOTED = "promoted"
 STATUS_REJECTED = "rejected"
 
+
+log = logging.getLogger(__name__)
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -212,17 +217,19 @@ class ModelRegistry:
                         shutil.rmtree(staging, ignore_errors=True)
                         removed.append(str(staging))
                 return removed
-            for version, claim in self._claims(model).items():
-                if claim.get("abandoned") or now - float(claim.get("claimed", 0)) < self.stale_seconds:
-                    continue
-                if self._is_complete(model, version):
-                    continue
-                # Marked first: a writer that was only slow finds the mark before its commit and gives up.
-                self.fs.pipe_file(self._path(model, CLAIMS, version), json.dumps({**claim, "abandoned": now}).encode())
-                folder = self._path(model, version)
-                if self.fs.exists(folder):
-                    self.fs.rm(folder, recursive=True)
-                removed.append(folder)
+            names = set(self._claim_names(model))
+            for version in sorted((n for n in names if n.isdigit() and n + SETTLED not in names), key=int):
+                claim = self._claim_record(model, version)
+                if now - float(claim.get("claimed", 0)) < self.stale_seconds:
+                    continue  # its writer may be at work
+                if not claim.get("abandoned") and not self._is_complete(model, version):
+                    # Marked first: a writer that was only slow finds the mark before its commit and gives up.
+                    self.fs.pipe_file(self._path(model, CLAIMS, version), json.dumps({**claim, "abandoned": now}).encode())
+                    folder = self._path(model, version)
+                    if self.fs.exists(folder):
+                        self.fs.rm(folder, recursive=True)
+                    removed.append(folder)
+                self.fs.pipe_file(self._path(model, CLAIMS, version + SETTLED), b"")  # never read again
         return removed
 
     def update_metadata(self, model: str, version: str, **fields: Any) -> dict[str, Any]:
@@ -288,16 +295,24 @@ class ModelRegistry:
         try:
             for name, local_path in files.items():
                 self.fs.put_file(local_path, f"{folder}/{name}")
-            if self._claims(model, version).get(version, {}).get("abandoned"):
+            if self._claim_record(model, version).get("abandoned"):
                 raise StorageUnavailable(
                     f"registry {self.root}: version {version} of {model!r} took longer than {self.stale_seconds:g} s "
                     "to write and was swept as abandoned; register again"
                 )
         except BaseException:
-            if self.fs.exists(folder):  # the claim stays: the number is never handed out again
-                self.fs.rm(folder, recursive=True)
+            self._discard(folder)  # the claim stays: the number is never handed out again
             raise
         return version
+
+    def _discard(self, folder: str) -> None:
+        """Remove a version folder its writer gave up on; if the store refuses now too, the sweep will."""
+        try:
+            if self.fs.exists(folder):
+                self.fs.rm(folder, recursive=True)
+        except Exception as exc:  # the writer's own error is the one to raise
+            log.warning("registry %s: could not remove the unfinished %s (%s: %s); a later registration sweeps it once "
+                        "stale", self.root, folder, type(exc).__name__, exc)
 
     def _claim(self, model: str, version: str, writer: str) -> bool:
         """Create ``.claims/<version>`` only if no one has (``If-None-Match: *``): whether this writer took it."""
@@ -313,25 +328,22 @@ class ModelRegistry:
             raise
         return True
 
-    def _claims(self, model: str, only: str | None = None) -> dict[str, dict[str, Any]]:
-        """The claims of ``model`` (or the one of version ``only``) by version."""
+    def _claim_record(self, model: str, version: str) -> dict[str, Any]:
+        """What the claim of ``version`` says (``{}`` when there is none, or it is unreadable: it still holds its number)."""
+        try:
+            return json.loads(self.fs.cat_file(self._path(model, CLAIMS, version)))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _claim_names(self, model: str) -> list[str]:
+        """The names in ``.claims/`` (one listing, no reads): ``<version>`` and ``<version>.settled``."""
         folder = self._path(model, CLAIMS)
-        paths = [f"{folder}/{only}"] if only is not None else (
-            self.fs.ls(folder, detail=False) if self.fs.exists(folder) else [])
-        found = {}
-        for path in paths:
-            try:
-                found[Path(path).name] = json.loads(self.fs.cat_file(path))
-            except FileNotFoundError:
-                continue
-            except ValueError:
-                found[Path(path).name] = {}  # unreadable: it still holds its number
-        return found
+        return [Path(p).name for p in self.fs.ls(folder, detail=False)] if self.fs.exists(folder) else []
 
     def _next_number(self, model: str) -> str:
         taken = [int(n) for n in self._numbered_folders(model)]
         if not self.is_local:
-            taken += [int(n) for n in self._claims(model) if n.isdigit()]
+            taken += [int(n) for n in self._claim_names(model) if n.isdigit()]
         return str(max(taken, default=0) + 1)
 
     def _numbered_folders(self, model: str) -> list[str]:

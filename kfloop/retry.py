@@ -62,5 +62,5 @@ def wait_before_retry(backoff: Backoff, retry: int, error: BaseException | None 
     """The schedule's wait, or longer when ``error`` is a :class:`TemporaryError` asking for more (never past the
     cap: a sender must not be held back longer than its own schedule would)."""
     wait = backoff.delay(retry)
-    asked = getattr(error, "delay", None) if isinstance(error, TemporaryError) else None
+    asked = error.delay if isinstance(error, TemporaryError) else None
     return max(wait, min(asked, backoff.cap)) if asked is not None else wait

@@ -91,6 +91,7 @@ class SeaweedS3:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # a child it left behind, by this run's -dir
                 raise RuntimeError(f"weed exited ({self.process.returncode}): {self.log_tail()}")
             if self._answers():
                 return self
