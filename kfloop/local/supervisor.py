@@ -20,6 +20,7 @@ wrap, at the cost of a pyzmq control plane.
 from __future__ import annotations
 
 import ctypes
+import random
 import signal
 import socket
 import subprocess
@@ -41,6 +42,8 @@ __all__ = ["READY_TIMEOUT", "RESTART_BACKOFF", "STABLE_UPTIME", "ManagedProcess"
 READY_TIMEOUT = 60.0
 RESTART_BACKOFF = Backoff((0.5, 1.0, 2.0, 5.0, 10.0))  # before the 1st, 2nd, ... restart in a row
 STABLE_UPTIME = 30.0  # seconds: a run this long ends a row of restarts
+FIRST_CHOSEN_PORT = 20000  # free_port chooses from here up to the ephemeral range (below: well-known services)
+_choice = random.SystemRandom()
 
 
 def restart_delay(restarts_in_a_row: int) -> float:
@@ -49,9 +52,35 @@ def restart_delay(restarts_in_a_row: int) -> float:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
+    """A port nothing is bound to now, below the kernel's ephemeral range when it can be.
+
+    A server binds its port seconds after it is chosen (imports first). Outgoing connections take their source
+    ports from the ephemeral range, so a port from that range can be taken by any client meanwhile (the server
+    then fails with EADDRINUSE); a port below it can only be taken by another listener.
+    """
+    low = _ephemeral_ports()[0]
+    for _ in range(64):
+        if low <= FIRST_CHOSEN_PORT:
+            break
+        port = _choice.randrange(FIRST_CHOSEN_PORT, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # no room below the range: let the kernel choose
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (Linux's default where it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _die_with_parent() -> None:

@@ -87,3 +87,10 @@ def test_restarts_in_a_row_back_off_and_a_stable_run_ends_the_row(tmp_path):
     process.process.wait()
     assert process.exited() == RESTART_BACKOFF.steps[0]
     process.stop()
+
+
+def test_free_ports_lie_below_the_ephemeral_range_where_no_client_connection_can_take_them():
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(20000 <= port < low for port in ports)
+    assert len(set(ports)) > 40  # chosen at random, not one after another
