@@ -1,27 +1,42 @@
-"""The watch's alarms as CloudEvents: what a drift, outlier or accuracy alarm says, built before it is queued.
+"""The watch's alarms: what a drift, outlier or accuracy alarm says, when one is due, and its way into the outbox.
 
 :class:`PendingAlarm` is an alarm on its way to the watch's outbox (its id fixed first, so a stored retry keeps
 it); :func:`window_alarm` builds one from a window test's :class:`~kfloop.drift.detectors.WindowAlarm`
-(``io.kfloop.drift.detected`` or ``io.kfloop.outlier.detected``) and :func:`accuracy_alarm` one from the
-policy's accuracy rule (``io.kfloop.accuracy.low``). Used by :class:`kfloop.serving.watch.WatchService`, which
-queues and stores them; the fields are what the trigger service and the demo read (docs/watch.md).
+(``io.kfloop.drift.detected`` or ``io.kfloop.outlier.detected``), :func:`accuracy_alarm` one from the
+policy's accuracy rule (``io.kfloop.accuracy.low``), which :class:`AccuracyRule` judges once per fall.
+:class:`AlarmQueue` stores them in the outbox in the order they were raised and keeps those it could not
+store. Used by :class:`kfloop.serving.watch.WatchService`; the fields are what the trigger service and the
+demo read (docs/watch.md).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from prometheus_client import Counter, Gauge
 
 from kfloop.drift.detectors import WindowAlarm
+from kfloop.errors import TemporaryError
 from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT, OUTLIER_EVENT
 from kfloop.policies.spec import AccuracyPolicy
+from kfloop.serving.outbox import Outbox
 
-__all__ = ["PendingAlarm", "accuracy_alarm", "iso_time", "window_alarm"]
+__all__ = ["AccuracyRule", "AlarmQueue", "PendingAlarm", "accuracy_alarm", "iso_time", "window_alarm"]
 
 SHOWN_P_VALUES = 20  # drifted features whose p-values an alarm lists
+RECENT_ALARMS = 20  # stored alarms the queue remembers (the watch's /status lists them)
+
+ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "kind"])
+UNSTORED = Gauge("kfloop_watch_alarms_unstored", "Alarms the outbox could not store yet (events are refused meanwhile).", ["model"])
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,3 +93,93 @@ def accuracy_alarm(*, model: str, version: str, source: str, figure: Mapping[str
             "rule": f"accuracy below {rule.below:g} over the last {rule.labels} labelled answers",
             "judged_time": iso_time(time.time())}
     return PendingAlarm(str(uuid.uuid4()), ACCURACY_EVENT, f"{source}/{model}", "accuracy", data, None)
+
+
+class AccuracyRule:
+    """The policy's accuracy rule on realised accuracy: due once when a version's figure falls below ``below`` over
+    at least ``labels`` labelled answers, and again only after it is back (labels come on several threads)."""
+
+    def __init__(self, rule: AccuracyPolicy) -> None:
+        self.rule = rule
+        self._alarmed: set[str] = set()  # versions whose fall raised an alarm, until they recover
+        self._lock = threading.Lock()
+
+    def falls(self, version: str, figure: Mapping[str, float] | None) -> bool:
+        """Whether ``figure`` (``accuracy`` over ``labels``) of ``version`` raises an alarm now."""
+        rule = self.rule
+        if rule.below is None or figure is None or figure["labels"] < rule.labels:
+            return False
+        with self._lock:
+            if figure["accuracy"] >= rule.below:
+                self._alarmed.discard(version)
+                return False
+            if version in self._alarmed:
+                return False
+            self._alarmed.add(version)
+            return True
+
+
+class AlarmQueue:
+    """Alarms on their way into ``outbox``, stored oldest first; one the outbox cannot take stays first, and
+    :meth:`check` refuses (503) until it is stored. ``on_stored`` runs for each once it is durable."""
+
+    def __init__(self, outbox: Outbox, model: str, on_stored: Callable[[PendingAlarm], None]) -> None:
+        self.outbox, self.model, self.on_stored = outbox, model, on_stored
+        self.error: str | None = None  # why the first waiting alarm could not be stored (None: nothing failed)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ALARMS)  # stored alarms, oldest first
+        self._lock = threading.Lock()  # the waiting alarms; held while storing them, in order
+        self._waiting: list[PendingAlarm] = []
+        self._queued = False
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, alarm: PendingAlarm) -> None:
+        """Store ``alarm`` after every alarm waiting before it."""
+        with self._lock:
+            self._waiting.append(alarm)
+        self.store()
+
+    def claim_retry(self) -> bool:
+        """Whether the caller should queue a :meth:`store` (alarms wait and no retry is queued yet)."""
+        with self._lock:
+            claim = bool(self._waiting) and not self._queued
+            self._queued |= claim
+            return claim
+
+    def check(self, then: str) -> None:
+        """A :class:`TemporaryError` while an alarm the outbox could not store waits (not while one is being stored)."""
+        if self.error is not None and self._waiting:
+            raise TemporaryError(f"alarm {self._waiting[0].id} of {self.model} could not be stored in the outbox "
+                                 f"({self.error}); {then}")
+
+    def store(self) -> None:
+        """Put waiting alarms into the outbox, oldest first; stop at the first that fails (it stays first)."""
+        with self._lock:
+            self._queued = False
+            while self._waiting:
+                alarm = self._waiting[0]
+                try:
+                    self.outbox.put(alarm.type, alarm.source, alarm.data, event_id=alarm.id)
+                except OSError as exc:
+                    UNSTORED.labels(self.model).set(len(self._waiting))
+                    error = f"{type(exc).__name__}: {exc}"
+                    if error != self.error:
+                        log.error("watch of %s: alarms failed: %s; trying again", self.model, error)
+                    self.error = error  # from now on events are refused
+                    return
+                self._waiting.pop(0)
+                ALARMS.labels(self.model, alarm.kind).inc()
+                self.recent.append({"id": alarm.id, "type": alarm.type, **alarm.data})
+                self.on_stored(alarm)
+            UNSTORED.labels(self.model).set(0)
+            if self.error is not None:
+                log.warning("watch of %s: alarms working again", self.model)
+                self.error = None
+
+    def close(self) -> None:
+        """A last :meth:`store` (on shutdown); what it cannot store is logged as lost."""
+        self.store()
+        if self._waiting:
+            log.error("watch of %s: %d alarms could not be stored in the outbox and are lost on shutdown: %s",
+                      self.model, len(self._waiting), ", ".join(alarm.id for alarm in self._waiting))

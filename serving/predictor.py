@@ -82,7 +82,7 @@ class ForestPredictor(Model):
 
     def install_fault_injection(self, app: FastAPI) -> None:
         """``PUT /kfloop/faults {"failure_rate": 0.5}`` (control port): answer that share of requests with HTTP 503."""
-        from kfloop.serving.server import control_json
+        from kfloop.serving.control import control_json
 
         async def set_faults(request: Request) -> dict[str, float]:
             rate = (await control_json(request)).get("failure_rate", 0.0)

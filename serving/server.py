@@ -6,7 +6,7 @@ format, no ``null`` fields, request counts, the Open Inference Protocol's
 versioned routes (:func:`install_v2_infer`, :func:`install_v2_versions`),
 opt-in inference credentials and a :class:`ControlPlane` (admin routes on their
 own loopback port). :mod:`kfloop.serving.entrypoints` calls it for ``kfloop predictor``
-and ``kfloop transformer``, whose control routes read bodies with :func:`control_json`.
+and ``kfloop transformer`` (control routes: :mod:`kfloop.serving.control`).
 ``import kserve`` parses ``sys.argv``, so import this module only from a process
 entry point, after setting ``sys.argv``. Design notes: ``docs/serving.md``.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,7 +23,6 @@ from typing import Any, Callable
 import grpc
 import orjson
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from grpc import aio
 from grpc_interceptor import AsyncExceptionToStatusInterceptor
@@ -40,18 +40,17 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 import uvicorn
 
-from kfloop.errors import InputError, KfloopError, NotFoundError, UnsupportedMediaType, describe_validation_errors, to_http
+from kfloop.errors import InputError, KfloopError, describe_validation_errors
 from kfloop.serving.auth import Authenticator, GrpcCredentials, RequireCredentials, inference_path
+from kfloop.serving.control import control_app, install_error_handlers, listening, uvicorn_config
 from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, HeaderLimitedHttp
 from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
 from kfloop.serving.protocol import ServesVersions, version_not_served
 
 DEFAULT_HOST = "127.0.0.1"
 GRPC_MAX_MESSAGE = 8 * 1024 * 1024
-CONTROL_MAX_BODY = 64 * 1024  # bytes: control calls are a few routes
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -126,45 +125,6 @@ class _KfloopErrorToStatus(AsyncExceptionToStatusInterceptor):
         if isinstance(ex, KfloopError):
             await context.abort(_GRPC_CODES.get(ex.status, grpc.StatusCode.UNAVAILABLE), str(ex))
         await self._kserve.handle_exception(ex, request_or_iterator, context, method_name)
-
-
-def _answer(exc: KfloopError) -> ORJSONResponse:
-    answer = to_http(exc)
-    return ORJSONResponse(status_code=answer.status, content=answer.body, headers=answer.headers)
-
-
-async def _kfloop_error(_: Request, exc: KfloopError) -> ORJSONResponse:
-    return _answer(exc)
-
-
-async def control_json(request: Request) -> dict[str, Any]:
-    """A control call's body: a JSON object sent as ``application/json`` (415 otherwise, 400 if not an object)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip()
-    if content_type != "application/json":
-        raise UnsupportedMediaType(f"send the body as application/json, not {content_type or 'nothing'!r}")
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InputError(f"the body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InputError("the body must be a JSON object")
-    return body
-
-
-async def _no_route(request: Request, _: Exception) -> ORJSONResponse:
-    return _answer(NotFoundError(f"no route {request.method} {request.url.path}"))
-
-
-async def _validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
-    return _answer(InputError(f"invalid request body: {describe_validation_errors(exc.errors(), show_input=False)}"))
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> ORJSONResponse:
-    """Starlette's own answers (no route, method not allowed, a body FastAPI cannot parse) in the
-    protocol's error format rather than ``{"detail": ...}``."""
-    if exc.status_code == 404:
-        return await _no_route(request, exc)
-    return ORJSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
 
 
 def _without_nulls(value: Any) -> Any:
@@ -301,7 +261,7 @@ def _json_infer_request(body: bytes, model_name: str) -> InferRequest:
 
 class _KfloopModelServer(ModelServer):
     def __init__(self, *, host: str, component: str, version_of: Callable[[str], str | None], configure_app: Callable[[FastAPI], None] | None,
-                 control: ControlPlane | None, inference_auth: Authenticator | None,
+                 control: ControlPlane | None, control_socket: socket.socket | None, inference_auth: Authenticator | None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **kwargs: Any) -> None:
         super().__init__(enable_latency_logging=False, **kwargs)
         self.host = host
@@ -310,6 +270,7 @@ class _KfloopModelServer(ModelServer):
         self.max_body_bytes = max_body_bytes
         self.configure_app = configure_app
         self.control = control
+        self.control_socket = control_socket
         self.inference_auth = inference_auth
         self.dataplane = _VersionedDataPlane(model_registry=self.registered_models)
 
@@ -323,9 +284,7 @@ class _KfloopModelServer(ModelServer):
         if self.inference_auth is not None:
             kserve_app.add_middleware(RequireCredentials, authenticator=self.inference_auth, protects=inference_path)
         kserve_app.add_middleware(RequestCounter, component=self.component, version_of=self.version_of)
-        kserve_app.add_exception_handler(KfloopError, _kfloop_error)
-        kserve_app.add_exception_handler(RequestValidationError, _validation_error)
-        kserve_app.add_exception_handler(StarletteHTTPException, _http_error)
+        install_error_handlers(kserve_app)
         install_v2_infer(kserve_app, self.dataplane)
         install_v2_versions(kserve_app, self.dataplane)
         if self.configure_app is not None:
@@ -342,24 +301,15 @@ class _KfloopModelServer(ModelServer):
         if self.enable_grpc:
             self.servers.append(self._serve_grpc())
         if self.control is not None:
-            self.servers.append(self._serve_control(self.control))
+            self.servers.append(self._serve_control(self.control, self.control_socket))
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve())
 
-    async def _serve_control(self, control: ControlPlane) -> None:
-        """The admin app on its own port; it stops with the REST server (uvicorn passes the signal on)."""
-        app = FastAPI(title=f"kfloop {self.component} control", openapi_url=None, docs_url=None, redoc_url=None)
-        app.add_exception_handler(KfloopError, _kfloop_error)
-        app.add_exception_handler(RequestValidationError, _validation_error)
-        app.add_exception_handler(404, _no_route)
-        control.configure(app)
-        guarded = RequireCredentials(BodyLimit(app, limit=CONTROL_MAX_BODY), authenticator=control.authenticator,
-                                     protects=lambda _: True)
-        config = uvicorn.Config(guarded, host=control.host, port=control.port, log_level="warning", access_log=False,
-                                http=HeaderLimitedHttp,
-                                lifespan="off")
-        await uvicorn.Server(config).serve()
+    async def _serve_control(self, control: ControlPlane, sock: socket.socket) -> None:
+        """The admin app on ``sock`` (its own port); it stops with the REST server (uvicorn passes the signal on)."""
+        app = control_app(control.configure, control.authenticator, title=f"kfloop {self.component} control")
+        await uvicorn.Server(uvicorn_config(app)).serve(sockets=[sock])
 
     async def _serve_grpc(self) -> None:
         interceptors: tuple[Any, ...] = (GrpcRequestCounter(self.component, self.version_of), _KfloopErrorToStatus())
@@ -404,7 +354,11 @@ def run_model_server(
     inference_auth: Authenticator | None = None,
     grace_period: int = 10,
 ) -> None:
-    """Load ``model`` and serve it until SIGTERM/SIGINT (``configure_app`` adds routes to the client-facing app)."""
+    """Load ``model`` and serve it until SIGTERM/SIGINT (``configure_app`` adds routes to the client-facing app).
+
+    The control port listens before the model loads: a ready REST port means the control port takes connections.
+    """
+    control_socket = listening(control.host, control.port, "the control routes") if control is not None else None
     model.load()
 
     def version_of(name: str) -> str | None:
@@ -412,7 +366,7 @@ def run_model_server(
 
     server = _KfloopModelServer(
         host=host, component=component, version_of=version_of, configure_app=configure_app, control=control,
-        inference_auth=inference_auth,
+        control_socket=control_socket, inference_auth=inference_auth,
         http_port=http_port, grpc_port=grpc_port, enable_grpc=enable_grpc,
         predictor_config=predictor_config or PredictorConfig(predictor_host=None), grace_period=grace_period,
     )

@@ -273,7 +273,7 @@ class ForestTransformer(Model):
 
     def install_control(self, app: FastAPI) -> None:
         """``GET|PUT /kfloop/routes`` (control port): the runtime's control of replicas, versions and canaries."""
-        from kfloop.serving.server import control_json
+        from kfloop.serving.control import control_json
 
         async def get_routes() -> dict[str, Any]:
             return {"routes": [r.describe() for r in self.split.routes], "in_flight": dict(self.in_flight)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from kfloop.drift.backends import make_detector
 from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot,
 )
-from kfloop.serving.alarms import PendingAlarm, accuracy_alarm, window_alarm
+from kfloop.serving.alarms import AccuracyRule, AlarmQueue, PendingAlarm, accuracy_alarm, window_alarm
 from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
 from kfloop.serving.events import Delivery, EventReply
@@ -50,7 +49,6 @@ MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that canno
 FLUSH_SECONDS = 0.2  # how often delivery keys are written, the capture journal fsynced, due shards queued
 CAPTURE_JOURNAL = "capture-journal"  # under the state folder
 RELEASE_SECONDS = 1.0  # the journal of rows in shards is deleted at most this often (it costs an fsync)
-RECENT_ALARMS = 20  # alarms /status lists
 ALARM_ROWS_WAIT_SECONDS = 2.0  # an alarm waits this long at most for the rows of labels it stands on
 JOIN_SECONDS = 5.0  # labels waiting for their rows are joined with the captured shards at most this often
 TESTED, ALARMED = "tested", "alarmed"  # the capture journal's marks on the last row of a tested window
@@ -63,10 +61,8 @@ DRIFTED = Gauge("kfloop_watch_drifted_features", "Features drifted in the last w
 DRIFT = Gauge("kfloop_watch_drift", "1 if the last window showed drift.", ["model", "version"])
 OUTLIERS = Gauge("kfloop_watch_outliers", "Rows above the outlier threshold in the last window.", ["model", "version"])
 OUTLIER_ALARM = Gauge("kfloop_watch_outlier_alarm", "1 if the last window had too many outliers.", ["model", "version"])
-ALARMS = Counter("kfloop_watch_alarms", "Alarms raised, by kind.", ["model", "kind"])
 TEST_FAILURES = Counter("kfloop_watch_window_test_failures", "Window tests that raised an error (the rows stay in the "
                         "window for the next test).", ["model"])
-UNSTORED = Gauge("kfloop_watch_alarms_unstored", "Alarms the outbox could not store yet (events are refused meanwhile).", ["model"])
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +119,9 @@ class WatchService:
         self._capture_flush_queued = False
         self._released_at = float("-inf")
         self._joined_at = float("-inf")
-        self._alarm_lock = threading.Lock()  # the alarms not stored yet; held while storing them, in order
-        self._unstored: list[PendingAlarm] = []
-        self._unstored_queued = False
         self._failing: dict[str, str] = {}  # what the flush timer could not do, by part (logged once per error)
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
-        self.recent_alarms: deque[dict[str, Any]] = deque(maxlen=RECENT_ALARMS)  # stored alarms for /status, oldest first
+        self.alarms = AlarmQueue(self.outbox, config.model, lambda alarm: self._mark(alarm.through, ALARMED))
         self._last_row: str | None = None  # the journaled id of the last row in the window
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
@@ -142,8 +135,7 @@ class WatchService:
         self.labels = LabelBook(Path(config.state_dir) / "labels", config.model, self._classes_of,
                                 accuracy_window=config.accuracy.labels)
         self.feedback = Feedback(self.labels, lambda: self.watched.version)
-        self._accuracy_alarmed: set[str] = set()  # versions whose low accuracy raised an alarm (until it recovers)
-        self._accuracy_lock = threading.Lock()
+        self.accuracy_rule = AccuracyRule(config.accuracy)
         if self.capture is not None:
             for tag in self.capture.recovered_tags:  # deliveries whose rows were journaled before a restart
                 self.deliveries.remember(tag)
@@ -195,7 +187,7 @@ class WatchService:
         if event_type == RESPONSE_EVENT:  # the answers, for the labels that come later
             if not self.feedback.answered(delivery):
                 EVENTS.labels(model, "ignored").inc()
-                return EventReply.ignored(f'the answer carries no "label" output')
+                return EventReply.ignored('the answer carries no "label" output')
             EVENTS.labels(model, "answers").inc()
             return EventReply(202)
         if event_type == LABEL_EVENT:
@@ -259,9 +251,7 @@ class WatchService:
 
     def _check_alarms(self, then: str = "events are refused until it is") -> None:
         """Refuse (503) while an alarm the outbox could not store waits in memory."""
-        if "alarms" in self._failing and self._unstored:  # not while one is being stored: only once that failed
-            raise TemporaryError(f"alarm {self._unstored[0].id} of {self.config.model} could not be stored in the outbox "
-                                 f"({self._failing.get('alarms')}); {then}")
+        self.alarms.check(then)
 
     def _check_intake(self) -> None:
         """Refuse (503) while the delivery keys of what the watch takes cannot be written (caller holds the lock)."""
@@ -336,7 +326,7 @@ class WatchService:
             self._export(result, version)
             for alarm in alarms:
                 self._raise(alarm, version, last_row)
-            if not alarms and not self._unstored:
+            if not alarms and not len(self.alarms):
                 self._mark(last_row, TESTED)
         return test
 
@@ -435,11 +425,8 @@ class WatchService:
         if time.monotonic() - self._joined_at >= JOIN_SECONDS and self.labels.waiting:  # waiting walks every label
             self._joined_at = time.monotonic()
             self._background(lambda: self._attempt("labels", self._join))
-        with self._alarm_lock:
-            queue = bool(self._unstored) and not self._unstored_queued
-            self._unstored_queued |= queue
-        if queue:
-            self._background(self._store_unstored)
+        if self.alarms.claim_retry():
+            self._background(self.alarms.store)
 
     def _join(self) -> None:
         self.labels.join(self.registry.captures(self.config.model))
@@ -494,10 +481,7 @@ class WatchService:
                                feature_names=self.watched.schema.feature_names, through=through)
         log.warning("%s alarm for %s v%s: %d drifted features, min p %.2e, %d outliers",
                     alarm.kind, model, version, len(result.drifted_features), result.min_p_value, result.outliers)
-        self.join_labels_for_retraining()
-        with self._alarm_lock:
-            self._unstored.append(pending)
-        self._store_unstored()
+        self._store(pending)
 
     def label_event(self, delivery: Delivery) -> EventReply:
         """An ``io.kfloop.label`` event (on the payload port, or through the Broker on the dead-letter port): 202 with
@@ -514,61 +498,29 @@ class WatchService:
         return intake
 
     def judge_accuracy(self) -> None:
-        """The policy's accuracy rule on the serving version: below ``below`` over its last ``labels`` labelled
-        answers raises ``io.kfloop.accuracy.low`` -- once, until the figure is back or the version changes."""
-        rule, version = self.config.accuracy, self.watched.version
+        """The policy's accuracy rule on the serving version (:class:`AccuracyRule`): a fall raises
+        ``io.kfloop.accuracy.low`` once, stored by the worker (the labels' request has its answer already)."""
+        version = self.watched.version
         figure = self.labels.accuracy().get(version)
-        if rule.below is None or figure is None or figure["labels"] < rule.labels:
+        if not self.accuracy_rule.falls(version, figure):
             return
-        with self._accuracy_lock:  # labels come on several threads: one alarm per fall
-            if figure["accuracy"] >= rule.below:
-                self._accuracy_alarmed.discard(version)
-                return
-            if version in self._accuracy_alarmed:
-                return
-            self._accuracy_alarmed.add(version)
-        model = self.config.model
+        assert figure is not None
+        model, rule = self.config.model, self.config.accuracy
         log.warning("accuracy alarm for %s v%s: %.3f over the last %d labelled answers (below %g)",
                     model, version, figure["accuracy"], figure["labels"], rule.below)
         alarm = accuracy_alarm(model=model, version=version, source=self.config.source, figure=figure, rule=rule)
-        self._background(lambda: self._raise_joined(alarm))
+        self._background(lambda: self._store(alarm))
 
-    def _raise_joined(self, alarm: PendingAlarm) -> None:
-        """Store an accuracy alarm once the labels behind it are joined (the worker's job: the labels' request
-        has its answer already)."""
+    def _store(self, alarm: PendingAlarm) -> None:
+        """Store ``alarm`` once the labels behind it are joined for the retraining it starts."""
         self.join_labels_for_retraining()
-        with self._alarm_lock:
-            self._unstored.append(alarm)
-        self._store_unstored()
-
-    def _store_unstored(self) -> None:
-        """Put waiting alarms into the outbox, oldest first; stop at the first that fails (it stays first)."""
-        model = self.config.model
-        with self._alarm_lock:
-            self._unstored_queued = False
-            while self._unstored:
-                alarm = self._unstored[0]
-                try:
-                    self.outbox.put(alarm.type, alarm.source, alarm.data, event_id=alarm.id)
-                except OSError as exc:
-                    UNSTORED.labels(model).set(len(self._unstored))
-                    self._failed("alarms", f"{type(exc).__name__}: {exc}")  # from now on events are refused
-                    return
-                self._unstored.pop(0)
-                ALARMS.labels(model, alarm.kind).inc()
-                self.recent_alarms.append({"id": alarm.id, "type": alarm.type, **alarm.data})
-                self._mark(alarm.through, ALARMED)  # durable now: a restart need not raise it again
-            UNSTORED.labels(model).set(0)
-            self._recovered("alarms")
+        self.alarms.add(alarm)
 
     def close(self) -> None:
         """Finish the worker's work and write every buffer (on shutdown); rows that cannot be written stay
         journaled for the next start."""
         self._worker.shutdown(wait=True)
-        self._store_unstored()
-        if self._unstored:
-            log.error("watch of %s: %d alarms could not be stored in the outbox and are lost on shutdown: %s",
-                      self.config.model, len(self._unstored), ", ".join(alarm.id for alarm in self._unstored))
+        self.alarms.close()
         if self.capture is not None:
             self._flush_capture(release=True)  # rows it cannot write stay journaled (and it logs why)
             self.capture.close()
@@ -592,13 +544,13 @@ class WatchService:
                 "min_p_value": result.min_p_value, "drifted_features": len(result.drifted_features),
                 "outliers": result.outliers, "drift": result.drift, "outlier_alarm": result.outlier_alarm,
             },
-            "last_alarm": self.recent_alarms[-1] if self.recent_alarms else None,
-            "recent_alarms": list(self.recent_alarms),
+            "last_alarm": self.alarms.recent[-1] if self.alarms.recent else None,
+            "recent_alarms": list(self.alarms.recent),
             "outbox": len(self.outbox.pending()),
-            "unstored_alarms": len(self._unstored),
+            "unstored_alarms": len(self.alarms),
             "capture": None if self.capture is None else {
                 "buffered_rows": self.capture.buffered, "last_error": self.capture.last_error,
             },
-            "failing": dict(self._failing),
+            "failing": {**self._failing, **({"alarms": self.alarms.error} if self.alarms.error else {})},
             STATUS_KEY: self.labels.figures().to_json(),
         }

@@ -4,7 +4,7 @@
 client-facing ``kfloop transformer`` (:class:`~kfloop.local.supervisor.ManagedProcess`
 es), restarts those that die, and changes what is served without failing a
 request (:meth:`~ServingRuntime.scale`, :meth:`~ServingRuntime.set_traffic`,
-:meth:`~ServingRuntime.switch_version`); :class:`AdminServer` offers the same
+:meth:`~ServingRuntime.switch_version`); :class:`~kfloop.local.admin.AdminServer` offers the same
 operations as a JSON API on loopback. :class:`~kfloop.local.stack.LocalStack`
 creates both; its :class:`~kfloop.policies.scaling.Autoscaler` calls ``scale``,
 and the trigger's :class:`~kfloop.policies.rollout.LocalDeployer` uses the
@@ -20,29 +20,23 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kfloop.credentials import bearer, local_token, token_path
-from kfloop.errors import (
-    InputError, KfloopError, NotFoundError, PayloadTooLarge, TemporaryError, UnsupportedMediaType, UpstreamError, to_http,
-)
+from kfloop.errors import InputError, KfloopError, TemporaryError, UpstreamError
 from kfloop.durable import atomic_write
 from kfloop.http_clients import http_client
 from kfloop.local.supervisor import ManagedProcess, free_port
 from kfloop.registry import ModelRegistry, checked_version
-from kfloop.serving.auth import Authenticator, LocalToken
 
-__all__ = ["AdminServer", "Replica", "ServingRuntime", "TrafficShare"]
+__all__ = ["Replica", "ServingRuntime", "TrafficShare"]
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
-ADMIN_MAX_BODY = 64 * 1024  # bytes: admin calls are a few numbers
 
 
 @dataclass
@@ -443,130 +437,3 @@ class ServingRuntime:
             process.wait_ready()
         except KfloopError as exc:
             log.error("restart of %s failed: %s", process.name, exc)
-
-
-class AdminServer:
-    """JSON admin API of a runtime on loopback.
-
-    ``GET /status``; ``GET /metrics``; ``POST /replicas`` ``{"replicas": n}``; ``POST /version``
-    ``{"version": "3"}``; ``POST /traffic`` ``{"weights": {"2": 90, "3": 10}}`` (optional ``"mirror": "4"``:
-    a shadow version that gets a copy of every request).
-    The ``POST`` s change what is served: they need ``authenticator`` (the
-    runtime's home token and a loopback ``Host``); the ``GET`` s only read.
-    Errors come back as ``{"error": ...}`` with the error's HTTP status.
-    """
-
-    def __init__(self, runtime: ServingRuntime, port: int, host: str = "127.0.0.1",
-                 authenticator: Authenticator | None = None) -> None:
-        self.runtime = runtime
-        self.authenticator = authenticator or LocalToken(local_token(runtime.home))
-        self.server = ThreadingHTTPServer((host, port), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, name="kfloop-admin", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        runtime, authenticator = self.runtime, self.authenticator
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _answer(self, exc: KfloopError) -> None:
-                answer = to_http(exc)
-                self._reply(answer.status, answer.body, answer.headers)
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-                if self.path == "/status":
-                    self._reply(200, runtime.status())
-                elif self.path == "/metrics":  # the autoscaler's decisions and signals
-                    data = generate_latest()
-                    self.send_response(200)
-                    self.send_header("content-type", CONTENT_TYPE_LATEST)
-                    self.send_header("content-length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                else:
-                    self._answer(NotFoundError(f"no route {self.path}; try GET /status"))
-
-            def do_POST(self) -> None:  # noqa: N802
-                try:
-                    authenticator.check({name.lower(): value for name, value in self.headers.items()})
-                    if self.headers.get_content_type() != "application/json":
-                        raise UnsupportedMediaType(f"send the body as application/json, not {self.headers.get_content_type()!r}")
-                    declared = self.headers.get("content-length", "0")
-                    if not declared.isdigit():
-                        self.close_connection = True
-                        raise InputError("send the body with a Content-Length (a whole number of bytes)")
-                    length = int(declared)
-                    if length > ADMIN_MAX_BODY:
-                        self.close_connection = True
-                        raise PayloadTooLarge(f"admin request body of {length} bytes is over the limit of {ADMIN_MAX_BODY}")
-                    try:
-                        body = json.loads(self.rfile.read(length) or b"{}")
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        raise InputError(f"the body is not JSON: {exc}") from None
-                    if not isinstance(body, dict):
-                        raise InputError("the body must be a JSON object")
-                    if self.path == "/replicas":
-                        self._reply(200, {"replicas": runtime.scale(_whole_number(body, "replicas"))})
-                    elif self.path == "/version":
-                        runtime.switch_version(checked_version(str(body["version"])))
-                        self._reply(200, runtime.status())
-                    elif self.path == "/traffic":
-                        weights = body["weights"]
-                        if not isinstance(weights, dict):
-                            raise InputError('"weights" must be an object: {"2": 90, "3": 10}')
-                        mirror = body.get("mirror")
-                        if mirror is not None and not isinstance(mirror, (str, int)):
-                            raise InputError('"mirror" must be a version, e.g. "4"')
-                        runtime.set_traffic({checked_version(str(k)): _number(v, f"weights.{k}") for k, v in weights.items()},
-                                            mirror=None if mirror is None else checked_version(str(mirror)))
-                        self._reply(200, runtime.status())
-                    else:
-                        self._answer(NotFoundError(f"no route {self.path}; try /replicas, /version or /traffic"))
-                except KfloopError as exc:
-                    self.close_connection = True  # the body may be unread: never parse it as the next request
-                    self._answer(exc)
-                except KeyError as exc:
-                    self._answer(InputError(f"the body lacks the field {exc}"))
-                except Exception as exc:  # a bug: still an answer, never a dropped connection
-                    log.exception("admin %s failed", self.path)
-                    self.close_connection = True
-                    self._reply(500, {"error": f"internal error ({type(exc).__name__}): see the runtime's log"})
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
-
-
-def _number(value: Any, field: str) -> float:
-    """A JSON number (not a boolean, not NaN or infinite) from an admin body."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise InputError(f"{field} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _whole_number(body: dict[str, Any], field: str) -> int:
-    value = body[field]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{field} must be a whole number, got {value!r}")
-    return value

@@ -29,7 +29,8 @@ from typing import Any
 from kfloop.durable import atomic_write
 from kfloop.http_clients import http_client
 from kfloop.labels import TruthFigures
-from kfloop.local.runtime import AdminServer, ServingRuntime
+from kfloop.local.admin import AdminServer
+from kfloop.local.runtime import ServingRuntime
 from kfloop.local.supervisor import ManagedProcess
 from kfloop.policies.scaling import Autoscaler
 from kfloop.policies.sources import LocalMetricsSource, MetricSource, PrometheusSource

@@ -46,3 +46,16 @@ def test_a_relative_registry_is_the_same_registry_from_another_folder(kfloop_cli
     assert registry_uri("registry", tmp_path / "home") == str(tmp_path / "registry")
     assert registry_uri(None, tmp_path / "home") == str(tmp_path / "home" / "registry")
     assert registry_uri("s3://bucket/registry", tmp_path) == "s3://bucket/registry"
+
+
+def test_a_taken_control_port_stops_the_predictor_before_it_loads_a_model(kfloop_cli, tmp_path):
+    import socket
+
+    from kfloop.local.supervisor import free_port
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = kfloop_cli("predictor", "--model-dir", str(tmp_path / "no-model"), "--model", "leaf",
+                            "--http-port", str(free_port()), "--no-grpc", "--control-port", str(port), "--fault-injection",
+                            timeout=120)
+    one_clear_line(result, f"cannot listen on 127.0.0.1:{port} for the control routes")

@@ -139,7 +139,7 @@ def test_a_transformer_killed_mid_canary_answers_every_request_from_its_restart_
 @pytest.fixture
 def admin(stack):
     """An admin API in front of the shared runtime; afterwards, the transformer ready and version 1 serving again."""
-    from kfloop.local.runtime import AdminServer
+    from kfloop.local.admin import AdminServer
 
     runtime = stack["runtime"]
     server = AdminServer(runtime, free_port())
@@ -284,7 +284,7 @@ def _processes_naming(text: str) -> list[int]:
 
 
 def test_admin_calls_need_the_home_token_are_bounded_json_and_name_registry_versions_only(stack):
-    from kfloop.local.runtime import AdminServer
+    from kfloop.local.admin import AdminServer
 
     runtime = stack["runtime"]
     admin = AdminServer(runtime, free_port())

@@ -25,7 +25,8 @@ from kfloop.policies import Policy
 from kfloop.policies.retraining import Retrainer, RetrainingConfig, RetrainingService
 from kfloop.policies.rollout import Deployer, LocalDeployer, Retries, roll_back, roll_out
 from kfloop.registry import ModelRegistry
-from kfloop.local.runtime import AdminServer, ServingRuntime
+from kfloop.local.admin import AdminServer
+from kfloop.local.runtime import ServingRuntime
 from kfloop.credentials import local_token
 from kfloop.local.supervisor import free_port
 
@@ -502,7 +503,7 @@ def test_a_rollback_the_runtime_cannot_take_is_recorded_inconsistent_and_done_wh
     deadline = time.time() + 25
     while time.time() < deadline and len(runtime.status()["traffic"]) < 2:
         time.sleep(0.05)
-    port = admin.server.server_address[1]
+    port = int(admin.url.rsplit(":", 1)[1])
     admin.stop()  # the admin API goes away mid-canary: the canary cannot be judged, nor traffic put back
     worker.join(30)
     [run] = ended
