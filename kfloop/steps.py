@@ -205,9 +205,9 @@ def register_step(
     """Store the winner as a new registry version (status ``candidate``); returns the version.
 
     ``lineage`` (:meth:`kfloop.search.Search.lineage`): how its search was seeded."""
-    from importlib.metadata import version as installed  # not the packages themselves: onnxruntime imports in ~0.5 s
+    from importlib.metadata import version as installed  # the versions only: importing onnxruntime is slow
 
-    from kfloop.policies import TrainingPolicy  # here, not at the top: the spec's models take ~0.5 s to build
+    from kfloop.policies import TrainingPolicy  # here, not at the top: building the spec's models is slow
     from kfloop.registry import ModelRegistry
 
     if not registry_uri:

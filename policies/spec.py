@@ -86,8 +86,8 @@ class TrainingPolicy(_Spec):
     selection_metric: SelectionMetric = "accuracy"
     promotion_margin: float = Field(default=0.0, ge=0.0)
     # Candidates cross-validated one after another in one pipeline task (null: spread over ``parallelism``
-    # tasks). Each task pays its start-up once (on a laptop ~2 s: interpreter, KFP executor, scikit-learn;
-    # on a cluster a pod: seconds to minutes); fewer, fuller tasks pay it less often, more tasks spread the
+    # tasks). Each task pays its start-up once (on a laptop: interpreter, KFP executor, scikit-learn;
+    # on a cluster: a pod); fewer, fuller tasks pay it less often, more tasks spread the
     # work over more nodes.
     candidates_per_task: int | None = Field(default=None, ge=1)
 

@@ -4,34 +4,28 @@
 needs, from one place: credentials (:class:`~kfloop.serving.auth.RequireCredentials`),
 a body limit (:class:`~kfloop.serving.limits.BodyLimit`), kfloop's JSON
 error format for every refusal (:func:`install_error_handlers`) and bodies read
-by :func:`control_json`. :func:`serve_in_thread` runs one on a socket from
-:func:`listening`. The predictor's and transformer's control ports
+by :func:`control_json`. The predictor's and transformer's control ports
 (:mod:`kfloop.serving.server`) and the local runtime's admin API
-(:mod:`kfloop.local.admin`) are built with it. kserve-free: importing it parses no ``sys.argv``.
+(:mod:`kfloop.local.admin`) are built with it; :mod:`kfloop.serving.listeners` serves them.
+kserve-free: importing it parses no ``sys.argv``.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from typing import Any, Callable
 
 import orjson
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kfloop.errors import InputError, KfloopError, NotFoundError, PermanentError, UnsupportedMediaType, describe_validation_errors, to_http
+from kfloop.errors import InputError, KfloopError, NotFoundError, UnsupportedMediaType, describe_validation_errors, to_http
 from kfloop.serving.auth import Authenticator, RequireCredentials
-from kfloop.serving.limits import BodyLimit, HeaderLimitedHttp
+from kfloop.serving.limits import BodyLimit
 
-__all__ = ["CONTROL_MAX_BODY", "ControlServer", "control_app", "control_json", "error_response", "install_error_handlers",
-           "listening", "uvicorn_config"]
+__all__ = ["CONTROL_MAX_BODY", "control_app", "control_json", "error_response", "install_error_handlers", "json_response"]
 
 CONTROL_MAX_BODY = 64 * 1024  # bytes: control calls are a few fields
-START_TIMEOUT = 10.0  # seconds for a control server in a thread to take connections
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -98,45 +92,3 @@ def control_app(configure: Callable[[FastAPI], None], authenticator: Authenticat
     app.add_exception_handler(Exception, _bug)
     configure(app)
     return RequireCredentials(BodyLimit(app, limit=max_body), authenticator=authenticator, protects=protects)
-
-
-def listening(host: str, port: int, what: str) -> socket.socket:
-    """A socket listening on ``host:port`` (``0``: a free port); connections wait in its backlog until a server
-    serves them. An :class:`InputError` naming ``what`` if the port is taken."""
-    try:
-        return socket.create_server((host, port))
-    except OSError as exc:
-        raise InputError(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
-
-
-def uvicorn_config(app: Any) -> uvicorn.Config:
-    """How a control app is served: no access log, bounded headers, no lifespan."""
-    return uvicorn.Config(app, log_level="warning", access_log=False, http=HeaderLimitedHttp, lifespan="off")
-
-
-class ControlServer:
-    """A control app served by uvicorn on ``sock`` in a thread of this process (the local runtime's admin API)."""
-
-    def __init__(self, app: Any, sock: socket.socket, name: str) -> None:
-        self.socket = sock
-        self.server = uvicorn.Server(uvicorn_config(app))  # in a thread: it leaves the process's signals alone
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.socket.getsockname()[:2]
-        return host, port
-
-    def start(self) -> None:
-        """Serve, and return once the app takes requests."""
-        self.thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not self.server.started:
-            raise PermanentError(f"the control server on {self.address[0]}:{self.address[1]} did not start; see the log")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(START_TIMEOUT)
-        self.socket.close()

@@ -44,7 +44,8 @@ import uvicorn
 
 from kfloop.errors import InputError, KfloopError, describe_validation_errors
 from kfloop.serving.auth import Authenticator, GrpcCredentials, RequireCredentials, inference_path
-from kfloop.serving.control import control_app, install_error_handlers, listening, uvicorn_config
+from kfloop.serving.control import control_app, install_error_handlers
+from kfloop.serving.listeners import listening, uvicorn_config
 from kfloop.serving.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, HeaderLimitedHttp
 from kfloop.serving.metrics import GrpcRequestCounter, RequestCounter
 from kfloop.serving.protocol import ServesVersions, version_not_served

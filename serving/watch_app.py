@@ -2,58 +2,30 @@
 
 :func:`create_app` builds the payload port's app (``POST /`` events, ``POST /v2/models/{model}/labels``,
 ``GET /status``, ``/healthz``, ``/metrics``) around a :class:`~kfloop.serving.watch.WatchService` and starts its
-loops (the outbox, following production, flushing buffers, timed window tests); :class:`Listener` serves one more
-port on its own thread (the dead-letter port, :mod:`kfloop.serving.dead_letters`); :func:`run_watch` runs both
-until SIGTERM or SIGINT. Called by ``kfloop watch`` (:mod:`kfloop.cli.watch`).
+loops (the outbox, following production, flushing buffers, timed window tests); the dead-letter port
+(:mod:`kfloop.serving.dead_letters`) is served on its own thread (:class:`~kfloop.serving.listeners.ServerThread`);
+:func:`run_watch` runs both until SIGTERM or SIGINT. Called by ``kfloop watch`` (:mod:`kfloop.cli.watch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Any, Callable
 
 from kfloop.errors import InputError
 from kfloop.serving.auth import Authenticator
 from kfloop.serving.events import EventApp, create_event_app
 from kfloop.serving.dead_letters import DeadLetterPort, create_dead_letter_app
-from kfloop.serving.limits import HeaderLimitedHttp
+from kfloop.serving.listeners import ServerThread, listening, serve
 from kfloop.serving.watch import FLUSH_SECONDS, WatchConfig, WatchService
 
-__all__ = ["Listener", "create_app", "run_watch"]
+__all__ = ["create_app", "run_watch"]
 
 log = logging.getLogger(__name__)
 
 
-class Listener:
-    """One more port of the process, served by its own uvicorn server on its own thread and event loop.
-
-    The socket is bound here, at construction, so a port in use stops the start
-    rather than a thread; uvicorn leaves signals to the main thread's server,
-    whose shutdown stops this one.
-    """
-
-    def __init__(self, app: EventApp, host: str, port: int) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
-                                                    access_log=False, http=HeaderLimitedHttp))
-        self.socket = self.server.config.bind_socket()
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       name=f"kfloop-listener-{port}", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout)
-        self.socket.close()
-
-
-def create_app(service: WatchService, authenticator: Authenticator | None, dead_letters: Listener | None = None) -> EventApp:
+def create_app(service: WatchService, authenticator: Authenticator | None, dead_letters: ServerThread | None = None) -> EventApp:
     """The service's HTTP app: ``POST /`` events, ``POST /v2/models/{model}/labels`` labels
 (:mod:`kfloop.serving.feedback`; the events' credentials), ``GET /status``, ``GET /healthz``, ``GET /metrics``.
 
@@ -107,13 +79,14 @@ def run_watch(config: WatchConfig, authenticator: Authenticator | None, host: st
 
     With ``dead_letters`` the watch also takes back, on that port, the alarms a Knative Trigger could not deliver.
     """
-    import uvicorn
-
     if dead_letters is not None and dead_letters.port == port:
         raise InputError(f"the dead-letter port must differ from the payload port ({port}): "
                          "a NetworkPolicy tells the two senders apart by port")
+    payload_socket = listening(host, port, "payload events")  # both ports before the service starts its work
+    dead_letter_socket = listening(host, dead_letters.port, "dead letters") if dead_letters is not None else None
     service = WatchService(config)
-    listener = (Listener(create_dead_letter_app(service, dead_letters.authenticator), host, dead_letters.port)
-                if dead_letters is not None else None)
-    uvicorn.run(create_app(service, authenticator, listener), host=host, port=port, log_level="warning", access_log=False,
-                http=HeaderLimitedHttp)
+    dead_letter_server = None
+    if dead_letters is not None and dead_letter_socket is not None:  # (the second test is for the type checker)
+        dead_letter_server = ServerThread(create_dead_letter_app(service, dead_letters.authenticator), dead_letter_socket,
+                                          name=f"kfloop-dead-letters-{dead_letters.port}")
+    serve(create_app(service, authenticator, dead_letter_server), payload_socket)

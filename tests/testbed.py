@@ -203,6 +203,31 @@ class Trigger:
         self.process.wait(30)
 
 
+class InProcessTrigger(Trigger):
+    """The same service and app as ``kfloop trigger`` with the same options, served in this process on a real
+    loopback port (where no process boundary is under test)."""
+
+    def __init__(self, home: Path, registry: Path, policy: Path) -> None:
+        from kfloop.policies import load_policy
+        from kfloop.policies.retraining import LocalRetrainer, RetrainingConfig, RetrainingService
+        from kfloop.serving.auth import LocalToken
+        from kfloop.serving.listeners import ServerThread, listening
+        from kfloop.serving.trigger import create_app
+
+        token = local_token(home)
+        self.auth = bearer(token)
+        loaded = load_policy(policy)
+        config = RetrainingConfig(loaded.model, str(registry), loaded, home / "trigger", target="digit")
+        service = RetrainingService(config, LocalRetrainer(loaded, str(registry), home, model=loaded.model), None)
+        self.server = ServerThread(create_app(service, LocalToken(token)), listening("127.0.0.1", 0, "the trigger"),
+                                   name="in-process-trigger", lifespan="on")
+        self.server.start()
+        self.url = self.server.url
+
+    def stop(self) -> None:
+        self.server.stop(30)
+
+
 @contextlib.contextmanager
 def small_disk(folder: Path, size: str = "4m") -> Iterator[Path]:
     """A real, size-limited file system (tmpfs) at ``folder``; skips the test where mounting is not permitted."""

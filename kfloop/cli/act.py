@@ -86,8 +86,6 @@ def trigger(
 ) -> None:
     """Retrain on alarms -- drift, outliers, low realised accuracy -- (cooldown, dedup, budget, one run at a time) and
     roll out via a canary judged on its 5xx share and, with labels, its realised accuracy."""
-    import uvicorn
-
     from kfloop.credentials import local_token
     from kfloop.components.training import DEFAULT_IMAGE
     from kfloop.pipelines.cluster import KfpEndpoint
@@ -95,7 +93,7 @@ def trigger(
     from kfloop.policies.retraining import ClusterRetrainer, LocalRetrainer, Retrainer, RetrainingConfig, RetrainingService
     from kfloop.policies.rollout import Deployer, KServeDeployer, LocalDeployer
     from kfloop.serving.auth import Authenticator, LocalToken, is_loopback
-    from kfloop.serving.limits import HeaderLimitedHttp
+    from kfloop.serving.listeners import listening, serve
     from kfloop.serving.trigger import create_app
 
     authenticator: Authenticator
@@ -121,6 +119,5 @@ def trigger(
         deployer = KServeDeployer(namespace, inference_service, registry_root, name, url)
     elif admin_url:
         deployer = LocalDeployer(admin_url, name, local_token(home), watch_url=watch_url)
-    uvicorn.run(create_app(RetrainingService(config, retrainer, deployer), authenticator), host=host, port=http_port,
-                http=HeaderLimitedHttp,
-                log_level="warning", access_log=False)
+    sock = listening(host, http_port, "alarms")
+    serve(create_app(RetrainingService(config, retrainer, deployer), authenticator), sock)

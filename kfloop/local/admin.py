@@ -23,7 +23,8 @@ from kfloop.errors import InputError
 from kfloop.local.runtime import ServingRuntime
 from kfloop.registry import checked_version
 from kfloop.serving.auth import Authenticator, LocalToken
-from kfloop.serving.control import ControlServer, control_app, control_json, listening
+from kfloop.serving.control import control_app, control_json
+from kfloop.serving.listeners import ServerThread, listening
 
 __all__ = ["READ_ONLY_PATHS", "AdminServer"]
 
@@ -37,12 +38,11 @@ class AdminServer:
                  authenticator: Authenticator | None = None) -> None:
         app = control_app(lambda api: _routes(api, runtime), authenticator or LocalToken(local_token(runtime.home)),
                           title="kfloop runtime admin", protects=lambda path: path not in READ_ONLY_PATHS)
-        self.server = ControlServer(app, listening(host, port, "the runtime's admin API"), name="kfloop-admin")
+        self.server = ServerThread(app, listening(host, port, "the runtime's admin API"), name="kfloop-admin")
 
     @property
     def url(self) -> str:
-        host, port = self.server.address
-        return f"http://{host}:{port}"
+        return self.server.url
 
     def start(self) -> None:
         self.server.start()

@@ -1,6 +1,6 @@
 """The trigger service as a real process running real kfp.local pipeline runs: alarm CloudEvents in,
 admission outcomes out (one run for a burst, then cooldown and budget), ignored and malformed events, and a
-run interrupted by a restart run again."""
+run interrupted by a restart run again; who may send alarms, with its app in this process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from testbed import DRIFT, Trigger, write_policy
+from testbed import DRIFT, InProcessTrigger, Trigger, write_policy
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_a_burst_of_alarms_starts_one_run_then_cooldown_and_budget_hold(tmp_path
 
 def test_alarms_without_the_local_token_start_nothing(tmp_path, registry_with_weak_v1):
     registry, _, full = registry_with_weak_v1
-    trigger = Trigger(tmp_path / "home", registry, write_policy(tmp_path / "p.yaml", full))
+    trigger = InProcessTrigger(tmp_path / "home", registry, write_policy(tmp_path / "p.yaml", full))
     try:
         missing = trigger.alarm(auth={})
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")

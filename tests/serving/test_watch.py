@@ -1,5 +1,6 @@
 """The watch service driven over HTTP with real CloudEvents: accepted, ignored and malformed events, drift
-alarms at a real sink (through an outage and a restart), captured rows, and the production version followed;
+alarms at a real sink (through an outage and a restart), captured rows, and the production version followed
+(the watch's app in this process where no process boundary is tested, a real ``kfloop watch`` elsewhere);
 and what it takes being durable first: a full disk (a real small tmpfs) answers 503 and the retry is processed,
 an alarm the outbox cannot store holds events back, shards that cannot be written keep their rows, and rows
 taken before a crash are written after it; the event that completes a window is answered only once its alarm
@@ -29,11 +30,14 @@ from cloudevents.http import CloudEvent
 
 from testbed import fill, small_disk, wait_until_answering, EventSink, register_version
 from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT
-from kfloop.credentials import bearer, local_token
+from kfloop.credentials import bearer, local_token, token_path
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
 from kfloop.local.supervisor import free_port
+from kfloop.serving.auth import LocalToken
+from kfloop.serving.listeners import ServerThread, listening
 from kfloop.serving.watch import WatchConfig, WatchService
+from kfloop.serving.watch_app import create_app
 from kfloop.training import Prepared
 
 
@@ -80,6 +84,43 @@ class Watch:
         return 0.0
 
 
+class InProcessWatch(Watch):
+    """The same service and app as ``kfloop watch`` with the same options, served in this process on a real
+    loopback port. The process's metrics outlive one watch: counters count from this watch's start."""
+
+    def __init__(self, registry: Path, sink_port: int, state: Path) -> None:
+        home = state.parent / "home"
+        token = local_token(home)
+        self.auth = bearer(token)
+        config = WatchConfig(registry_uri=str(registry), model="leaf", sink_url=f"http://127.0.0.1:{sink_port}/",
+                             state_dir=state, window=WINDOW, stride=10, stride_seconds=0, capture_flush_rows=50,
+                             follow_seconds=0.5, sink_token_file=token_path(home))
+        self.server = ServerThread(create_app(WatchService(config), LocalToken(token)),
+                                   listening("127.0.0.1", 0, "the watch"), name="in-process-watch", lifespan="on")
+        self.server.start()
+        self.url = self.server.url + "/"
+        self._before: dict[str, float] = {}
+        self._before = {name: self.metric(name) for name in self._counters()}
+
+    def _counters(self) -> list[str]:
+        """Every counter series, in the order /metrics lists them."""
+        lines = httpx.get(self.url + "metrics").text.splitlines()
+        return [line.rsplit(" ", 1)[0] for line in lines if line.startswith("kfloop_") and "_total" in line.split(" ")[0]]
+
+    def metric(self, name: str) -> float:
+        return super().metric(name) - self._before.get(name, self._before.get(self._series(name), 0.0))
+
+    def _series(self, name: str) -> str:
+        """The full series a bare metric name matched (its first labelled line)."""
+        return next((series for series in self._before if series == name or series.startswith(name + "{")), name)
+
+    def stop(self) -> None:
+        self.server.stop(30)
+
+    def crash(self) -> None:
+        raise AssertionError("an in-process watch cannot crash: use Watch (a real process)")
+
+
 def event(rows: np.ndarray, *, mode: str = "binary", protocol: str = "v1", event_type: str = REQUEST, event_id: str | None = None,
           data: object = None):
     if data is not None:
@@ -110,7 +151,7 @@ def setup(tmp_path_factory, serving_data):
 @pytest.fixture
 def watch(setup, tmp_path):
     sink = EventSink()
-    service = Watch(setup["registry"], sink.server.server_port, tmp_path / "state")
+    service = InProcessWatch(setup["registry"], sink.server.server_port, tmp_path / "state")
     yield service, sink
     service.stop()
     sink.close()
