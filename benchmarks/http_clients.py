@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import SHARED_LEAF, train  # noqa: E402
+from serve import SHARED_LEAF, predictor_process, train  # noqa: E402
 
 ROUNDS = 4
 
@@ -75,24 +75,16 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED_LEAF) if SHARED_LEAF.exists() else "builtin:digits")
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
-    from kfloop.local.supervisor import ManagedProcess, free_port
-
     clients = {"aiohttp": with_aiohttp, "httpx": with_httpx}
     results: dict[tuple[str, int], list[tuple[list[float], float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="kfloop-bench-clients-") as tmp:
         work = Path(tmp)
         version_dir, row = train(args.data, work / "registry", work)
         body = orjson.dumps({"inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32", "data": row}]})
-        port = free_port()
-        predictor = ManagedProcess(
-            "predictor", [sys.executable, "-m", "kfloop", "predictor", "--model-dir", version_dir, "--model", "leaf",
-                          "--http-port", str(port), "--no-grpc"],
-            f"http://127.0.0.1:{port}/v2/models/leaf/ready", work / "predictor.log",
-        )
+        predictor, url = predictor_process(version_dir, work)
         predictor.spawn()
         try:
             predictor.wait_ready()
-            url = f"http://127.0.0.1:{port}/v2/models/leaf/infer"
             for _ in range(ROUNDS):
                 for concurrency in (1, 16):
                     for name, client in clients.items():

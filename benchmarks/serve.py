@@ -56,6 +56,19 @@ def train(data_uri: str, registry: Path, work: Path) -> tuple[str, list[float]]:
     return ModelRegistry(registry).uri("leaf", version), row
 
 
+def predictor_process(version_dir: str, work: Path):
+    """A ``kfloop predictor`` of ``version_dir`` as model 'leaf' on a free port (not started), and its V2 infer URL."""
+    from kfloop.local.supervisor import ManagedProcess, free_port
+
+    port = free_port()
+    process = ManagedProcess(
+        "predictor", [sys.executable, "-m", "kfloop", "predictor", "--model-dir", version_dir, "--model", "leaf",
+                      "--http-port", str(port), "--no-grpc"],
+        f"http://127.0.0.1:{port}/v2/models/leaf/ready", work / "predictor.log",
+    )
+    return process, f"http://127.0.0.1:{port}/v2/models/leaf/infer"
+
+
 def wrk(url: str, body: dict, concurrency: int, seconds: int, work: Path) -> tuple[float, float, float]:
     """(requests/s, p50 ms, p99 ms) of wrk posting ``body`` to ``url``; any non-2xx answer aborts."""
     script = work / "post.lua"
@@ -95,7 +108,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
     from kfloop.local.runtime import ServingRuntime
-    from kfloop.local.supervisor import ManagedProcess, free_port
+    from kfloop.local.supervisor import free_port
 
     console = Console(width=200)
     mlserver_python = ensure_mlserver_venv()
@@ -106,16 +119,10 @@ def main() -> None:
         body = {"inputs": [{"name": "features", "shape": [1, len(row)], "datatype": "FP32", "data": row}]}
         results["in-process floor (onnxruntime, no HTTP)"] = {1: in_process(version_dir, row, args.seconds)}
 
-        port = free_port()
-        predictor = ManagedProcess(
-            "predictor", [sys.executable, "-m", "kfloop", "predictor", "--model-dir", version_dir, "--model", "leaf",
-                          "--http-port", str(port), "--no-grpc"],
-            f"http://127.0.0.1:{port}/v2/models/leaf/ready", work / "predictor.log",
-        )
+        predictor, url = predictor_process(version_dir, work)
         predictor.spawn()
         try:
             predictor.wait_ready()
-            url = f"http://127.0.0.1:{port}/v2/models/leaf/infer"
             results["kfloop predictor alone"] = {c: wrk(url, body, c, args.seconds, work) for c in (1, 16)}
         finally:
             predictor.stop()
