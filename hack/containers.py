@@ -41,7 +41,9 @@ UNREAD = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"
 # What the image is built from: a change to any of these builds it anew.
 IMAGE_INPUTS = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "kfloop", "components", "pipelines",
                 "serving", "policies", "manifests")
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"  # Debian's client matches its daemon
+# Debian's client (docker.io, installed below where missing), never whatever `docker` is first on PATH: a newer
+# client with DOCKER_BUILDKIT=1 wants its buildx plug-in, which Debian's daemon does not need.
+DOCKER = "/usr/bin/docker"
 
 
 def say(message: str) -> None:
