@@ -78,7 +78,7 @@ def select_to_gate(
 ) -> dict:
     """Rank the candidates, take the winner's kept forest or refit it, export joblib + ONNX (holdout metrics and
     confusion matrix logged), store it as a new registry version, and pass it only if it beats production on
-    the same holdout; with move_production, promote it. (One task: each task start pays ~2 s of imports.)"""
+    the same holdout; with move_production, promote it. (One task: each task start pays its imports again.)"""
     from kfloop.steps import end_of_task, fit_export_step, gate_step, register_step, select_step
 
     selection = select_step(candidates, metric)

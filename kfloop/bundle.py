@@ -30,9 +30,9 @@ ONNX_OPSET = 15
 def export_onnx(forest: Any, n_features: int) -> bytes:
     """Serialise a fitted forest to ONNX: input ``features`` float32 [n, f], outputs ``label`` int64 [n] and
     ``probabilities`` float32 [n, classes] -- one ``ai.onnx.ml`` TreeEnsembleClassifier, the graph skl2onnx
-    makes, written straight from the trees' arrays (vectorised: about a second where skl2onnx's per-node
-    conversion took 14 s for 300 trees and 99 classes) and sparse: a leaf lists only the classes it gives a
-    share to, so a forest of pure leaves is ~99 times smaller.
+    makes, written straight from the trees' arrays (vectorised, where skl2onnx converts node by node) and
+    sparse: a leaf lists only the classes it gives a share to, so a forest of pure leaves is as many times
+    smaller as it has classes.
 
     scikit-learn compares float32 features with float64 thresholds; each threshold becomes the largest float32
     not above it, so ``x <= threshold`` decides the same for every float32 ``x``. Callers still check the graph

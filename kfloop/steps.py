@@ -41,8 +41,8 @@ def end_of_task() -> None:
     """Called last in a pipeline task's own process (a component's body; never in a process that lives on).
 
     The objects made so far are moved out of the garbage collector's reach (``gc.freeze``): the interpreter's
-    exit collects every generation once more, which with scikit-learn, SciPy and pandas loaded takes about
-    0.35 s, and a task's end is only seen once its process has exited. Frozen, the exit takes about 0.05 s.
+    exit collects every generation once more, which with scikit-learn, SciPy and pandas loaded is slow, and a
+    task's end is only seen once its process has exited (the gain is measured in ``docs/pipelines.md``).
     Nothing is lost: the process ends as soon as KFP has written the task's outputs.
     """
     import gc

@@ -70,7 +70,7 @@ def pipeline_arguments(
 def build_training_pipeline(policy: Policy, image: str = DEFAULT_IMAGE, registry_uri: str = "") -> Any:
     """The training pipeline function; its parameter defaults come from ``policy``.
 
-    Three kinds of task, as few as keep the UI readable (each task start pays ~2 s of imports on a laptop):
+    Three kinds of task, as few as keep the UI readable (each task start pays its imports):
     prepare (load, validate, split, preprocess), the candidate batches in a ``ParallelFor``, and select +
     refit + export + register + promotion gate (its output is the gate's decision). No task is ever taken
     from KFP's cache: its key ignores input artifacts' URIs, so a run on new data at the same address (or

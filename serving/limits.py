@@ -9,8 +9,8 @@ KServe ModelServer's): a body that declares a length within the limit passes
 untouched, and only a body without one is read here, counted and replayed.
 
 Headers come before any of that: uvicorn's HTTP parser buffers a request's
-header section whole before the app sees it, whatever its size (a 64 MB header
-took 12 s and 125 MB before the 401). :class:`HeaderLimitedHttp` is uvicorn's
+header section whole before the app sees it, whatever its size (docs/security.md
+has what a 64 MB header cost). :class:`HeaderLimitedHttp` is uvicorn's
 httptools protocol with a bound on the header section: past
 :data:`MAX_HEADER_BYTES` the answer is 431 and the connection is closed. Every
 kfloop server runs with it (``http=HeaderLimitedHttp``).
