@@ -33,7 +33,7 @@ COPY serving/ serving/
 COPY policies/ policies/
 COPY manifests/ manifests/
 # s3: the registry in object storage; storage-initializer: KServe's own, for the init container.
-RUN pip install --quiet '.[s3,storage-initializer]' \
+RUN pip install --quiet '.[explain,s3,storage-initializer]' \
  && pip uninstall --quiet --yes pip \
  && find /opt/kfloop -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
  && find /opt/kfloop -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.h' -o -name '*.c' \

@@ -14,7 +14,7 @@ $(VENV)/bin/pip:
 PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(VENV)/bin/pip install --quiet
 
 install: $(VENV)/bin/pip
-	$(PIP_INSTALL) -e '.[demo]'
+	$(PIP_INSTALL) -e '.[demo,explain]'
 
 install-test: $(VENV)/bin/pip system-deps
 	$(PIP_INSTALL) -e '.[test,alibi]'
