@@ -155,7 +155,24 @@ def _load_builtin(name: str) -> LabelledData:
     )
 
 
-def _parse_csv(raw: bytes, source: str, target: str | None) -> LabelledData:
+def load_feature_rows(uri: str, feature_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The columns ``feature_names`` of a CSV, labelled or not (other columns are left), and its ``id`` column
+    if it has one: rows to explain or score. A :class:`DataError` names the file, and the row and column."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise DataError("no such file", source=uri)
+    frame = _read_frame(fs.cat_file(path), uri)
+    missing = [name for name in feature_names if name not in frame.columns]
+    if missing:
+        raise DataError(f"lacks {len(missing)} of the model's feature columns", source=uri, column=missing[0])
+    features = np.column_stack([_numeric_column(frame[name], uri, name) for name in feature_names])
+    return features, frame[ID_COLUMN].to_numpy(dtype=str) if ID_COLUMN in frame.columns else None
+
+
+def _read_frame(raw: bytes, source: str) -> "pd.DataFrame":
+    """A CSV file's cells as text (a :class:`DataError` for an empty or unreadable file)."""
     import pandas as pd
 
     if not raw.strip():
@@ -166,6 +183,11 @@ def _parse_csv(raw: bytes, source: str, target: str | None) -> LabelledData:
         raise DataError(f"not a readable CSV file ({str(exc).splitlines()[0]})", source=source) from None
     if frame.empty:
         raise DataError("has a header but no data rows", source=source)
+    return frame
+
+
+def _parse_csv(raw: bytes, source: str, target: str | None) -> LabelledData:
+    frame = _read_frame(raw, source)
     if target is None:
         if KAGGLE_TARGET in frame.columns and ID_COLUMN in frame.columns:
             target = KAGGLE_TARGET

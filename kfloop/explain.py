@@ -22,12 +22,16 @@ from kfloop.bundle import MODEL_JOBLIB, PREPROCESSOR
 from kfloop.errors import InputError, NotFoundError, PermanentError
 from kfloop.preprocessing import Preprocessor
 
-__all__ = ["ADDITIVITY_TOLERANCE", "DEFAULT_TOP_K", "METHODS", "ExplainOptions", "Explanation", "ForestExplainer",
-           "global_importance"]
+__all__ = ["ADDITIVITY_TOLERANCE", "DEFAULT_MAX_ROWS", "DEFAULT_TOP_K", "EXPLAIN_OUTPUTS", "METHODS", "ExplainOptions",
+           "Explanation", "ForestExplainer", "global_importance"]
 
 METHODS = ("exact", "approximate")
 CLASS_MODES = ("predicted", "all")
 DEFAULT_TOP_K = 10
+DEFAULT_MAX_ROWS = 32  # rows one explain request may carry (the policy's explain.max_rows)
+# The V2 outputs an explanation answers with; asking for any of them makes an inference request an explanation.
+ATTRIBUTIONS, FEATURES, BASE_VALUES, EXPLAINED_CLASS = "attributions", "attribution_features", "base_values", "explained_class"
+EXPLAIN_OUTPUTS = (ATTRIBUTIONS, FEATURES, BASE_VALUES, EXPLAINED_CLASS)
 ADDITIVITY_TOLERANCE = 1e-6
 Method = Literal["exact", "approximate"]
 
@@ -66,6 +70,7 @@ class Explanation:
 
     version: str
     method: Method
+    classes_mode: Literal["predicted", "all"]
     class_names: tuple[str, ...]  # every class of the version
     predicted: np.ndarray  # [n] class index of each row's highest probability
     explained: np.ndarray  # [n, c] class indices explained per row (c = 1: the predicted one)
@@ -77,6 +82,34 @@ class Explanation:
     @property
     def approximate(self) -> bool:
         return self.method != "exact"
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The V2 outputs: ``attributions`` [n, k] (every class: [n, c, k]), ``attribution_features`` [n, k],
+        ``base_values`` and ``explained_class`` [n] (every class: [n, c])."""
+        names = np.asarray(self.class_names, dtype=object)[self.explained]
+        if self.classes_mode == "predicted":
+            return {ATTRIBUTIONS: self.attributions[:, 0, :], FEATURES: self.features,
+                    BASE_VALUES: self.base_values[:, 0], EXPLAINED_CLASS: names[:, 0]}
+        return {ATTRIBUTIONS: self.attributions, FEATURES: self.features, BASE_VALUES: self.base_values,
+                EXPLAINED_CLASS: names}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], *, version: str, method: Method,
+                     class_names: tuple[str, ...], probabilities: np.ndarray) -> "Explanation":
+        """What :meth:`tensors` gave (read back from a predictor's answer), with the version's every-class
+        ``probabilities`` [n, classes]."""
+        explained_names = np.asarray(tensors[EXPLAINED_CLASS], dtype=object)
+        mode: Literal["predicted", "all"] = "predicted" if explained_names.ndim == 1 else "all"
+        lookup = {name: index for index, name in enumerate(class_names)}
+        explained = np.vectorize(lambda name: lookup[str(name)], otypes=[np.int64])(explained_names.reshape(len(probabilities), -1))
+        attributions = np.asarray(tensors[ATTRIBUTIONS], dtype=np.float64)
+        rows = np.arange(len(probabilities))[:, None]
+        return cls(version=version, method=method, classes_mode=mode, class_names=class_names,
+                   predicted=np.argmax(probabilities, axis=1), explained=explained,
+                   probabilities=np.asarray(probabilities, dtype=np.float64)[rows, explained],
+                   base_values=np.asarray(tensors[BASE_VALUES], dtype=np.float64).reshape(explained.shape),
+                   features=np.asarray(tensors[FEATURES], dtype=object),
+                   attributions=attributions[:, None, :] if mode == "predicted" else attributions)
 
     def rows(self) -> list[dict[str, Any]]:
         """One JSON object per row (the V1 ``explanations`` and ``kfloop explain --json``)."""
@@ -124,7 +157,12 @@ class ForestExplainer:
 
     def explain(self, raw_rows: np.ndarray, options: ExplainOptions = ExplainOptions()) -> Explanation:
         """Attributions of ``raw_rows`` (the request's own features) as ``options`` ask."""
-        scaled = self.preprocessor.transform(np.asarray(raw_rows, dtype=np.float64)).astype(np.float64)
+        return self.explain_scaled(self.preprocessor.transform(np.asarray(raw_rows, dtype=np.float64)), options)
+
+    def explain_scaled(self, scaled: np.ndarray, options: ExplainOptions = ExplainOptions()) -> Explanation:
+        """Attributions of rows already scaled by the version's preprocessor (what a predictor gets); each
+        scaled feature's attribution is its raw feature's (the scaling is monotone per feature)."""
+        scaled = np.asarray(scaled, dtype=np.float32).astype(np.float64)  # the forest reads float32 values
         values = self.shap_values(scaled, options.method)  # [n, f, forest classes]
         proba = self.forest.predict_proba(scaled)  # [n, forest classes]
         if options.method == "exact":
@@ -140,7 +178,7 @@ class ForestExplainer:
         k = chosen.shape[2] if options.top_k == 0 else min(options.top_k, chosen.shape[2])
         order = np.argsort(-np.abs(chosen).max(axis=1), axis=1, kind="stable")[:, :k]  # [n, k]
         return Explanation(
-            version=self.version, method=options.method, class_names=self.preprocessor.classes,
+            version=self.version, method=options.method, classes_mode=options.classes, class_names=self.preprocessor.classes,
             predicted=self._columns[predicted_column], explained=self._columns[columns],
             probabilities=proba[rows, columns], base_values=self._base[columns],
             features=names[order], attributions=np.take_along_axis(chosen, order[:, None, :], axis=2),

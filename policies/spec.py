@@ -333,6 +333,12 @@ class CapturePolicy(_Spec):
         return CaptureRetention(max_bytes=self.max_bytes, max_age_days=self.max_age_days)
 
 
+class ExplainPolicy(_Spec):
+    """Explanations: at most ``max_rows`` rows per explain request (more: 413), on every protocol."""
+
+    max_rows: int = Field(default=32, ge=1, le=1024)
+
+
 class Policy(_Spec):
     """The whole policy file."""
 
@@ -343,6 +349,7 @@ class Policy(_Spec):
     rollout: RolloutPolicy = RolloutPolicy()
     captures: CapturePolicy = CapturePolicy()
     accuracy: AccuracyPolicy = AccuracyPolicy()
+    explain: ExplainPolicy = ExplainPolicy()
 
     def time_scaled(self, speed: float) -> "Policy":
         """This policy with its windows, periods and cooldowns divided by ``speed`` (for demos).

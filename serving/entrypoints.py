@@ -25,6 +25,14 @@ class ServerAddress:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """How much one request may carry: rows to predict, rows to explain."""
+
+    max_batch: int = 1024
+    max_explain_rows: int = 32
+
+
+@dataclass(frozen=True)
 class Access:
     """Who may call a server: the control port (on loopback, behind the home's token) and opt-in inference credentials.
 
@@ -55,14 +63,14 @@ def _guards(access: Access, configure_control: object) -> dict[str, object]:
     return {"control": control, "inference_auth": inference_auth}
 
 
-def run_predictor(name: str, version_dir: str, address: ServerAddress, access: Access, *, max_batch: int,
+def run_predictor(name: str, version_dir: str, address: ServerAddress, access: Access, limits: RequestLimits, *,
                   fault_injection: bool = False) -> None:
     """Serve one registry version folder as model ``name`` (fault injection on the control port, if asked)."""
     _quiet_kserve_argv()
     from kfloop.serving.predictor import ForestPredictor
     from kfloop.serving.server import run_model_server
 
-    predictor = ForestPredictor(name, version_dir, max_batch=max_batch)
+    predictor = ForestPredictor(name, version_dir, max_batch=limits.max_batch, max_explain_rows=limits.max_explain_rows)
     run_model_server(
         predictor,
         **_guards(access, predictor.install_fault_injection if fault_injection else None),
@@ -82,7 +90,7 @@ def run_transformer(
     address: ServerAddress,
     access: Access,
     *,
-    max_batch: int,
+    limits: RequestLimits,
     logger_url: str | None,
     logger_token_file: Path | None = None,
     inference_service: str | None = None,
@@ -116,7 +124,8 @@ def run_transformer(
             namespace=namespace,
         )
         payload_logger = PayloadLogger(logger_url, context, name, token_file=logger_token_file)
-    transformer = ForestTransformer(name, split, load_preprocessor, max_batch=max_batch, payload_logger=payload_logger,
+    transformer = ForestTransformer(name, split, load_preprocessor, max_batch=limits.max_batch,
+                                    max_explain_rows=limits.max_explain_rows, payload_logger=payload_logger,
                                     routes_file=routes_file)
     run_model_server(
         transformer,

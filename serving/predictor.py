@@ -5,7 +5,10 @@ ONNX graph with onnxruntime (the joblib forest when there is no ONNX file) and
 answers V1 ``{"instances": [[...scaled...]]}`` with ``{"predictions": [label, ...]}``
 and V2 / gRPC ``features`` FP32 ``[n, f]`` with the outputs ``label`` (BYTES),
 ``class_index`` (INT64) and ``probabilities`` (FP32 ``[n, classes]``); a V2
-request may ask for a subset of them.
+request may ask for a subset of them, or for an explanation's outputs
+(:data:`~kfloop.explain.EXPLAIN_OUTPUTS`, options in its ``parameters``), and
+V1 ``:explain`` answers ``{"predictions", "explanations"}``: both from
+:class:`~kfloop.serving.explaining.ExplainWorkers`.
 
 A V2 request may instead carry one tensor per model version,
 ``features@<version>``, each scaled with that version's preprocessor (what the
@@ -30,6 +33,9 @@ from kserve import InferOutput, InferRequest, InferResponse, Model
 
 from kfloop.bundle import ModelBundle
 from kfloop.errors import InjectedFailure, InputError, VersionMismatch
+from kfloop.explain import DEFAULT_MAX_ROWS, EXPLAIN_OUTPUTS, ExplainOptions, Explanation
+from kfloop.serving.explaining import ExplainWorkers
+from kfloop.serving.explanations import explanation_outputs, explanation_parameters, requested_options
 from kfloop.serving.protocol import (
     DEFAULT_MAX_BATCH,
     FEATURES_INPUT,
@@ -47,10 +53,13 @@ from kfloop.serving.protocol import (
 class ForestPredictor(Model):
     """Serves one model version; scaling is the transformer's job."""
 
-    def __init__(self, name: str, version_dir: str, *, max_batch: int = DEFAULT_MAX_BATCH, threads: int = 1) -> None:
+    def __init__(self, name: str, version_dir: str, *, max_batch: int = DEFAULT_MAX_BATCH, threads: int = 1,
+                 max_explain_rows: int = DEFAULT_MAX_ROWS) -> None:
         super().__init__(name)
         self.version_dir = version_dir
         self.max_batch = max_batch
+        self.max_explain_rows = max_explain_rows
+        self.explainer: ExplainWorkers | None = None
         self.threads = threads
         self.bundle: ModelBundle | None = None
         self.schema: InputSchema | None = None
@@ -62,6 +71,7 @@ class ForestPredictor(Model):
         self.bundle = ModelBundle.load(self.version_dir, threads=self.threads)
         self.schema = InputSchema(self.bundle.preprocessor.feature_names, self.max_batch)
         self.version = self.bundle.version
+        self.explainer = ExplainWorkers(self.name, self.version_dir, self.version, max_rows=self.max_explain_rows)
         self.ready = True
         return True
 
@@ -93,19 +103,37 @@ class ForestPredictor(Model):
 
         app.add_api_route("/kfloop/faults", set_faults, methods=["PUT"])
 
-    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         pinned = pinned_version(payload)
         if pinned is not None and pinned != self.version:
             raise version_not_served(self.name, pinned, self.served_versions())
         if self.failure_rate and random.random() < self.failure_rate:
             raise InjectedFailure("injected failure: fault injection is on for this predictor")
         if isinstance(payload, InferRequest):
-            indices, proba = self.bundle.predict_scaled(self._scaled_rows(payload).astype(np.float32))
-            return self._v2_response(payload, indices, proba)
+            rows = self._scaled_rows(payload).astype(np.float32)
+            wanted = {o.name for o in payload.request_outputs} if payload.request_outputs else set()
+            options, explanation = requested_options(payload, wanted), None
+            if options is not None:
+                assert self.explainer is not None
+                explanation = await self.explainer.explain(rows, options)
+            indices, proba = self.bundle.predict_scaled(rows)
+            return self._v2_response(payload, indices, proba, explanation)
+        indices, _ = self.bundle.predict_scaled(self._v1_rows(payload))
+        return {"predictions": self.bundle.preprocessor.decode(indices).tolist()}
+
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        """V1 ``:explain``: ``{"instances": [...scaled...], "method"?, "top_k"?, "classes"?}`` ->
+        ``{"predictions": [...], "explanations": [...]}`` (one object per row, :meth:`Explanation.rows`)."""
+        rows = self._v1_rows(payload)
+        assert self.explainer is not None
+        explanation = await self.explainer.explain(rows, ExplainOptions.parse(payload))
+        indices, _ = self.bundle.predict_scaled(rows)
+        return {"predictions": self.bundle.preprocessor.decode(indices).tolist(), "explanations": explanation.rows()}
+
+    def _v1_rows(self, payload: Any) -> np.ndarray:
         if isinstance(payload, bytes):
             raise InputError("request body is not JSON: send Content-Type: application/json")
-        indices, _ = self.bundle.predict_scaled(self.schema.rows_from_v1(payload).astype(np.float32))
-        return {"predictions": self.bundle.preprocessor.decode(indices).tolist()}
+        return self.schema.rows_from_v1(payload).astype(np.float32)
 
     def _scaled_rows(self, request: InferRequest) -> np.ndarray:
         """The request's rows for this version: its ``features@<version>`` tensor when the
@@ -120,11 +148,13 @@ class ForestPredictor(Model):
                                   f"scaled for version(s) {versions}", served_version=self.version)
         return self.schema.rows_from_v2([mine])
 
-    def _v2_response(self, request: InferRequest, indices: np.ndarray, proba: np.ndarray) -> InferResponse:
+    def _v2_response(self, request: InferRequest, indices: np.ndarray, proba: np.ndarray,
+                     explanation: Explanation | None = None) -> InferResponse:
         wanted = {o.name for o in request.request_outputs} if request.request_outputs else None
-        unknown = sorted((wanted or set()) - {LABEL_OUTPUT, INDEX_OUTPUT, PROBA_OUTPUT})
+        known = (LABEL_OUTPUT, INDEX_OUTPUT, PROBA_OUTPUT, *EXPLAIN_OUTPUTS)
+        unknown = sorted((wanted or set()) - set(known))
         if unknown:
-            raise InputError(f"unknown output(s) {unknown}; this model has {LABEL_OUTPUT}, {INDEX_OUTPUT}, {PROBA_OUTPUT}")
+            raise InputError(f"unknown output(s) {unknown}; this model has {', '.join(known)}")
         outputs = []
         n = len(indices)
         if wanted is None or LABEL_OUTPUT in wanted:
@@ -134,10 +164,13 @@ class ForestPredictor(Model):
             outputs.append(InferOutput(INDEX_OUTPUT, [n], "INT64", indices.tolist()))
         if wanted is None or PROBA_OUTPUT in wanted:
             outputs.append(InferOutput(PROBA_OUTPUT, list(proba.shape), "FP32", proba.ravel().tolist()))
+        if explanation is not None:
+            outputs += explanation_outputs(explanation.tensors(), wanted or ())
         return InferResponse(
             response_id=request.id or str(uuid.uuid4()),
             model_name=self.name,
             model_version=self.version,
             infer_outputs=outputs,
             from_grpc=request.from_grpc,
+            parameters=None if explanation is None else explanation_parameters(explanation),
         )

@@ -6,6 +6,9 @@ and maps class indices to class names. Its traffic goes through a
 :class:`TrafficSplit` of :class:`Route` s (a version and its replicas), which
 ``PUT /kfloop/routes`` on the control port or a routes file replaces; it also
 answers requests pinned to a version and mirrors requests to a shadow route.
+Explanations (V1 ``:explain``, V2 explanation outputs) take the same way: the
+predictor computes them on the rows this transformer scaled
+(:mod:`kfloop.serving.explanations`).
 :func:`kfloop.serving.entrypoints.run_transformer` builds and serves it
 (``kfloop transformer``); :mod:`kfloop.local.runtime` sets its routes.
 Design notes (versions per call, pinning, shadows): ``docs/serving.md``.
@@ -32,10 +35,14 @@ import orjson
 from fastapi import FastAPI, Request
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
-from kfloop.errors import MODEL_VERSION_HEADER, InputError, KfloopError, UpstreamError
+from kfloop.errors import (
+    MODEL_VERSION_HEADER, InputError, KfloopError, NotFoundError, PayloadTooLarge, TemporaryError, UpstreamError,
+)
+from kfloop.explain import DEFAULT_MAX_ROWS, EXPLAIN_OUTPUTS, ExplainOptions, Explanation
 from kfloop.preprocessing import Preprocessor
 from kfloop.registry import checked_version
 from kfloop.event_types import REQUEST_EVENT, RESPONSE_EVENT
+from kfloop.serving.explanations import explanation_outputs, read_tensors, requested_options
 from kfloop.serving.payloads import PayloadLogger
 from kfloop.serving.metrics import SHADOW_REQUESTS, UPSTREAM_REQUESTS
 from kfloop.serving.protocol import (
@@ -160,6 +167,10 @@ class _Call:
     version: str | None = None  # the version that answered
     indices: np.ndarray | None = None
     proba: np.ndarray | None = None
+    v1_body: dict[str, Any] | None = None  # a V1 call's body (an explain call reads its options there)
+    explain: ExplainOptions | None = None  # an explanation is asked
+    explanation: dict[str, np.ndarray] | None = None  # its tensors, as the predictor answered them
+    explanation_parameters: dict[str, Any] | None = None
 
 
 def route_specs(body: Any) -> list[Any]:
@@ -192,6 +203,7 @@ class ForestTransformer(Model):
         load_preprocessor: PreprocessorLoader,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_explain_rows: int = DEFAULT_MAX_ROWS,
         payload_logger: PayloadLogger | None = None,
         timeout: float = 30.0,
         routes_file: Path | None = None,
@@ -201,6 +213,7 @@ class ForestTransformer(Model):
         self.routes_file = routes_file  # read in load(): a file that cannot be used stops the start-up
         self.load_preprocessor = load_preprocessor
         self.max_batch = max_batch
+        self.max_explain_rows = max_explain_rows
         self.payload_logger = payload_logger
         self.timeout = timeout
         self.in_flight: dict[str, int] = {}
@@ -300,13 +313,15 @@ class ForestTransformer(Model):
             rows = schema.rows_from_v2(payload.inputs)
             protocol = "v2"
             requested = {o.name for o in payload.request_outputs} if payload.request_outputs else None
-            unknown = sorted((requested or set()) - {LABEL_OUTPUT, PROBA_OUTPUT})
+            known = (LABEL_OUTPUT, PROBA_OUTPUT, *EXPLAIN_OUTPUTS)
+            unknown = sorted((requested or set()) - set(known))
             if unknown:
-                raise InputError(f"unknown output(s) {unknown}; this model has {LABEL_OUTPUT} and {PROBA_OUTPUT}")
+                raise InputError(f"unknown output(s) {unknown}; this model has {', '.join(known)}")
+            explain = requested_options(payload, requested or ())
             client_id = payload.id or headers.get("x-request-id")
         elif isinstance(payload, dict):
             rows = schema.rows_from_v1(payload)
-            protocol, requested = "v1", None
+            protocol, requested, explain = "v1", None, None
             client_id = headers.get("x-request-id")
         else:
             raise InputError("request body is not JSON: send Content-Type: application/json")
@@ -325,7 +340,10 @@ class ForestTransformer(Model):
             requested=requested,
             from_grpc=isinstance(payload, InferRequest) and payload.from_grpc,
             pinned=pinned,
+            v1_body=payload if protocol == "v1" else None,
         )
+        if explain is not None:
+            self._ask_explanation(call, explain)
         if self.payload_logger is not None:  # logged only now that its rows are valid
             self.payload_logger.log(REQUEST_EVENT, inference_id, _event_body(payload), "application/json", call.traceparent,
                                     client_id=client_id)
@@ -347,6 +365,17 @@ class ForestTransformer(Model):
             if preprocessor is not None:
                 return route, {pinned: preprocessor}
         raise version_not_served(self.name, pinned, self.served_versions())
+
+    def _ask_explanation(self, call: _Call, options: ExplainOptions) -> None:
+        if len(call.rows) > self.max_explain_rows:
+            raise PayloadTooLarge(f"{len(call.rows)} rows to explain; at most {self.max_explain_rows} per request "
+                                  "(the policy's explain.max_rows)")
+        call.explain = options
+
+    async def explain(self, call: _Call, headers: dict[str, str] | None = None) -> _Call:
+        """V1 ``:explain``: the call's rows and an explanation, from a predictor (options in the body)."""
+        self._ask_explanation(call, ExplainOptions.parse(call.v1_body or {}))
+        return await self.predict(call, headers)
 
     async def predict(self, call: _Call, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> _Call:
@@ -387,10 +416,11 @@ class ForestTransformer(Model):
     def _body(call: _Call) -> bytes:
         inputs = [{"name": versioned_input(version), "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel()}
                   for version, rows in call.scaled.items()]
-        return orjson.dumps(
-            {"id": call.request_id, "inputs": inputs, "outputs": [{"name": INDEX_OUTPUT}, {"name": PROBA_OUTPUT}]},
-            option=orjson.OPT_SERIALIZE_NUMPY,
-        )
+        outputs = [INDEX_OUTPUT, PROBA_OUTPUT, *(EXPLAIN_OUTPUTS if call.explain is not None else ())]
+        body: dict[str, Any] = {"id": call.request_id, "inputs": inputs, "outputs": [{"name": name} for name in outputs]}
+        if call.explain is not None:
+            body["parameters"] = call.explain.to_fields()
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
     async def _mirror(self, shadow: Route, call: _Call) -> None:
         """Send a copy of ``call``'s rows to the shadow route, off the request path; its answer goes to the payload
@@ -465,7 +495,10 @@ class ForestTransformer(Model):
         except orjson.JSONDecodeError:
             raise UpstreamError(f"predictor {upstream} answered HTTP {status} with a non-JSON body") from None
         if status >= 400:
-            raise UpstreamError(f"predictor {upstream} answered HTTP {status}: {document.get('error', '')}")
+            error = document.get("error", "") if isinstance(document, dict) else ""
+            if call.explain is not None and status in _EXPLAIN_REFUSALS:  # the client's to mend (or to wait for)
+                raise _EXPLAIN_REFUSALS[status](f"predictor {upstream}: {error}")
+            raise UpstreamError(f"predictor {upstream} answered HTTP {status}: {error}")
         version = str(document.get("model_version"))
         if version not in call.scaled:
             raise UpstreamError(
@@ -478,7 +511,18 @@ class ForestTransformer(Model):
         call.indices = np.asarray(outputs[INDEX_OUTPUT]["data"], dtype=np.int64)
         probabilities = outputs[PROBA_OUTPUT]
         call.proba = np.asarray(probabilities["data"], dtype=np.float32).reshape(probabilities["shape"])
+        if call.explain is not None:
+            call.explanation = read_tensors(document["outputs"])
+            call.explanation_parameters = dict(document.get("parameters") or {})
         return call
+
+    @staticmethod
+    def _explanation(call: _Call) -> Explanation:
+        """The explanation a predictor answered for ``call``, read back (for V1's per-row objects)."""
+        assert call.explanation is not None and call.explain is not None and call.version is not None
+        method = (call.explanation_parameters or {}).get("explanation_method", call.explain.method)
+        return Explanation.from_tensors(call.explanation, version=call.version, method=method,
+                                        class_names=call.preprocessors[call.version].classes, probabilities=call.proba)
 
     def postprocess(self, call: _Call, headers: dict[str, str] | None = None,
                     response_headers: dict[str, str] | None = None) -> Any:
@@ -490,19 +534,25 @@ class ForestTransformer(Model):
         labels = call.preprocessors[call.version].decode(call.indices).tolist()
         if call.protocol == "v1":
             response: Any = {"predictions": labels}
+            if call.explanation is not None:
+                response["explanations"] = self._explanation(call).rows()
         else:
             outputs = []
             if call.requested is None or LABEL_OUTPUT in call.requested:
                 outputs.append(InferOutput(LABEL_OUTPUT, [len(labels)], "BYTES", labels))
             if call.requested is None or PROBA_OUTPUT in call.requested:
                 outputs.append(InferOutput(PROBA_OUTPUT, list(call.proba.shape), "FP32", call.proba.ravel().tolist()))
+            parameters = {REQUEST_ID_HEADER: call.inference_id} if call.from_grpc else {}
+            if call.explanation is not None:
+                outputs += explanation_outputs(call.explanation, call.requested or ())
+                parameters |= call.explanation_parameters or {}
             response = InferResponse(
                 response_id=call.request_id,
                 model_name=self.name,
                 model_version=call.version,
                 infer_outputs=outputs,
                 from_grpc=call.from_grpc,
-                parameters={REQUEST_ID_HEADER: call.inference_id} if call.from_grpc else None,
+                parameters=parameters or None,
             )
         if call.pinned is None:  # a shadow gets a copy of what the clients send, not of requests pinned elsewhere
             for shadow in self.split.routes:
@@ -517,6 +567,11 @@ class ForestTransformer(Model):
             self.payload_logger.log(RESPONSE_EVENT, call.inference_id, _event_body(response), "application/json", call.traceparent,
                                     client_id=call.client_id, version=call.version)
         return response
+
+
+# What a predictor's refusal of an explanation means for the client (anything else is the predictor's failure).
+_EXPLAIN_REFUSALS: dict[int, type[KfloopError]] = {400: InputError, 404: NotFoundError, 413: PayloadTooLarge,
+                                                   503: TemporaryError}
 
 
 def _event_body(payload: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from kfloop.cli import act, cluster, loop, serve, train, watch
+from kfloop.cli import act, cluster, explain, loop, serve, train, watch
 from kfloop.cli.options import err
 from kfloop.errors import KfloopError
 
@@ -29,7 +29,7 @@ app.command()(train.train)
 app.command("compile")(train.compile_pipeline)
 app.command()(train.submit)
 app.add_typer(train.models_app, name="models")
-for command in (serve.predictor, serve.transformer, serve.serve, watch.watch):
+for command in (serve.predictor, serve.transformer, serve.serve, watch.watch, explain.explain):
     app.command()(command)
 app.add_typer(act.policy_app, name="policy")
 for command in (act.trigger, loop.up, loop.demo, loop.status, loop.down, loop.token, cluster.manifests, cluster.deploy):

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from kfloop.serving.entrypoints import ServerAddress
+    from kfloop.serving.entrypoints import RequestLimits, ServerAddress
     from kfloop.serving.oidc import ServiceAccountTokens
 
 __all__ = [
@@ -54,6 +54,7 @@ DEFAULT_HOME = Path.home() / ".kfloop"
 
 HostOption = Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless told otherwise).")]
 MaxBatchOption = Annotated[int, typer.Option("--max-batch", help="Largest batch (rows) one request may carry.")]
+MaxExplainRowsOption = Annotated[int, typer.Option("--max-explain-rows", min=1, help="Most rows one explain request may carry (the policy's explain.max_rows); more: 413.")]
 # KServe's controller passes these with underscores to custom containers: accept both spellings.
 HttpPortOption = Annotated[int, typer.Option("--http-port", "--http_port", help="REST port.")]
 GrpcPortOption = Annotated[int, typer.Option("--grpc-port", "--grpc_port", help="gRPC port.")]
@@ -135,6 +136,7 @@ class ServerOptions:
     grpc_port: GrpcPortOption = 8081
     no_grpc: NoGrpcOption = False
     max_batch: MaxBatchOption = 1024
+    max_explain_rows: MaxExplainRowsOption = 32
     workers: WorkersOption = 1
 
     def address(self) -> "ServerAddress":
@@ -142,6 +144,12 @@ class ServerOptions:
         from kfloop.serving.entrypoints import ServerAddress
 
         return ServerAddress(self.host, self.http_port, self.grpc_port, not self.no_grpc)
+
+    def limits(self) -> "RequestLimits":
+        """How much one request may carry, as the entry points take it."""
+        from kfloop.serving.entrypoints import RequestLimits
+
+        return RequestLimits(self.max_batch, self.max_explain_rows)
 
 
 @dataclass(frozen=True)

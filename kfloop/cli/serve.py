@@ -36,7 +36,7 @@ def predictor(
     address = server.address()
     access = Access(home, control_port, auth_token_file)
     if model_dir is not None:
-        run_predictor(model or model_dir.parent.name, str(model_dir), address, access, max_batch=server.max_batch,
+        run_predictor(model or model_dir.parent.name, str(model_dir), address, access, server.limits(),
                       fault_injection=fault_injection)
         return
     if model is None:
@@ -45,7 +45,7 @@ def predictor(
     if not store.is_local:
         raise typer.BadParameter("--registry must be a local path here; for remote storage mount the version and use --model-dir")
     resolved = store.resolve(model, version)
-    run_predictor(model, store.uri(model, resolved), address, access, max_batch=server.max_batch, fault_injection=fault_injection)
+    run_predictor(model, store.uri(model, resolved), address, access, server.limits(), fault_injection=fault_injection)
 
 
 @with_options(ServerOptions)
@@ -75,7 +75,7 @@ def transformer(
     hosts = [h.strip().removeprefix("http://") for h in predictor_host.split(",") if h.strip()]
     run_transformer(
         model, registry_uri(registry, home), version, hosts, server.address(), Access(home, control_port, auth_token_file),
-        max_batch=server.max_batch, logger_url=logger_url, logger_token_file=logger_token_file,
+        limits=server.limits(), logger_url=logger_url, logger_token_file=logger_token_file,
         inference_service=inference_service, namespace=namespace, routes_file=routes_file,
     )
 

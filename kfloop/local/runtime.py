@@ -80,6 +80,7 @@ class ServingRuntime:
         logger_url: str | None = None,
         log_dir: Path = Path(".kfloop/logs"),
         max_batch: int = 1024,
+        max_explain_rows: int = 32,
         fault_injection: bool = False,
         prometheus_targets: Path | None = None,
         max_replicas: int = 100,
@@ -102,6 +103,7 @@ class ServingRuntime:
         self.inference_token_file = inference_token_file
         self.transformer_control_port = free_port()  # kept across transformer restarts
         self.max_batch = max_batch
+        self.max_explain_rows = max_explain_rows
         self.fault_injection = fault_injection
         self.prometheus_targets = prometheus_targets
         self.max_replicas = max_replicas  # the policy's bound: no admin call scales past it
@@ -155,6 +157,7 @@ class ServingRuntime:
             "rest": f"http://{self.host}:{self.http_port}",
             "grpc": f"{self.host}:{self.grpc_port}",
             "v1": f"http://{self.host}:{self.http_port}/v1/models/{self.model}:predict",
+            "explain": f"http://{self.host}:{self.http_port}/v1/models/{self.model}:explain",
             "v2": f"http://{self.host}:{self.http_port}/v2/models/{self.model}/infer",
         }
 
@@ -262,7 +265,7 @@ class ServingRuntime:
                 name=f"predictor {self.model} v{version} :{port}",
                 argv=self._kfloop(
                     "predictor", "--model-dir", version_dir, "--model", self.model, "--http-port", str(port),
-                    "--no-grpc", "--max-batch", str(self.max_batch), "--home", str(self.home), *control,
+                    "--no-grpc", "--max-batch", str(self.max_batch), "--max-explain-rows", str(self.max_explain_rows), "--home", str(self.home), *control,
                 ),
                 ready_url=f"http://127.0.0.1:{port}/v2/models/{self.model}/ready",
                 log_path=self.log_dir / f"predictor-{self.model}-v{version}-{port}.log",
@@ -283,6 +286,7 @@ class ServingRuntime:
             "transformer", "--model", self.model, "--registry", self.registry.root, "--version", version,
             "--predictor-host", ",".join(upstreams), "--host", self.host,
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--max-batch", str(self.max_batch),
+            "--max-explain-rows", str(self.max_explain_rows),
             "--home", str(self.home), "--control-port", str(self.transformer_control_port),
             "--routes-file", str(self.routes_file),
         )

@@ -106,7 +106,8 @@ class LocalStack:
                                           host=self.host, inference_token_file=self.inference_token_file,
                                           http_port=self.ports.http, grpc_port=self.ports.grpc, logger_url=logger_url,
                                           log_dir=self.logs, fault_injection=fault_injection,
-                                          max_replicas=self.policy.scaling.max_replicas)
+                                          max_replicas=self.policy.scaling.max_replicas,
+                                          max_explain_rows=self.policy.explain.max_rows)
             self.runtime.start()
             self.admin = AdminServer(self.runtime, self.ports.admin)
             self.admin.start()

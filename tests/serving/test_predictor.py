@@ -4,6 +4,8 @@ it serves, and fault injection."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from kserve import InferInput, InferRequest
@@ -14,6 +16,11 @@ from kfloop.data import load_dataset
 from kfloop.errors import HttpAnswer, InjectedFailure, InputError, NotFoundError, VersionMismatch, is_temporary, to_http
 from kfloop.registry import ModelRegistry
 from kfloop.serving.predictor import ForestPredictor
+
+
+def predict(predictor: ForestPredictor, payload):
+    """What the model server does with a request: await the model's predict."""
+    return asyncio.run(predictor.predict(payload))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,7 @@ def features(rows: np.ndarray, name: str = "features") -> InferInput:
 
 def answer(predictor: ForestPredictor, request: InferRequest) -> dict:
     """The V2 REST body of the predictor's answer (``to_rest`` gives the body and, for binary outputs, its length)."""
-    body, _ = predictor.predict(request).to_rest()
+    body, _ = predict(predictor, request).to_rest()
     return body
 
 
@@ -56,7 +63,7 @@ def test_the_model_declares_its_input_and_outputs(predictor):
 
 
 def test_v1_scaled_rows_get_the_versions_labels(predictor, version):
-    assert predictor.predict({"instances": version["scaled"].tolist()}) == {"predictions": version["labels"]}
+    assert predict(predictor, {"instances": version["scaled"].tolist()}) == {"predictions": version["labels"]}
 
 
 def test_v2_answers_label_class_index_and_probabilities_of_the_version(predictor, version):
@@ -76,8 +83,9 @@ def test_v2_answers_only_the_outputs_asked_for(predictor, version):
     assert [o["name"] for o in answer(predictor, request)["outputs"]] == ["label"]
     unknown = InferRequest("iris", [features(version["scaled"])], request_outputs=[RequestedOutput("scores")])
     with pytest.raises(InputError) as caught:
-        predictor.predict(unknown)
-    assert str(caught.value) == "unknown output(s) ['scores']; this model has label, class_index, probabilities"
+        predict(predictor, unknown)
+    assert str(caught.value) == ("unknown output(s) ['scores']; this model has label, class_index, probabilities, "
+                                 "attributions, attribution_features, base_values, explained_class")
 
 
 def test_of_rows_scaled_for_several_versions_the_predictor_uses_its_own(predictor, version):
@@ -90,7 +98,7 @@ def test_of_rows_scaled_for_several_versions_the_predictor_uses_its_own(predicto
 def test_rows_scaled_only_for_other_versions_are_refused_naming_the_version_served(predictor, version):
     request = InferRequest("iris", [features(version["scaled"], "features@3"), features(version["scaled"], "features@2")])
     with pytest.raises(VersionMismatch) as caught:
-        predictor.predict(request)
+        predict(predictor, request)
     message = "this predictor serves version 1; the request has features scaled for version(s) ['2', '3']"
     assert to_http(caught.value) == HttpAnswer(409, {"error": message}, {"x-kfloop-model-version": "1"})
 
@@ -105,7 +113,7 @@ def test_a_request_pinned_to_the_predictors_version_is_answered(predictor, versi
 @pytest.mark.parametrize("pinned", ["2", "latest"])
 def test_a_request_pinned_to_another_version_is_not_found(predictor, version, pinned):
     with pytest.raises(NotFoundError) as caught:
-        predictor.predict(InferRequest("iris", [features(version["scaled"])], model_version=pinned))
+        predict(predictor, InferRequest("iris", [features(version["scaled"])], model_version=pinned))
     assert to_http(caught.value) == HttpAnswer(404, {"error": f"model 'iris' has no version '{pinned}' here; versions served: 1"})
 
 
@@ -116,15 +124,15 @@ def test_a_request_pinned_to_another_version_is_not_found(predictor, version, pi
 ])
 def test_an_unusable_v1_request_is_an_input_error(predictor, payload, message):
     with pytest.raises(InputError) as caught:
-        predictor.predict(payload)
+        predict(predictor, payload)
     assert str(caught.value) == message
 
 
 def test_with_fault_injection_on_every_request_fails_temporarily(predictor, version):
     predictor.failure_rate = 1.0
     with pytest.raises(InjectedFailure) as caught:
-        predictor.predict({"instances": version["scaled"].tolist()})
+        predict(predictor, {"instances": version["scaled"].tolist()})
     assert str(caught.value) == "injected failure: fault injection is on for this predictor"
     assert (caught.value.status, is_temporary(caught.value)) == (503, True)
     predictor.failure_rate = 0.0
-    assert predictor.predict({"instances": version["scaled"].tolist()}) == {"predictions": version["labels"]}
+    assert predict(predictor, {"instances": version["scaled"].tolist()}) == {"predictions": version["labels"]}
