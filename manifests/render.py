@@ -79,6 +79,7 @@ RECOMMENDED_EVENTING_FEATURES = {"default-authorization-mode": ("deny-all",), "t
 _RESOURCES = {
     "predictor": ("250m", "1", "256Mi", "1Gi"),
     "transformer": ("250m", "1", "256Mi", "1Gi"),
+    "explainer": ("100m", "1", "256Mi", "1Gi"),
     "watch": ("100m", "1", "256Mi", "1Gi"),
     "trigger": ("100m", "500m", "256Mi", "1Gi"),
 }
@@ -156,6 +157,7 @@ def render_objects(
         scaled_object,
         loop.disruption_budget("predictor"),
         loop.disruption_budget("transformer"),
+        loop.disruption_budget("explainer"),
         loop.deployment("trigger", loop.trigger_args(kfp_host, prometheus_url, subjects), env=(_kfp_token_env(),)),
         loop.service("trigger"),
         *triggers,
@@ -333,7 +335,8 @@ class _Loop:
         """Ingress rules for each of the loop's pods (egress stays open: S3, KFP and the API server are cluster-specific).
 
         transformer: clients, on its port and the payload logger's (KServe's
-        agent, 9081); predictor: the transformer; watch: the transformer's pods,
+        agent, 9081); explainer: clients (KServe routes ``:explain`` to it);
+        predictor: the transformer and the explainer; watch: the transformer's pods,
         whose payload logger posts to it directly (the logger sends no
         credentials, so *this* rule is what keeps forged payloads out);
         trigger, and the watch's dead-letter port: Knative's broker-filter pods,
@@ -347,13 +350,17 @@ class _Loop:
             "podSelector": {"matchLabels": {"eventing.knative.dev/brokerRole": "filter"}},
         }
         transformer_pods = {"podSelector": {"matchLabels": self._kserve_pods("transformer")}}
+        explainer_pods = {"podSelector": {"matchLabels": self._kserve_pods("explainer")}}
         scrape_ports = [PORT, 15020, 15090] if self.istio else [PORT]  # + the sidecar's merged and Envoy stats
         return [
             self._network_policy("transformer", self._kserve_pods("transformer"), [
                 {"ports": _tcp(PORT, 9081)},  # the client-facing entry point
             ]),
+            self._network_policy("explainer", self._kserve_pods("explainer"), [
+                {"ports": _tcp(PORT)},  # clients' :explain requests
+            ]),
             self._network_policy("predictor", self._kserve_pods("predictor"), [
-                {"from": [transformer_pods], "ports": _tcp(PORT)},
+                {"from": [transformer_pods, explainer_pods], "ports": _tcp(PORT)},
                 {"from": [scrape], "ports": _tcp(*scrape_ports)},
             ]),
             self._network_policy("watch", self._selector("watch"), [
@@ -443,11 +450,16 @@ class _Loop:
 
     def predictor_container(self) -> dict[str, Any]:
         args = ["predictor", "--model-dir", MODEL_DIR, "--model", self.model, "--host", "0.0.0.0",
-                "--http-port", str(PORT), "--no-grpc"]
+                "--http-port", str(PORT), "--no-grpc", "--max-explain-rows", str(self.policy.explain.max_rows)]
         return self._container(PREDICTOR_CONTAINER, "predictor", args, probes=True)
 
     def inference_service(self, storage_uri: str) -> dict[str, Any]:
-        """The v1beta1 InferenceService: transformer (+ payload logger) -> predictor, Standard mode.
+        """The v1beta1 InferenceService: transformer (+ payload logger) -> predictor, and an explainer, Standard mode.
+
+        KServe sends ``:explain`` to the explainer, around the transformer. The explainer is kfloop's
+        transformer again (no logger: explanations are not traffic), so it scales the raw rows with the
+        version's preprocessor and asks the predictor, which explains with its kept forest: the same
+        way as ``:predict``, and as on one machine.
 
         ``autoscalerClass: external``: KServe creates neither HPA nor
         ScaledObject, and ours (from the policy) scales ``<isvc>-predictor``.
@@ -471,6 +483,7 @@ class _Loop:
         transformer_args = [
             "transformer", "--model", self.model, "--registry", self.registry_uri, "--predictor_protocol", "v2",
             "--host", "0.0.0.0", "--http-port", str(PORT), "--no-grpc",
+            "--max-explain-rows", str(self.policy.explain.max_rows),
             # No --control-port: the routes API, which re-points the transformer, is not served at all.
         ]
         scaling = self.policy.scaling
@@ -500,6 +513,13 @@ class _Loop:
                     # which an OIDC Broker answers with 401; the watch's NetworkPolicy admits only these pods.
                     "logger": {"mode": "request", "url": self.service_url("watch")},
                     "containers": [self._container(PREDICTOR_CONTAINER, "transformer", transformer_args, probes=True,
+                                                   storage=STORAGE_READONLY_SECRET)],
+                },
+                "explainer": {
+                    **self._pod_fields("serving", "explainer"),
+                    "minReplicas": 1,
+                    "maxReplicas": scaling.max_replicas,
+                    "containers": [self._container(PREDICTOR_CONTAINER, "explainer", transformer_args, probes=True,
                                                    storage=STORAGE_READONLY_SECRET)],
                 },
             },

@@ -1,7 +1,8 @@
 """A predictor's explanations, in a worker process of their own so they never starve its predictions.
 
 TreeSHAP holds the interpreter while it walks the trees, so explanations run in one spawned worker process
-(:class:`ExplainWorkers`) that loads the version's kept forest once (:class:`~kfloop.explain.ForestExplainer`).
+(:class:`ExplainWorkers`), at a lower CPU priority, that loads the version's kept forest once
+(:class:`~kfloop.explain.ForestExplainer`).
 Requests are bounded: at most ``max_rows`` rows each (413), at most :data:`MAX_WAITING` waiting or running
 (503 with a Retry-After), each answered within ``timeout`` seconds (503). A worker that dies is replaced on
 the next request; the request it was running gets a 503. :class:`~kfloop.serving.predictor.ForestPredictor`
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +30,7 @@ __all__ = ["EXPLAIN_REQUESTS", "EXPLAIN_SECONDS", "MAX_WAITING", "ExplainWorkers
 
 MAX_WAITING = 4  # explain requests waiting or running in one predictor; more are refused (503)
 EXPLAIN_TIMEOUT = 60.0  # seconds one explain request may take, waiting included
+WORKER_NICENESS = 10  # the worker's CPU priority below the predictor's (any process may lower its own)
 
 EXPLAIN_REQUESTS = Counter("kfloop_explain_requests", "Explain requests, by method and outcome.",
                            ["model", "version", "method", "outcome"])
@@ -39,6 +42,7 @@ _explainer: ForestExplainer | None = None  # the worker process's own
 
 def _load(version_dir: str, version: str) -> None:
     global _explainer
+    os.nice(WORKER_NICENESS)  # predictions first: the scheduler gives this process what they leave
     _explainer = ForestExplainer.load(version_dir, version)
 
 

@@ -112,7 +112,7 @@ def chain(served, s3_server, docker_client, image, tmp_path_factory):
     """The storage initializer, predictor, transformer and watch containers, up and answering."""
     objects, root = served["objects"], tmp_path_factory.mktemp("chain")
     started = Containers(docker_client, image)
-    ports = {name: free_port() for name in ("predictor", "transformer", "grpc", "watch", "dead_letters", "sink")}
+    ports = {name: free_port() for name in ("predictor", "transformer", "explainer", "grpc", "watch", "dead_letters", "sink")}
     try:
         # 1. The init container: KServe runs it with args [storageUri, /mnt/models] and the storage Secret's keys.
         models = writable_folder(root / "models")
@@ -152,7 +152,15 @@ def chain(served, s3_server, docker_client, image, tmp_path_factory):
                                 "--predictor_host", f"127.0.0.1:{ports['predictor']}",
                                 "--logger-url", f"http://127.0.0.1:{ports['watch']}/"],
             environment=s3_server.env)
-        for port, container in ((ports["predictor"], predictor), (ports["transformer"], transformer), (ports["watch"], watch)):
+        # 5. The explainer: the rendered args plus what KServe appends to a custom explainer's (model name,
+        # predictor host, http port), no logger.
+        explainer = started.serving(
+            replaced(args_of(objects, "InferenceService", MODEL, "explainer"), host="127.0.0.1", http_port="8080")
+            + ["--model_name", MODEL, "--predictor_host", f"127.0.0.1:{ports['predictor']}",
+               "--http_port", str(ports["explainer"])],
+            environment=s3_server.env)
+        for port, container in ((ports["predictor"], predictor), (ports["transformer"], transformer), (ports["watch"], watch),
+                                (ports["explainer"], explainer)):
             wait_ready(f"http://127.0.0.1:{port}/healthz" if container is watch else f"http://127.0.0.1:{port}/v2/health/ready", container)
         yield {"ports": ports, "landed": landed, "containers": started, "watch": watch, "objects": objects}
     finally:
@@ -207,6 +215,19 @@ def test_v1_v2_and_grpc_through_the_containers_equal_the_local_runtime(chain, se
         local = answers(runtime.endpoints["rest"], runtime.endpoints["grpc"])
     assert in_containers == local
     assert len(set(in_containers[0])) > 1  # real predictions, not one class for every row
+
+
+def test_explain_sent_to_the_explainer_container_as_kserve_routes_it_equals_the_transformers(chain, served):
+    ports, rows = chain["ports"], served["rows"][:3]
+    body = {"instances": rows.tolist(), "top_k": 0}
+    by_explainer = httpx.post(f"http://127.0.0.1:{ports['explainer']}/v1/models/{MODEL}:explain", json=body, timeout=120)
+    by_transformer = httpx.post(f"http://127.0.0.1:{ports['transformer']}/v1/models/{MODEL}:explain", json=body, timeout=120)
+    assert by_explainer.status_code == by_transformer.status_code == 200, (by_explainer.text, by_transformer.text)
+    assert by_explainer.json() == by_transformer.json()
+    for explanation in by_explainer.json()["explanations"]:
+        [explained] = explanation["classes"]
+        assert explanation["method"] == "exact" and explanation["version"] == "1"
+        assert abs(sum(explained["attributions"].values()) + explained["base_value"] - explained["probability"]) < 1e-6
 
 
 def test_the_transformers_payload_events_reach_the_watch_container(chain, served):

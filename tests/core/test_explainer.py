@@ -32,6 +32,7 @@ def test_exact_attributions_add_up_to_the_forests_probability_of_the_predicted_c
     np.testing.assert_allclose(total, explanation.probabilities[:, 0], atol=1e-6)
     proba = explainer.forest.predict_proba(explainer.preprocessor.transform(raw))
     assert explanation.predicted.tolist() == explainer.forest.classes_[np.argmax(proba, axis=1)].tolist()
+    np.testing.assert_allclose(explainer.forest_probabilities(explainer.preprocessor.transform(raw)), proba, atol=1e-12)
     assert explanation.method == "exact" and not explanation.approximate
     assert sorted(explanation.features[0]) == sorted(explainer.feature_names)  # every feature, each once
 

@@ -51,7 +51,7 @@ def test_deploy_dry_run_lists_every_object_without_a_cluster(tmp_path, objects):
     result = run_kfloop("deploy", *RENDER_ARGS, "--dry-run", env={"KUBECONFIG": str(tmp_path / "absent")})
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if re.match(r"^│ \d+", line)]
-    assert len(rows) == len(objects) == 28
+    assert len(rows) == len(objects) == 30
     for row, obj in zip(rows, objects):
         assert obj["kind"] in row and f"{NAMESPACE}/{obj['metadata']['name']}" in row
     assert "dry run: nothing applied" in result.stdout
@@ -301,12 +301,12 @@ def test_kfloop_deploy_applies_waits_and_reports_what_changed(objects, fake_clus
     first = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "60", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("created") == len(objects)
-    assert "28 created, 0 configured, 0 unchanged" in first.stderr
+    assert "30 created, 0 configured, 0 unchanged" in first.stderr
     assert "warning" not in first.stderr
     assert f"InferenceService {NAMESPACE}/classifier is Ready at http://classifier.{NAMESPACE}.example.com" in first.stderr
     second = run_kfloop("deploy", *RENDER_ARGS, "--timeout", "0", env=env)
     assert second.returncode == 0, second.stderr
-    assert "0 created, 0 configured, 28 unchanged" in second.stderr
+    assert "0 created, 0 configured, 30 unchanged" in second.stderr
 
 
 @pytest.mark.parametrize("features, shown", [

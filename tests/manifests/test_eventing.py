@@ -174,9 +174,9 @@ def test_the_kfp_token_goes_over_plain_http_only_to_an_in_cluster_service(policy
 
 def test_inference_service_pods_have_disruption_budgets_that_never_block_a_drain(objects):
     budgets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PodDisruptionBudget"}
-    assert set(budgets) == {"classifier-predictor-budget", "classifier-transformer-budget"}  # not the one-replica watch/trigger
-    pods = {pod.name: pod for pod in loop_pods(objects)}
-    for component in ("predictor", "transformer"):
+    assert set(budgets) == {f"classifier-{component}-budget" for component in ("predictor", "transformer", "explainer")}
+    pods = {pod.name: pod for pod in loop_pods(objects)}  # (not the one-replica watch and trigger)
+    for component in ("predictor", "transformer", "explainer"):
         budget = budgets[f"classifier-{component}-budget"]
         assert budget["apiVersion"] == "policy/v1"
         assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]

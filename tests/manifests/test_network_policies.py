@@ -27,8 +27,11 @@ def test_network_policies_open_only_the_loops_paths(objects):
     broker_filter = json.dumps([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-eventing"}},
                                  "podSelector": {"matchLabels": {"eventing.knative.dev/brokerRole": "filter"}}}], sort_keys=True)
     transformer = json.dumps([{"podSelector": {"matchLabels": {"component": "transformer", "serving.kserve.io/inferenceservice": "classifier"}}}], sort_keys=True)
+    chain = json.dumps([{"podSelector": {"matchLabels": {"component": component, "serving.kserve.io/inferenceservice": "classifier"}}}
+                        for component in ("transformer", "explainer")], sort_keys=True)
     assert sources("classifier-transformer-ingress") == [("null", [8080, 9081])]  # clients, and KServe's logging agent
-    assert sources("classifier-predictor-ingress") == [(transformer, [8080]), (monitoring, [8080])]
+    assert sources("classifier-explainer-ingress") == [("null", [8080])]  # clients' :explain (KServe routes it here)
+    assert sources("classifier-predictor-ingress") == [(chain, [8080]), (monitoring, [8080])]
     assert sources("classifier-watch-ingress") == [(transformer, [8080]), (monitoring, [8080]),  # the payload logger
                                                    (broker_filter, [DEAD_LETTER_PORT])]  # the Triggers' dead letters
     assert sources("classifier-trigger-ingress") == [(broker_filter, [8080]), (monitoring, [8080])]  # Trigger deliveries
@@ -44,7 +47,8 @@ def test_the_watchs_payload_port_admits_only_the_transformer_and_its_dead_letter
     objects = render(policy, istio=istio)
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     pods = loop_pods(objects)
-    assert {pod.name for pod in pods} == {"predictor", "transformer", "watch", "trigger", "broker-filter", "broker-ingress"}
+    assert {pod.name for pod in pods} == {"predictor", "transformer", "explainer", "watch", "trigger", "broker-filter",
+                                          "broker-ingress"}
     watch = next(pod for pod in pods if pod.name == "watch")
     ports = {p["name"]: p["containerPort"]
              for p in one(objects, "Deployment", "classifier-watch")["spec"]["template"]["spec"]["containers"][0]["ports"]}
@@ -61,7 +65,7 @@ def test_the_watchs_payload_port_admits_only_the_transformer_and_its_dead_letter
     assert not any(admitted(policies, pod, watch, port) for pod in pods + outsiders(pods) for port in (80, 8082, 9081))
 
 
-def test_only_knatives_broker_filter_reaches_the_trigger_service_and_only_the_transformer_the_predictor(objects):
+def test_only_knatives_broker_filter_reaches_the_trigger_service_and_only_the_transformer_and_explainer_the_predictor(objects):
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     pods = {pod.name: pod for pod in loop_pods(objects)}
 
@@ -69,9 +73,10 @@ def test_only_knatives_broker_filter_reaches_the_trigger_service_and_only_the_tr
         return [name for name, pod in pods.items() if admitted(policies, pod, pods[target], port)]
 
     assert admitted_to("trigger") == ["broker-filter"]  # not the broker ingress, not the watch: alarms come via Triggers
-    assert admitted_to("predictor") == ["transformer"]
+    assert admitted_to("predictor") == ["transformer", "explainer"]
     assert sorted(admitted_to("transformer")) == sorted(pods)  # the entry point
     assert sorted(admitted_to("transformer", 9081)) == sorted(pods)  # KServe's agent in front of it
+    assert sorted(admitted_to("explainer")) == sorted(pods) and admitted_to("explainer", 9081) == []
     for target in ("trigger", "predictor"):
         assert [pod.name for pod in outsiders(list(pods.values())) if admitted(policies, pod, pods[target], 8080)] == ["prometheus"]
 

@@ -17,7 +17,7 @@ from loop_objects import (
 
 def test_every_workload_and_rbac_object_is_locked_down(objects):
     assert security_problems(objects) == []
-    assert len(list(workloads(objects))) == 5
+    assert len(list(workloads(objects))) == 6  # predictor (and its ServingRuntime), transformer, explainer, watch, trigger
 
 
 @pytest.mark.parametrize("break_it, expected", [
@@ -73,6 +73,7 @@ def test_the_client_facing_pods_reach_only_the_read_only_storage_secret(objects)
     assert reached == {
         "InferenceService/classifier.predictor": {STORAGE_READONLY_SECRET},  # KServe's storage initializer
         "InferenceService/classifier.transformer": {STORAGE_READONLY_SECRET},  # preprocessors from the registry
+        "InferenceService/classifier.explainer": {STORAGE_READONLY_SECRET},  # the same (it is a transformer)
         "Deployment/classifier-watch": {STORAGE_SECRET},  # writes captures
         "Deployment/classifier-trigger": {STORAGE_SECRET, KFP_TOKEN_SECRET},  # moves the production pointer
     }
@@ -88,7 +89,7 @@ def test_credentials_reach_the_pods_only_by_secret_reference(objects):
         for container in containers:
             if where.endswith("predictor") or where.startswith("ServingRuntime"):
                 assert "envFrom" not in container  # the predictor reads /mnt/models only
-            elif where.endswith("transformer"):
+            elif where.endswith(("transformer", "explainer")):
                 assert container["envFrom"] == [{"secretRef": {"name": STORAGE_READONLY_SECRET}}], where
             else:
                 assert container["envFrom"] == [{"secretRef": {"name": STORAGE_SECRET}}], where
