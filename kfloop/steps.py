@@ -216,7 +216,10 @@ def register_step(
     with tempfile.TemporaryDirectory(prefix="kfloop-register-") as tmp:
         reference_path = os.path.join(tmp, REFERENCE)
         with open(reference_path, "wb") as handle:
-            np.savez(handle, features=prepared.reference, feature_names=np.array(prepared.feature_names, dtype=str))
+            # features: the drift reference (training rows); holdout: rows the forest was not trained on, the
+            # baseline of its attributions (kfloop.drift.attribution).
+            np.savez(handle, features=prepared.reference, holdout=prepared.holdout_features,
+                     feature_names=np.array(prepared.feature_names, dtype=str))
         files = {PREPROCESSOR: preprocessor_path, REFERENCE: reference_path}
         files.update({p.name: str(p) for p in Path(model_dir).iterdir() if p.is_file()})
         # KFP hands dict parameters over as JSON with every number a float: restore the ints.

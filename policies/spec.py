@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from kfloop.captures import CaptureRetention
 from kfloop.errors import PolicyError, describe_validation_errors
-from kfloop.event_types import ALARM_EVENTS
+from kfloop.event_types import ACCURACY_EVENT, ALARM_EVENTS, DRIFT_EVENT, OUTLIER_EVENT
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
 
@@ -212,7 +212,8 @@ class RetrainingPolicy(_Spec):
     """When alarms (drift, outliers, low realised accuracy) rerun the training pipeline, and on what data, and how
     alarms reach it on a cluster."""
 
-    events: list[AlarmEvent] = Field(default=list(ALARM_EVENTS), min_length=1)
+    # Attribution drift is opt-in: it says what moved, and a retraining on it is the team's call.
+    events: list[AlarmEvent] = Field(default=[DRIFT_EVENT, OUTLIER_EVENT, ACCURACY_EVENT], min_length=1)
     cooldown_seconds: int = Field(default=3600, ge=0)
     max_runs_per_day: int = Field(default=4, ge=1)
     # warm: an alarm's run evaluates the serving version's winner, its ``neighbourhood`` closest sets on the
@@ -334,9 +335,15 @@ class CapturePolicy(_Spec):
 
 
 class ExplainPolicy(_Spec):
-    """Explanations: at most ``max_rows`` rows per explain request (more: 413), on every protocol."""
+    """Explanations: at most ``max_rows`` rows per explain request (more: 413), on every protocol; and
+    attribution drift (opt-in: not yet calibrated within alpha, docs/explain.md): the watch explains up to
+    ``drift_rows`` rows of each window and raises ``io.kfloop.attribution.drift`` when their ranking's nDCG
+    against the version's baseline falls below ``drift_threshold`` (lowered to what clean windows reach,
+    :mod:`kfloop.drift.attribution`); ``drift_rows: 0`` (the default) turns it off."""
 
     max_rows: int = Field(default=32, ge=1, le=1024)
+    drift_rows: int = Field(default=0, ge=0, le=10_000)
+    drift_threshold: float = Field(default=0.9, gt=0, le=1)
 
 
 class Policy(_Spec):

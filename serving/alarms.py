@@ -1,9 +1,11 @@
-"""The watch's alarms: what a drift, outlier or accuracy alarm says, when one is due, and its way into the outbox.
+"""The watch's alarms: what a drift, outlier, accuracy or attribution alarm says, when one is due, and its way
+into the outbox.
 
 :class:`PendingAlarm` is an alarm on its way to the watch's outbox (its id fixed first, so a stored retry keeps
 it); :func:`window_alarm` builds one from a window test's :class:`~kfloop.drift.detectors.WindowAlarm`
 (``io.kfloop.drift.detected`` or ``io.kfloop.outlier.detected``), :func:`accuracy_alarm` one from the
-policy's accuracy rule (``io.kfloop.accuracy.low``), which :class:`AccuracyRule` judges once per fall.
+policy's accuracy rule (``io.kfloop.accuracy.low``, judged once per fall by :class:`AccuracyRule`) and
+:func:`attribution_alarm` one from attribution drift (``io.kfloop.attribution.drift``).
 :class:`AlarmQueue` stores them in the outbox in the order they were raised and keeps those it could not
 store. Used by :class:`kfloop.serving.watch.WatchService`; the fields are what the trigger service and the
 demo read (docs/watch.md).
@@ -22,13 +24,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge
 
+from kfloop.drift.attribution import AttributionResult
 from kfloop.drift.detectors import WindowAlarm
 from kfloop.errors import TemporaryError
-from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT, OUTLIER_EVENT
+from kfloop.event_types import ACCURACY_EVENT, ATTRIBUTION_EVENT, DRIFT_EVENT, OUTLIER_EVENT
 from kfloop.policies.spec import AccuracyPolicy
 from kfloop.serving.outbox import Outbox
 
-__all__ = ["AccuracyRule", "AlarmQueue", "PendingAlarm", "accuracy_alarm", "iso_time", "window_alarm"]
+__all__ = ["AccuracyRule", "AlarmQueue", "FallRule", "PendingAlarm", "accuracy_alarm", "attribution_alarm", "iso_time", "window_alarm"]
 
 SHOWN_P_VALUES = 20  # drifted features whose p-values an alarm lists
 RECENT_ALARMS = 20  # stored alarms the queue remembers (the watch's /status lists them)
@@ -95,28 +98,47 @@ def accuracy_alarm(*, model: str, version: str, source: str, figure: Mapping[str
     return PendingAlarm(str(uuid.uuid4()), ACCURACY_EVENT, f"{source}/{model}", "accuracy", data, None)
 
 
+def attribution_alarm(result: AttributionResult, *, model: str, version: str, source: str) -> PendingAlarm:
+    """The alarm of attribution drift: the window's feature ranking fell below the threshold (nDCG)."""
+    data = {"model": model, "version": version, "kind": "attribution", "ndcg": result.ndcg, "threshold": result.threshold,
+            "rows": result.rows, "judged_time": iso_time(time.time()),
+            "moved": [{"feature": name, "baseline_share": before, "window_share": now} for name, before, now in result.moved]}
+    return PendingAlarm(str(uuid.uuid4()), ATTRIBUTION_EVENT, f"{source}/{model}", "attribution", data, None)
+
+
+class FallRule:
+    """Due once when a version's figure falls, and again only after it is back (tests come on several threads)."""
+
+    def __init__(self) -> None:
+        self._fallen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def fell(self, version: str, below: bool) -> bool:
+        """Whether ``version``'s figure, now ``below`` its threshold or not, raises an alarm now."""
+        with self._lock:
+            if not below:
+                self._fallen.discard(version)
+                return False
+            if version in self._fallen:
+                return False
+            self._fallen.add(version)
+            return True
+
+
 class AccuracyRule:
     """The policy's accuracy rule on realised accuracy: due once when a version's figure falls below ``below`` over
-    at least ``labels`` labelled answers, and again only after it is back (labels come on several threads)."""
+    at least ``labels`` labelled answers, and again only after it is back (a :class:`FallRule`)."""
 
     def __init__(self, rule: AccuracyPolicy) -> None:
         self.rule = rule
-        self._alarmed: set[str] = set()  # versions whose fall raised an alarm, until they recover
-        self._lock = threading.Lock()
+        self._falls = FallRule()
 
     def falls(self, version: str, figure: Mapping[str, float] | None) -> bool:
         """Whether ``figure`` (``accuracy`` over ``labels``) of ``version`` raises an alarm now."""
         rule = self.rule
         if rule.below is None or figure is None or figure["labels"] < rule.labels:
             return False
-        with self._lock:
-            if figure["accuracy"] >= rule.below:
-                self._alarmed.discard(version)
-                return False
-            if version in self._alarmed:
-                return False
-            self._alarmed.add(version)
-            return True
+        return self._falls.fell(version, figure["accuracy"] < rule.below)
 
 
 class AlarmQueue:

@@ -31,10 +31,12 @@ from kfloop.errors import InputError, KfloopError, TemporaryError
 from kfloop.event_types import LABEL_EVENT, REQUEST_EVENT, RESPONSE_EVENT
 from kfloop.labels import STATUS_KEY, LabelBook, LabelIntake
 from kfloop.registry import ModelRegistry
+from kfloop.drift.attribution import AttributionBaseline
 from kfloop.drift.backends import make_detector
 from kfloop.drift.detectors import (
     DetectorConfig, WindowAlarm, WindowDetector, WindowMonitor, WindowResult, WindowSnapshot,
 )
+from kfloop.serving.attributions import AttributionCheck
 from kfloop.serving.alarms import AccuracyRule, AlarmQueue, PendingAlarm, accuracy_alarm, window_alarm
 from kfloop.serving.deliveries import DeliveryMemory
 from kfloop.credentials import TokenFile
@@ -42,7 +44,7 @@ from kfloop.serving.events import Delivery, EventReply
 from kfloop.serving.feedback import Feedback
 from kfloop.serving.outbox import Outbox
 from kfloop.serving.protocol import DEFAULT_MAX_BATCH, InputSchema
-from kfloop.policies.spec import AccuracyPolicy, CapturePolicy
+from kfloop.policies.spec import AccuracyPolicy, CapturePolicy, ExplainPolicy
 
 SEEN_DELIVERIES = 100_000
 MAX_UNWRITTEN_DELIVERIES = 10_000  # delivery keys waiting for a file that cannot be written: then events are refused
@@ -88,6 +90,7 @@ class WatchConfig:
     source: str = "kfloop/watch"
     sink_token_file: Path | None = None  # the bearer token alarms carry (local: HOME/token; cluster: a projected SA token)
     accuracy: AccuracyPolicy = field(default_factory=AccuracyPolicy)  # the policy's accuracy rule (N labels, below X)
+    explain: ExplainPolicy = field(default_factory=ExplainPolicy)  # attribution drift (drift_rows, drift_threshold)
 
     def __post_init__(self) -> None:
         if self.window < 10:
@@ -102,6 +105,7 @@ class _Watched:
     version: str
     schema: InputSchema
     detector: WindowDetector
+    attribution: AttributionBaseline | None = None
 
 
 class WatchService:
@@ -123,6 +127,7 @@ class WatchService:
         self.deliveries = DeliveryMemory(Path(config.state_dir), limit=SEEN_DELIVERIES)
         self.alarms = AlarmQueue(self.outbox, config.model, lambda alarm: self._mark(alarm.through, ALARMED))
         self._last_row: str | None = None  # the journaled id of the last row in the window
+        self.attributions = AttributionCheck(config.model, config.source, config.explain, config.detector.alpha, config.window)
         self.watched = self._load(self.registry.resolve(config.model))
         self.monitor = WindowMonitor(self.watched.detector, config.window, config.stride, stride_seconds=config.stride_seconds)
         self.capture = (
@@ -150,11 +155,13 @@ class WatchService:
 
     def _load(self, version: str) -> _Watched:
         with self.registry.local_version(self.config.model, version) as folder:
-            with np.load(folder / REFERENCE, allow_pickle=False) as arrays:
-                reference, names = arrays["features"], tuple(arrays["feature_names"].tolist())
+            with np.load(folder / REFERENCE, allow_pickle=False) as loaded:
+                arrays = {name: loaded[name] for name in loaded.files}
+            attribution = self.attributions.fit(folder, version, arrays)
+        reference, names = arrays["features"], tuple(arrays["feature_names"].tolist())
         detector = make_detector(self.config.backend, self.config.detector).fit(reference)
         log.info("watching %s version %s (%d reference rows, %s backend)", self.config.model, version, len(reference), self.config.backend)
-        return _Watched(version, InputSchema(names, self.config.max_batch), detector)
+        return _Watched(version, InputSchema(names, self.config.max_batch), detector, attribution)
 
     def follow_production(self) -> bool:
         """Switch to the production version if it moved; returns whether it did."""
@@ -322,13 +329,24 @@ class WatchService:
                 if monitor is not self.monitor:
                     return  # the version changed meanwhile: that window is gone
                 alarms = monitor.record(snapshot, result)
-                version = self.watched.version
+                version, attribution = self.watched.version, self.watched.attribution
             self._export(result, version)
             for alarm in alarms:
                 self._raise(alarm, version, last_row)
+            self._test_attributions(attribution, snapshot.rows, version)
             if not alarms and not len(self.alarms):
                 self._mark(last_row, TESTED)
         return test
+
+    def _test_attributions(self, baseline: AttributionBaseline | None, rows: np.ndarray, version: str) -> None:
+        """Attribution drift on the tested window (a failure is logged; the next window is tested again)."""
+        try:
+            alarm = self.attributions.test(baseline, rows, version)
+        except Exception:
+            log.exception("the attribution test of %s v%s failed; the next window is tested again", self.config.model, version)
+            return
+        if alarm is not None:
+            self._store(alarm)
 
     def _mark(self, row_id: str | None, label: str) -> None:
         """Journal that the window ending at ``row_id`` was judged; if that fails, a restart tests it again."""

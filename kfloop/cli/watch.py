@@ -84,7 +84,7 @@ def watch(
         max_batch=max_batch, backend=backend,
         detector=detector, capture=not no_capture, capture_flush_rows=capture_rows, follow_seconds=follow_seconds,
         sink_token_file=sink_token_file or token_path(home), capture_retention=loaded.captures.retention(),
-        accuracy=loaded.accuracy,
+        accuracy=loaded.accuracy, explain=loaded.explain,
     )
     dead_letter_token = bool(dead_letter_port) and dead_letter_auth is DeadLetterAuth.token
     if event_auth is EventAuth.token or sink_token_file is None or dead_letter_token:

@@ -5,7 +5,8 @@ p-values with the alarm, served model version and accuracy, the watch's
 realised accuracy per version with the accuracy rule's threshold, latency
 percentiles -- all over the demo's time axis with its phases shaded -- and a
 page with the automation table (when each rule fired, what it did), the loop
-timings and the headline counts.
+timings, the headline counts and what each version relies on (its top features
+by mean |attribution|).
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def _page(result: DemoResult) -> str:
     timings = "".join(f"<tr><td>{_e(name)}</td><td>{'-' if value is None else f'{value:.1f} s'}</td></tr>"
                       for name, value in result.timings.items())
     charts = "".join(f'<h2>{_e(title)}</h2><img src="{name}" alt="{_e(title)}">' for name, title in TITLES.items())
+    importance = _importance(result)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kfloop demo: {_e(result.model)}</title>
 <style>body{{font-family:sans-serif;max-width:1060px;margin:2em auto;color:#222}}
@@ -254,8 +256,27 @@ th{{background:#f4f4f4}}img{{max-width:100%}}</style></head><body>
 <h2>Loop timings</h2><table>{timings}</table>
 <h2>Every firing</h2><table><tr><th>time</th><th>rule</th><th>action</th><th>outcome</th></tr>{timeline}</table>
 {charts}
+{importance}
 </body></html>
 """
+
+
+def _importance(result: DemoResult) -> str:
+    """Each version's top features by mean |attribution| on the holdout rows, side by side."""
+    if not result.importance:
+        return "<h2>What each version relies on</h2><p>No attributions: install kfloop[explain] (shap).</p>"
+    versions = sorted(result.importance, key=int)
+    depth = max(len(ranked) for ranked in result.importance.values())
+    head = "".join(f"<th>version {_e(v)}</th>" for v in versions)
+    rows = []
+    for rank in range(depth):
+        cells = "".join(
+            f"<td>{_e(result.importance[v][rank][0])} {result.importance[v][rank][1]:.4f}</td>"
+            if rank < len(result.importance[v]) else "<td></td>" for v in versions)
+        rows.append(f"<tr><td>{rank + 1}</td>{cells}</tr>")
+    return ("<h2>What each version relies on</h2><p>Top features by mean |attribution| to the predicted class "
+            "on the holdout rows (approximate attributions, labelled so: they rank features as the exact ones do).</p>"
+            f"<table><tr><th>rank</th>{head}</tr>{''.join(rows)}</table>")
 
 
 def _e(text: Any) -> str:

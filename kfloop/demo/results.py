@@ -83,6 +83,8 @@ class DemoResult:
     label_shift: float | None = None  # when the first swapped label was sent
     labels: dict[str, int] = field(default_factory=dict)  # labels sent: accepted, duplicate, refused
     timings: dict[str, float | None] = field(default_factory=dict)
+    # version -> its top features by mean |attribution| on the holdout rows (approximate attributions)
+    importance: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     def first_alarm(self, phase: str, *, accuracy: bool) -> dict[str, Any] | None:
         """The first accuracy alarm (``accuracy``), or drift or outlier alarm, raised since ``phase`` began."""
@@ -255,4 +257,5 @@ def save_result(result: DemoResult, path: Path) -> None:
     """The whole record as JSON, for a look after the run (what the report and ``--json`` summarise)."""
     path.write_text(json.dumps({**result.summary(), "samples": result.samples, "decisions": result.decisions,
                                 "requests": [asdict(r) for r in result.requests], "runs": result.runs,
-                                "training": result.training, "alarms": result.alarms}, default=str))
+                                "training": result.training, "alarms": result.alarms, "importance": result.importance},
+                               default=str))

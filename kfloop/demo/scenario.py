@@ -24,7 +24,7 @@ import numpy as np
 
 from kfloop.credentials import bearer, local_token
 from kfloop.data import LabelledData, load_dataset
-from kfloop.errors import PermanentError, PolicyError
+from kfloop.errors import NotFoundError, PermanentError, PolicyError
 from kfloop.event_types import ACCURACY_EVENT
 from kfloop.http_clients import http_client
 from kfloop.labels import TruthFigures
@@ -41,6 +41,7 @@ from kfloop.local.stack import LocalStack, StackPorts
 SAMPLE_SECONDS = 0.5
 DEMO_WATCH_ALPHA = 0.001  # false alarms per tested window: clean traffic must not start a retraining mid-scenario
 LABELLED_FRACTION = 0.5  # share of the training split that arrives shifted and labelled
+IMPORTANCE_TOP = 20  # features per version in the report's global importance
 SWAPPED_SHARE = 0.4  # concept drift: share of the classes whose labels swap, in pairs (realised accuracy ~0.6)
 CATALOGUE_ROWS_PER_REQUEST = 50  # the concept phase's catalogue goes in requests of this many rows
 DEMO_RETRAINING_COOLDOWN = 300  # s (before the speed divides it): the concept run's cooldown ends before the drift alarm
@@ -170,7 +171,24 @@ class Demo:
                 self.result.finished = time.time()
         self._enter("done", "finished")
         self.result.timings = loop_timings(self.result)
+        self.importance(holdout_rows)
         return self.result
+
+    def importance(self, rows: np.ndarray) -> None:
+        """Each version's global importance on the holdout rows: its top features by mean |attribution|
+        (approximate attributions: cheap, and they rank features as the exact ones do -- benchmarks/explain.py)."""
+        try:
+            from kfloop.explain import ForestExplainer, global_importance
+        except ImportError:  # shap is the explain extra (make run installs it)
+            return
+        registry = ModelRegistry(self.stack.registry_uri)
+        for version in registry.versions(self.policy.model):
+            with registry.local_version(self.policy.model, version) as folder:
+                try:
+                    explainer = ForestExplainer.load(folder, version)
+                except NotFoundError:  # a version that keeps no forest
+                    continue
+                self.result.importance[version] = global_importance(explainer, rows, top=IMPORTANCE_TOP)
 
     def train(self) -> None:
         from kfloop.pipelines.local import run_training_locally

@@ -68,3 +68,6 @@ def test_a_shortened_demo_on_leaf_data_fires_every_rule_in_order_without_a_faile
         assert (report / name).read_bytes()[:8] == PNG_MAGIC and f'src="{name}"' in page
     assert "request rate over 2 req/s per replica (10s window)" in page and "0 failed" in page
     assert "accuracy of the served version below 0.8 over 200 labels" in page
+    # What each version relies on: every version's top 20 features, from its kept forest.
+    assert "What each version relies on" in page and "<th>version 1</th><th>version 2</th>" in page
+    assert "<td>20</td>" in page and "<td>21</td>" not in page

@@ -29,11 +29,12 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
 from testbed import fill, small_disk, wait_until_answering, EventSink, register_version
-from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT
+from kfloop.event_types import ACCURACY_EVENT, ATTRIBUTION_EVENT, DRIFT_EVENT
 from kfloop.credentials import bearer, local_token, token_path
 from kfloop.data import load_dataset
 from kfloop.registry import ModelRegistry
 from kfloop.local.supervisor import free_port
+from kfloop.policies.spec import ExplainPolicy
 from kfloop.serving.auth import LocalToken
 from kfloop.serving.listeners import ServerThread, listening
 from kfloop.serving.watch import WatchConfig, WatchService
@@ -88,13 +89,14 @@ class InProcessWatch(Watch):
     """The same service and app as ``kfloop watch`` with the same options, served in this process on a real
     loopback port. The process's metrics outlive one watch: counters count from this watch's start."""
 
-    def __init__(self, registry: Path, sink_port: int, state: Path) -> None:
+    def __init__(self, registry: Path, sink_port: int, state: Path, *, attribution_rows: int = 0) -> None:
         home = state.parent / "home"
         token = local_token(home)
         self.auth = bearer(token)
         config = WatchConfig(registry_uri=str(registry), model="leaf", sink_url=f"http://127.0.0.1:{sink_port}/",
                              state_dir=state, window=WINDOW, stride=10, stride_seconds=0, capture_flush_rows=50,
-                             follow_seconds=0.5, sink_token_file=token_path(home))
+                             follow_seconds=0.5, sink_token_file=token_path(home),
+                             explain=ExplainPolicy(drift_rows=attribution_rows))
         self.server = ServerThread(create_app(WatchService(config), LocalToken(token)),
                                    listening("127.0.0.1", 0, "the watch"), name="in-process-watch", lifespan="on")
         self.server.start()
@@ -211,6 +213,27 @@ def test_drifted_rows_raise_a_drift_alarm_at_the_sink(watch, setup):
     assert data["first_drifted_row"] == data["window"]["first_row"]
     assert service.status()["last_alarm"]["id"] == alarm["id"]
     assert service.metric('kfloop_watch_alarms_total{kind="drift",model="leaf"}') == 1
+
+
+def test_attribution_drift_names_the_features_that_moved_and_clean_rows_raise_none(setup, tmp_path):
+    sink = EventSink()
+    service = InProcessWatch(setup["registry"], sink.server.server_port, tmp_path / "state", attribution_rows=WINDOW)
+    rows = setup["rows"]
+    try:
+        for start in range(0, 2 * WINDOW, 10):  # clean holdout rows: tested windows, no alarm
+            assert post(service, event(rows[start % len(rows):][:10])).status_code == 202
+        assert service.metric('kfloop_watch_attribution_ndcg{model="leaf",version="1"}') > 0 and not sink.events
+        shifted = rows[:WINDOW] * 1.5 + 0.01
+        for start in range(0, WINDOW, 10):
+            post(service, event(shifted[start:start + 10]))
+        alarm = eventually(lambda: [e for e in sink.events if e["type"] == ATTRIBUTION_EVENT], what="an attribution alarm")[0]
+        data = alarm.data
+        assert data["version"] == "1" and data["ndcg"] < data["threshold"] <= 0.9 and data["rows"] == WINDOW
+        assert len(data["moved"]) == 5 and all(set(m) == {"feature", "baseline_share", "window_share"} for m in data["moved"])
+        assert service.status()["last_alarm"]["type"] in (ATTRIBUTION_EVENT, DRIFT_EVENT)
+    finally:
+        service.stop()
+        sink.close()
 
 
 def test_alarms_survive_a_sink_outage_and_a_restart_and_arrive_once_each(setup, tmp_path):
