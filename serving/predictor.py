@@ -1,24 +1,17 @@
 """The predictor: a ``kserve.Model`` that runs one registry version's forest on scaled features.
 
-It loads a version folder (what KServe mounts from ``storageUri``), runs the
-ONNX graph with onnxruntime (the joblib forest when there is no ONNX file) and
-answers V1 ``{"instances": [[...scaled...]]}`` with ``{"predictions": [label, ...]}``
-and V2 / gRPC ``features`` FP32 ``[n, f]`` with the outputs ``label`` (BYTES),
-``class_index`` (INT64) and ``probabilities`` (FP32 ``[n, classes]``); a V2
-request may ask for a subset of them, or for an explanation's outputs
-(:data:`~kfloop.explain.EXPLAIN_OUTPUTS`, options in its ``parameters``), and
-V1 ``:explain`` answers ``{"predictions", "explanations"}``: both from
+It loads a version folder (what KServe mounts from ``storageUri``), runs the ONNX graph with onnxruntime
+(the joblib forest when there is no ONNX file) and answers V1 ``{"instances": [[...scaled...]]}`` with
+``{"predictions": [label, ...]}`` and V2 / gRPC ``features`` FP32 ``[n, f]`` with the outputs ``label``
+(BYTES), ``class_index`` (INT64) and ``probabilities`` (FP32 ``[n, classes]``) or a subset of them. An
+explanation's outputs (:data:`~kfloop.explain.EXPLAIN_OUTPUTS`) and V1 ``:explain`` come from its
 :class:`~kfloop.serving.explaining.ExplainWorkers`.
 
-A V2 request may instead carry one tensor per model version,
-``features@<version>``, each scaled with that version's preprocessor (what the
-transformer sends, since replicas behind one address may serve different
-versions during a rollout): the predictor uses its own version's tensor, and
-refuses a request without one (HTTP 409 naming its version).
-
-A V2 or gRPC request pinned to a version (``/v2/models/leaf/versions/1/infer``,
-gRPC ``model_version``) is answered only when that is the predictor's version;
-any other pin is a 404 (gRPC NOT_FOUND).
+A V2 request may instead carry one tensor per model version, ``features@<version>``, each scaled with
+that version's preprocessor (what the transformer sends, since replicas behind one address may serve
+different versions during a rollout): the predictor uses its own version's tensor, and refuses a request
+without one (HTTP 409 naming its version). A request pinned to a version (``/v2/models/leaf/versions/1/infer``,
+gRPC ``model_version``) is answered only when that is the predictor's version; any other pin is a 404.
 """
 
 from __future__ import annotations

@@ -194,3 +194,16 @@ if __name__ == "__main__":  # run the contracts by hand on an assembled copy
             [str(LINT_IMPORTS), "--no-cache", str(PYPROJECT)], cwd=assemble(Path(tmp)), env={**os.environ, "PYTHONPATH": tmp}
         )
     sys.exit(completed.returncode)
+
+
+def test_module_docstrings_say_what_a_module_owns_in_at_most_twenty_lines() -> None:
+    """Design notes belong in docs/: no module docstring of the package is over 20 lines."""
+    import ast
+
+    long = []
+    for folder in ("kfloop", "serving", "policies", "components", "pipelines", "manifests"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+            if docstring.count("\n") + 1 > 20:
+                long.append(f"{path.relative_to(REPO)}: {docstring.count(chr(10)) + 1} lines")
+    assert long == []
