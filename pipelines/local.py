@@ -9,6 +9,7 @@ kfloop error message is raised here instead of KFP's generic one.
 
 from __future__ import annotations
 
+import builtins
 import io
 import logging
 import os
@@ -144,15 +145,19 @@ def _task_tmpdir(parent: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _root_logging_kept() -> Iterator[None]:
-    """Give the root logger its handlers and level back: a run leaves a handler on a stream it closes."""
+def _process_state_kept() -> Iterator[None]:
+    """Give the process back what a kfp.local run changes in it: the root logger's handlers and level (a run
+    leaves a handler on a stream it closes) and ``builtins.print``, which each task replaces with an indenting
+    one while it runs -- tasks of a ``ParallelFor`` overlap in threads, and the last to finish may put back
+    another task's replacement (then numba, imported later by shap, refuses to start)."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers, level, original_print = root.handlers[:], root.level, builtins.print
     try:
         yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+        builtins.print = original_print
 
 
 def run_training_locally(
@@ -190,7 +195,7 @@ def run_training_locally(
         pipeline = build_training_pipeline(policy, containers.image, registry_uri=str(registry_uri))
     # No cache (kfp.local's default, said out loud): see build_training_pipeline.
     local.init(runner=runner, pipeline_root=str((workdir / "runs").resolve()), enable_caching=False)
-    with open(log_path, "w") as log, _task_tmpdir(workdir), _root_logging_kept(), warnings.catch_warnings():
+    with open(log_path, "w") as log, _task_tmpdir(workdir), _process_state_kept(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kfp.local warns about base_image and display names on every task
         tap = _LogTap(log, on_task)
         try:

@@ -204,3 +204,25 @@ def test_with_kfp_local_s_cache_on_a_rerun_on_new_data_at_the_same_address_takes
     assert (first["rows"], second["rows"]) == (300, 599)
     assert first["fingerprint"] != second["fingerprint"] and first["train_rows"] < second["train_rows"]
     assert not any((tmp_path / "cache").glob("*.json"))
+
+
+def test_a_run_gives_back_builtins_print_that_overlapping_kfp_tasks_leave_replaced():
+    # kfp.local replaces builtins.print while a task runs; the tasks of a ParallelFor overlap in threads, and
+    # when the first to start ends first the second puts the first one's replacement back (numba, which shap
+    # imports, then refuses to start: it checks that print is the builtin).
+    import builtins
+    from contextlib import ExitStack
+
+    from kfp.local import logging_utils
+
+    from kfloop.pipelines.local import _process_state_kept
+
+    original = builtins.print
+    with _process_state_kept():
+        first, second = logging_utils.indented_print(), logging_utils.indented_print()
+        with ExitStack() as outer:
+            outer.enter_context(first)
+            second.__enter__()
+        second.__exit__(None, None, None)  # the order overlapping threads may end in
+        assert builtins.print is not original  # what kfp.local leaves
+    assert builtins.print is original
