@@ -25,6 +25,7 @@ from prometheus_client import Counter, Histogram
 from kfloop.bundle import MODEL_JOBLIB
 from kfloop.errors import KfloopError, NotFoundError, PayloadTooLarge, TemporaryError
 from kfloop.explain import DEFAULT_MAX_ROWS, ExplainOptions, Explanation, ForestExplainer
+from kfloop.lifetimes import die_with_parent
 
 __all__ = ["EXPLAIN_REQUESTS", "EXPLAIN_SECONDS", "MAX_WAITING", "ExplainWorkers"]
 
@@ -40,8 +41,9 @@ EXPLAIN_SECONDS = Histogram("kfloop_explain_seconds", "Time to explain one reque
 _explainer: ForestExplainer | None = None  # the worker process's own
 
 
-def _load(version_dir: str, version: str) -> None:
+def _load(version_dir: str, version: str, parent: int) -> None:
     global _explainer
+    die_with_parent(parent=parent)  # a predictor killed with SIGKILL leaves no worker behind
     os.nice(WORKER_NICENESS)  # predictions first: the scheduler gives this process what they leave
     _explainer = ForestExplainer.load(version_dir, version)
 
@@ -102,7 +104,7 @@ class ExplainWorkers:
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_load, initargs=(self.version_dir, self.version))
+                                             initializer=_load, initargs=(self.version_dir, self.version, os.getpid()))
         return self._pool
 
     def close(self) -> None:

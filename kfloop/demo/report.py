@@ -241,7 +241,7 @@ def _page(result: DemoResult) -> str:
     timings = "".join(f"<tr><td>{_e(name)}</td><td>{'-' if value is None else f'{value:.1f} s'}</td></tr>"
                       for name, value in result.timings.items())
     charts = "".join(f'<h2>{_e(title)}</h2><img src="{name}" alt="{_e(title)}">' for name, title in TITLES.items())
-    importance = _importance(result)
+    importance = _importance(result) + _moved(result)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kfloop demo: {_e(result.model)}</title>
 <style>body{{font-family:sans-serif;max-width:1060px;margin:2em auto;color:#222}}
@@ -259,6 +259,24 @@ th{{background:#f4f4f4}}img{{max-width:100%}}</style></head><body>
 {importance}
 </body></html>
 """
+
+
+def _moved(result: DemoResult) -> str:
+    """For each drift or outlier alarm: which features' attribution shares the drift phase's rows moved most."""
+    rows = []
+    for alarm in result.alarms:
+        moved = result.moved.get(alarm["id"])
+        if moved is None:
+            continue
+        features = ", ".join(f"{_e(name)} {before:.3f} &rarr; {after:.3f}" for name, before, after in moved["moved"])
+        rows.append(f"<tr><td>{alarm_time(alarm) - result.started:.1f} s</td><td>{_e(alarm.get('version'))}</td>"
+                    f"<td>{moved['ndcg']:.3f}</td><td>{features}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Drift and outlier alarms: which features' attributions moved</h2><p>The drift phase's rows against the holdout "
+            "rows, in the version each alarm named: nDCG@20 of their feature ranking (1 = unchanged), and the "
+            "features whose share of the mean |attribution| moved most (holdout share &rarr; drifted share).</p>"
+            f"<table><tr><th>alarm</th><th>version</th><th>nDCG</th><th>moved most</th></tr>{''.join(rows)}</table>")
 
 
 def _importance(result: DemoResult) -> str:

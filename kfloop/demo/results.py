@@ -85,6 +85,9 @@ class DemoResult:
     timings: dict[str, float | None] = field(default_factory=dict)
     # version -> its top features by mean |attribution| on the holdout rows (approximate attributions)
     importance: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    # drift or outlier alarm id -> the nDCG of the drift phase's rows against its version's holdout ranking, and the
+    # features whose attribution share moved most: [feature, holdout share, drifted share]
+    moved: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def first_alarm(self, phase: str, *, accuracy: bool) -> dict[str, Any] | None:
         """The first accuracy alarm (``accuracy``), or drift or outlier alarm, raised since ``phase`` began."""
@@ -257,5 +260,6 @@ def save_result(result: DemoResult, path: Path) -> None:
     """The whole record as JSON, for a look after the run (what the report and ``--json`` summarise)."""
     path.write_text(json.dumps({**result.summary(), "samples": result.samples, "decisions": result.decisions,
                                 "requests": [asdict(r) for r in result.requests], "runs": result.runs,
-                                "training": result.training, "alarms": result.alarms, "importance": result.importance},
+                                "training": result.training, "alarms": result.alarms, "importance": result.importance,
+                                "moved": result.moved},
                                default=str))

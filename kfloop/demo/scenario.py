@@ -25,7 +25,7 @@ import numpy as np
 from kfloop.credentials import bearer, local_token
 from kfloop.data import LabelledData, load_dataset
 from kfloop.errors import NotFoundError, PermanentError, PolicyError
-from kfloop.event_types import ACCURACY_EVENT
+from kfloop.event_types import ACCURACY_EVENT, DRIFT_EVENT, OUTLIER_EVENT
 from kfloop.http_clients import http_client
 from kfloop.labels import TruthFigures
 from kfloop.policies import Policy, ScalingRule
@@ -97,6 +97,7 @@ class Demo:
                                  rows=automation_rows(self.policy), accuracy_below=accuracy.below,
                                  scaling_rules=[rule.model_dump() for rule in self.policy.scaling.rules])
         self.phase = PHASES[0]
+        self._drift_rows: np.ndarray | None = None  # the rows the drift phase sends
         self.status_line = "starting"
         self.tasks_done = 0
         self.stack: LocalStack | None = None
@@ -175,13 +176,16 @@ class Demo:
         return self.result
 
     def importance(self, rows: np.ndarray) -> None:
-        """Each version's global importance on the holdout rows: its top features by mean |attribution|
-        (approximate attributions: cheap, and they rank features as the exact ones do -- benchmarks/explain.py)."""
+        """Each version's global importance on the holdout rows (its top features by mean |attribution|,
+        approximate attributions) and, for each drift or outlier alarm, which features' attributions the drift
+        phase's rows moved in the version it named."""
         try:
+            from kfloop.drift.attribution import AttributionBaseline
             from kfloop.explain import ForestExplainer, global_importance
         except ImportError:  # shap is the explain extra (make run installs it)
             return
         registry = ModelRegistry(self.stack.registry_uri)
+        drift_alarms = [a for a in self.result.alarms if a["type"] in (DRIFT_EVENT, OUTLIER_EVENT) and self._drift_rows is not None]
         for version in registry.versions(self.policy.model):
             with registry.local_version(self.policy.model, version) as folder:
                 try:
@@ -189,6 +193,11 @@ class Demo:
                 except NotFoundError:  # a version that keeps no forest
                     continue
                 self.result.importance[version] = global_importance(explainer, rows, top=IMPORTANCE_TOP)
+                raised = [a for a in drift_alarms if str(a.get("version")) == version]
+                if raised:  # what the drift phase's rows moved in this version's attributions
+                    moved = AttributionBaseline(explainer, rows, window=len(rows)).test(self._drift_rows)
+                    for alarm in raised:
+                        self.result.moved[alarm["id"]] = {"ndcg": moved.ndcg, "moved": [list(m) for m in moved.moved]}
 
     def train(self) -> None:
         from kfloop.pipelines.local import run_training_locally
@@ -341,7 +350,8 @@ class Demo:
         self.write_labelled_shard(LabelledData(shift(train_rows[chosen], train_rows), train_labels[chosen],
                                                data.feature_names, "demo", ids=np.array([f"shifted-{i}" for i in chosen])))
         start = time.time()
-        traffic.set(DRIFT_RATE * self._rule("request_rate").threshold, shift(holdout_rows, train_rows), holdout_labels)
+        self._drift_rows = shift(holdout_rows, train_rows)
+        traffic.set(DRIFT_RATE * self._rule("request_rate").threshold, self._drift_rows, holdout_labels)
         self.wait_for(lambda: self._finished_run(start), 900, "a drift alarm's retraining run and its rollout")
         time.sleep(self.seconds(50))
 

@@ -19,7 +19,6 @@ wrap, at the cost of a pyzmq control plane.
 
 from __future__ import annotations
 
-import ctypes
 import random
 import signal
 import socket
@@ -35,6 +34,7 @@ import httpx
 
 from kfloop.errors import UpstreamError
 from kfloop.http_clients import http_client
+from kfloop.lifetimes import die_with_parent
 from kfloop.retry import Backoff
 
 __all__ = ["READY_TIMEOUT", "RESTART_BACKOFF", "STABLE_UPTIME", "ManagedProcess", "free_port", "restart_delay"]
@@ -83,12 +83,6 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999
 
 
-def _die_with_parent() -> None:
-    """Child side of Popen: get SIGTERM if the runtime process dies, so nothing is orphaned."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
@@ -104,7 +98,7 @@ def _popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
     with _spawner_lock:
         if _spawner is None:
             _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfloop-spawn")
-    return _spawner.submit(subprocess.Popen, *args, preexec_fn=_die_with_parent, **kwargs).result()
+    return _spawner.submit(subprocess.Popen, *args, preexec_fn=die_with_parent, **kwargs).result()
 
 
 @dataclass

@@ -71,3 +71,4 @@ def test_a_shortened_demo_on_leaf_data_fires_every_rule_in_order_without_a_faile
     # What each version relies on: every version's top 20 features, from its kept forest.
     assert "What each version relies on" in page and "<th>version 1</th><th>version 2</th>" in page
     assert "<td>20</td>" in page and "<td>21</td>" not in page
+    assert "Drift and outlier alarms: which features' attributions moved" in page  # the drift phase raised one

@@ -143,3 +143,36 @@ def test_a_version_that_keeps_no_forest_answers_404_naming_it(stack, tmp_path):
         assert prediction.status_code == 200  # predictions go on from the ONNX graph
     finally:
         predictor.stop()
+
+
+def test_a_predictor_killed_with_sigkill_leaves_no_explain_worker_behind(stack, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    port = free_port()
+    predictor = subprocess.Popen([sys.executable, "-m", "kfloop", "predictor", "--model-dir", stack["registry"].uri("leaf", "1"),
+                                  "--model", "leaf", "--http-port", str(port), "--no-grpc"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = f"http://127.0.0.1:{port}/v2/models/leaf/ready"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(ready).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        scaled = stack["registry"].preprocessor("leaf", "1").transform(stack["holdout"].holdout_features[:1])
+        answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/leaf/infer",
+                            json=tensor(scaled) | {"outputs": [{"name": "attributions"}]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        workers = psutil.Process(predictor.pid).children(recursive=True)
+        assert workers  # the explain worker (and multiprocessing's resource tracker)
+    finally:
+        predictor.send_signal(signal.SIGKILL)
+        predictor.wait(30)
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert alive == [], [p.pid for p in alive]
