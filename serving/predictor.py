@@ -68,6 +68,12 @@ class ForestPredictor(Model):
         self.ready = True
         return True
 
+    def stop(self) -> None:
+        """The model server's shutdown: the explain worker goes with the model."""
+        if self.explainer is not None:
+            self.explainer.close()
+        super().stop()
+
     def served_versions(self) -> tuple[str, ...]:
         """The one version this predictor serves (:class:`~kfloop.serving.protocol.ServesVersions`)."""
         return (self.version,)
