@@ -42,7 +42,7 @@ def main() -> None:
     from kfloop.data import load_dataset
     from kfloop.drift import calibration
     from kfloop.drift.attribution import AttributionBaseline, ndcg
-    from kfloop.explain import ExplainOptions, ForestExplainer
+    from kfloop.explain import ForestExplainer
     from kfloop.serving.protocol import ENCODINGS
     from kfloop.training import Prepared
 
@@ -56,19 +56,10 @@ def main() -> None:
         holdout = Prepared.load(str(work / "prepared.npz")).holdout_features
         explainer = ForestExplainer.load(version_dir, "1")
 
-        def mean_importance(method: str) -> np.ndarray:
-            explanation = explainer.explain(holdout, ExplainOptions(method=method, top_k=0))
-            order = {name: i for i, name in enumerate(names)}
-            out = np.zeros(len(names))
-            for row in range(len(holdout)):
-                for name, value in zip(explanation.features[row], explanation.attributions[row, 0]):
-                    out[order[name]] += abs(value)
-            return out / len(holdout)
-
         started = time.perf_counter()
-        exact = mean_importance("exact")
+        exact = explainer.importance(holdout, "exact").mean(axis=0)
         exact_seconds = time.perf_counter() - started
-        approximate = mean_importance("approximate")
+        approximate = explainer.importance(holdout, "approximate").mean(axis=0)
         rho = spearmanr(exact, approximate).statistic
         top = set(np.argsort(-exact)[:20]) & set(np.argsort(-approximate)[:20])
         console.print(f"approximate vs exact feature ranking over {len(holdout)} holdout rows: Spearman {rho:.3f} "

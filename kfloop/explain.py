@@ -162,13 +162,7 @@ class ForestExplainer:
     def explain_scaled(self, scaled: np.ndarray, options: ExplainOptions = ExplainOptions()) -> Explanation:
         """Attributions of rows already scaled by the version's preprocessor (what a predictor gets); each
         scaled feature's attribution is its raw feature's (the scaling is monotone per feature)."""
-        scaled = np.asarray(scaled, dtype=np.float32).astype(np.float64)  # the forest reads float32 values
-        values = self.shap_values(scaled, options.method)  # [n, f, forest classes]
-        proba = values.sum(axis=1) + self._base  # what the attributions add up to (Saabas too, by construction)
-        if options.method == "exact":
-            forest = self.forest_probabilities(scaled)
-            self._check_additivity(proba, forest)
-            proba = forest
+        values, proba = self._checked_values(scaled, options.method)
         predicted_column = np.argmax(proba, axis=1)
         if options.classes == "predicted":
             columns = predicted_column[:, None]
@@ -185,6 +179,24 @@ class ForestExplainer:
             probabilities=proba[rows, columns], base_values=self._base[columns],
             features=names[order], attributions=np.take_along_axis(chosen, order[:, None, :], axis=2),
         )
+
+    def importance(self, raw_rows: np.ndarray, method: Method = "approximate") -> np.ndarray:
+        """|attribution| of each feature, in the version's feature order, to each row's predicted class
+        [rows, features]: what rankings of features are made of (:func:`global_importance`, attribution drift)."""
+        values, proba = self._checked_values(self.preprocessor.transform(np.asarray(raw_rows, dtype=np.float64)), method)
+        return np.abs(values[np.arange(len(values)), :, np.argmax(proba, axis=1)])
+
+    def _checked_values(self, scaled: np.ndarray, method: Method) -> tuple[np.ndarray, np.ndarray]:
+        """TreeSHAP values [n, features, forest classes] of scaled rows and the probabilities they explain
+        [n, forest classes]; exact values are checked against the forest's own probabilities."""
+        scaled = np.asarray(scaled, dtype=np.float32).astype(np.float64)  # the forest reads float32 values
+        values = self.shap_values(scaled, method)
+        proba = values.sum(axis=1) + self._base  # what the attributions add up to (Saabas too, by construction)
+        if method == "exact":
+            forest = self.forest_probabilities(scaled)
+            self._check_additivity(proba, forest)
+            proba = forest
+        return values, proba
 
     def shap_values(self, scaled: np.ndarray, method: Method) -> np.ndarray:
         """Raw TreeSHAP values [n, features, forest classes] of scaled rows."""
@@ -212,11 +224,5 @@ class ForestExplainer:
 def global_importance(explainer: ForestExplainer, raw_rows: np.ndarray, method: Method = "approximate",
                       top: int = 20) -> list[tuple[str, float]]:
     """The ``top`` features by mean |attribution| to each row's predicted class over ``raw_rows``."""
-    explanation = explainer.explain(raw_rows, ExplainOptions(method=method, top_k=0))
-    names = explanation.features.ravel()
-    values = np.abs(explanation.attributions[:, 0, :]).ravel()
-    totals: dict[str, float] = {}
-    for name, value in zip(names, values):
-        totals[str(name)] = totals.get(str(name), 0.0) + float(value)
-    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
-    return [(name, total / len(raw_rows)) for name, total in ranked]
+    mean = explainer.importance(raw_rows, method).mean(axis=0)
+    return [(explainer.feature_names[i], float(mean[i])) for i in np.argsort(-mean, kind="stable")[:top]]

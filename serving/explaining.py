@@ -60,6 +60,7 @@ class ExplainWorkers:
                  timeout: float = EXPLAIN_TIMEOUT) -> None:
         self.model, self.version_dir, self.version = model, version_dir, version
         self.max_rows, self.timeout = max_rows, timeout
+        self.has_forest = (Path(version_dir) / MODEL_JOBLIB).exists()  # the folder is the served version's: fixed
         self._pool: ProcessPoolExecutor | None = None
         self._waiting = 0
 
@@ -71,7 +72,7 @@ class ExplainWorkers:
     async def explain(self, scaled: np.ndarray, options: ExplainOptions) -> Explanation:
         """Attributions of scaled rows, from the worker process."""
         self.check_rows(len(scaled))
-        if not (Path(self.version_dir) / MODEL_JOBLIB).exists():
+        if not self.has_forest:
             raise NotFoundError(f"version {self.version} keeps no forest ({MODEL_JOBLIB}) to explain")
         if self._waiting >= MAX_WAITING:
             self._count(options, "busy")

@@ -17,7 +17,7 @@ import numpy as np
 from kserve import InferOutput, InferRequest
 from kserve.protocol.infer_type import to_http_parameters
 
-from kfloop.errors import InputError
+from kfloop.errors import UpstreamError
 from kfloop.explain import ATTRIBUTIONS, BASE_VALUES, EXPLAIN_OUTPUTS, EXPLAINED_CLASS, FEATURES, ExplainOptions, Explanation
 
 __all__ = ["explanation_outputs", "explanation_parameters", "read_tensors", "requested_options"]
@@ -58,10 +58,11 @@ def explanation_parameters(explanation: Explanation) -> dict[str, Any]:
 
 
 def read_tensors(outputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """An explanation's tensors from a V2 REST answer's ``outputs`` (an :class:`InputError` if one is missing)."""
+    """An explanation's tensors from a predictor's V2 REST answer (an :class:`UpstreamError` if one is missing:
+    the predictor's fault, not the client's)."""
     found = {output.get("name"): output for output in outputs if output.get("name") in EXPLAIN_OUTPUTS}
     missing = [name for name in EXPLAIN_OUTPUTS if name not in found]
     if missing:
-        raise InputError(f"the predictor's answer lacks the explanation's outputs {missing}")
+        raise UpstreamError(f"the predictor's answer lacks the explanation's outputs {missing}")
     return {name: np.asarray(output["data"], dtype=object if _DATATYPES[name] == "BYTES" else np.float64)
             .reshape(output["shape"]) for name, output in found.items()}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kfloop.explain import ExplainOptions, ForestExplainer
+from kfloop.explain import ForestExplainer
 
 __all__ = ["CALIBRATION_WINDOWS", "TOP_FEATURES", "AttributionBaseline", "AttributionResult", "ndcg"]
 
@@ -65,13 +65,7 @@ class AttributionBaseline:
 
     def importance_per_row(self, rows: np.ndarray) -> np.ndarray:
         """|attribution| of each feature to each row's predicted class [rows, features], in feature order."""
-        scaled = self.explainer.preprocessor.transform(np.asarray(rows, dtype=np.float64))
-        explanation = self.explainer.explain_scaled(scaled, ExplainOptions(method="approximate", top_k=0))
-        order = {name: column for column, name in enumerate(self.feature_names)}
-        columns = np.vectorize(order.__getitem__, otypes=[np.int64])(explanation.features)
-        out = np.zeros((len(rows), len(self.feature_names)))
-        np.put_along_axis(out, columns, np.abs(explanation.attributions[:, 0, :]), axis=1)
-        return out
+        return self.explainer.importance(rows, "approximate")
 
     def test(self, rows: np.ndarray) -> AttributionResult:
         """The window of raw ``rows`` against the baseline."""

@@ -81,3 +81,14 @@ def test_a_version_without_its_forest_cannot_be_explained(version, tmp_path):
     (copy / "model.joblib").unlink()
     with pytest.raises(NotFoundError, match="version 3 keeps no forest"):
         ForestExplainer.load(copy)
+
+
+def test_importance_is_each_features_absolute_attribution_to_the_predicted_class_in_feature_order(version):
+    folder, raw = version
+    explainer = ForestExplainer.load(folder)
+    for method in ("exact", "approximate"):
+        importance = explainer.importance(raw, method)
+        explanation = explainer.explain(raw, ExplainOptions(method=method, top_k=0))
+        for row in range(len(raw)):
+            by_name = dict(zip(explanation.features[row], np.abs(explanation.attributions[row, 0])))
+            np.testing.assert_allclose(importance[row], [by_name[name] for name in explainer.feature_names], atol=1e-12)

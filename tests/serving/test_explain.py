@@ -121,7 +121,7 @@ def test_too_many_rows_nan_and_a_bad_v1_body_are_refused_before_any_work(stack):
     nan[0][0] = "NaN"
     assert httpx.post(stack["runtime"].endpoints["explain"], json={"instances": nan}).status_code == 400
     assert httpx.post(stack["runtime"].endpoints["explain"], json={"rows": [1]}).status_code == 400
-    assert httpx.post(stack["runtime"].endpoints["explain"], json={"instances": nan[:0] + [[1.0]]}).status_code == 400
+    assert httpx.post(stack["runtime"].endpoints["explain"], json={"instances": [[1.0]]}).status_code == 400
 
 
 def test_a_version_that_keeps_no_forest_answers_404_naming_it(stack, tmp_path):
